@@ -1,0 +1,82 @@
+"""Exact inference by enumeration (toy LMs): the ground truth every estimator is tested against.
+
+Enumerates every canonical sequence of the model's latent sequence site (all sequences that
+end at EOS, padded, plus those that reach ``max_new_tokens``), scores each exactly, and
+returns the normalised posterior and the exact log Z.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from ppl_lm import random as _random
+from ppl_lm.distribution import SequenceDistribution
+from ppl_lm.posterior import Posterior
+from ppl_lm.results import cat_scores, make_posterior
+from ppl_lm.tracing import latent_sites, run_model
+
+__all__ = ["run", "enumerate_sequences", "support_size"]
+
+
+def support_size(vocab_size: int, max_new_tokens: int) -> int:
+    k = vocab_size - 1
+    return sum(k**n for n in range(max_new_tokens)) + k**max_new_tokens
+
+
+def enumerate_sequences(vocab_size: int, eos_id: int, max_new_tokens: int) -> torch.Tensor:
+    """Every canonical sequence ``[M, T]``: prefixes without EOS, then EOS padding."""
+    others = [t for t in range(vocab_size) if t != eos_id]
+    rows = []
+    for n in range(max_new_tokens + 1):
+        for prefix in itertools.product(others, repeat=n):
+            rows.append(list(prefix) + [eos_id] * (max_new_tokens - n))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def run(model, *args, seed: int = 0, max_support: int = 200_000, chunk_size: int = 8192,
+        **kwargs) -> Posterior:
+    """Enumerate the support; exact posterior weights and exact ``log_evidence``.
+
+    Args:
+        max_support: refuse (with a clear error) when the support has more sequences.
+        chunk_size: sequences scored per model call.
+    """
+    with _random.seeded(seed):
+        sites = latent_sites(model, args, kwargs)
+        if len(sites) != 1 or not isinstance(next(iter(sites.values())), SequenceDistribution):
+            raise ValueError(
+                "exact enumeration needs exactly one latent site, an lm.sequence(...); this model has "
+                f"{list(sites)}. Condition the others (poutine.condition) or use another method"
+            )
+        name, d = next(iter(sites.items()))
+        V, T = d.lm.vocab_size, d.max_new_tokens
+        size = support_size(V, T)
+        if size > max_support:
+            raise ValueError(
+                f"the support has {size:,} sequences (vocab {V}, max_new_tokens {T}), more than "
+                f"max_support={max_support:,}; exact enumeration is for toy LMs. Use importance, smc, "
+                "mh or svi instead"
+            )
+        seqs = enumerate_sequences(V, d.lm.eos_id, T)
+        parts = []
+        with torch.no_grad():
+            for chunk in torch.split(seqs, chunk_size):
+                parts.append(run_model(model, args, kwargs, len(chunk), data={name: chunk}))
+        scores = cat_scores(parts)
+        log_joint = scores.log_prior.double() + scores.log_likelihood.double()
+        log_z = float(torch.logsumexp(log_joint, 0))
+        if not math.isfinite(log_z):
+            raise ValueError("no sequence in the support satisfies the condition: the posterior is undefined")
+        keep = torch.isfinite(log_joint)
+        for k, v in list(scores.values.items()):
+            scores.values[k] = v[keep]
+        scores.log_prior, scores.log_likelihood = scores.log_prior[keep], scores.log_likelihood[keep]
+        scores.rewards = {k: v[keep] for k, v in scores.rewards.items()}
+        scores.constraints = {k: v[keep] for k, v in scores.constraints.items()}
+        post = make_posterior("exact", scores, log_joint[keep], sites, log_evidence=log_z)
+        post.info.update({"support_size": size, "log_evidence_se": 0.0, "prior_mass": float(
+            torch.logsumexp(scores.log_prior.double(), 0).exp())})
+        return post

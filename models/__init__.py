@@ -1,0 +1,1 @@
+"""Declarative model-and-condition scripts (``ppl-lm run NAME``)."""

@@ -1,0 +1,28 @@
+"""ppl-lm: conditioning language models as probabilistic inference, on Pyro.
+
+An LM is a prior over token sequences (:class:`SequenceDistribution`); conditions are
+likelihood factors (:func:`reward`, :func:`constraint`, :func:`pin`); every way of
+conditioning is an inference backend behind :func:`infer`.
+"""
+
+from . import random, rewards
+from .conditions import TokenMask, constraint, is_partial, pin, reward, token_constraint
+from .distribution import SequenceDistribution
+from .infer import METHODS, infer
+from .lm import LanguageModel, MarkovLM, ToyVocab, TransformersLM, load_lm, tiny_transformer
+from .posterior import Posterior
+
+__all__ = [
+    "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "tiny_transformer",
+    "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
+    "is_partial", "infer", "METHODS", "Posterior", "rewards", "random", "report",
+]
+
+__version__ = "0.1.0"
+
+
+def report(posteriors, out_dir, **kwargs):
+    """Write an HTML report comparing posteriors (see :mod:`ppl_lm.report`)."""
+    from .report import report as _report
+
+    return _report(posteriors, out_dir, **kwargs)

@@ -1,0 +1,183 @@
+"""Conditions as likelihood factors: soft rewards, hard constraints, pinned tokens.
+
+Every condition is a ``pyro.factor``-style site (a ``Unit`` distribution, observed) whose
+``infer["ppl_lm"]`` entry records what diagnostics need (the raw reward r, β, kind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+__all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "partial_mode", "TokenMask"]
+
+_PARTIAL = [False]
+
+
+def is_partial() -> bool:
+    """True while a backend (SMC) re-scores the model on prefixes, not finished sequences.
+
+    Rewards may read it to give a prefix score (a twist); the final weight is exact anyway.
+    """
+    return _PARTIAL[-1]
+
+
+@contextlib.contextmanager
+def partial_mode(flag: bool = True):
+    _PARTIAL.append(flag)
+    try:
+        yield
+    finally:
+        _PARTIAL.pop()
+
+
+def _factor(name: str, log_factor: torch.Tensor, meta: dict) -> None:
+    unit = dist.Unit(log_factor)
+    pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True, "ppl_lm": meta})
+
+
+def _as_tensor(name: str, r, what: str) -> torch.Tensor:
+    if isinstance(r, (bool, int, float)):
+        r = torch.tensor(r)
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"{what} {name!r} must be a tensor (one value per sequence), got {type(r).__name__}")
+    return r
+
+
+def reward(name: str, r, beta: float = 1.0) -> None:
+    """Soft condition: ``pyro.factor(name, r / beta)``; the target is π(x)·exp(r(x)/β).
+
+    Args:
+        name: site name (unique in the model).
+        r: reward, a float tensor with one value per sequence (batch shape of the samples).
+        beta: temperature > 0; small β conditions hard, large β barely at all.
+    """
+    r = _as_tensor(name, r, "reward")
+    if isinstance(beta, torch.Tensor):
+        beta = float(beta)
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"reward {name!r}: beta must be a finite number > 0, got {beta!r}")
+    if r.dtype == torch.bool:
+        r = r.float()
+    if not r.dtype.is_floating_point:
+        r = r.float()
+    if not bool(torch.isfinite(r.detach()).all()):
+        bad = (~torch.isfinite(r.detach())).sum().item()
+        raise ValueError(
+            f"reward {name!r} returned {bad} non-finite value(s) (NaN or inf). Rewards must be finite; "
+            "use ppl_lm.constraint for hard conditions"
+        )
+    _factor(name, r / beta, {"kind": "reward", "r": r.detach(), "beta": float(beta)})
+
+
+def constraint(name: str, ok, prefix_closed: bool = False) -> None:
+    """Hard condition: factor 0 where ``ok`` holds, -inf elsewhere.
+
+    Args:
+        ok: boolean tensor, one value per sequence.
+        prefix_closed: declare that a prefix failing ``ok`` fails for every completion (e.g.
+            "never contains e"). SMC then prunes on prefixes; otherwise, on prefixes, the
+            constraint is deferred to the finished sequence (``ok`` is still evaluated).
+    """
+    ok = _as_tensor(name, ok, "constraint")
+    if ok.dtype != torch.bool:
+        raise TypeError(f"constraint {name!r} needs a boolean tensor, got dtype {ok.dtype}")
+    meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": prefix_closed}
+    if is_partial() and not prefix_closed:
+        _factor(name, torch.zeros(ok.shape), meta)
+        return
+    lf = torch.zeros(ok.shape).masked_fill(~ok, -math.inf)
+    _factor(name, lf, meta)
+
+
+def pin(name: str, x: torch.Tensor, tokens: Mapping[int, int], lam: float | None = None) -> None:
+    """Prompt as reward: r(x) = lam·Σ_{i∈S} δ(x_i, y_i); ``lam=None`` is the hard condition.
+
+    ``tokens`` maps positions of ``x`` (0-based, within the sampled sequence) to token ids.
+    As lam → ∞ the soft conditional tends to the hard one.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point:
+        raise TypeError(f"pin {name!r}: x must be a LongTensor of tokens")
+    if not tokens:
+        raise ValueError(f"pin {name!r}: give at least one {{position: token}}")
+    T = x.shape[-1]
+    for pos in tokens:
+        if not (0 <= int(pos) < T):
+            raise ValueError(f"pin {name!r}: position {pos} is outside the sequence length {T}")
+    pos = torch.tensor([int(p) for p in tokens], device=x.device)
+    want = torch.tensor([int(t) for t in tokens.values()], device=x.device)
+    hits = (x.index_select(-1, pos) == want)
+    if lam is None:
+        if is_partial():
+            # On a prefix, only positions already generated can be checked: pruning is exact.
+            from .lm import lengths  # noqa: WPS433
+
+            n = _partial_length(x)
+            hits = hits | (pos >= n)
+        constraint(name, hits.all(-1), prefix_closed=True)
+        return
+    if not math.isfinite(lam):
+        raise ValueError(f"pin {name!r}: lam must be finite or None (the hard limit), got {lam}")
+    reward(name, hits.float().sum(-1) * float(lam), beta=1.0)
+
+
+_PARTIAL_LEN: list[int] = []
+
+
+def _partial_length(x: torch.Tensor) -> int:
+    return _PARTIAL_LEN[-1] if _PARTIAL_LEN else x.shape[-1]
+
+
+@contextlib.contextmanager
+def prefix_length(n: int):
+    """Set the number of generated tokens while the model is re-scored on prefixes."""
+    _PARTIAL_LEN.append(n)
+    with partial_mode(True):
+        try:
+            yield
+        finally:
+            _PARTIAL_LEN.pop()
+
+
+class TokenMask:
+    """Which next tokens keep a prefix admissible: a token-level, prefix-closed condition.
+
+    Subclasses implement ``allowed(prefix)`` -> bool ``[B, V]`` (``prefix``: ``[B, t]``).
+    The default masks are static (independent of the prefix); EOS is always allowed.
+    """
+
+    def __init__(self, lm, allowed_tokens: torch.Tensor | None = None):
+        self.lm = lm
+        self._static = allowed_tokens
+
+    def allowed(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self._static.to(prefix.device).expand(prefix.shape[0], -1)
+
+    def check(self, x: torch.Tensor) -> torch.Tensor:
+        """``ok`` for full sequences ``[..., T]``: every generated token allowed."""
+        flat = x.reshape(-1, x.shape[-1])
+        ok = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device)
+        for t in range(flat.shape[-1]):
+            a = self.allowed(flat[:, :t])
+            ok &= a.gather(-1, flat[:, t : t + 1])[:, 0]
+        return ok.reshape(x.shape[:-1])
+
+
+def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:
+    """Hard token-level condition: every token of ``x`` is allowed by ``mask``.
+
+    Equivalent to ``constraint(name, mask.check(x), prefix_closed=True)`` for every backend;
+    SMC also reads the mask and samples only allowed tokens (a locally constrained proposal,
+    with the exact weight correction).
+    """
+    if not isinstance(mask, TokenMask):
+        raise TypeError(f"token_constraint {name!r} needs a TokenMask, got {type(mask).__name__}")
+    ok = mask.check(x)
+    meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": True, "mask": mask}
+    lf = torch.zeros(ok.shape).masked_fill(~ok, -math.inf)
+    _factor(name, lf, meta)

@@ -1,0 +1,112 @@
+"""The LM as a Pyro distribution over token sequences."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+
+from . import random as _random
+from .lm import LanguageModel, after_eos_mask, as_prompt_tensor
+
+__all__ = ["SequenceDistribution"]
+
+
+class SequenceDistribution(TorchDistribution):
+    """π(x | prompt): continuations of ``prompt`` of at most ``max_new_tokens`` tokens.
+
+    Event shape ``(T,)`` with ``T = max_new_tokens``; values are LongTensors whose positions
+    after the first EOS hold EOS (canonical padding). ``log_prob`` is the exact sum of
+    next-token log-probabilities up to and including EOS; a value with non-canonical padding
+    has log-probability ``-inf``. ``sample`` is one batched, KV-cached ancestral sampling call
+    for the whole batch shape (so ``pyro.plate`` vectorises particles).
+
+    ``prompt`` may be text, a list of ids, a LongTensor ``[P]``, or a LongTensor
+    ``[*batch_shape, P]`` (one prompt per batch element, as when a prompt is itself a sample).
+
+    >>> import torch, ppl_lm
+    >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
+    >>> d = lm.sequence([], max_new_tokens=2)
+    >>> d.log_prob(torch.tensor([1, 0])).exp().item()
+    0.1111111...
+    """
+
+    arg_constraints: dict = {}
+    has_enumerate_support = False
+
+    def __init__(self, lm: LanguageModel, prompt: Any = None, max_new_tokens: int = 16,
+                 batch_shape=torch.Size(), validate_args=None):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        self.lm = lm
+        self.prompt = as_prompt_tensor(prompt, lm)
+        self.max_new_tokens = max_new_tokens
+        lm.check_context(self.prompt.shape[-1], max_new_tokens)
+        if self.prompt.numel() and (self.prompt.min() < 0 or self.prompt.max() >= lm.vocab_size):
+            raise ValueError(f"prompt token ids must lie in [0, {lm.vocab_size})")
+        batch_shape = torch.Size(batch_shape)
+        if self.prompt.dim() > 1:
+            batch_shape = torch.broadcast_shapes(batch_shape, self.prompt.shape[:-1])
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(batch_shape, torch.Size([max_new_tokens]), validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=1)
+    def support(self):
+        return constraints.independent(constraints.integer_interval(0, self.lm.vocab_size - 1), 1)
+
+    def expand(self, batch_shape, _instance=None):
+        new = SequenceDistribution(self.lm, self.prompt, self.max_new_tokens, batch_shape,
+                                   validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _flat_prompt(self, n: int) -> torch.Tensor:
+        if self.prompt.dim() == 1:
+            return self.prompt
+        return self.prompt.expand(*self.batch_shape, self.prompt.shape[-1]).reshape(n, -1)
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = torch.Size(sample_shape) + self.batch_shape
+        n = math.prod(shape)
+        if self.prompt.dim() > 1 and len(sample_shape):
+            raise NotImplementedError("sample_shape with per-element prompts; use expand instead")
+        tokens, lps = self.lm.sample(self._flat_prompt(n), n, self.max_new_tokens,
+                                     generator=_random.generator(self.lm.device))
+        value = tokens.reshape(*shape, self.max_new_tokens)
+        # Pyro scores the value it just sampled: keep the sampler's log-probs for that call.
+        self._cache = (value, lps.sum(-1).reshape(shape))
+        return value
+
+    def token_logprobs(self, value: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probabilities ``[..., T]`` (0 after EOS)."""
+        value = torch.as_tensor(value)
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        n = math.prod(shape)
+        flat = value.expand(*shape, self.max_new_tokens).reshape(n, self.max_new_tokens).long()
+        lp = self.lm.token_logprobs(self._flat_prompt(n) if self.prompt.dim() == 1 else
+                                    self.prompt.expand(*shape, self.prompt.shape[-1]).reshape(n, -1), flat)
+        return lp.reshape(*shape, self.max_new_tokens)
+
+    def log_prob(self, value):
+        value = torch.as_tensor(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        if value.shape[-1] != self.max_new_tokens:
+            raise ValueError(f"expected sequences of length {self.max_new_tokens}, got {value.shape[-1]}")
+        if value.dtype.is_floating_point:
+            raise TypeError("sequence values must be integer token ids")
+        cache = self._cache
+        needs_grad = torch.is_grad_enabled() and self.lm.is_trainable()
+        if cache is not None and cache[0] is value and not needs_grad:
+            lp = cache[1]
+        else:
+            lp = self.token_logprobs(value).sum(-1)
+        return torch.where(self.canonical(value), lp, torch.full_like(lp, -math.inf))
+
+    def canonical(self, value: torch.Tensor) -> torch.Tensor:
+        """True where every position after the first EOS holds EOS."""
+        eos = self.lm.eos_id
+        bad = after_eos_mask(value, eos) & (value != eos)
+        return ~bad.any(-1)
