@@ -9,11 +9,11 @@ from . import random, rewards
 from .conditions import TokenMask, constraint, is_partial, pin, reward, token_constraint
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
-from .lm import LanguageModel, MarkovLM, ToyVocab, TransformersLM, load_lm, tiny_transformer
+from .lm import LanguageModel, MarkovLM, ToyVocab, TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
 from .posterior import Posterior
 
 __all__ = [
-    "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "tiny_transformer",
+    "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "tiny_transformer", "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
     "is_partial", "infer", "METHODS", "Posterior", "rewards", "random", "report",
 ]

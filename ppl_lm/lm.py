@@ -28,6 +28,7 @@ __all__ = [
     "ToyVocab",
     "load_lm",
     "tiny_transformer",
+    "tiny_char_transformer",
     "EMBEDDED_GGUF",
 ]
 
@@ -491,9 +492,25 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
     return TransformersLM(model, tokenizer)
 
 
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+
+
+def tiny_char_transformer(seed: int = 0, hidden_size: int = 32, num_layers: int = 2,
+                          max_context: int = 512) -> TransformersLM:
+    """A tiny random transformer over characters (printable ASCII + newline, EOS = id 0).
+
+    Any English text encodes, so text rewards (sentiment, chess, ...) run on it: the LM for
+    smoke tests of model scripts, the CLI and tutorials. Its samples are noise.
+    """
+    strings = [""] + CHARS
+    return tiny_transformer(len(strings), eos_id=0, seed=seed, hidden_size=hidden_size,
+                            num_layers=num_layers, max_context=max_context, scale=0.1,
+                            token_strings=strings)
+
+
 def tiny_transformer(vocab_size: int = 6, eos_id: int = 0, seed: int = 0, hidden_size: int = 16,
                      num_layers: int = 2, num_heads: int = 2, max_context: int = 64,
-                     scale: float = 1.0) -> TransformersLM:
+                     scale: float = 1.0, token_strings: Sequence[str] | None = None) -> TransformersLM:
     """A tiny random Llama built from a config (no download), for exact tests.
 
     ``scale`` multiplies the output embedding so the next-token distributions are far from
@@ -515,4 +532,5 @@ def tiny_transformer(vocab_size: int = 6, eos_id: int = 0, seed: int = 0, hidden
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return TransformersLM(model, None, eos_id=eos_id, bos_id=eos_id, vocab=ToyVocab(vocab_size, eos_id))
+    return TransformersLM(model, None, eos_id=eos_id, bos_id=eos_id,
+                          vocab=ToyVocab(vocab_size, eos_id, token_strings))

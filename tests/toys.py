@@ -1,0 +1,125 @@
+"""Toy problems with exact answers, shared by the conformance tests of every backend.
+
+Each problem is a vectorised model on a small LM (vocab 5, at most 4 new tokens: 341
+sequences), so the exact backend gives the true posterior and log Z.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import torch
+
+import ppl_lm
+from ppl_lm import rewards
+
+V, T = 5, 4
+
+
+def markov_lm():
+    return ppl_lm.MarkovLM.random(V, eos_id=0, seed=3)
+
+
+def transformer_lm():
+    return ppl_lm.tiny_transformer(V, eos_id=0, seed=1, scale=0.15)
+
+
+LMS = {"markov": markov_lm, "transformer": transformer_lm}
+
+
+def soft_reward(lm):
+    """π(x)·exp(r/β) with r = number of 'b' tokens minus a length cost."""
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt), max_new_tokens=T))
+        r = (x == 2).float().sum(-1) - 0.3 * rewards.length(lm, x)
+        ppl_lm.reward("r", r, beta=0.5)
+        return x
+
+    return model, ()
+
+
+def hard_constraint(lm):
+    """No token 'c' anywhere (a text condition, not declared prefix-closed)."""
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt), max_new_tokens=T))
+        ppl_lm.constraint("no_c", ~rewards.contains(lm, x, "c"))
+        return x
+
+    return model, ()
+
+
+def token_constraint(lm):
+    """No token 'c', as a token mask (SMC proposes only allowed tokens)."""
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt), max_new_tokens=T))
+        ppl_lm.token_constraint("no_c", x, rewards.forbid_chars(lm, "c"))
+        return x
+
+    return model, ()
+
+
+def pin_soft(lm):
+    """Prompt as reward, finite λ: r = λ·[x_0 = b] + λ·[x_2 = d]."""
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt), max_new_tokens=T))
+        ppl_lm.pin("pin", x, {0: 2, 2: 4}, lam=1.5)
+        return x
+
+    return model, ()
+
+
+def pin_hard(lm):
+    """Prompt as hard condition, λ = None: x_1 = b."""
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt), max_new_tokens=T))
+        ppl_lm.pin("pin", x, {1: 2}, lam=None)
+        return x
+
+    return model, ()
+
+
+def prefix_prompt(lm):
+    """A prefix prompt (tokens 'b d') plus a soft reward on the continuation."""
+
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(list(prompt), max_new_tokens=T))
+        ppl_lm.reward("r", (x == 3).float().sum(-1), beta=1.0)
+        return x
+
+    return model, ([2, 4],)
+
+
+PROBLEMS = {
+    "soft_reward": soft_reward,
+    "hard_constraint": hard_constraint,
+    "token_constraint": token_constraint,
+    "pin_soft": pin_soft,
+    "pin_hard": pin_hard,
+    "prefix_prompt": prefix_prompt,
+}
+
+
+def tv_distance(post, exact) -> float:
+    """Total variation between a Posterior's weighted empirical law and the exact one."""
+    p, q = post.probabilities(), exact.probabilities()
+    keys = set(p) | set(q)
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in keys)
+
+
+def expected_tv(exact, n_eff: float) -> float:
+    """E[TV] of an empirical law from ``n_eff`` independent draws: Σ sqrt(2/π)·sd / 2."""
+    probs = torch.tensor(list(exact.probabilities().values()), dtype=torch.float64)
+    sd = torch.sqrt(probs * (1 - probs) / n_eff)
+    return float(0.5 * math.sqrt(2 / math.pi) * sd.sum())
+
+
+def tv_tolerance(exact, n_eff: float) -> float:
+    """Three times the expected TV: the TV of a correct estimator stays below it at any seed
+    with overwhelming probability (its fluctuation is far smaller than its mean)."""
+    return 3.0 * expected_tv(exact, n_eff)
