@@ -91,12 +91,13 @@ class SequenceDistribution(TorchDistribution):
 
     def log_prob(self, value):
         value = torch.as_tensor(value)
-        if self._validate_args:
-            self._validate_sample(value)
-        if value.shape[-1] != self.max_new_tokens:
-            raise ValueError(f"expected sequences of length {self.max_new_tokens}, got {value.shape[-1]}")
+        if value.dim() == 0 or value.shape[-1] != self.max_new_tokens:
+            raise ValueError(f"expected sequences of length {self.max_new_tokens} (max_new_tokens), "
+                             f"got shape {tuple(value.shape)}")
         if value.dtype.is_floating_point:
             raise TypeError("sequence values must be integer token ids")
+        if self._validate_args:
+            self._validate_sample(value)
         cache = self._cache
         needs_grad = torch.is_grad_enabled() and self.lm.is_trainable()
         if cache is not None and cache[0] is value and not needs_grad:
