@@ -21,6 +21,7 @@ from .lm import lengths
 __all__ = [
     "text_reward", "texts", "contains", "regex", "keywords", "sentiment", "chess_game",
     "factorisation", "length", "ends_with", "forbid_chars", "only_chars", "starts_with",
+    "chess_moves",
 ]
 
 
@@ -122,6 +123,34 @@ def chess_game(text: str, min_moves: int = 2) -> bool:
             break
         count += 1
     return count >= min_moves
+
+
+@text_reward
+def chess_moves(text: str) -> float:
+    """Number of legal half-moves in the PGN movetext starting at the first "1." (0 if none).
+
+    A graded version of :func:`chess_game` (which is ``chess_moves >= min_moves``), for soft
+    rewards.
+    """
+    import chess
+
+    m = re.search(r"1\.\s*\S", text)
+    if m is None:
+        return 0.0
+    board = chess.Board()
+    count = 0
+    for tok in text[m.start():].split():
+        tok = re.sub(r"^\d+\.(\.\.)?", "", tok)
+        if not tok:
+            continue
+        if tok in ("1-0", "0-1", "1/2-1/2", "*"):
+            break
+        try:
+            board.push_san(tok)
+        except ValueError:
+            break
+        count += 1
+    return float(count)
 
 
 @text_reward
