@@ -202,11 +202,13 @@ def lengths(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 class ToyVocab:
-    """Text for small vocabularies: token ``i`` is the letter ``'a' + i``; EOS is the empty string."""
+    """Text for small vocabularies: the non-EOS tokens are the letters a, b, c... in id order;
+    EOS is the empty string (with ``eos_id=0``, token 1 is "a", token 2 is "b", ...)."""
 
     def __init__(self, vocab_size: int, eos_id: int, strings: Sequence[str] | None = None):
         if strings is None:
-            strings = [chr(ord("a") + i) if i != eos_id else "" for i in range(vocab_size)]
+            letters = iter("abcdefghijklmnopqrstuvwxyz" + "".join(chr(c) for c in range(0x3b1, 0x3ca)))
+            strings = ["" if i == eos_id else next(letters) for i in range(vocab_size)]
         if len(strings) != vocab_size:
             raise ValueError(f"need {vocab_size} token strings, got {len(strings)}")
         self.strings = list(strings)

@@ -97,7 +97,7 @@ def test_pin_errors():
 def test_token_constraint_checks_every_token():
     lm = ppl_lm.MarkovLM.random(4)
     mask = ppl_lm.rewards.forbid_chars(lm, "b")
-    x = torch.tensor([[1, 3, 0], [3, 2, 0], [3, 3, 3]])  # "bd", "dc", "ddd" (token i is chr(97 + i))
-    assert mask.check(x).tolist() == [False, True, True]
+    x = torch.tensor([[1, 3, 0], [3, 2, 0], [3, 3, 3]])  # "ac", "cb", "ccc" (token 1 is "a")
+    assert mask.check(x).tolist() == [True, False, True]
     with pytest.raises(TypeError, match="TokenMask"):
         ppl_lm.token_constraint("t", x, "b")

@@ -139,6 +139,6 @@ def test_unknown_model_name_is_a_clear_error():
 
 def test_toy_vocab_round_trip():
     lm = ppl_lm.MarkovLM.random(5)
-    assert lm.decode(lm.encode("bcd")) == "bcd"
+    assert lm.decode(lm.encode("bcd")) == "bcd" and lm.encode("a") == [1]
     with pytest.raises(ValueError, match="cannot encode"):
         lm.encode("z")
