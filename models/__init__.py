@@ -1,1 +1,36 @@
-"""Declarative model-and-condition scripts (``ppl-lm run NAME``)."""
+"""Declarative model-and-condition scripts (``ppl-lm run NAME``).
+
+Each module ``ppl_lm.models.NAME`` defines ``description``, ``context`` (the model's default
+argument(s) for the real LM), optionally ``toy_context`` (for the tiny char-level LM),
+``methods`` (recommended backends and their default options) and ``build(lm, **kw) -> model``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from types import ModuleType
+
+__all__ = ["NAMES", "names", "load", "model_args"]
+
+#: The model scripts shipped with ppl-lm (``names()`` also finds scripts added later).
+NAMES = ("prefix", "suffix", "sentiment", "no_violence", "chess", "factorisation", "pin", "keyword", "no_e")
+
+
+def names() -> list[str]:
+    """Every model module in this package, sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def load(name: str) -> ModuleType:
+    """Import ``ppl_lm.models.<name>``, with a clear error for unknown names."""
+    known = names()
+    if name not in known:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(known)} or give a path to a script")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def model_args(module: ModuleType, toy: bool = False) -> tuple:
+    """The model's default positional arguments: ``context`` (or ``toy_context``) as a tuple."""
+    ctx = getattr(module, "toy_context", module.context) if toy else module.context
+    return ctx if isinstance(ctx, tuple) else (ctx,)
