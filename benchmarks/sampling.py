@@ -1,0 +1,201 @@
+"""Batched ancestral sampling with log-probs: ``lm.sample`` vs Hugging Face ``model.generate``.
+
+Ours: ``TransformersLM.sample`` (ppl_lm/lm.py), a hand-written KV-cached loop that returns the
+tokens and the log-probability of every token (exact ancestral sampling from the softmax).
+
+Baseline: ``model.generate(do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+max_new_tokens=T, output_scores=True, return_dict_in_generate=True)`` with an attention mask
+and ``pad_token_id = eos``, followed by ``log_softmax(scores).gather(tokens)`` so that it
+computes the same thing as ours (tokens + per-token log-probs). ``top_k=0`` matters:
+transformers' default generation config samples from the top 50 only. ``generate`` stops
+early once every row has emitted EOS; ours always runs T steps (rows that finished read EOS).
+
+Both run in one process, interleaved over ``--repeats`` rounds; the script prints the median
+times, the throughput ratio ours/generate (> 1: ours is faster) and one JSON line.
+
+    python benchmarks/sampling.py                   # tiny transformer + real SmolLM2, B in {16, 64}
+    python benchmarks/sampling.py --smoke           # seconds: checks the script runs
+    python benchmarks/sampling.py --device cuda --config-only --batch 64 256 1024 --decode-steps
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench  # noqa: E402
+
+PROMPT = "Once upon a time, in a small village,"
+
+
+def generate_sample(lm, prompt_ids: torch.Tensor, batch: int, T: int):
+    """The baseline: ``generate`` + per-token log-probs from its scores."""
+    from transformers import GenerationConfig
+
+    model = lm.model
+    ids = prompt_ids.to(lm.device)[None].expand(batch, -1)
+    gc = GenerationConfig(
+        do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=T, min_new_tokens=0,
+        eos_token_id=lm.eos_id, pad_token_id=lm.eos_id, bos_token_id=lm.bos_id,
+        output_scores=True, return_dict_in_generate=True, use_cache=True,
+    )
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+    new = out.sequences[:, ids.shape[-1]:]
+    scores = torch.stack(out.scores, 1).float()  # [B, T', V]: the logits (no warper is active)
+    lp = torch.log_softmax(scores, -1).gather(-1, new[..., None])[..., 0]
+    done_before = torch.cumsum((new == lm.eos_id).long(), -1) - (new == lm.eos_id).long()
+    lp = lp.masked_fill(done_before > 0, 0.0)
+    if new.shape[-1] < T:  # every row finished early: pad like ours
+        pad = torch.full((batch, T - new.shape[-1]), lm.eos_id, dtype=new.dtype, device=new.device)
+        new = torch.cat([new, pad], -1)
+        lp = torch.cat([lp, torch.zeros(batch, T - lp.shape[-1], device=lp.device)], -1)
+    return new, lp
+
+
+def parity(lm, prompt_ids, tokens, lps) -> float:
+    """Max |sum of sampler log-probs - one-pass scoring| over the batch."""
+    with torch.no_grad():
+        ref = lm.score(prompt_ids, tokens.to(lm.device))
+    return float((lps.sum(-1).to(ref.device) - ref).abs().max())
+
+
+def count_params(model) -> tuple[int, int]:
+    """(all parameters, embedding parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    return total, emb
+
+
+def decode_step_bounds(lm, prompt_ids, batch: int, ctx: int, args) -> dict:
+    """Time one cached decode step at ``batch`` rows and compare to the compute and memory bounds."""
+    cfg = lm.model.config
+    total, emb = count_params(lm.model)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    head = emb  # the LM head multiplies by a [V, H] matrix, tied or not
+    body = total - emb - (0 if tied else head)
+    L, H = cfg.num_hidden_layers, cfg.hidden_size
+    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = H // cfg.num_attention_heads
+    flops = 2 * batch * (body + head) + 4 * batch * L * cfg.num_attention_heads * head_dim * ctx
+    elt = torch.finfo(next(lm.model.parameters()).dtype).bits // 8
+    bytes_ = elt * (body + head) + elt * 2 * L * kv_heads * head_dim * ctx * batch
+    state = lm.start(prompt_ids, batch)
+    tok = torch.full((batch,), 5, dtype=torch.long, device=lm.device)
+    for _ in range(ctx - prompt_ids.shape[-1]):
+        state = lm.extend(state, tok)
+    times = []
+    for _ in range(args.step_repeats):
+        _bench.sync(args.device)
+        t0 = time.perf_counter()
+        state = lm.extend(state, tok)  # the context grows by step_repeats tokens: a small drift
+        _bench.sync(args.device)
+        times.append(time.perf_counter() - t0)
+    step = _bench.median(times)
+    res = {"batch": batch, "context": ctx, "step_s": step, "gflop": flops / 1e9, "gbyte": bytes_ / 1e9,
+           "achieved_tflops": flops / step / 1e12}
+    if args.peak_tflops:
+        res["compute_bound_s"] = flops / (args.peak_tflops * 1e12)
+    if args.peak_tbps:
+        res["memory_bound_s"] = bytes_ / (args.peak_tbps * 1e12)
+    if args.peak_tflops and args.peak_tbps:
+        res["bound_s"] = max(res["compute_bound_s"], res["memory_bound_s"])
+        res["step_over_bound"] = step / res["bound_s"]
+    return res
+
+
+def bench_model(name: str, lm, prompt_ids: torch.Tensor, args) -> list[dict]:
+    rows = []
+    T = args.tokens
+    g = torch.Generator(device=lm.device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    for B in args.batch:
+        ours = lambda: lm.sample(prompt_ids, B, T, generator=g)  # noqa: E731
+        base = lambda: generate_sample(lm, prompt_ids, B, T)  # noqa: E731
+        times = _bench.interleaved({"ours": ours, "generate": base}, args.repeats, args.device)
+        t_ours, t_gen = _bench.median(times["ours"]), _bench.median(times["generate"])
+        tok_o, lp_o = ours()
+        tok_g, lp_g = base()
+        row = {
+            "model": name, "batch": B, "tokens": T, "prompt_tokens": int(prompt_ids.shape[-1]),
+            "ours_s": t_ours, "generate_s": t_gen,
+            "ours_tok_per_s": B * T / t_ours, "generate_tok_per_s": B * T / t_gen,
+            "throughput_ratio": t_gen / t_ours,
+            "ours_times": times["ours"], "generate_times": times["generate"],
+            "parity_ours": parity(lm, prompt_ids, tok_o, lp_o),
+            "parity_generate": parity(lm, prompt_ids, tok_g, lp_g),
+            "mean_logprob_ours": float(lp_o.sum(-1).mean()),
+            "mean_logprob_generate": float(lp_g.sum(-1).mean()),
+        }
+        rows.append(row)
+        print(f"{name:>10s} B={B:<5d} T={T}: ours {t_ours:.3f}s ({row['ours_tok_per_s']:.0f} tok/s)  "
+              f"generate {t_gen:.3f}s ({row['generate_tok_per_s']:.0f} tok/s)  "
+              f"ratio ours/generate = {row['throughput_ratio']:.2f}x  "
+              f"[|logp - score| ours {row['parity_ours']:.1e}, generate {row['parity_generate']:.1e}]",
+              flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = _bench.parser(__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 16 64)")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens T (default 24)")
+    p.add_argument("--models", nargs="+", default=None, choices=["tiny", "smollm2"],
+                   help="which models (default both; --config-only makes smollm2 random)")
+    p.add_argument("--decode-steps", action="store_true",
+                   help="also time single decode steps and compare to compute / memory bounds")
+    p.add_argument("--context", type=int, default=128, help="context length for --decode-steps")
+    p.add_argument("--step-repeats", type=int, default=20)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak matmul TFLOP/s of the device in --dtype (H100 bf16 dense: ~790 measured)")
+    p.add_argument("--peak-tbps", type=float, default=None, help="peak memory bandwidth TB/s (H100: ~3.0)")
+    args = p.parse_args(argv)
+    _bench.setup(args)
+    args.batch = args.batch or ([2, 4] if args.smoke else [16, 64])
+    args.tokens = args.tokens or (4 if args.smoke else 24)
+    args.repeats = args.repeats or (2 if args.smoke else 5)
+    args.models = args.models or (["tiny"] if args.smoke else ["tiny", "smollm2"])
+
+    import ppl_lm
+
+    results = []
+    for name in args.models:
+        if name == "tiny":
+            lm = ppl_lm.tiny_transformer(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                                         max_context=256, scale=0.05, seed=args.seed)
+            lm.model.to(device=args.device, dtype=_bench.dtype_of(args))
+            prompt_ids = torch.arange(1, 11)
+            label = "tiny"
+        else:
+            lm = _bench.smollm2(args)
+            if args.config_only:
+                prompt_ids = torch.randint(3, 49152, (10,), generator=torch.Generator().manual_seed(1))
+                label = "smollm2-rand"
+            else:
+                prompt_ids = torch.tensor(lm.encode(PROMPT))
+                label = "smollm2"
+        rows = bench_model(label, lm, prompt_ids, args)
+        if args.decode_steps:
+            for B in args.batch:
+                r = decode_step_bounds(lm, prompt_ids, B, args.context, args)
+                r["model"] = label
+                rows.append({"decode_step": r})
+                bound = (f" bound {r['bound_s'] * 1e3:.3f} ms (step/bound {r['step_over_bound']:.1f}x)"
+                         if "bound_s" in r else "")
+                print(f"{label:>10s} decode step B={B} ctx={args.context}: {r['step_s'] * 1e3:.2f} ms, "
+                      f"{r['achieved_tflops']:.3f} TFLOP/s{bound}", flush=True)
+        results.extend(rows)
+        del lm
+    ratios = [r["throughput_ratio"] for r in results if "throughput_ratio" in r]
+    summary = {"geomean_throughput_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios))}
+    print(f"geometric-mean throughput ratio ours/generate: {summary['geomean_throughput_ratio']:.2f}x")
+    _bench.emit("sampling", {"args": vars(args), "rows": results, **summary})
+
+
+if __name__ == "__main__":
+    main()

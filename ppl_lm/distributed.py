@@ -1,0 +1,375 @@
+"""Data-parallel SVI: the particles of each step split over processes (``torch.distributed``).
+
+Each step draws ``num_particles`` guide sequences in ``num_blocks`` equal blocks (by default one
+block per process). Block ``b`` of step ``s`` is drawn under its own seed
+:func:`block_seed` ``(seed, s, b)``, so the particles of a step are the same whether the blocks
+run in K processes or one after another in a single process (``num_blocks=K``, world size 1):
+a distributed run and its single-process counterpart give the same ELBO trace and, up to
+floating-point summation order, the same gradients and parameters.
+
+Gradient: the RLOO score-function estimator of :mod:`ppl_lm.elbo`. With one context (the
+default ``baseline="global"``) every particle's leave-one-out baseline is the mean of the
+other N − 1 particles' ``f`` across all processes (one ``all_gather`` of N scalars), which is
+exactly ``RLOO_ELBO(N)`` on the pooled particles. With ``contexts`` each block draws its own
+context and uses the baseline of its own block (``baseline="local"``). Each process
+back-propagates its share of the surrogate and the gradients of the guide's parameters are
+summed across processes (one ``all_reduce`` of the flattened gradients per step: what
+``DistributedDataParallel`` does, without wrapping a module whose ``forward`` the guide does not
+call), so every replica applies the same Adam update and the replicas stay identical.
+
+Launch (``gloo`` on CPU, ``nccl`` on GPU)::
+
+    torchrun --nproc_per_node=4 -m ppl_lm.distributed sentiment --num-steps 200 \\
+        --num-particles 64 --device cuda --out guide.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyro
+import torch
+import torch.distributed as dist
+from pyro.infer import SVI
+from pyro.optim import ClippedAdam
+from tqdm.auto import tqdm
+
+from . import random as _random
+from .elbo import RLOO_ELBO, particle_terms, summarise
+from .guides import SequenceGuide, make_guide
+
+__all__ = ["DistributedRLOO_ELBO", "TrainResult", "train", "block_seed", "world", "init", "main"]
+
+log = logging.getLogger(__name__)
+
+_BASELINES = ("global", "local")
+
+
+def block_seed(seed: int, step: int, block: int) -> int:
+    """The seed of particle block ``block`` at step ``step`` (independent of the world size)."""
+    return (int(seed) * 1_000_003 + int(step) * 10_007 + int(block) * 101 + 1) % (2**62)
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment (idempotent).
+
+    ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. Returns
+    ``(rank, world_size)``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("no process group and no torchrun environment (RANK, WORLD_SIZE): "
+                               "launch with `torchrun --nproc_per_node=K -m ppl_lm.distributed ...`")
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return world()
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class DistributedRLOO_ELBO(RLOO_ELBO):
+    """:class:`~ppl_lm.elbo.RLOO_ELBO` with the particles of each step split into seeded blocks.
+
+    Usable in place of ``RLOO_ELBO`` in Pyro's ``SVI``; in a process group each process runs
+    its blocks and the gradients are summed across processes.
+
+    Args:
+        num_particles: particles per step, all processes together.
+        seed: base seed of the blocks (see :func:`block_seed`).
+        num_blocks: blocks per step (default: the world size); a multiple of the world size
+            that divides ``num_particles``.
+        baseline: ``"global"`` (leave-one-out over all particles of the step; one context) or
+            ``"local"`` (over the particles of the block; needed when blocks have different
+            contexts). Default: global without ``contexts``, local with.
+        contexts: optional list of contexts (tuples of model arguments); each block picks one
+            with its own seeded generator, and the arguments given to ``SVI.step`` are ignored.
+        relax_penalty: as in :class:`~ppl_lm.elbo.RLOO_ELBO`.
+    """
+
+    def __init__(self, num_particles: int = 8, seed: int = 0, *, num_blocks: int | None = None,
+                 baseline: str | None = None, contexts: Sequence[tuple] | None = None,
+                 relax_penalty: float | None = None):
+        super().__init__(num_particles, relax_penalty=relax_penalty)
+        rank, size = world()
+        num_blocks = size if num_blocks is None else num_blocks
+        if not isinstance(num_blocks, int) or num_blocks < 1 or num_blocks % size:
+            raise ValueError(f"num_blocks must be a positive multiple of the world size {size}, got {num_blocks!r}")
+        if num_particles % num_blocks:
+            raise ValueError(f"num_particles={num_particles} must be divisible by the number of blocks "
+                             f"{num_blocks} (one block per process by default)")
+        if baseline is None:
+            baseline = "global" if contexts is None else "local"
+        if baseline not in _BASELINES:
+            raise ValueError(f"baseline must be one of {_BASELINES}, got {baseline!r}")
+        if baseline == "local" and num_particles // num_blocks < 2:
+            raise ValueError("baseline='local' needs at least 2 particles per block")
+        if contexts is not None:
+            if len(contexts) == 0:
+                raise ValueError("contexts must be a non-empty list of model arguments")
+            contexts = [c if isinstance(c, tuple) else (c,) for c in contexts]
+        self.seed, self.num_blocks, self.baseline, self.contexts = int(seed), num_blocks, baseline, contexts
+        self.block_size = num_particles // num_blocks
+        self.rank, self.world_size = rank, size
+        self.step = 0
+        self.last_values: list[dict[str, torch.Tensor]] = []
+
+    @property
+    def blocks(self) -> list[int]:
+        """This process's block indices."""
+        per = self.num_blocks // self.world_size
+        return list(range(self.rank * per, (self.rank + 1) * per))
+
+    def _block_terms(self, model, guide, args, kwargs):
+        out = []
+        for b in self.blocks:
+            with _random.seeded(block_seed(self.seed, self.step, b)):
+                ctx = args
+                if self.contexts is not None:
+                    i = int(torch.randint(len(self.contexts), (1,), generator=_random.generator("cpu")))
+                    ctx = self.contexts[i]
+                out.append(particle_terms(model, guide, ctx, kwargs, self.block_size,
+                                          relax_penalty=self.relax_penalty))
+        return out
+
+    def _surrogate_and_stats(self, model, guide, args, kwargs):
+        terms = self._block_terms(model, guide, args, kwargs)
+        self.last_values = [t.values for t in terms]
+        f_local = torch.cat([t.f.double() for t in terms])
+        log_q = torch.cat([t.log_q for t in terms])
+        N, n = self.num_particles, self.block_size
+        if self.baseline == "global":
+            f_all = _all_gather(f_local)
+            baseline = (f_all.sum() - f_local) / (N - 1)
+        else:
+            fb = f_local.reshape(len(terms), n)
+            baseline = ((fb.sum(-1, keepdim=True) - fb) / (n - 1)).reshape(-1)
+        # This process's share of −mean_i[(f_i − b_i)·log q(x_i)] over all N particles.
+        surrogate = -((f_local - baseline).float() * log_q).sum() / N
+        stats = [summarise(t) for t in terms]
+        keys = sorted(stats[0])
+        local = torch.tensor([[s[k] for k in keys] for s in stats], dtype=torch.float64).sum(0)
+        mean = _all_reduce(local) / self.num_blocks  # blocks have equal sizes
+        self.last = dict(zip(keys, mean.tolist()))
+        return surrogate
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        with torch.no_grad():
+            self._surrogate_and_stats(model, guide, args, kwargs)
+        self.step += 1
+        return -self.last["elbo"]
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        raise NotImplementedError("use loss_and_grads (the gradients are summed across processes there)")
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        surrogate = self._surrogate_and_stats(model, guide, args, kwargs)
+        if surrogate.requires_grad:
+            surrogate.backward()
+        _all_reduce_grads(_guide_params(guide))
+        self.step += 1
+        return -self.last["elbo"]
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    rank, size = world()
+    if size == 1:
+        return x
+    dev = _comm_device()
+    parts = [torch.empty_like(x, device=dev) for _ in range(size)]
+    dist.all_gather(parts, x.to(dev))
+    return torch.cat(parts).to(x.device)
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if world()[1] == 1:
+        return x
+    y = x.to(_comm_device())
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
+def _guide_params(guide) -> list[torch.Tensor]:
+    """The trainable parameters, in the same order on every process."""
+    if isinstance(guide, SequenceGuide):
+        return [p for _, p in sorted(guide.module.named_parameters()) if p.requires_grad]
+    store = pyro.get_param_store()
+    return [p for _, p in sorted(store.named_parameters()) if p.requires_grad]
+
+
+def _all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the gradients across processes: one collective over the flattened gradients."""
+    if world()[1] == 1 or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = _all_reduce(flat)
+    offset = 0
+    for p in params:
+        k = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + k].view_as(p.grad))
+        offset += k
+
+
+def _broadcast_params(params: list[torch.Tensor]) -> None:
+    """Make every replica start from rank 0's parameters (as DDP does at construction)."""
+    if world()[1] == 1 or not params:
+        return
+    dev = _comm_device()
+    with torch.no_grad():
+        for p in params:
+            buf = p.detach().to(dev).clone()
+            dist.broadcast(buf, src=0)
+            p.copy_(buf.to(p.device))
+
+
+@dataclass
+class TrainResult:
+    """A data-parallel SVI run: the trained guide (identical on every process) and its trace."""
+
+    guide: SequenceGuide
+    trace: dict[str, np.ndarray]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, guide="lora",
+          lr: float | None = None, seed: int = 0, contexts=None, num_blocks: int | None = None,
+          baseline: str | None = None, relax_penalty: float | None = 10.0, clip_norm: float = 10.0,
+          lora_r: int = 8, lora_alpha: float = 16, lora_targets=None, progress: bool = True,
+          callback: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train a guide by data-parallel SVI (call on every process of the group, or in a single one).
+
+    Args:
+        model, *args: the vectorised model and its arguments (the training context).
+        num_steps: optimisation steps.
+        num_particles: particles per step, all processes together.
+        guide: ``"lora"``, ``"full"`` or a :class:`~ppl_lm.guides.SequenceGuide`.
+        lr: Adam step size (default: ``ppl_lm.inference.svi.DEFAULT_LR`` for the guide kind).
+        seed: base seed; the particles of step s, block b are drawn under ``block_seed(seed, s, b)``.
+        contexts: optional list of contexts (amortised guide): each block draws one.
+        num_blocks: particle blocks per step (default: the world size). A single process with
+            ``num_blocks=K`` computes what K processes compute.
+        baseline: ``"global"`` or ``"local"`` (see :class:`DistributedRLOO_ELBO`).
+        relax_penalty, clip_norm, lora_r, lora_alpha, lora_targets: as in ``method="svi"``.
+        progress: tqdm bar on rank 0.
+        callback: called on every process as ``callback(step, stats)`` after each step.
+
+    Returns:
+        A :class:`TrainResult`; ``trace`` holds per-step ``elbo``, ``kl_prior``, ``reward:NAME``...
+        averaged over all particles of the step.
+    """
+    from ppl_lm.inference.svi import DEFAULT_LR
+    from ppl_lm.guides import PositionalMarkovLM
+
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 0:
+        raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
+    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 2:
+        raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}")
+    rank, size = world()
+    with _random.seeded(seed):  # guide construction (LoRA init) is seeded alike on every process
+        if isinstance(guide, str):
+            g = make_guide(model, *args, kind=guide, lora_r=lora_r, lora_alpha=lora_alpha,
+                           lora_targets=lora_targets)
+        elif isinstance(guide, SequenceGuide):
+            g = guide
+        else:
+            raise TypeError("guide must be 'lora', 'full' or a ppl_lm.guides.SequenceGuide")
+    if lr is None:
+        lr = DEFAULT_LR["lora"] if g.kind == "lora" else (
+            DEFAULT_LR["full_markov"] if isinstance(g.lm, PositionalMarkovLM) else DEFAULT_LR["full_transformer"])
+    params = _guide_params(g)
+    _broadcast_params(params)
+    elbo = DistributedRLOO_ELBO(num_particles, seed, num_blocks=num_blocks, baseline=baseline,
+                                contexts=contexts, relax_penalty=relax_penalty)
+    svi = SVI(model, g, ClippedAdam({"lr": lr, "clip_norm": clip_norm}), loss=elbo)
+    trace: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=num_steps, desc=f"svi x{size}", unit="step", disable=not progress or rank != 0)
+    try:
+        for step in range(num_steps):
+            svi.step(*args)
+            for k, v in elbo.last.items():
+                trace.setdefault(k, []).append(v)
+            bar.update(1)
+            if callback is not None:
+                callback(step, dict(elbo.last))
+    finally:
+        bar.close()
+        store = pyro.get_param_store()
+        for name in [n for n in store.keys() if n.startswith(g.name + "$$$")]:
+            del store[name]
+    seconds = time.perf_counter() - t0
+    info = {"world_size": size, "num_blocks": elbo.num_blocks, "num_particles": num_particles,
+            "baseline": elbo.baseline, "lr": lr, "seconds": seconds,
+            "seconds_per_step": seconds / num_steps if num_steps else float("nan")}
+    return TrainResult(g, {k: np.asarray(v) for k, v in trace.items()}, info)
+
+
+def main(argv=None) -> None:
+    """``torchrun --nproc_per_node=K -m ppl_lm.distributed MODEL [options]``: train a LoRA guide."""
+    import importlib
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m ppl_lm.distributed", description=main.__doc__)
+    p.add_argument("model", help="a model script name in ppl_lm.models (e.g. sentiment) or a module path")
+    p.add_argument("--context", default=None, help="the prompt (default: the script's context)")
+    p.add_argument("--num-steps", type=int, default=100)
+    p.add_argument("--num-particles", type=int, default=None, help="all processes together (default 8 per process)")
+    p.add_argument("--guide", default="lora", choices=["lora", "full"])
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (each process takes cuda:LOCAL_RANK)")
+    p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
+    p.add_argument("--lm", default=None, help="LM path (default: the embedded SmolLM2)")
+    p.add_argument("--out", default=None, help="rank 0 saves the guide's weights and the trace here (torch.save)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    import ppl_lm
+
+    if "RANK" in os.environ:
+        rank, size = init(a.backend or ("nccl" if a.device.startswith("cuda") else "gloo"))
+    else:
+        rank, size = world()
+    device = a.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    name = a.model if "." in a.model else f"ppl_lm.models.{a.model}"
+    mod = importlib.import_module(name)
+    lm = ppl_lm.load_lm(a.lm, device=device)
+    model = mod.build(lm)
+    context = a.context if a.context is not None else mod.context
+    n = a.num_particles or 8 * size
+    res = train(model, context, num_steps=a.num_steps, num_particles=n, guide=a.guide, lr=a.lr, seed=a.seed)
+    if rank == 0:
+        summary = {k: float(v[-1]) for k, v in res.trace.items()}
+        log.info("done: %s; %s", json.dumps(res.info), json.dumps(summary))
+        if a.out:
+            torch.save({"guide": res.guide.state_dict(), "trace": res.trace, "info": res.info}, a.out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
