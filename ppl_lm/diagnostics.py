@@ -43,6 +43,7 @@ __all__ = [
     "psis_khat",
     "rhat",
     "acceptance",
+    "ess",
     "summary",
     "top_samples",
     "sample_text",
@@ -88,6 +89,16 @@ def _per_sample(post: Posterior, name: str, value: Any) -> np.ndarray | None:
     return arr.astype(np.float64)
 
 
+def _sampler_stats(post: Posterior) -> dict[str, Any]:
+    """Per-sample sampler statistics (``accepted``, ``move``): from ``stats`` or ``info["sample_stats"]``."""
+    out = {}
+    extra = post.info.get("sample_stats")
+    if isinstance(extra, dict):
+        out.update(extra)
+    out.update({k: post.stats[k] for k in SAMPLE_STAT_KEYS if k in post.stats})
+    return out
+
+
 def stat_names(post: Posterior) -> list[str]:
     """The per-sample scalar summaries of ``post`` (its ``stats`` minus sampler statistics)."""
     return [k for k in post.stats if k not in SAMPLE_STAT_KEYS]
@@ -95,7 +106,7 @@ def stat_names(post: Posterior) -> list[str]:
 
 def is_mcmc(post: Posterior) -> bool:
     """True for Markov-chain posteriors (laid out chain × draw): several chains or MH statistics."""
-    return post.num_chains > 1 or "accepted" in post.stats or post.method == "mh"
+    return post.num_chains > 1 or "accepted" in _sampler_stats(post) or post.method == "mh"
 
 
 def _layout(post: Posterior) -> tuple[np.ndarray, int, int]:
@@ -195,16 +206,16 @@ def to_inference_data(post: Posterior):
         log_weight=log_w[index], sample_index=index.astype(np.int64))
     if "log_joint" in posterior:
         sample_stats["lp"] = posterior["log_joint"]
-    for name in SAMPLE_STAT_KEYS:
-        if name in post.stats:
-            arr = _per_sample(post, name, post.stats[name])
-            if arr is not None:
-                arr = arr[index]
-                sample_stats[name] = arr.astype(bool) if name == "accepted" else arr.astype(np.int64)
+    for name, value in _sampler_stats(post).items():
+        arr = _per_sample(post, name, value)
+        if arr is not None:
+            arr = arr[index]
+            sample_stats[name] = arr.astype(bool) if name == "accepted" else arr.astype(np.int64)
 
     attrs = _scalar_attrs(post.info)
     attrs.update(method=str(post.method), num_samples=len(post), num_chains=num_chains,
                  num_draws=num_draws, weighted=int(not is_mcmc(post)), ess=float(post.ess))
+    attrs.pop("sample_stats", None)
     if post.log_evidence is not None:
         attrs["log_evidence"] = float(post.log_evidence)
     se = post.log_evidence_se()
@@ -224,6 +235,14 @@ def to_inference_data(post: Posterior):
         # not the pointwise data ArviZ's LOO/WAIC expect in their own group.
         warnings.filterwarnings("ignore", message="log_likelihood variable found in posterior")
         idata = az.from_dict(posterior=dict(posterior), sample_stats=dict(sample_stats), attrs=attrs)
+    for group in ("posterior", "sample_stats"):  # also on the groups, for code that reads only one
+        idata[group].attrs.update(attrs)
+    if is_mcmc(post) and "ess" not in post.info:
+        e = _min_bulk_ess(idata)
+        if e is not None:
+            idata.attrs["ess"] = e
+            for group in ("posterior", "sample_stats"):
+                idata[group].attrs["ess"] = e
     trace = post.info.get("trace")
     if isinstance(trace, dict) and trace:
         ds = _trace_dataset(trace)
@@ -318,11 +337,16 @@ def rhat(post: Posterior) -> dict[str, float] | None:
 
 
 def acceptance(post: Posterior) -> dict | None:
-    """``{"overall": rate, "moves": {move: rate}}`` for MH, else ``None``."""
+    """``{"overall": rate, "moves": {move: rate}}`` for MH, else ``None``.
+
+    The overall rate is the backend's ``info["acceptance_overall"]``, else the mean of the
+    per-sample ``accepted`` statistic.
+    """
     moves = post.info.get("acceptance")
-    overall = None
-    if "accepted" in post.stats:
-        overall = float(post.stats["accepted"].double().mean())
+    overall = post.info.get("acceptance_overall")
+    accepted = _sampler_stats(post).get("accepted")
+    if overall is None and accepted is not None:
+        overall = float(torch.as_tensor(accepted).double().mean())
     if isinstance(moves, dict):
         moves = {str(k): float(v) for k, v in moves.items()}
     elif moves is not None:
@@ -332,7 +356,30 @@ def acceptance(post: Posterior) -> dict | None:
         return None
     if overall is None:
         overall = float(np.mean(list(moves.values())))
-    return {"overall": overall, "moves": moves or {}}
+    return {"overall": float(overall), "moves": moves or {}}
+
+
+def _min_bulk_ess(idata) -> float | None:
+    if idata.posterior.sizes.get("draw", 0) < 4:
+        return None
+    az = _arviz()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = az.ess(idata, method="bulk")
+    vals = [float(ds[k]) for k in ds.data_vars if math.isfinite(float(ds[k]))]
+    return min(vals) if vals else None
+
+
+def ess(post: Posterior) -> float:
+    """The ESS a report shows: the backend's ``info["ess"]``; for MCMC without one, the smallest
+    ArviZ bulk ESS over the scalar summaries; else Kish's ESS of the weights."""
+    if "ess" in post.info:
+        return float(post.info["ess"])
+    if is_mcmc(post):
+        e = _min_bulk_ess(to_inference_data(post))
+        if e is not None:
+            return e
+    return float(post.ess)
 
 
 def summary(post: Posterior) -> dict[str, Any]:
@@ -359,7 +406,7 @@ def summary(post: Posterior) -> dict[str, Any]:
         "num_chains": post.num_chains if is_mcmc(post) else 1,
         "log_evidence": None if post.log_evidence is None else float(post.log_evidence),
         "log_evidence_se": post.log_evidence_se(),
-        "ess": float(post.ess),
+        "ess": ess(post),
         "khat": psis_khat(post),
         "rhat": None if not r else max(r.values()),
         "acceptance": None if acc is None else acc["overall"],

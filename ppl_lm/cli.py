@@ -1,0 +1,452 @@
+"""The ``ppl-lm`` command: run a model script with any backend, compare backends, write reports.
+
+::
+
+    ppl-lm list
+    ppl-lm run sentiment --method smc --num-particles 64 --report out/sentiment
+    ppl-lm run my_model.py --method importance --lm tiny --quiet
+    ppl-lm compare no_e --methods importance,smc,mh,svi --report out/no_e --lm tiny
+
+MODEL is a name from ``ppl_lm.models`` or the path of a Python script. A script defines
+``build(lm, **kw) -> model`` (a vectorised Pyro model), ``context`` (the model's default
+argument: a tuple of arguments or one value, e.g. a prompt), and optionally ``methods``
+(method -> default options), ``description`` and ``toy_context`` (the context used with
+``--lm tiny``).
+
+An exception raised by the script's own code is reported as ``error in script.py:LINE: ...``
+(exit status 2) rather than as a deep traceback; ``--traceback`` shows the full one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Sequence
+
+__all__ = ["main", "load_script", "build_parser"]
+
+log = logging.getLogger("ppl_lm.cli")
+
+#: The backends ``compare`` runs when neither ``--methods`` nor the script's ``methods`` says.
+DEFAULT_COMPARE = ("importance", "smc", "mh", "svi")
+
+#: Command-line flags that map to backend options (flag dest -> option name).
+OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class ScriptError(Exception):
+    """An exception raised inside the user's model script, located at ``path:line``."""
+
+    def __init__(self, path: str, line: int | None, exc: BaseException, source: str | None = None):
+        self.path, self.line, self.exc, self.source = path, line, exc, source
+        where = os.path.basename(path) + (f":{line}" if line else "")
+        msg = str(exc) if not isinstance(exc, SyntaxError) else (exc.msg or str(exc))
+        super().__init__(f"error in {where}: {type(exc).__name__}: {msg}")
+
+
+# -- loading a model script ---------------------------------------------------------------------
+
+def _literal(text: str) -> Any:
+    """``15`` -> 15, ``'(1, 2)'`` -> (1, 2), ``hello`` -> "hello"."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _is_path(model: str) -> bool:
+    return model.endswith(".py") or os.sep in model or "/" in model or os.path.isfile(model)
+
+
+def load_script(model: str) -> ModuleType:
+    """The module of a model name (``ppl_lm.models.NAME``) or of a script path.
+
+    Raises:
+        CLIError: unknown model name, or missing file.
+        ScriptError: the script raised (or has a syntax error) while being imported.
+    """
+    from . import models
+
+    if _is_path(model):
+        path = os.path.abspath(model)
+        if not os.path.isfile(path):
+            raise CLIError(f"no such model script: {model}")
+        name = "ppl_lm_script_" + "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise CLIError(f"cannot import {model}: not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # so classes and pickling inside the script find their module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise _locate(exc, [path]) from exc
+    else:
+        known = models.names()
+        if model not in known:
+            raise CLIError(
+                f"unknown model {model!r}. Available models: {', '.join(known)} "
+                "(`ppl-lm list` describes them), or give the path to a .py script")
+        file = os.path.join(os.path.dirname(models.__file__), f"{model}.py")
+        try:
+            module = models.load(model)
+        except Exception as exc:
+            raise _locate(exc, [file]) from exc
+    for attr in ("build", "context"):
+        if not hasattr(module, attr):
+            raise CLIError(
+                f"{_where(module)} does not define `{attr}`: a model script defines build(lm, **kw) -> model "
+                "and context (the model's default argument)")
+    if not callable(module.build):
+        raise CLIError(f"{_where(module)}: `build` must be a function build(lm, **kw) -> model")
+    return module
+
+
+def _where(module: ModuleType) -> str:
+    return os.path.basename(getattr(module, "__file__", None) or module.__name__)
+
+
+def _locate(exc: BaseException, files: Sequence[str]) -> BaseException:
+    """A :class:`ScriptError` at the last traceback frame inside ``files``; else ``exc`` itself."""
+    files = {os.path.realpath(f) for f in files if f}
+    if isinstance(exc, SyntaxError) and exc.filename and os.path.realpath(exc.filename) in files:
+        return ScriptError(exc.filename, exc.lineno, exc, (exc.text or "").rstrip("\n"))
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        if os.path.realpath(fr.filename) in files:
+            return ScriptError(fr.filename, fr.lineno, exc, fr.line)
+    return exc
+
+
+def _context(module: ModuleType, toy: bool, override: str | None) -> tuple:
+    ctx = getattr(module, "toy_context", module.context) if toy else module.context
+    if override is not None:
+        ctx = _literal(override)
+    return ctx if isinstance(ctx, tuple) else (ctx,)
+
+
+def _build_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for p in pairs or ():
+        if "=" not in p:
+            raise CLIError(f"--set expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        if not k.isidentifier():
+            raise CLIError(f"--set: {k!r} is not a valid keyword name")
+        out[k] = _literal(v)
+    return out
+
+
+# -- the language model -------------------------------------------------------------------------
+
+def load_language_model(spec: str, device: str | None):
+    """``tiny`` (the char-level random transformer, seed 0), ``smollm2`` (embedded) or a path/id."""
+    import ppl_lm
+
+    if spec == "tiny":
+        lm = ppl_lm.tiny_char_transformer(seed=0)
+        if device not in (None, "cpu"):
+            lm.model.to(device)
+        return lm
+    kw = {} if device is None else {"device": device}
+    if spec in ("smollm2", "default"):
+        return ppl_lm.load_lm(**kw)
+    return ppl_lm.load_lm(spec, **kw)
+
+
+# -- running ------------------------------------------------------------------------------------
+
+def _backend_params(method: str) -> tuple[set[str], bool]:
+    """The option names ``method``'s ``run`` names explicitly (and whether it takes ``**kwargs``)."""
+    from .infer import backend
+
+    try:
+        mod = backend(method)
+    except ModuleNotFoundError as err:
+        raise CLIError(f"the {method!r} backend is not available in this installation ({err})") from None
+    params = inspect.signature(mod.run).parameters
+    named = {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _check_method(method: str) -> str:
+    from .infer import METHODS
+
+    if method not in METHODS:
+        raise CLIError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def _options(method: str, module: ModuleType, args, strict: bool) -> dict[str, Any]:
+    """Backend options: the script's defaults for ``method``, then the command-line flags.
+
+    A flag the backend does not take is an error for ``run`` (``strict``) and skipped by
+    ``compare`` (where one set of flags serves several backends).
+    """
+    named, _ = _backend_params(method)
+    defaults = getattr(module, "methods", None) or {}
+    opts = dict(defaults.get(method, {})) if isinstance(defaults, dict) else {}
+    for flag in OPTION_FLAGS:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if flag == "guide" and method != "svi":
+            if strict:
+                raise CLIError("--guide applies to --method svi only")
+            continue
+        if flag not in named:
+            if strict:
+                takes = sorted(set(OPTION_FLAGS) & named)
+                raise CLIError(
+                    f"method {method!r} does not take --{flag.replace('_', '-')}"
+                    + (f"; it takes {', '.join('--' + t.replace('_', '-') for t in takes)}" if takes else ""))
+            continue
+        opts[flag] = value
+    if "progress" in named:
+        opts["progress"] = not args.quiet
+    return opts
+
+
+def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[str]):
+    import ppl_lm
+
+    try:
+        return ppl_lm.infer(model, *ctx, method=method, seed=seed, **opts)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise _locate(exc, files) from exc
+
+
+def _prepare(args):
+    module = load_script(args.model)
+    files = [getattr(module, "__file__", "")]
+    toy = args.lm == "tiny"
+    kwargs = _build_kwargs(args.set)
+    lm = load_language_model(args.lm, args.device)
+    try:
+        model = module.build(lm, **kwargs)
+    except Exception as exc:
+        raise _locate(exc, files) from exc
+    if not callable(model):
+        raise CLIError(f"{_where(module)}: build(lm) returned {type(model).__name__}, not a model function")
+    return module, files, model, _context(module, toy, args.context)
+
+
+def _short(text: str, n: int = 100) -> str:
+    text = text.replace("\n", "⏎")
+    return repr(text if len(text) <= n else text[:n] + "…")
+
+
+def _print_run(name: str, post, top_k: int, out=None) -> None:
+    from . import diagnostics as D
+
+    out = out or sys.stdout
+    s = D.summary(post)
+    lz = "—" if s["log_evidence"] is None else f"{s['log_evidence']:.4f}"
+    if s["log_evidence"] is not None and s["log_evidence_se"] is not None:
+        lz += f" ± {s['log_evidence_se']:.4f}"
+    parts = [f"method {post.method}", f"samples {s['num_samples']}"
+             + (f" ({s['num_chains']} chains)" if s["num_chains"] > 1 else ""),
+             f"log Z {lz}", f"ESS {s['ess']:.1f}"]
+    if s["khat"] is not None:
+        parts.append(f"k-hat {s['khat']:.2f}")
+    if s["rhat"] is not None:
+        parts.append(f"R-hat {s['rhat']:.3f}")
+    if s["acceptance"] is not None:
+        parts.append(f"acceptance {s['acceptance']:.2f}")
+    if s["wall_time"] is not None:
+        parts.append(f"wall time {s['wall_time']:.2f} s")
+    print(f"{name}: " + ", ".join(parts), file=out)
+    if s["means"]:
+        print("  " + ", ".join(f"E[{k}] = {v:.4g}" for k, v in s["means"].items()), file=out)
+    if top_k > 0:
+        print("  top samples (weight, count, text):", file=out)
+        for t in D.top_samples(post, top_k):
+            print(f"    {t['weight']:.4f}  ×{t['count']:<4d} {_short(t['text'])}", file=out)
+
+
+def cmd_run(args) -> int:
+    method = _check_method(args.method)
+    module, files, model, ctx = _prepare(args)
+    opts = _options(method, module, args, strict=True)
+    log.info("running %s on %s with %s", method, args.model, opts)
+    post = _infer(model, ctx, method, args.seed, opts, files)
+    _print_run(args.model, post, args.top)
+    if args.report:
+        from .report import report
+
+        path = report({method: post}, args.report, title=f"{args.model}: {method}", top_k=max(args.top, 10))
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    module = load_script(args.model)
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    else:
+        defaults = getattr(module, "methods", None)
+        methods = list(defaults) if isinstance(defaults, dict) and defaults else list(DEFAULT_COMPARE)
+    if not methods:
+        raise CLIError("--methods is empty; give a comma-separated list, e.g. importance,smc,mh,svi")
+    for m in methods:
+        _check_method(m)
+    module, files, model, ctx = _prepare(args)
+    posts, exact = {}, None
+    for m in methods:
+        opts = _options(m, module, args, strict=False)
+        if not args.quiet:
+            print(f"running {m} ...", file=sys.stderr, flush=True)
+        post = _infer(model, ctx, m, args.seed, opts, files)
+        if m == "exact":
+            exact = post
+        else:
+            posts[m] = post
+        _print_run(m, post, args.top)
+    if args.report:
+        from .report import report
+
+        shown = posts or {"exact": exact}
+        path = report(shown, args.report, title=f"{args.model}: " + ", ".join(methods),
+                      exact=exact if posts else None, top_k=max(args.top, 10))
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from . import models
+
+    names = models.names()
+    width = max(map(len, names), default=0)
+    for n in names:
+        try:
+            desc = getattr(models.load(n), "description", "") or ""
+        except Exception as exc:  # a broken script should not hide the others
+            desc = f"(cannot import: {type(exc).__name__}: {exc})"
+        print(f"{n:<{width}}  {desc}")
+    return 0
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a model name (see `ppl-lm list`) or the path to a model script (.py)")
+    p.add_argument("--num-samples", type=_positive_int, help="samples (importance, mh per chain, svi)")
+    p.add_argument("--num-particles", type=_positive_int, help="particles (smc; svi: draws per step)")
+    p.add_argument("--num-chains", type=_positive_int, help="chains (mh)")
+    p.add_argument("--warmup-steps", type=_nonneg_int, help="warm-up transitions per chain (mh)")
+    p.add_argument("--num-steps", type=_positive_int, help="optimisation steps (svi)")
+    p.add_argument("--guide", help="svi guide: full or lora")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", help="torch device for the LM, e.g. cpu or cuda")
+    p.add_argument("--lm", default="smollm2",
+                   help="smollm2 (embedded, default), tiny (random char-level transformer for smoke runs), "
+                        "or a local model folder / .gguf file")
+    p.add_argument("--context", help="the model's argument instead of the script's context (a Python "
+                                     "literal, or plain text)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="keyword argument for the script's build(lm, **kw) (repeatable), e.g. --set beta=0.5")
+    p.add_argument("--report", metavar="DIR", help="write an HTML report to DIR")
+    p.add_argument("--top", type=_nonneg_int, default=5, help="top samples to print (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what the backends do")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .infer import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="ppl-lm", description="Condition language models by probabilistic inference (Pyro).")
+    parser.add_argument("--version", action="version", version=f"ppl-lm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("run", help="run one inference method on a model", description="Run one method on a model.")
+    _common(p)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compare", help="run several methods and compare them",
+                       description="Run several methods on one model; with --report, one HTML report. "
+                                   "Including exact (toy LMs) adds it as the reference.")
+    _common(p)
+    p.add_argument("--methods", help="comma-separated methods (default: the script's methods, else "
+                                     + ",".join(DEFAULT_COMPARE) + ")")
+    p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("list", help="list the available models", description="List the available models.")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def _print_script_error(err: ScriptError) -> None:
+    print(str(err), file=sys.stderr)
+    if err.source:
+        print(f"    {err.source.strip()}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ppl-lm`` command. Returns 0; errors exit with status 2.
+
+    Errors (bad arguments, unknown model or method, an exception in the model script) print a
+    one-line message and raise ``SystemExit(2)``, like argparse's own usage errors.
+    """
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except ScriptError as err:
+        if getattr(args, "traceback", False):
+            raise err.exc
+        _print_script_error(err)
+    except CLIError as err:
+        print(f"ppl-lm: error: {err}", file=sys.stderr)
+    except Exception as exc:
+        if getattr(args, "traceback", False):
+            raise
+        print(f"ppl-lm: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if not quiet:
+            print("(run with --traceback for the full traceback)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
