@@ -371,10 +371,12 @@ def _min_bulk_ess(idata) -> float | None:
 
 
 def ess(post: Posterior) -> float:
-    """The ESS a report shows: the backend's ``info["ess"]``; for MCMC without one, the smallest
-    ArviZ bulk ESS over the scalar summaries; else Kish's ESS of the weights."""
-    if "ess" in post.info:
-        return float(post.info["ess"])
+    """The ESS a report shows: the backend's ``info["ess"]``, else its ``info["n_eff"]`` (SMC: the
+    genealogy-aware count of independent draws); for MCMC without one, the smallest ArviZ bulk
+    ESS over the scalar summaries; else Kish's ESS of the weights."""
+    for key in ("ess", "n_eff"):
+        if post.info.get(key) is not None:
+            return float(post.info[key])
     if is_mcmc(post):
         e = _min_bulk_ess(to_inference_data(post))
         if e is not None:

@@ -370,6 +370,28 @@ def fig_svi(name: str, post: Posterior, exact: Posterior | None = None):
     return fig
 
 
+def fig_smc(name: str, post: Posterior):
+    """SMC: the effective sample size per token step (before resampling), as a fraction of N."""
+    hist = post.info.get("ess_history")
+    if hist is None or len(hist) == 0:
+        return None
+    y = np.asarray(hist, dtype=float).reshape(len(hist), -1).mean(-1)
+    n = float(post.info.get("num_particles") or len(post))
+    fig = _figure(7, 3)
+    ax = fig.subplots()
+    ax.plot(np.arange(1, len(y) + 1), y / n, "o-", ms=3, color=PALETTE[0], label="ESS / N")
+    thr = post.info.get("ess_threshold")
+    if isinstance(thr, (int, float)):
+        ax.axhline(thr, color="#b22222", ls="--", lw=1, label=f"resampling threshold {thr:g}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("token step")
+    ax.set_ylabel("ESS / N")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{name}: particle ESS per step")
+    return fig
+
+
 def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], Any]]]:
     """(file name, section, caption, draw) for every figure of the report, in order."""
     mod = sys.modules[__name__]  # look functions up at call time (tests replace them)
@@ -387,6 +409,9 @@ def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], A
                           lambda n=n, p=p: mod.fig_mh_trace(n, p)))
             specs.append((f"rank_{slug}.png", n, f"{n}: rank plots (uniform when the chains mix).",
                           lambda n=n, p=p: mod.fig_mh_rank(n, p)))
+        if p.info.get("ess_history") is not None:
+            specs.append((f"smc_{slug}.png", n, f"{n}: ESS / N per token step; below the threshold the "
+                          "particles are resampled.", lambda n=n, p=p: mod.fig_smc(n, p)))
         if isinstance(p.info.get("trace"), dict):
             specs.append((f"svi_{slug}.png", n, f"{n}: SVI objective and its terms per step.",
                           lambda n=n, p=p: mod.fig_svi(n, p, exact)))
@@ -671,7 +696,7 @@ def _publish(tmp: Path, out: Path, files: list[str]) -> None:
             p.unlink()
 
 
-FIGURES = ("fig_rewards", "fig_weights", "fig_mh_trace", "fig_mh_rank", "fig_svi")
+FIGURES = ("fig_rewards", "fig_weights", "fig_mh_trace", "fig_mh_rank", "fig_svi", "fig_smc")
 
 
 class _CallableModule(types.ModuleType):
