@@ -209,7 +209,7 @@ def _options(method: str, module: ModuleType, args, strict: bool) -> dict[str, A
             continue
         if flag not in named:
             if strict:
-                takes = sorted(set(OPTION_FLAGS) & named)
+                takes = sorted(set(OPTION_FLAGS) & named - ({"guide"} if method != "svi" else set()))
                 raise CLIError(
                     f"method {method!r} does not take --{flag.replace('_', '-')}"
                     + (f"; it takes {', '.join('--' + t.replace('_', '-') for t in takes)}" if takes else ""))

@@ -294,7 +294,7 @@ def psis_khat(post: Posterior) -> float | None:
     k = post.info.get("khat")
     if k is not None:
         k = float(k.item() if isinstance(k, torch.Tensor) else k)
-        return k if math.isfinite(k) else None
+        return None if math.isnan(k) else k  # ±inf is the backend's verdict: keep it
     if post.method == "exact" or is_mcmc(post):
         return None
     lw = post.log_weights.detach().cpu().double().numpy()

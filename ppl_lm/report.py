@@ -247,15 +247,16 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
     ks = [D.psis_khat(weighted[n]) for n in names]
     ess = [weighted[n].ess / len(weighted[n]) for n in names]
     pos = np.arange(len(names))
-    ax2.bar(pos - 0.2, [np.nan if k is None else k for k in ks], 0.4,
-            color=[colors[n] for n in names])
+    # An infinite k-hat (too few distinct weights) is drawn at the top of the axis, labelled ∞.
+    shown = [np.nan if k is None else (float(np.clip(k, -1.0, 1.5)) if math.isinf(k) else k) for k in ks]
+    ax2.bar(pos - 0.2, shown, 0.4, color=[colors[n] for n in names])
     ax2.bar(pos + 0.2, ess, 0.4, color=[colors[n] for n in names], alpha=0.4, hatch="..")
     ax2.axhline(0.5, color="#b22222", ls=":", lw=1, label="k-hat 0.5 (good below)")
     ax2.axhline(0.7, color="#b22222", ls="--", lw=1, label="k-hat 0.7 (unreliable above)")
     ax2.legend(fontsize=7)
-    for i, k in enumerate(ks):
-        ax2.text(i - 0.2, 0.02 if k is None else max(k, 0) + 0.02,
-                 "n/a" if k is None else f"{k:.2f}", ha="center", fontsize=7)
+    for i, (k, y) in enumerate(zip(ks, shown)):
+        ax2.text(i - 0.2, 0.02 if k is None else max(y, 0) + 0.02,
+                 "n/a" if k is None else _fmt(k, 2), ha="center", fontsize=7)
     ax2.set_xticks(pos, names)
     ax2.set_title("k-hat (solid) and ESS / N (hatched)")
     ax2.grid(alpha=0.3, axis="y")
@@ -661,8 +662,20 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int) -> 
 
     names = [f[0] for f in figures] + ["summary.md", "summary.json", "report.html"]
     (tmp / "summary.json").write_text(json.dumps(
-        {"title": title, "rows": rows, "files": names}, indent=2, default=_json_default), encoding="utf-8")
+        _json_safe({"title": title, "rows": rows, "files": names}), indent=2, default=_json_default,
+        allow_nan=False), encoding="utf-8")
     return names
+
+
+def _json_safe(v):
+    """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+        return str(float(v))
+    return v
 
 
 def _json_default(v):

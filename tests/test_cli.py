@@ -1,0 +1,265 @@
+"""The ppl-lm command, run in-process: user scripts, model names, compare + report, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import textwrap
+
+import pytest
+import torch
+
+import ppl_lm
+from ppl_lm import cli
+
+TOY_SCRIPT = '''\
+import pyro
+import ppl_lm
+
+description = "toy: reward the letter e"
+context = "The cat"
+toy_context = "Hi"
+methods = {"importance": {"num_samples": 32}}
+
+
+def build(lm, beta=1.0, max_new_tokens=4):
+    e = lm.encode("e")[0]
+
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
+        ppl_lm.reward("e", (x == e).float().sum(-1), beta=beta)
+        return x
+
+    return model
+'''
+
+MARKOV_SCRIPT = '''\
+import pyro
+import ppl_lm
+
+context = ()
+
+
+def build(lm, beta=0.5):
+    toy = ppl_lm.MarkovLM.random(5, eos_id=0, seed=3)  # an exact toy LM: enumeration is the reference
+
+    def model():
+        x = pyro.sample("x", toy.sequence([], max_new_tokens=3))
+        ppl_lm.reward("b", (x == 2).float().sum(-1), beta=beta)
+        return x
+
+    return model
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+_lms: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def cached_lm(monkeypatch):
+    """Build the tiny LM once for the whole module (the CLI builds it on every call)."""
+    real = cli.load_language_model
+
+    def load(spec, device):
+        if (spec, device) not in _lms:
+            _lms[spec, device] = real(spec, device)
+        return _lms[spec, device]
+
+    monkeypatch.setattr(cli, "load_language_model", load)
+
+
+def script(tmp_path, text, name="toy.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def fails(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def available(methods):
+    return [m for m in methods if importlib.util.find_spec(f"ppl_lm.inference.{m}") is not None]
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+def test_run_user_script_end_to_end(tmp_path, capsys):
+    path = script(tmp_path, TOY_SCRIPT)
+    out = tmp_path / "rep"
+    assert cli.main(["run", path, "--method", "importance", "--lm", "tiny", "--seed", "3", "--quiet",
+                     "--report", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    # The same run in code: the script's toy_context and default options, the same seed.
+    lm = _lms["tiny", None]
+    ns = {}
+    exec(compile(TOY_SCRIPT, path, "exec"), ns)
+    post = ppl_lm.infer(ns["build"](lm), "Hi", method="importance", seed=3, num_samples=32, progress=False)
+    assert f"log Z {post.log_evidence:.4f} ± {post.log_evidence_se():.4f}" in stdout
+    assert "method importance, samples 32" in stdout and f"ESS {post.ess:.1f}" in stdout
+    assert "top samples" in stdout
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["num_samples"] == 32 and rows[0]["seed"] == 3
+    assert rows[0]["log_evidence"] == pytest.approx(post.log_evidence)
+    assert (out / "report.html").exists() and f"report: {out.absolute() / 'report.html'}" in stdout
+
+
+def test_build_kwargs_flags_and_context(tmp_path, capsys):
+    path = script(tmp_path, TOY_SCRIPT)
+    out = tmp_path / "rep"
+    assert cli.main(["run", path, "--method", "importance", "--lm", "tiny", "--quiet", "--num-samples", "12",
+                     "--set", "max_new_tokens=2", "--context", "Yo", "--report", str(out), "--top", "0"]) == 0
+    row = json.loads((out / "summary.json").read_text())["rows"][0]
+    assert row["num_samples"] == 12  # the flag overrides the script's default of 32
+    assert row["means"]["length"] <= 2.0
+    assert "top samples" not in capsys.readouterr().out
+
+
+def test_run_model_by_name(capsys):
+    assert cli.main(["run", "prefix", "--method", "importance", "--lm", "tiny", "--num-samples", "4",
+                     "--quiet", "--set", "max_new_tokens=3"]) == 0
+    assert "prefix: method importance, samples 4" in capsys.readouterr().out
+
+
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ppl_lm.models.names():
+        assert re.search(rf"^{name}\s+\S", out, re.M), name
+    assert ppl_lm.models.load("sentiment").description in out
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+def test_compare_with_exact_reference(tmp_path, capsys):
+    path = script(tmp_path, MARKOV_SCRIPT, "markov.py")
+    methods = available(["exact", "importance", "smc", "mh", "svi"])
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", path, "--methods", ",".join(methods), "--num-samples", "20", "--num-particles",
+                     "8", "--num-chains", "2", "--warmup-steps", "3", "--num-steps", "5", "--quiet",
+                     "--report", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert list(rows) == methods  # exact first, as the reference row
+    assert rows["exact"]["tv_to_exact"] == 0.0
+    for m in methods[1:]:
+        assert 0.0 <= rows[m]["tv_to_exact"] <= 1.0
+    if "mh" in rows:
+        assert rows["mh"]["num_chains"] == 2 and rows["mh"]["num_samples"] == 40
+    if "importance" in rows:
+        assert rows["importance"]["num_samples"] == 20
+    stdout = capsys.readouterr().out
+    for m in methods:
+        assert re.search(rf"^{m}: method {m}", stdout, re.M)
+
+
+def test_compare_rejects_unknown_method(tmp_path, capsys):
+    path = script(tmp_path, MARKOV_SCRIPT, "markov.py")
+    err = fails(["compare", path, "--methods", "importance,magic"], capsys)
+    assert "unknown method 'magic'" in err and "importance, smc" in err
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+BROKEN = {
+    "runtime": ('''\
+        import pyro
+        import ppl_lm
+        context = "Hi"
+        def build(lm):
+            def model(prompt):
+                x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=2))
+                ppl_lm.reward("r", x.float().sum(-1) / undefined_name, beta=1.0)
+                return x
+            return model
+        ''', 7, "NameError: name 'undefined_name' is not defined"),
+    "import": ('''\
+        import pyro
+        context = "Hi"
+        table = {"a": 1}["b"]
+        def build(lm):
+            return None
+        ''', 3, "KeyError: 'b'"),
+    "build": ('''\
+        context = "Hi"
+
+        def build(lm, beta=1.0):
+            if beta > 0:
+                raise ValueError("beta too large for this toy")
+        ''', 5, "ValueError: beta too large for this toy"),
+    "syntax": ('''\
+        context = "Hi"
+        def build(lm)
+            return 1
+        ''', 2, "SyntaxError"),
+    "bad_reward": ('''\
+        import pyro
+        import ppl_lm
+        context = "Hi"
+        def build(lm):
+            def model(prompt):
+                x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=2))
+                ppl_lm.reward("r", x.float().sum(-1), beta=-1.0)
+                return x
+            return model
+        ''', 7, "beta"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_script_errors_point_at_the_users_line(tmp_path, capsys, case):
+    text, line, message = BROKEN[case]
+    path = script(tmp_path, text, "bad.py")
+    err = fails(["run", path, "--method", "importance", "--lm", "tiny", "--num-samples", "4", "--quiet"], capsys)
+    first = err.splitlines()[0]
+    assert first.startswith(f"error in bad.py:{line}: "), err
+    assert message in first
+    assert "Traceback" not in err
+
+
+def test_traceback_flag_shows_the_real_exception(tmp_path):
+    path = script(tmp_path, BROKEN["runtime"][0], "bad.py")
+    with pytest.raises(NameError):
+        cli.main(["run", path, "--method", "importance", "--lm", "tiny", "--num-samples", "4", "--quiet",
+                  "--traceback"])
+
+
+def test_unknown_model_lists_the_models(capsys):
+    err = fails(["run", "no_such_model", "--method", "importance"], capsys)
+    assert "unknown model 'no_such_model'" in err
+    for name in ppl_lm.models.names():
+        assert name in err
+
+
+def test_unknown_method(tmp_path, capsys):
+    err = fails(["run", script(tmp_path, TOY_SCRIPT), "--method", "magic", "--lm", "tiny"], capsys)
+    assert "unknown method 'magic'; choose one of exact, importance, smc, mh, svi" in err
+
+
+def test_option_the_method_does_not_take(tmp_path, capsys):
+    err = fails(["run", script(tmp_path, TOY_SCRIPT), "--method", "importance", "--num-chains", "3",
+                 "--lm", "tiny"], capsys)
+    assert "method 'importance' does not take --num-chains; it takes --num-samples" in err
+
+
+def test_script_without_build(tmp_path, capsys):
+    err = fails(["run", script(tmp_path, "context = 'Hi'\n", "nobuild.py"), "--method", "importance"], capsys)
+    assert "nobuild.py does not define `build`" in err
+
+
+def test_missing_file_and_bad_flags(tmp_path, capsys):
+    assert "no such model script" in fails(["run", str(tmp_path / "nope.py"), "--method", "importance"], capsys)
+    assert "positive integer" in fails(["run", "prefix", "--method", "importance", "--num-samples", "0"], capsys)
+    assert "KEY=VALUE" in fails(["run", script(tmp_path, TOY_SCRIPT), "--method", "importance", "--lm", "tiny",
+                                 "--set", "oops"], capsys)
