@@ -250,39 +250,45 @@ class EditKernel(MCMCKernel):
         return pool[:C]
 
     @torch.no_grad()
-    def _lm_pass(self, x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor):
-        """One incremental LM pass over ``2C`` rows: ``x`` teacher-forced, and ``x[:k]`` then a
-        suffix sampled from the LM.
+    def _lm_pass(self, x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, sel: torch.Tensor):
+        """One incremental LM pass: every ``x`` teacher-forced, plus, for the chains ``sel``
+        (suffix moves), ``x[:k]`` followed by a suffix sampled from the LM.
 
         Returns ``(logp_at_pos [C, V], tok_lp_x [C, T], y [C, T], y_lp [C, T])``: the next-token
-        law given ``x[:pos]``, the per-token log-probs of ``x``, the suffix proposal and the
-        per-token log-probs of ``y`` (0 after EOS).
+        law given ``x[:pos]``, the per-token log-probs of ``x``, the suffix proposals (``x`` for
+        chains not in ``sel``) and the per-token log-probs of ``y`` (0 after EOS).
         """
         lm, (C, T), eos = self.lm, x.shape, self.eos
         dev = lm.device
         gen = _random.generator(dev)
-        xd, kd, posd = x.to(dev), k.to(dev), pos.to(dev)
-        state = lm.start(self.prompt.to(dev), 2 * C)
-        y = xd.clone()
+        xd, posd = x.to(dev), pos.to(dev)
+        seld = sel.to(dev)
+        ys, ks = xd[seld].clone(), k.to(dev)[seld]
+        m = len(sel)
+        state = lm.start(self.prompt.to(dev), C + m)
         tok_lp_x = torch.zeros(C, T, dtype=torch.float64, device=dev)
-        y_lp = torch.zeros(C, T, dtype=torch.float64, device=dev)
+        ys_lp = torch.zeros(m, T, dtype=torch.float64, device=dev)
         at_pos = torch.zeros(C, lm.vocab_size, dtype=torch.float32, device=dev)
-        done = torch.zeros(C, dtype=torch.bool, device=dev)
+        done = torch.zeros(m, dtype=torch.bool, device=dev)
         for t in range(T):
             logp = state.logprobs.float()
             lx, ly = logp[:C], logp[C:]
             tok_lp_x[:, t] = lx.gather(-1, xd[:, t : t + 1])[:, 0].double()
             at_pos = torch.where((posd == t)[:, None], lx, at_pos)
-            s = _categorical(ly, gen)
-            tok = torch.where(t < kd, xd[:, t], torch.where(done, torch.full_like(s, eos), s))
-            lp = ly.gather(-1, tok[:, None])[:, 0].double()
-            y_lp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
-            y[:, t] = tok
-            done = done | (tok == eos)
+            tok = ys[:, t]
+            if m:
+                s = _categorical(ly, gen)
+                tok = torch.where(t < ks, ys[:, t], torch.where(done, torch.full_like(s, eos), s))
+                lp = ly.gather(-1, tok[:, None])[:, 0].double()
+                ys_lp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+                ys[:, t] = tok
+                done = done | (tok == eos)
             if t + 1 < T:
                 state = lm.extend(state, torch.cat([xd[:, t], tok]))
         tok_lp_x = tok_lp_x.masked_fill(after_eos_mask(xd, eos), 0.0)
-        return at_pos.cpu(), tok_lp_x.cpu(), y.cpu(), y_lp.cpu()
+        y, y_lp = x.clone(), torch.zeros(C, T, dtype=torch.float64)
+        y[sel], y_lp[sel] = ys.cpu(), ys_lp.cpu()
+        return at_pos.cpu(), tok_lp_x.cpu(), y, y_lp
 
     def _transition(self, warm: bool):
         """One MH transition of every chain; returns (move index [C], accepted [C])."""
@@ -305,7 +311,7 @@ class EditKernel(MCMCKernel):
         possible &= ~((is_m["substitute"] | is_m["substitute_uniform"] | is_m["delete"]) & (n < 1))
         possible &= ~(is_m["insert"] & (n >= T))
 
-        at_pos, tok_lp_x, y, y_lp = self._lm_pass(x, pos, k)
+        at_pos, tok_lp_x, y, y_lp = self._lm_pass(x, pos, k, is_m["suffix"].nonzero()[:, 0])
         lq = _log_q_token(at_pos, eos)  # [C, V] restricted next-token law at pos
         possible &= ~((is_m["substitute"] | is_m["insert"]) & ~torch.isfinite(lq).any(-1))
         z_lm = _categorical(lq.float(), g)
@@ -391,9 +397,11 @@ class EditKernel(MCMCKernel):
 
 def _scalar_diagnostics(stats: dict[str, torch.Tensor], C: int, S: int):
     """R-hat and bulk ESS (ArviZ) of each non-constant scalar summary, arrays chain x draw."""
-    import arviz as az
-
     rhat, ess = {}, {}
+    if S < 4:
+        log.warning("%d draws per chain are too few for ArviZ's R-hat and ESS (at least 4 are needed)", S)
+        return rhat, ess
+    import arviz as az
     for name, v in stats.items():
         if name.startswith("ok:"):
             continue  # constant 1 on the posterior's support
@@ -403,7 +411,7 @@ def _scalar_diagnostics(stats: dict[str, torch.Tensor], C: int, S: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ess[name] = float(az.ess(a))
-            rhat[name] = float(az.rhat(a)) if C * S >= 8 else float("nan")
+            rhat[name] = float(az.rhat(a))
     return rhat, ess
 
 
@@ -498,7 +506,10 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
     )
     stats = stats_from_scores(scores, kernel.site, kernel.eos)
     rhat, ess_by_stat = _scalar_diagnostics(stats, C, S)
-    ess = min(ess_by_stat.values()) if ess_by_stat else float(C * S)
+    if ess_by_stat:
+        ess = min(ess_by_stat.values())
+    else:  # every summary constant (a point-mass posterior) or too few draws to tell
+        ess = float(C * S) if S >= 4 else float("nan")
     info = {
         "acceptance": kernel.acceptance(),
         "acceptance_overall": float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
