@@ -158,6 +158,14 @@ def _quantities(posteriors: Mapping[str, Posterior]) -> list[str]:
     return sorted(names, key=lambda k: (0 if k.startswith("reward:") else 1 if k == "length" else 2, k))
 
 
+def _weighted_quantiles(v: np.ndarray, w: np.ndarray, q) -> np.ndarray:
+    order = np.argsort(v)
+    cw = np.cumsum(w[order])
+    cw = cw / cw[-1]
+    idx = np.searchsorted(cw, np.asarray(q), side="left").clip(0, len(v) - 1)
+    return v[order][idx]
+
+
 def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = None):
     """Weighted distributions of each reward, the length and the log prior, backends side by side."""
     qs = _quantities(posteriors)
@@ -201,7 +209,10 @@ def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
                 else:
                     ax.plot(uniq, probs, "o-", color=colors[n], lw=1, ms=4, alpha=0.85, label=n)
         else:
-            lo, hi = np.percentile(pooled, [0.5, 99.5])
+            # The range covers each series' central 99% of posterior mass (weighted quantiles), so
+            # a far, low-weight sample does not squash every histogram into a few bins.
+            qs_ = np.array([_weighted_quantiles(v, w, [0.005, 0.995]) for v, w in data.values()])
+            lo, hi = qs_[:, 0].min(), qs_[:, 1].max()
             if hi <= lo:
                 lo, hi = lo - 0.5, hi + 0.5
             bins = np.linspace(lo, hi, 31)
@@ -446,6 +457,7 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.88em}
 .text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;max-width:760px;word-break:break-word}
 .empty{color:#999;font-style:italic}
+.nl{color:#bbb}
 .note{color:#666;font-size:.88em}
 .sub{color:#666;font-size:.85em;white-space:normal}
 .wide{overflow-x:auto}
@@ -456,7 +468,8 @@ def _html_text(text: str, limit: int) -> str:
     if text == "":
         return '<span class="empty">(empty sequence)</span>'
     short = text if len(text) <= limit else text[:limit] + "…"
-    return html.escape(short)
+    # Line breaks stay line breaks (pre-wrap) and get a visible mark, so "a\nb" and "a b" differ.
+    return '<span class="nl">⏎</span>\n'.join(html.escape(line) for line in short.split("\n"))
 
 
 def _md_text(text: str, limit: int) -> str:
@@ -495,8 +508,11 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 
 def _samples_rows(post: Posterior, k: int) -> tuple[list[str], list[dict]]:
     top = D.top_samples(post, k)
-    cols = [c for c in D.stat_names(post) if c.startswith(("reward:", "ok:"))][:4]
-    return cols, top
+    cols = [c for c in D.stat_names(post) if c.startswith("reward:")]
+    # A constraint column only where it varies among the samples shown (usually it is all 1).
+    cols += [c for c in D.stat_names(post) if c.startswith("ok:")
+             and len({t["stats"].get(c) for t in top}) > 1]
+    return cols[:4], top
 
 
 def _html_samples(post: Posterior, k: int, limit: int) -> str:

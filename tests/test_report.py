@@ -149,7 +149,7 @@ def test_sample_texts_are_escaped(tmp_path):
     path = ppl_lm.report({"IS": post}, tmp_path / "r", top_k=5)
     html = path.read_text(encoding="utf-8")
     assert "<script>" not in html
-    assert "&lt;script&gt;&amp;|x*\n" in html
+    assert '&lt;script&gt;&amp;|x*<span class="nl">⏎</span>\n' in html
     md = (tmp_path / "r" / "summary.md").read_text(encoding="utf-8")
     assert "&lt;script&gt;&\\|x\\*⏎" in md and "<script>" not in md
 
