@@ -263,3 +263,23 @@ def test_missing_file_and_bad_flags(tmp_path, capsys):
     assert "positive integer" in fails(["run", "prefix", "--method", "importance", "--num-samples", "0"], capsys)
     assert "KEY=VALUE" in fails(["run", script(tmp_path, TOY_SCRIPT), "--method", "importance", "--lm", "tiny",
                                  "--set", "oops"], capsys)
+
+
+def test_lm_choice_reaches_load_lm(monkeypatch):
+    calls = []
+    monkeypatch.undo()  # drop the autouse cache: test the real function
+    monkeypatch.setattr(ppl_lm, "load_lm", lambda *a, **k: calls.append((a, k)) or "LM")
+    assert cli.load_language_model("smollm2", None) == "LM"
+    assert cli.load_language_model("/models/my-lm", "cuda") == "LM"
+    assert calls == [((), {}), (("/models/my-lm",), {"device": "cuda"})]
+    assert cli.build_parser().parse_args(["run", "x", "--method", "mh"]).lm == "smollm2"
+
+
+@pytest.mark.integration
+def test_run_on_embedded_smollm2(smollm2, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: smollm2)
+    assert cli.main(["run", "prefix", "--method", "importance", "--num-samples", "4", "--set",
+                     "max_new_tokens=4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    # The prefix model has no condition: the prompted LM is the posterior, weights are uniform.
+    assert "prefix: method importance, samples 4, log Z 0.0000 ± 0.0000, ESS 4.0" in out
