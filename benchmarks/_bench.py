@@ -39,6 +39,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that the script runs")
     p.add_argument("--config-only", action="store_true",
                    help="SmolLM2-135M's architecture with random weights (no GGUF needed)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --config-only: a saved tokenizer folder (SmolLM2's) for text conditions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -61,8 +63,12 @@ def dtype_of(args) -> torch.dtype:
     return torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
 
 
-def smollm2_random(device="cpu", dtype=torch.float32, seed: int = 0):
-    """SmolLM2-135M's exact config with random weights, wrapped as a TransformersLM (no tokenizer)."""
+def smollm2_random(device="cpu", dtype=torch.float32, seed: int = 0, tokenizer: str | None = None):
+    """SmolLM2-135M's exact config with random weights, wrapped as a TransformersLM.
+
+    ``tokenizer``: a folder holding SmolLM2's tokenizer (``save_pretrained``), for benchmarks
+    whose conditions read text; without it the LM has no tokenizer.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ppl_lm import TransformersLM
@@ -74,7 +80,12 @@ def smollm2_random(device="cpu", dtype=torch.float32, seed: int = 0):
     model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return TransformersLM(model, None, eos_id=2, bos_id=1)
+    tok = None
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    return TransformersLM(model, tok, eos_id=2, bos_id=1)
 
 
 def smollm2(args):
@@ -82,7 +93,7 @@ def smollm2(args):
     import ppl_lm
 
     if args.config_only:
-        return smollm2_random(args.device, dtype_of(args), args.seed)
+        return smollm2_random(args.device, dtype_of(args), args.seed, args.tokenizer)
     return ppl_lm.load_lm(device=args.device, dtype=dtype_of(args))
 
 

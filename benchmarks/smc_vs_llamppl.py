@@ -153,7 +153,7 @@ def main(argv=None):
             llm.cache_kv(prompt_ids)
         t = {"ours": [], "llamppl": [], "sample": []}
         lz = {"ours": [], "llamppl": []}
-        g = torch.Generator().manual_seed(args.seed)
+        g = torch.Generator(device=lm.device).manual_seed(args.seed)
         # warm-up (not timed)
         run_ours(lm, mask, T, N, seed=10_000)
         for i in range(args.seeds):
