@@ -279,6 +279,12 @@ def _print_run(name: str, post, top_k: int, out=None) -> None:
             print(f"    {t['weight']:.4f}  ×{t['count']:<4d} {_short(t['text'])}", file=out)
 
 
+def _describe(module: ModuleType, ctx: tuple, lm_spec: str) -> str:
+    desc = getattr(module, "description", None) or (module.__doc__ or "").strip().split("\n")[0]
+    shown = ctx[0] if len(ctx) == 1 else ctx
+    return (f"{desc}\n" if desc else "") + f"Context: {shown!r}. LM: {lm_spec}."
+
+
 def cmd_run(args) -> int:
     method = _check_method(args.method)
     module, files, model, ctx = _prepare(args)
@@ -289,7 +295,8 @@ def cmd_run(args) -> int:
     if args.report:
         from .report import report
 
-        path = report({method: post}, args.report, title=f"{args.model}: {method}", top_k=max(args.top, 10))
+        path = report({method: post}, args.report, title=f"{args.model}: {method}", top_k=max(args.top, 10),
+                      description=_describe(module, ctx, args.lm))
         print(f"report: {path}")
     return 0
 
@@ -322,7 +329,8 @@ def cmd_compare(args) -> int:
 
         shown = posts or {"exact": exact}
         path = report(shown, args.report, title=f"{args.model}: " + ", ".join(methods),
-                      exact=exact if posts else None, top_k=max(args.top, 10))
+                      exact=exact if posts else None, top_k=max(args.top, 10),
+                      description=_describe(module, ctx, args.lm))
         print(f"report: {path}")
     return 0
 
@@ -427,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -414,8 +414,12 @@ def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], A
         ("weights.png", "weights", "Importance weights: sorted N·w (flat at 1 is ideal) and Pareto k-hat "
          "(above 0.7 the estimates are unreliable).", lambda: mod.fig_weights(posteriors, exact)),
     ]
+    seen: set[str] = set()
     for i, (n, p) in enumerate(posteriors.items()):
         slug = _slug(n, i)
+        if slug in seen:  # "a b" and "a_b" would share file names
+            slug = f"{slug}_{i}"
+        seen.add(slug)
         if D.is_mcmc(p):
             specs.append((f"trace_{slug}.png", n, f"{n}: trace plots per chain.",
                           lambda n=n, p=p: mod.fig_mh_trace(n, p)))
@@ -448,6 +452,7 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em au
 color:#222;padding:0 1em;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .meta{color:#666;font-size:.9em}
+.desc{white-space:pre-wrap}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
 th,td{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
 th{background:#f3f3f3;text-align:left}
@@ -583,7 +588,7 @@ def _check_inputs(posteriors, out_dir, exact) -> dict[str, Posterior]:
 
 def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.PathLike, *,
            title: str | None = None, exact: Posterior | None = None, top_k: int = 10,
-           max_text_chars: int = 400) -> Path:
+           max_text_chars: int = 400, description: str | None = None) -> Path:
     """Write an HTML report comparing posteriors; returns the path of ``report.html``.
 
     Args:
@@ -594,6 +599,7 @@ def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.Pa
             TV-distance and log Z error column.
         top_k: how many distinct top-weighted samples to list per posterior.
         max_text_chars: longer sample texts are cut.
+        description: a paragraph under the title (the model, its condition, the context).
 
     The table's numbers come from :func:`ppl_lm.diagnostics.summary`; ``summary.json`` holds
     them unformatted.
@@ -604,7 +610,7 @@ def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        files = _build(posteriors, exact, tmp, title, top_k, max_text_chars)
+        files = _build(posteriors, exact, tmp, title, top_k, max_text_chars, description)
         _publish(tmp, out, files)
     finally:
         if tmp.exists():
@@ -613,7 +619,8 @@ def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.Pa
     return out / "report.html"
 
 
-def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int) -> list[str]:
+def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
+           description: str | None = None) -> list[str]:
     """Write every file of the report into ``tmp``; returns their names, ``report.html`` last."""
     from . import __version__
 
@@ -642,6 +649,7 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int) -> 
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">ppl-lm {html.escape(__version__)} · {now}</p>',
+        f'<p class="desc">{html.escape(description)}</p>' if description else "",
         "<h2>Summary</h2>", _html_table(head, cells),
         '<p class="note">ESS in brackets: ESS / N. Means E[·] are posterior (weighted) means. k-hat: Pareto '
         "shape of the importance weights (&lt; 0.5 good, &gt; 0.7 unreliable). R-hat: largest split R-hat "
@@ -667,7 +675,7 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int) -> 
     parts.append("</body></html>")
     (tmp / "report.html").write_text("\n".join(parts), encoding="utf-8")
 
-    md = [f"# {title}", "", _md_table(head, cells), "", "## Run settings", "",
+    md = [f"# {title}", ""] + ([description, ""] if description else []) + [_md_table(head, cells), "", "## Run settings", "",
           _md_table(["backend", "method", "settings"], settings), ""]
     for fname, _, caption, _ in figures:
         md += [f"![{caption}]({fname})", ""]

@@ -113,7 +113,9 @@ def test_run_user_script_end_to_end(tmp_path, capsys):
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["num_samples"] == 32 and rows[0]["seed"] == 3
     assert rows[0]["log_evidence"] == pytest.approx(post.log_evidence)
-    assert (out / "report.html").exists() and f"report: {out.absolute() / 'report.html'}" in stdout
+    assert f"report: {out.absolute() / 'report.html'}" in stdout
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "toy: reward the letter e\nContext: &#x27;Hi&#x27;. LM: tiny." in html
 
 
 def test_build_kwargs_flags_and_context(tmp_path, capsys):

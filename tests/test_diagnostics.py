@@ -137,7 +137,8 @@ def mcmc_posterior(values: np.ndarray, order: str = "chain-major", sample_stats_
     accepted = torch.tensor((chain * 7 + draw) % 3 == 0)
     move = torch.tensor((chain + draw) % 5)
     stats = {"v": v.float(), "log_prior": -v.float().abs(), "log_likelihood": torch.zeros(n)}
-    info = {"seed": 3, "wall_time": 1.0, "acceptance": {"suffix": 0.25, "insert": 0.5}, "move_names": ["suffix", "insert"]}
+    info = {"seed": 3, "wall_time": 1.0, "acceptance": {"suffix": 0.25, "insert": 0.5},
+            "move_names": ["suffix", "insert"]}
     if sample_stats_in_info:
         info["sample_stats"] = {"accepted": accepted, "move": move}
     else:

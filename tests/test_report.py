@@ -198,6 +198,17 @@ def test_single_posterior_and_callable_module(tmp_path, posts):
     assert not (tmp_path / "one" / "trace_importance.png").exists()
 
 
+def test_description_and_distinct_figure_names(tmp_path, toy):
+    exact = toy[3]
+    a, b = hand_mh(exact, 2, 20, seed=1), hand_mh(exact, 2, 20, seed=2)
+    path = ppl_lm.report({"chain a": a, "chain_a": b}, tmp_path / "r", description="x < y & z")
+    html = path.read_text(encoding="utf-8")
+    assert '<p class="desc">x &lt; y &amp; z</p>' in html
+    names = set(os.listdir(tmp_path / "r"))
+    assert {"trace_chain_a.png", "trace_chain_a_1.png", "rank_chain_a.png", "rank_chain_a_1.png"} <= names
+    assert (tmp_path / "r" / "trace_chain_a.png").read_bytes() != (tmp_path / "r" / "trace_chain_a_1.png").read_bytes()
+
+
 def test_bad_input(tmp_path, posts):
     with pytest.raises(TypeError, match="non-empty dict"):
         ppl_lm.report({}, tmp_path / "x")
