@@ -177,7 +177,13 @@ def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:
     """
     if not isinstance(mask, TokenMask):
         raise TypeError(f"token_constraint {name!r} needs a TokenMask, got {type(mask).__name__}")
-    ok = mask.check(x)
+    if is_partial():
+        # On a prefix only the generated positions are checked (the rest is EOS padding), so a
+        # mask that forbids EOS somewhere (e.g. pinned positions) does not prune every prefix.
+        n = _partial_length(x)
+        ok = mask.check(x[..., :n]) if n > 0 else torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    else:
+        ok = mask.check(x)
     meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": True, "mask": mask}
     lf = torch.zeros(ok.shape).masked_fill(~ok, -math.inf)
     _factor(name, lf, meta)
