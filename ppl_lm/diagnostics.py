@@ -105,8 +105,17 @@ def stat_names(post: Posterior) -> list[str]:
 
 
 def is_mcmc(post: Posterior) -> bool:
-    """True for Markov-chain posteriors (laid out chain × draw): several chains or MH statistics."""
-    return post.num_chains > 1 or "accepted" in _sampler_stats(post) or post.method == "mh"
+    """True for Markov-chain posteriors (laid out chain × draw): MH, or several uniformly weighted chains.
+
+    A weighted posterior whose ``chain`` marks groups (e.g. independent replicates) stays one
+    chain of weighted draws.
+    """
+    if post.method == "mh" or "accepted" in _sampler_stats(post):
+        return True
+    if post.num_chains > 1:
+        lw = post.log_weights.detach().double()
+        return bool(torch.isfinite(lw).all() and (lw - lw[0]).abs().max() < 1e-6)
+    return False
 
 
 def _layout(post: Posterior) -> tuple[np.ndarray, int, int]:

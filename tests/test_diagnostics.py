@@ -170,6 +170,16 @@ def test_mcmc_layout_is_chain_by_draw(order, in_info):
     assert idata.attrs["acceptance"] == pytest.approx(accepted.mean())
 
 
+def test_weighted_groups_stay_one_weighted_chain():
+    n = 6
+    post = Posterior(torch.zeros(n, 2, dtype=torch.long), normalise(torch.arange(n).double()), 0.0, "smc",
+                     stats={"v": torch.arange(n).float()}, chain=torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert not D.is_mcmc(post)
+    idata = post.to_inference_data()
+    assert dict(idata.posterior.sizes) == {"chain": 1, "draw": n}
+    np.testing.assert_array_equal(idata.posterior["v"].values[0], np.arange(n))
+
+
 def test_rhat_and_ess_tell_mixing_from_not():
     g = np.random.default_rng(0)
     mixed = g.normal(size=(4, 400))
