@@ -1,16 +1,20 @@
-"""A valid chess game: the continuation of a PGN header contains legal movetext.
+"""A legal chess game: the LM continues a game given in PGN, and every move must be legal.
 
-π(x | c) ∝ π(x)·1[x contains a game of ≥ ``min_moves`` legal half-moves from the starting
-position, written "1. e4 e5 2. Nf3 ..."] (python-chess checks each move). The prompt is a
-PGN header, so the LM is invited to write movetext; the condition judges the generated text
-only. Hard: small LMs soon play an illegal move, and the condition is not prefix-closed as
-written (a prefix with no "1." yet may still start a game), so SMC defers it to the end.
+The prompt is a PGN header and an opening ("1. e4 e5 2. Nf3 Nc6 3."); the condition reads
+the movetext of the prompt followed by the generated text, and asks python-chess that the
+game go on for at least ``min_moves`` more legal half-moves:
+π(x | c) ∝ π(x | prompt)·1[opening + x has ≥ n_opening + min_moves legal half-moves].
+Hard: a small LM soon writes an illegal move (SmolLM2-135M adds a legal move to this
+opening about one time in four), so each extra half-move makes the condition rarer. Not
+prefix-closed as written (a prefix may still be completed legally), so SMC defers it to the
+end. A prompt without "1." makes the condition read the generated text alone.
 
-``mode="soft"`` uses the number of legal half-moves instead: π(x)·exp(min(n(x), K)/β) with
-K = ``min_moves``, a graded reward that also makes a smoke run on a random LM possible.
+``mode="soft"`` rewards the number of new legal half-moves instead (capped at ``min_moves``):
+π(x)·exp(n(x)/β), a graded reward that also makes a smoke run on a random LM possible.
 """
 
 import os
+import re
 import sys
 
 if __name__ == "__main__":  # run as a script: models/ must not shadow python-chess (`import chess`)
@@ -22,16 +26,17 @@ import torch  # noqa: E402
 import ppl_lm  # noqa: E402
 from ppl_lm import rewards  # noqa: E402
 
-description = "The text contains a legal chess game (python-chess), after a PGN header (hard; mode='soft' counts legal moves)."
-context = '[Event "Casual game"]\n[White "Alice"]\n[Black "Bob"]\n[Result "1-0"]\n\n'
+description = "The game in the prompt continues with legal moves (python-chess; hard, mode='soft' counts them)."
+context = '[Event "Casual game"]\n[Result "1-0"]\n\n1. e4 e5 2. Nf3 Nc6 3.'
 methods = {"smc": {"num_particles": 128}, "importance": {"num_samples": 512}}
 
 
-def build(lm, min_moves: int = 4, mode: str = "hard", beta: float = 0.5, max_new_tokens: int = 24):
-    """The prompted LM conditioned on writing a legal game of at least ``min_moves`` half-moves.
+def build(lm, min_moves: int = 2, mode: str = "hard", beta: float = 0.5, max_new_tokens: int = 24):
+    """The prompted LM conditioned on continuing the game with ``min_moves`` legal half-moves.
 
     Args:
-        mode: ``"hard"`` (constraint) or ``"soft"`` (reward = legal half-moves, capped at ``min_moves``).
+        mode: ``"hard"`` (constraint) or ``"soft"`` (reward = new legal half-moves, capped at
+            ``min_moves``).
     """
     if mode not in ("hard", "soft"):
         raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
@@ -40,10 +45,15 @@ def build(lm, min_moves: int = 4, mode: str = "hard", beta: float = 0.5, max_new
 
     def model(prompt: str):
         x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
+        # The movetext is the prompt's (from its "1.", if any) followed by the generated text.
+        m = re.search(r"(?<![\w.])1\.", prompt)
+        opening = torch.tensor(lm.encode(prompt[m.start():]) if m else [], dtype=torch.long, device=x.device)
+        n0 = int(rewards.chess_moves(lm, opening[None])[0]) if m else 0
+        game = torch.cat([opening.expand(*x.shape[:-1], -1), x], -1)
         if mode == "hard":
-            ppl_lm.constraint("legal_game", rewards.chess_game(lm, x, min_moves))
+            ppl_lm.constraint("legal_game", rewards.chess_game(lm, game, n0 + min_moves))
         else:
-            n = torch.clamp(rewards.chess_moves(lm, x), max=float(min_moves))
+            n = torch.clamp(rewards.chess_moves(lm, game) - n0, 0, min_moves)
             ppl_lm.reward("legal_moves", n, beta=beta)
         return x
 

@@ -19,7 +19,7 @@ context = ("Once upon a time,", " there was a")
 methods = {"smc": {"num_particles": 64}, "importance": {"num_samples": 256}}
 
 
-def build(lm, lam: float | None = 3.0, max_new_tokens: int = 16):
+def build(lm, lam: float | None = 2.0, max_new_tokens: int = 16):
     """``model(prompt, target)``: the prompted LM with its first tokens pinned to ``target``.
 
     Args:
