@@ -10,7 +10,7 @@ particles (completions) per step, Adam at the same step size, constant, 30 steps
   ``trace["reward:sentiment"] − β·trace["kl_prior"]``.
 - TRL: ``RLOOTrainer`` with ``RLOOConfig(beta=β, num_generations=8, per_device_train_batch_size=8,
   max_completion_length=12, num_iterations=1, top_k=0, top_p=1, temperature=1,
-  lr_scheduler_type="constant", max_grad_norm=None, gradient_checkpointing=False, bf16=False,
+  lr_scheduler_type="constant", max_grad_norm=0.0, gradient_checkpointing=False, bf16=False,
   use_cpu=True)``. Its reward is r − β·Σ_t log(q/π) (sequence KL), its advantage the same RLOO
   leave-one-out baseline, so its gradient is β × ours (Adam is scale-free). Per-step J
   estimates: ``reward − β·kl·mean_length`` from its logs (``kl`` is the per-token mean).
@@ -132,7 +132,7 @@ def run_trl(base_model, tokenizer, args, seed):
         output_dir=out, beta=args.beta, num_generations=args.particles,
         per_device_train_batch_size=args.particles, max_completion_length=args.tokens,
         num_iterations=1, temperature=1.0, top_k=0, top_p=1.0, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=None,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none",
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, seed=seed,
         disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=False,
@@ -142,6 +142,9 @@ def run_trl(base_model, tokenizer, args, seed):
                           bias="none", task_type="CAUSAL_LM")
     trainer = RLOOTrainer(model=model, reward_funcs=sentiment_reward, args=cfg, train_dataset=ds,
                           processing_class=tokenizer, peft_config=peft_cfg, callbacks=[Clock()])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts; they stay in state.log_history
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     trainer.train()
@@ -165,6 +168,25 @@ def run_trl(base_model, tokenizer, args, seed):
     ev = evaluate(q_lm, RefLM(base, tokenizer), args.beta, args.tokens, args.eval_samples, seed + 7)
     return {"J": J, "reward": reward, "kl": kl_seq, "time": np.array(clock["t"][: len(J)]),
             "train_s": train_s, "setup_s": setup, "eval": ev}
+
+
+def plain_copy(model):
+    """The same weights in a plain (non-GGUF) transformers model.
+
+    The embedded model is loaded from a GGUF file, dequantised to float32, but transformers
+    still marks it quantised and its Trainer refuses to fine-tune it; TRL gets this copy.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=next(model.parameters()).dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"weights do not transfer: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    return plain.eval()
 
 
 def time_to(curve_t, curve_j, target):
@@ -200,7 +222,7 @@ def main(argv=None):
     lm = _bench.smollm2(args)
     if lm.tokenizer is None:
         sys.exit("TRL needs a tokenizer: run without --config-only")
-    pristine = copy.deepcopy(lm.model)  # TRL gets a fresh copy without our adapters each time
+    pristine = plain_copy(lm.model)  # TRL gets a fresh copy without our adapters each time
     tokenizer = lm.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
