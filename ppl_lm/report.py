@@ -283,15 +283,43 @@ def _trace_vars(idata) -> list[str]:
 
 
 def fig_mh_trace(name: str, post: Posterior):
-    """ArviZ trace plot (density and trace per chain) of the main scalar summaries of an MCMC run."""
-    az = D._arviz()
+    """Trace plot of the main scalar summaries of an MCMC run: per-chain distributions and traces.
+
+    The layout of ``arviz.plot_trace``, drawn directly so each chain keeps one colour in both
+    columns and integer-valued summaries (lengths, counts) are bars rather than smoothed densities.
+    """
     idata = D.to_inference_data(post)
     names = _trace_vars(idata)
     fig = _figure(12, 2.3 * len(names))
-    axes = fig.subplots(len(names), 2, squeeze=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        az.plot_trace(idata, var_names=names, axes=axes, compact=False, show=False)
+    axes = fig.subplots(len(names), 2, squeeze=False, width_ratios=[1, 1.6])
+    for (left, right), n in zip(axes, names):
+        v = np.asarray(idata.posterior[n].values, dtype=float)  # [chains, draws]
+        fin = v[np.isfinite(v)]
+        if fin.size == 0:
+            continue
+        uniq = np.unique(fin)
+        discrete = len(uniq) <= 25 and np.array_equal(uniq, np.round(uniq))
+        if discrete:
+            bins = np.arange(uniq.min() - 0.5, uniq.max() + 1.5)
+        else:
+            lo, hi = np.percentile(fin, [0.5, 99.5])
+            bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
+        for c, row in enumerate(v):
+            color = PALETTE[c % len(PALETTE)]
+            row_f = row[np.isfinite(row)]
+            if row_f.size:
+                left.hist(np.clip(row_f, bins[0], bins[-1]), bins, density=True, histtype="step", lw=1.4,
+                          color=color, label=f"chain {c}")
+            right.plot(np.arange(len(row)), row, color=color, lw=0.9, alpha=0.8,
+                       drawstyle="steps-post" if discrete else "default")
+        left.set_title(n, fontsize=10)
+        left.set_yticks([])
+        right.set_title(n, fontsize=10)
+        right.grid(alpha=0.3)
+        if discrete and len(uniq) <= 12:
+            left.set_xticks(uniq)
+    axes[0][0].legend(fontsize=7)
+    axes[-1][1].set_xlabel("draw")
     fig.suptitle(f"{name}: trace ({post.num_chains} chains)")
     return fig
 
