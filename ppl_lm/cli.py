@@ -231,8 +231,8 @@ def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[st
         raise _locate(exc, files) from exc
 
 
-def _prepare(args):
-    module = load_script(args.model)
+def _prepare(args, module: ModuleType | None = None):
+    module = module or load_script(args.model)
     files = [getattr(module, "__file__", "")]
     toy = args.lm == "tiny"
     kwargs = _build_kwargs(args.set)
@@ -312,26 +312,39 @@ def cmd_compare(args) -> int:
         raise CLIError("--methods is empty; give a comma-separated list, e.g. importance,smc,mh,svi")
     for m in methods:
         _check_method(m)
-    module, files, model, ctx = _prepare(args)
-    posts, exact = {}, None
+    module, files, model, ctx = _prepare(args, module)
+    posts, exact, failed = {}, None, []
     for m in methods:
         opts = _options(m, module, args, strict=False)
         if not args.quiet:
             print(f"running {m} ...", file=sys.stderr, flush=True)
-        post = _infer(model, ctx, m, args.seed, opts, files)
+        try:
+            post = _infer(model, ctx, m, args.seed, opts, files)
+        except ScriptError:
+            raise  # the script is broken for every method
+        except (ValueError, TypeError, RuntimeError) as err:
+            if args.traceback:
+                raise
+            # One backend that cannot run this model (exact on a real LM, say) spoils no other.
+            print(f"ppl-lm: {m} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            failed.append(m)
+            continue
         if m == "exact":
             exact = post
         else:
             posts[m] = post
         _print_run(m, post, args.top)
-    if args.report:
+    if args.report and (posts or exact is not None):
         from .report import report
 
         shown = posts or {"exact": exact}
-        path = report(shown, args.report, title=f"{args.model}: " + ", ".join(methods),
+        done = [m for m in methods if m not in failed]
+        path = report(shown, args.report, title=f"{args.model}: " + ", ".join(done),
                       exact=exact if posts else None, top_k=max(args.top, 10),
                       description=_describe(module, ctx, args.lm))
         print(f"report: {path}")
+    if failed:
+        raise CLIError(f"{', '.join(failed)} failed (see above); the others ran")
     return 0
 
 

@@ -166,6 +166,17 @@ def test_compare_with_exact_reference(tmp_path, capsys):
         assert re.search(rf"^{m}: method {m}", stdout, re.M)
 
 
+def test_compare_goes_on_when_one_method_fails(tmp_path, capsys):
+    path = script(tmp_path, TOY_SCRIPT)
+    out = tmp_path / "cmp"
+    # exact cannot enumerate a 96-token vocabulary: it fails with a clear error, importance still runs.
+    err = fails(["compare", path, "--methods", "exact,importance", "--lm", "tiny", "--num-samples", "8",
+                 "--quiet", "--report", str(out)], capsys)
+    assert "exact failed: ValueError: the support has" in err and "exact failed (see above)" in err
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["importance"]
+
+
 def test_compare_rejects_unknown_method(tmp_path, capsys):
     path = script(tmp_path, MARKOV_SCRIPT, "markov.py")
     err = fails(["compare", path, "--methods", "importance,magic"], capsys)
