@@ -1,0 +1,249 @@
+# %% [markdown]
+# # 5. How fine-tuned conditionals generalise
+#
+# **Claim.** A guide trained by SVI on some contexts is an *amortised* posterior: the same LoRA
+# weights condition every context, including contexts it never saw. What it learned can be read in
+# two ways, and they make different predictions:
+#
+# - **"restricted text"**: the fine-tune reweights texts by their reward. This is what the
+#   posterior itself does: $\pi'(x \mid c) = \pi(x \mid c)\,e^{r(x)/\beta}/Z(c)$, so for two complete
+#   texts $a, b$ the change in log-probability is exactly $\Delta(a) - \Delta(b) = (r(a) - r(b))/\beta$,
+#   with $\Delta = \log q - \log \pi$. Texts with the same reward keep their relative probabilities.
+# - **"kinder world"**: the fine-tune changes what the model expects to *happen*, so good events
+#   gain probability over bad ones even when both are described in neutral words of equal reward.
+#
+# We train a LoRA guide on SmolLM2 toward positive sentiment (VADER, $\beta = 0.25$) on a set of
+# review-like contexts, measure reward and KL on held-out contexts, then probe the two readings
+# with pairs of texts: *wording* pairs (same event, positive vs negative words) and *world* pairs
+# (good vs bad event, neutral words). The exact posterior predicts $\Delta(a) - \Delta(b) = (r(a) -
+# r(b))/\beta$ for every pair; the kinder-world reading predicts more than that for world pairs.
+
+# %%
+import math
+import os
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", message=".*k-hat.*")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pyro
+import torch
+
+import ppl_lm
+from ppl_lm import rewards
+from ppl_lm.models import sentiment
+
+%matplotlib inline
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+SMOKE = os.environ.get("PPL_LM_SMOKE") == "1"
+LM_NAME = "tiny LM" if SMOKE else "SmolLM2"
+print("mode:", "smoke (tiny LMs)" if SMOKE else "real (SmolLM2-135M-Instruct)")
+
+# %%
+train_contexts = [
+    "I watched the new movie last night and",
+    "The food at this restaurant was",
+    "My flight this morning was",
+    "The hotel room we booked was",
+    "The new phone I bought is",
+    "The concert on Saturday was",
+]
+heldout_contexts = [
+    "The service at the bank today was",
+    "My first day at the new job was",
+    "The weather on our holiday was",
+]
+if SMOKE:
+    lm = ppl_lm.tiny_char_transformer(seed=0)
+    T, beta, n_steps, n_particles, lr, N = 8, 0.25, 6, 4, 5e-3, 16
+else:
+    t0 = time.perf_counter()
+    lm = ppl_lm.load_lm()
+    print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
+    T, beta, n_steps, n_particles, lr, N = 12, 0.25, 40, 8, 5e-3, 32
+model = sentiment.build(lm, beta=beta, max_new_tokens=T)
+
+t0 = time.perf_counter()
+post = ppl_lm.infer(model, train_contexts[0], method="svi", guide="lora", contexts=train_contexts,
+                    num_steps=n_steps, num_particles=n_particles, lr=lr, num_samples=N, seed=0, progress=False)
+guide = post.guide
+print(f"SVI over {len(train_contexts)} contexts: {n_steps} steps × {n_particles} draws, "
+      f"{post.info['seconds_per_step']:.1f} s/step, {time.perf_counter() - t0:.0f} s in all")
+
+# %% [markdown]
+# ## Reward and KL on training and held-out contexts
+#
+# For every context: $N$ draws from the prior (IS with the prior as proposal also estimates
+# $\log Z(c)$ and the posterior reward $\mathbb{E}_{\pi'}[r]$) and $N$ draws from the guide (IS with the
+# guide as proposal). From the guide's draws: $\mathbb{E}_q[r]$, $\mathrm{KL}(q\|\pi) = \mathbb{E}_q[\log q - \log \pi]$
+# and $\mathrm{KL}(q\|\pi') = \log Z - \mathrm{ELBO}$.
+
+# %%
+def evaluate(ctx, seed):
+    prior = ppl_lm.infer(model, ctx, method="importance", num_samples=N, seed=seed, progress=False)
+    gpost = ppl_lm.infer(model, ctx, method="importance", guide=guide, num_samples=N, seed=seed, progress=False)
+    with torch.no_grad():
+        log_q = guide.lm.score(ctx, gpost.samples).double()
+    log_p = gpost.stats["log_prior"].double()
+    r_q = gpost.stats["reward:sentiment"].double()
+    r_p = prior.stats["reward:sentiment"].double()
+    f = log_p + r_q / beta - log_q
+    return dict(
+        r_prior=float(r_p.mean()), r_prior_se=float(r_p.std() / math.sqrt(N)),
+        r_guide=float(r_q.mean()), r_guide_se=float(r_q.std() / math.sqrt(N)),
+        r_post=prior.expectation(r_p),
+        kl_prior=float((log_q - log_p).mean()), kl_prior_se=float((log_q - log_p).std() / math.sqrt(N)),
+        kl_post=gpost.log_evidence - float(f.mean()),
+        kl_post_se=math.hypot(gpost.log_evidence_se() or 0.0, float(f.std() / math.sqrt(N))),
+        log_z=(prior.log_evidence, prior.log_evidence_se()), log_z_guide=(gpost.log_evidence, gpost.log_evidence_se()),
+        example=ctx + gpost.texts[int(torch.argmax(r_q))],
+    )
+
+
+t0 = time.perf_counter()
+evals = {}
+for i, ctx in enumerate(train_contexts[:3] + heldout_contexts):
+    evals[ctx] = evaluate(ctx, seed=100 + i)
+print(f"evaluated {len(evals)} contexts in {time.perf_counter() - t0:.0f} s")
+print(f"{'context':42} {'split':8} {'E_π[r]':>7} {'E_q[r]':>7} {'E_π′[r]':>8} {'KL(q‖π)':>8} {'KL(q‖π′)':>9}")
+for ctx, e in evals.items():
+    split = "held-out" if ctx in heldout_contexts else "train"
+    print(f"{ctx[:42]:42} {split:8} {e['r_prior']:7.3f} {e['r_guide']:7.3f} {e['r_post']:8.3f} "
+          f"{e['kl_prior']:8.3f} {e['kl_post']:9.3f}")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+ctxs = list(evals)
+xs = np.arange(len(ctxs))
+colors = ["C0" if c in heldout_contexts else "C7" for c in ctxs]
+axes[0].errorbar(xs - 0.15, [evals[c]["r_prior"] for c in ctxs], yerr=[2 * evals[c]["r_prior_se"] for c in ctxs],
+                 fmt="o", color="k", label="prior E_π[r]")
+axes[0].errorbar(xs + 0.15, [evals[c]["r_guide"] for c in ctxs], yerr=[2 * evals[c]["r_guide_se"] for c in ctxs],
+                 fmt="s", color="C2", label="guide E_q[r]")
+axes[0].plot(xs, [evals[c]["r_post"] for c in ctxs], "*", color="C3", ms=10, label="posterior E_π′[r] (IS)")
+axes[0].set_title("reward (±2 se); grey: training contexts, blue: held-out")
+axes[0].legend(fontsize=8)
+axes[1].bar(xs - 0.2, [evals[c]["kl_prior"] for c in ctxs], 0.4, color=colors, label="KL(q‖π)")
+axes[1].bar(xs + 0.2, [evals[c]["kl_post"] for c in ctxs], 0.4, color=colors, alpha=0.4, hatch="//",
+            label="KL(q‖π′) = log Z − ELBO")
+axes[1].set_title("KL per context (nats)")
+axes[1].legend(fontsize=8)
+for a in axes:
+    a.set_xticks(xs, [c[:18] + "…" for c in ctxs], rotation=30, ha="right", fontsize=8)
+fig.tight_layout()
+
+# %%
+# Both log Z estimators (prior proposal, guide proposal) agree on every context, trained or not:
+# the correction by importance sampling is exact whatever the guide learned.
+for ctx, e in evals.items():
+    (a, sa), (b, sb) = e["log_z"], e["log_z_guide"]
+    assert abs(a - b) < 4 * math.hypot(sa, sb) + 0.1, ctx
+    assert e["kl_prior"] > -4 * e["kl_prior_se"] - 0.02, ctx
+
+# %% [markdown]
+# ## Probing the two readings
+#
+# Each probe is a complete continuation (EOS included) of the same neutral context, scored under
+# the guide (`guide.lm.score`) and the prior (`lm.score`); $\Delta = \log q - \log \pi$. For a pair
+# $(a, b)$ the exact posterior predicts $\Delta(a) - \Delta(b) = (r(a) - r(b))/\beta$, where $r$ is the
+# VADER score of the continuation.
+
+# %%
+probe_context = "Here is what happened today:"
+wording_pairs = [
+    (" The weather was lovely.", " The weather was awful."),
+    (" The staff were friendly and helpful.", " The staff were rude and useless."),
+    (" It was a great day.", " It was a terrible day."),
+    (" The meal was delicious.", " The meal was disgusting."),
+    (" We had a wonderful time.", " We had a horrible time."),
+    (" The show was brilliant.", " The show was boring."),
+    (" Everyone was happy.", " Everyone was sad."),
+    (" The trip was fantastic.", " The trip was a disaster."),
+]
+world_pairs = [
+    (" The bridge was opened to traffic.", " The bridge was closed to traffic."),
+    (" All the passengers reached the station.", " None of the passengers reached the station."),
+    (" The river level went down overnight.", " The river level went up overnight."),
+    (" Prices at the market went down.", " Prices at the market went up."),
+    (" The school stayed open all week.", " The school stayed shut all week."),
+    (" The factory hired two hundred workers.", " The factory let go of two hundred workers."),
+    (" The patient went home on Monday.", " The patient stayed in the ward on Monday."),
+    (" The train arrived on time.", " The train arrived two hours late."),
+]
+
+
+def deltas(texts):
+    ids = [lm.encode(t) + [lm.eos_id] for t in texts]
+    L = max(len(i) for i in ids)
+    x = torch.tensor([i + [lm.eos_id] * (L - len(i)) for i in ids])
+    with torch.no_grad():
+        lq = guide.lm.score(probe_context, x).double()
+        lp = lm.score(probe_context, x).double()
+    r = rewards.sentiment(lm, x).double()
+    return (lq - lp).numpy(), r.numpy()
+
+
+def pair_stats(pairs, B=2000, seed=0):
+    da, ra = deltas([a for a, _ in pairs])
+    db, rb = deltas([b for _, b in pairs])
+    measured, predicted = da - db, (ra - rb) / beta
+    rng = np.random.default_rng(seed)
+    boot = rng.choice(measured, size=(B, len(measured))).mean(1)
+    return dict(measured=measured, predicted=predicted, r_gap=ra - rb, mean=measured.mean(),
+                ci=np.percentile(boot, [2.5, 97.5]), se=measured.std(ddof=1) / math.sqrt(len(measured)))
+
+
+probes = {"wording": pair_stats(wording_pairs), "world": pair_stats(world_pairs)}
+for name, s in probes.items():
+    print(f"{name:8} pairs: mean Δ(a)−Δ(b) = {s['mean']:+.4f} nats, 95% bootstrap CI [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}]; "
+          f"mean reward gap r(a)−r(b) = {s['r_gap'].mean():+.3f} (posterior predicts {s['predicted'].mean():+.2f} nats)")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+for i, (name, s) in enumerate(probes.items()):
+    axes[0].scatter(s["r_gap"], s["measured"], color=f"C{i}", label=f"{name} pairs")
+allgap = np.concatenate([s["r_gap"] for s in probes.values()])
+allmeas = np.concatenate([s["measured"] for s in probes.values()])
+slope = float(np.polyfit(allgap, allmeas, 1)[0]) if np.ptp(allgap) > 0 else float("nan")
+grid = np.linspace(allgap.min() - 0.1, allgap.max() + 0.1, 2)
+if np.isfinite(slope):
+    axes[0].plot(grid, slope * grid, color="k", lw=1, label=f"fit: slope {slope:.3f} nats per unit of r")
+axes[0].axhline(0, color="grey", lw=0.5)
+axes[0].set_xlabel("r(a) − r(b) (VADER)")
+axes[0].set_ylabel("Δ(a) − Δ(b) (nats)")
+axes[0].set_title(f"guide vs prior on probe pairs (posterior slope: 1/β = {1 / beta:.0f})")
+axes[0].legend(fontsize=8)
+names = list(probes)
+axes[1].bar(names, [probes[n]["mean"] for n in names], color=["C0", "C1"],
+            yerr=np.array([[probes[n]["mean"] - probes[n]["ci"][0], probes[n]["ci"][1] - probes[n]["mean"]]
+                           for n in names]).T, capsize=6)
+axes[1].axhline(0, color="grey", lw=0.5)
+axes[1].set_title("mean Δ(a) − Δ(b) with 95% bootstrap CI")
+fig.tight_layout()
+
+# %%
+# The guide started at the prior (LoRA B = 0): every Δ is bounded by how far training moved it.
+# The probes are finite, complete texts, and the shifts are finite numbers.
+for s in probes.values():
+    assert np.isfinite(s["measured"]).all() and s["ci"][0] <= s["mean"] <= s["ci"][1]
+# World pairs have equal VADER scores, so the exact posterior predicts no shift at all for them;
+# wording pairs differ by about one unit of reward, a predicted shift of about 1/β nats.
+assert np.allclose(probes["world"]["r_gap"], 0) and (probes["wording"]["r_gap"] > 0.5).all()
+
+# %% [markdown]
+# ## What the numbers say
+
+# %%
+tr = [e for c, e in evals.items() if c not in heldout_contexts]
+ho = [e for c, e in evals.items() if c in heldout_contexts]
+mean = lambda rows, k: float(np.mean([e[k] for e in rows]))  # noqa: E731
+print(f"training contexts: E_q[r] {mean(tr, 'r_guide'):.3f} vs E_π[r] {mean(tr, 'r_prior'):.3f}; "
+      f"KL(q‖π) {mean(tr, 'kl_prior'):.3f}")
+print(f"held-out contexts: E_q[r] {mean(ho, 'r_guide'):.3f} vs E_π[r] {mean(ho, 'r_prior'):.3f}; "
+      f"KL(q‖π) {mean(ho, 'kl_prior'):.3f}")
+for name, s in probes.items():
+    print(f"{name} pairs: Δ(a)−Δ(b) = {s['mean']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] nats; "
+          f"the exact posterior would give {s['predicted'].mean():+.2f}")
