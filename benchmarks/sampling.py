@@ -115,8 +115,8 @@ def bench_model(name: str, lm, prompt_ids: torch.Tensor, args) -> list[dict]:
     g = torch.Generator(device=lm.device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
     for B in args.batch:
-        ours = lambda: lm.sample(prompt_ids, B, T, generator=g)  # noqa: E731
-        base = lambda: generate_sample(lm, prompt_ids, B, T)  # noqa: E731
+        ours = lambda B=B: lm.sample(prompt_ids, B, T, generator=g)  # noqa: E731
+        base = lambda B=B: generate_sample(lm, prompt_ids, B, T)  # noqa: E731
         times = _bench.interleaved({"ours": ours, "generate": base}, args.repeats, args.device)
         t_ours, t_gen = _bench.median(times["ours"]), _bench.median(times["generate"])
         tok_o, lp_o = ours()
@@ -167,7 +167,8 @@ def main(argv=None):
     for name in args.models:
         if name == "tiny":
             lm = ppl_lm.tiny_transformer(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
-                                         max_context=256, scale=0.05, seed=args.seed)
+                                         max_context=256, scale=0.05, seed=args.seed,
+                                         token_strings=[""] + [f"<{i}>" for i in range(1, 256)])
             lm.model.to(device=args.device, dtype=_bench.dtype_of(args))
             prompt_ids = torch.arange(1, 11)
             label = "tiny"

@@ -124,7 +124,6 @@ def main(argv=None):
     args.seeds = args.seeds or (2 if args.smoke else 3)
     T = args.tokens
 
-    import ppl_lm
     from ppl_lm import rewards
 
     lm = _bench.smollm2(args)

@@ -341,7 +341,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (each process takes cuda:LOCAL_RANK)")
     p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
-    p.add_argument("--lm", default=None, help="LM path (default: the embedded SmolLM2)")
+    p.add_argument("--lm", default=None,
+                   help="LM path (default: the embedded SmolLM2; 'tiny-char': a tiny random character LM, for checks)")
     p.add_argument("--out", default=None, help="rank 0 saves the guide's weights and the trace here (torch.save)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -356,7 +357,11 @@ def main(argv=None) -> None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     name = a.model if "." in a.model else f"ppl_lm.models.{a.model}"
     mod = importlib.import_module(name)
-    lm = ppl_lm.load_lm(a.lm, device=device)
+    if a.lm == "tiny-char":
+        lm = ppl_lm.tiny_char_transformer(seed=a.seed)
+        lm.model.to(device)
+    else:
+        lm = ppl_lm.load_lm(a.lm, device=device)
     model = mod.build(lm)
     context = a.context if a.context is not None else mod.context
     n = a.num_particles or 8 * size
