@@ -1,0 +1,224 @@
+"""SMC: seeds, token masks, resampling schemes, twists, guides, replicates, against exact answers.
+
+Tolerances are Monte Carlo errors at a fixed seed: log Z within four of its standard errors,
+TV within three times its expected value at the run's ``n_eff`` (see toys.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import ppl_lm
+from ppl_lm.inference import smc
+from toys import markov_lm, soft_reward, token_constraint, tv_distance, tv_tolerance
+
+
+def _run(model, *args, **kw):
+    kw.setdefault("progress", False)
+    return ppl_lm.infer(model, *args, method="smc", **kw)
+
+
+def _check_exact(post, exact, se_key="log_evidence_se"):
+    se = post.info[se_key]
+    assert abs(post.log_evidence - exact.log_evidence) <= 4 * se, (post.log_evidence, exact.log_evidence, se)
+    tv, tol = tv_distance(post, exact), tv_tolerance(exact, post.info["n_eff"])
+    assert tv <= tol, (tv, tol)
+
+
+@pytest.fixture(scope="module")
+def soft():
+    lm = markov_lm()
+    model, args = soft_reward(lm)
+    return lm, model, args, ppl_lm.infer(model, *args, method="exact")
+
+
+def test_same_seed_same_result(soft):
+    _, model, args, _ = soft
+    a = _run(model, *args, num_particles=300, seed=5)
+    b = _run(model, *args, num_particles=300, seed=5)
+    c = _run(model, *args, num_particles=300, seed=6)
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.log_weights, b.log_weights)
+    assert a.log_evidence == b.log_evidence
+    assert not torch.equal(a.samples, c.samples)
+
+
+def test_token_mask_proposal_never_returns_a_forbidden_token():
+    """Mask 'c' over 6 tokens: every particle survives, none contains 'c', and the
+    estimates match exact enumeration (the mass correction is exact)."""
+    lm = ppl_lm.MarkovLM.random(5, eos_id=0, seed=4)
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=6))
+        ppl_lm.token_constraint("no_c", x, ppl_lm.rewards.forbid_chars(lm, "c"))
+
+    exact = ppl_lm.infer(model, method="exact")
+    post = _run(model, num_particles=2000, seed=0)
+    assert post.info["token_masks"] == 1
+    assert not (post.samples == lm.encode("c")[0]).any()
+    assert torch.isfinite(post.log_weights).all()  # no particle died on the hard constraint
+    _check_exact(post, exact)
+
+
+@pytest.mark.parametrize("scheme", smc.RESAMPLING)
+def test_resampling_schemes_are_unbiased(soft, scheme):
+    """2000 independent 10-particle runs resampling at every step: the mean of Ẑ_r is Z."""
+    _, model, args, exact = soft
+    post = _run(model, *args, num_particles=10, num_replicates=2000, ess_threshold=1.0,
+                resampling=scheme, seed=0)
+    assert post.info["num_resampling"][0] >= 2
+    z = torch.exp(torch.tensor(post.info["log_evidence_replicates"], dtype=torch.float64) - exact.log_evidence)
+    assert abs(float(z.mean()) - 1.0) <= 4 * float(z.std()) / math.sqrt(len(z))
+    # The pooled estimate is the same mean: its log Z error is within the replicate spread.
+    assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.info["log_evidence_se"]
+
+
+def test_genealogy_standard_error_matches_replicate_spread(soft):
+    """Lee–Whiteley (Eve) variance estimate vs the spread of 2000 independent runs, multinomial."""
+    _, model, args, _ = soft
+    post = _run(model, *args, num_particles=20, num_replicates=2000, resampling="multinomial", seed=1)
+    ratio = post.info["log_evidence_se_eve"] / post.info["log_evidence_se"]
+    assert 0.85 < ratio < 1.15, ratio
+
+
+def test_toy_problem_matches_exact_with_genealogy_errors(soft):
+    _, model, args, exact = soft
+    post = _run(model, *args, num_particles=3000, seed=0)
+    assert sum(post.info["num_resampling"]) >= 1
+    assert post.info["n_eff"] == pytest.approx(min(post.info["n_eff_genealogy"], 3000))
+    _check_exact(post, exact)
+
+
+def test_misleading_twist_keeps_the_target_exact():
+    """Prefix scores that reward the wrong thing (and prune nothing) change the variance, not the
+    target: weights are corrected by the full score when a particle finishes."""
+    lm = markov_lm()
+    seen = []
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=4))
+        if ppl_lm.is_partial():
+            seen.append(True)
+            ppl_lm.reward("r", 3.0 * (x == 3).float().sum(-1), beta=1.0)
+        else:
+            ppl_lm.reward("r", (x == 2).float().sum(-1), beta=0.5)
+
+    exact = ppl_lm.infer(model, method="exact")
+    post = _run(model, num_particles=3000, seed=0)
+    assert seen
+    _check_exact(post, exact)
+
+
+def test_prefix_runs_see_the_prefix_length():
+    lm = markov_lm()
+    lengths = []
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=4))
+        if ppl_lm.is_partial():
+            from ppl_lm.conditions import _partial_length
+
+            n = _partial_length(x)
+            lengths.append(n)
+            assert not (x[..., :n] == lm.eos_id).any()  # unfinished prefixes hold no EOS
+            assert (x[..., n:] == lm.eos_id).all()  # padded with EOS to T
+        ppl_lm.reward("r", torch.zeros(x.shape[:-1]), beta=1.0)
+
+    _run(model, num_particles=50, seed=0)
+    assert set(lengths) == {0, 1, 2, 3}  # 0: the mask-discovery run; 4 is the final, full run
+
+
+def test_guide_lm_proposal_matches_exact(soft):
+    lm, model, args, exact = soft
+
+    class Guide:
+        pass
+
+    Guide.lm = ppl_lm.MarkovLM(lm.init_logits * 0.5, lm.trans_logits * 0.5 + 0.3, eos_id=0)
+
+    post = _run(model, *args, num_particles=3000, guide=Guide(), seed=0)
+    assert post.info["proposal"] == "guide"
+    _check_exact(post, exact)
+
+
+def test_guide_lm_with_token_mask_matches_exact():
+    lm = markov_lm()
+    model, args = token_constraint(lm)
+    exact = ppl_lm.infer(model, *args, method="exact")
+
+    class Guide:
+        lm = ppl_lm.MarkovLM(torch.zeros(5), torch.zeros(5, 5), eos_id=0)  # uniform proposal
+
+    post = _run(model, *args, num_particles=3000, guide=Guide(), seed=0)
+    assert not (post.samples == lm.encode("c")[0]).any()
+    _check_exact(post, exact)
+
+
+def test_replicates_pool_to_the_exact_answer(soft):
+    _, model, args, exact = soft
+    post = _run(model, *args, num_particles=200, num_replicates=12, seed=0)
+    assert len(post) == 2400 and len(post.info["log_evidence_replicates"]) == 12
+    _check_exact(post, exact)
+
+
+def test_every_particle_dead_is_a_clear_error(soft):
+    lm = soft[0]
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=3))
+        ppl_lm.constraint("never", x[..., 0] < 0, prefix_closed=True)
+
+    with pytest.raises(ValueError, match="every particle died by token 1"):
+        _run(model, num_particles=20)
+
+
+def test_bad_options_models_and_guides(soft):
+    lm, model, args, _ = soft
+    for bad in (dict(num_particles=1), dict(ess_threshold=1.5), dict(resampling="stratified"),
+                dict(num_replicates=0)):
+        with pytest.raises(ValueError):
+            _run(model, *args, **bad)
+    with pytest.raises(TypeError, match=r"\.lm"):
+        _run(model, *args, guide=lambda *a: None)
+
+    def two_sites():
+        pyro.sample("a", lm.sequence([], max_new_tokens=2))
+        pyro.sample("b", lm.sequence([], max_new_tokens=2))
+
+    with pytest.raises(ValueError, match="exactly one latent site"):
+        _run(two_sites)
+
+
+def test_resample_indices():
+    g = torch.Generator().manual_seed(0)
+    W = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    idx = smc.resample_indices(W, "systematic", g)
+    counts = torch.stack([torch.bincount(r, minlength=4) for r in idx])
+    # Systematic: each particle gets floor or ceil of N·W_i offspring, zero weights none.
+    assert ((counts >= torch.floor(4 * W)) & (counts <= torch.ceil(4 * W))).all()
+    many = smc.resample_indices(W[:1].expand(4000, -1).contiguous(), "multinomial", g)
+    freq = torch.bincount(many.reshape(-1), minlength=4).double() / many.numel()
+    assert torch.allclose(freq, W[0], atol=0.01) and freq[3] == 0
+
+
+# -- SmolLM2 -------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_smollm_no_letter_e():
+    lm = ppl_lm.load_lm()
+    mask = ppl_lm.rewards.forbid_chars(lm, "eE")
+
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=16))
+        ppl_lm.token_constraint("no_e", x, mask)
+        return x
+
+    post = _run(model, "Once upon a time, in a small village,", num_particles=16, seed=0)
+    assert len(post.texts) == 16
+    assert not any("e" in t.lower() for t in post.texts), post.texts
+    assert math.isfinite(post.log_evidence) and post.log_evidence < 0
+    assert torch.isfinite(post.log_weights).all()
