@@ -118,6 +118,35 @@ def test_smoke_importance_on_tiny_lm(name, lm):
         assert name in ("factorisation",), f"{name}: no soft mode and no satisfying sample"
 
 
+SMALL = {"importance": {"num_samples": 16}, "smc": {"num_particles": 16}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recommended_methods(name, lm):
+    """The script's ``methods`` options are ones its backends take (the CLI passes them on), and
+    the cheap ones run on the tiny LM; every surviving sample satisfies the hard conditions."""
+    from ppl_lm.infer import backend
+
+    mod = models.load(name)
+    for method, opts in mod.methods.items():
+        params = inspect.signature(backend(method).run).parameters
+        named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
+        assert set(opts) <= named, f"{name}: {method} does not take {set(opts) - named}"
+        if method not in SMALL:
+            continue
+        model = mod.build(lm)
+        try:
+            post = ppl_lm.infer(model, *models.model_args(mod, toy=True), method=method, seed=0,
+                                progress=False, **SMALL[method])
+        except ValueError as err:
+            assert "satisf" in str(err), err
+            continue
+        alive = post.log_weights > -math.inf
+        for key, ok in post.stats.items():
+            if key.startswith("ok:"):
+                assert bool((ok[alive] == 1).all()), (method, key)
+
+
 # -- per-model checks on known texts ----------------------------------------------------------
 
 def test_prefix_conditions_on_the_prompt(lm):
@@ -186,10 +215,13 @@ def test_chess(lm):
 def test_factorisation(lm):
     mod = models.load("factorisation")
     model = mod.build(lm)
-    x = batch(lm, " 3 * 5.", " 3 x 5", " 3 * 7", " 15", " five", T=12)
-    assert score(model, (15,), x).constraints["factorises"].tolist() == [True, True, False, False, False]
+    x = batch(lm, " 3 * 5.", " 3 x 5 = 15", " 3 * 7", " 15", " five", " 3*5 + 1", " 3 * 5 *a", T=12)
+    assert score(model, (15,), x).constraints["factorises"].tolist() == [
+        True, True, False, False, False, False, False]
     x = batch(lm, " 43 * 47", " 2021", " 43 * 47 * 1", T=12)
     assert score(model, ("2021",), x).constraints["factorises"].tolist() == [True, False, False]
+    x = batch(lm, " 3 * 5 * 7", " 3 * 5 * 7-", T=12)
+    assert score(model, (105,), x).constraints["factorises"].tolist() == [True, False]
     with pytest.raises(TypeError, match="integer"):
         score(model, ("many",), x)
 
