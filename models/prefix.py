@@ -14,8 +14,9 @@ the equivalence explicit, and shows why it would be hard to reach by sampling fr
         ppl_lm.pin("prefix", y, dict(enumerate(ids)), lam=None)   # y[:P] == c, hard
         return y
 
-Its posterior, restricted to ``y[P:]``, equals π(x | c); but importance sampling from the
-unprompted π only hits c with probability π(c) (tiny), whereas the prompt gets it for free.
+Its posterior, restricted to ``y[P:]``, equals π(x | c) (for a transformer, up to the BOS
+token it reads before an empty prompt); but importance sampling from the unprompted π only
+hits c with probability π(c) (tiny), whereas the prompt gets it for free.
 """
 
 import sys

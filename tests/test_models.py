@@ -159,6 +159,30 @@ def test_prefix_conditions_on_the_prompt(lm):
     assert torch.equal(s.log_likelihood, torch.zeros(3))
 
 
+def test_prefix_equals_a_hard_pin_of_the_prompt():
+    """The docstring's claim, exactly (enumeration on a Markov LM): prompting with c is the same
+    conditional as pinning the first tokens of an unprompted sequence to c."""
+    import pyro
+
+    mk = ppl_lm.MarkovLM.random(5, eos_id=0, seed=3)
+    c, T = [2, 4], 3
+    prompted = ppl_lm.infer(models.load("prefix").build(mk, max_new_tokens=T), c, method="exact")
+
+    def pinned(prompt):
+        y = pyro.sample("x", mk.sequence(None, max_new_tokens=len(prompt) + T))
+        ppl_lm.pin("prefix", y, dict(enumerate(prompt)), lam=None)
+        return y
+
+    post = ppl_lm.infer(pinned, c, method="exact")
+    assert bool((post.samples[:, :2] == torch.tensor(c)).all())
+    rest = {}
+    for row, w in zip(post.samples[:, 2:].tolist(), post.weights.tolist()):
+        rest[tuple(row)] = rest.get(tuple(row), 0.0) + w
+    want = prompted.probabilities()
+    assert set(rest) == set(want)
+    assert max(abs(rest[k] - want[k]) for k in want) < 1e-6
+
+
 def test_suffix(lm):
     mod = models.load("suffix")
     x = batch(lm, "They lived happily ever after.", "happily ever after. The end", "ever after",
