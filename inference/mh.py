@@ -42,7 +42,8 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.results import stats_from_scores
 from ppl_lm.tracing import Scores, latent_sites, run_model
 
-__all__ = ["run", "EditKernel", "MOVES", "DEFAULT_MOVES", "sequence_ess"]
+__all__ = ["DEFAULT_MOVES", "MOVES", "EditKernel", "run", "sequence_ess"]
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,8 @@ def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
     the Monte Carlo variance of its pooled frequency, ``var_s``, whatever the autocorrelation.
     The result is the ``n`` whose i.i.d. errors match in total: ``(Σ_s sqrt(p_s(1-p_s)) / Σ_s
     sqrt(var_s))²``, the ``n`` at which the expected total-variation error of ``n`` independent
-    draws equals this run's. ``nan`` with a single chain.
+    draws equals this run's. It needs tens of chains to be precise (the variance of each
+    frequency is estimated from ``num_chains`` chain means); ``nan`` with a single chain.
     """
     C = num_chains
     N = len(samples)
@@ -490,7 +492,7 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
         mcmc = MCMC(kernel, num_samples=int(num_samples), warmup_steps=int(warmup_steps), num_chains=1,
                     disable_progbar=not progress)
         mcmc.run(*args, **kwargs)
-    C, S, T = int(num_chains), int(num_samples), kernel.T
+    C, S = int(num_chains), int(num_samples)
     draws = mcmc.get_samples(group_by_chain=True)  # [1, S, C, ...]
 
     def chain_major(v: torch.Tensor) -> torch.Tensor:
@@ -498,7 +500,10 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
 
     samples = chain_major(draws["x"]).long()
     hist = kernel.history
-    stack = lambda get: chain_major(torch.stack([get(h) for h in hist])[None])  # noqa: E731
+
+    def stack(get) -> torch.Tensor:
+        return chain_major(torch.stack([get(h) for h in hist])[None])
+
     scores = Scores(
         stack(lambda h: h["log_prior"]), stack(lambda h: h["log_likelihood"]), {kernel.site: samples},
         {k: stack(lambda h, k=k: h["rewards"][k]) for k in hist[0]["rewards"]},

@@ -14,13 +14,12 @@ import math
 import pyro
 import pytest
 import torch
+from ppl_lm.inference import mh
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from toys import LMS, PROBLEMS, T, tv_distance, tv_tolerance
 
 import ppl_lm
 from ppl_lm import rewards
-from ppl_lm.inference import mh
-from toys import LMS, PROBLEMS, T, tv_distance, tv_tolerance
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,7 +116,7 @@ def test_invariance_check_detects_a_wrong_invariant_law():
 
     exact_other = ppl_lm.infer(make(0.8), method="exact")
     init = exact_other.resample(4000, seed=7)
-    tv, tol, z, moved = _invariance_check(make(0.5), (), exact_other, init, None, steps=10)
+    tv, tol, z, _ = _invariance_check(make(0.5), (), exact_other, init, None, steps=10)
     assert not (tv <= tol and abs(z) < 4), (tv, tol, z)
 
 
@@ -166,7 +165,7 @@ def test_mh_is_a_pyro_kernel_with_int64_chain_major_output_and_consistent_stats(
 
 def test_same_seed_same_samples():
     model, args = PROBLEMS["prefix_prompt"](_lm("transformer"))
-    kw = dict(num_samples=15, num_chains=3, warmup_steps=5)
+    kw = {"num_samples": 15, "num_chains": 3, "warmup_steps": 5}
     a = _run(model, args, seed=4, **kw)
     b = _run(model, args, seed=4, **kw)
     c = _run(model, args, seed=5, **kw)
