@@ -6,7 +6,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/toys.py is shared by test modules
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the tests are many small tensor ops, which run fastest (and never
+# oversubscribe a shared machine) single-threaded. PPL_LM_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
