@@ -80,7 +80,7 @@ def run(model, *args, seed: int = 0, num_samples: int = 1000, chunk_size: int | 
         raise TypeError(f"guide must be a callable with the model's signature (or None), got {type(guide).__name__}")
 
     with _random.seeded(seed), torch.no_grad():
-        sites = latent_sites(model, args, kwargs)
+        sites = latent_sites(model, args, kwargs, placeholder=True)
         if chunk_size is None:
             chunk_size = _default_chunk(sites, num_samples)
         parts, log_ws = [], []

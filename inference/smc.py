@@ -95,7 +95,7 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
     """
     _check_options(num_particles, ess_threshold, resampling, num_replicates)
     with _random.seeded(seed), torch.no_grad():
-        sites = latent_sites(model, args, kwargs)
+        sites = latent_sites(model, args, kwargs, placeholder=True)
         name, d = _sequence_site(sites)
         sweep = _Sweep(model, args, kwargs, name, d, num_particles, num_replicates, ess_threshold,
                        resampling, _proposal_lm(guide, d.lm))

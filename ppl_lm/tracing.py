@@ -134,12 +134,30 @@ def _base(fn):
     return fn if isinstance(fn, SequenceDistribution) else None
 
 
-def latent_sites(model: Callable, args: tuple, kwargs: dict) -> dict[str, SequenceDistribution]:
-    """The model's latent sites and their distributions, from one single-particle prior run."""
-    with pyro.plate(PARTICLE_PLATE, 1, dim=-1):
+def latent_sites(model: Callable, args: tuple, kwargs: dict, *,
+                 placeholder: bool = False) -> dict[str, SequenceDistribution]:
+    """The model's latent sites and their distributions, from one single-particle prior run.
+
+    Args:
+        placeholder: give latent sequence sites an all-EOS value instead of sampling them (no
+            LM call), for backends that need only the sites' names and distributions.
+    """
+    ctx = _EosSequences() if placeholder else contextlib.nullcontext()
+    with ctx, pyro.plate(PARTICLE_PLATE, 1, dim=-1):
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     out = {}
     for name, site in tr.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:
             out[name] = _base(site["fn"]) or site["fn"]
     return out
+
+
+class _EosSequences(poutine.messenger.Messenger):
+    """Latent sequence sites take the all-EOS value (the empty sequence) without sampling."""
+
+    def _pyro_sample(self, msg):
+        d = _base(msg["fn"])
+        if d is not None and not msg["is_observed"] and not msg["done"]:
+            shape = msg["fn"].batch_shape + msg["fn"].event_shape
+            msg["value"] = torch.full(shape, d.lm.eos_id, dtype=torch.long, device=d.lm.device)
+            msg["done"] = True

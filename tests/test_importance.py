@@ -84,7 +84,7 @@ def test_hundred_thousand_samples_in_bounded_chunks():
         post = _run(model, *args, num_samples=100_000, chunk_size=8192, seed=0)
     finally:
         del lm.sample
-    assert max(batch) <= 8192 and sum(batch) == 100_000 + 1  # +1: the site-discovery run
+    assert max(batch) <= 8192 and sum(batch) == 100_000
     assert post.samples.shape == (100_000, 4)
     assert set(post.values) == {"x"} and all(v.dim() == 1 for v in post.stats.values())
     se = post.info["log_evidence_se"]
@@ -186,6 +186,17 @@ def test_bad_options_and_guides(soft):
 
     with pytest.raises(ValueError, match="does not have"):
         _run(model, *args, num_samples=10, guide=stray)
+
+
+def test_svi_guide_object_is_a_proposal(soft):
+    """The guide made by ppl_lm.guides (untrained here) is a callable proposal: exact weights."""
+    from ppl_lm.guides import make_guide
+
+    _, model, args, exact = soft
+    post = _run(model, *args, num_samples=4000, guide=make_guide(model, *args, kind="full"), seed=0)
+    assert post.info["proposal"] == "guide"
+    assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.info["log_evidence_se"]
+    assert tv_distance(post, exact) <= tv_tolerance(exact, post.ess)
 
 
 # -- SmolLM2 -------------------------------------------------------------------------------

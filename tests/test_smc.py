@@ -204,6 +204,17 @@ def test_resample_indices():
     assert torch.allclose(freq, W[0], atol=0.01) and freq[3] == 0
 
 
+def test_svi_guide_object_is_a_token_proposal(soft):
+    """The guide made by ppl_lm.guides (untrained here) exposes .lm: SMC uses it, exactly."""
+    from ppl_lm.guides import make_guide
+
+    _, model, args, exact = soft
+    guide = make_guide(model, *args, kind="full")
+    post = _run(model, *args, num_particles=2000, guide=guide, seed=0)
+    assert post.info["proposal"] == "guide"
+    _check_exact(post, exact)
+
+
 # -- SmolLM2 -------------------------------------------------------------------------------
 
 
