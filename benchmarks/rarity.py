@@ -61,7 +61,9 @@ def run_method(method, model, prompt, opts, seed):
         except ValueError as err:  # every weight zero: no sample met the condition
             return {"ok": False, "error": str(err).split(".")[0], "wall_s": time.perf_counter() - t0}
     res = {"ok": True, "wall_s": time.perf_counter() - t0, "log_z": post.log_evidence, "ess": post.ess,
-           "n_eff": post.info.get("n_eff"), "log_z_se": post.log_evidence_se()}
+           "n_eff": post.info.get("n_eff"), "num_eves": post.info.get("num_eves"),
+           "distinct": len({tuple(r) for r, w in zip(post.samples.tolist(), post.log_weights.tolist())
+                             if w > -math.inf}), "log_z_se": post.log_evidence_se()}
     if method == "svi":
         res["train_s"] = post.info.get("train_time")
     return res
@@ -129,6 +131,9 @@ def main(argv=None):
                 res["ess_over_n"] = res["ess"] / N
                 res["log_z_err"] = res["log_z"] - log_p
                 neff = f", n_eff {res['n_eff']:.0f}" if res.get("n_eff") is not None else ""
+                if res.get("num_eves") is not None:
+                    neff += f", {res['num_eves']} ancestors"
+                neff += f", {res['distinct']} distinct"
                 print(f"   {method:>10s}: {res['wall_s']:7.2f}s  ESS {res['ess']:8.1f}  ESS/N {res['ess_over_n']:.4f}"
                       f"{neff}  log Z err {res['log_z_err']:+.3f}"
                       + (f" (se {res['log_z_se']:.3f})" if res.get("log_z_se") else ""), flush=True)
