@@ -95,7 +95,7 @@ def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 
     contexts = None if contexts is None else [c if isinstance(c, tuple) else (c,) for c in contexts]
     t_start = time.perf_counter()
     with _random.seeded(seed):
-        g = _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets)
+        g = _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets, seed)
         kind = g.kind if isinstance(g, SequenceGuide) else "custom"
         if lr is None:
             lr = _default_lr(g)
@@ -188,11 +188,12 @@ def _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, 
         raise ValueError("contexts must be a non-empty list of model arguments (one entry per context)")
 
 
-def _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets):
+def _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets, seed):
     if isinstance(guide, str):
         if guide not in GUIDE_KINDS:
             raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDE_KINDS)} or pass a guide object")
-        return make_guide(model, *args, kind=guide, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets)
+        return make_guide(model, *args, kind=guide, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                          seed=seed)
     if not callable(guide):
         raise TypeError(f"guide must be 'full', 'lora' or a callable guide, got {type(guide).__name__}")
     if not isinstance(guide, SequenceGuide):

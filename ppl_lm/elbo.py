@@ -35,7 +35,7 @@ from pyro.infer import ELBO
 
 from .tracing import PARTICLE_PLATE
 
-__all__ = ["RLOO_ELBO", "ParticleTerms", "particle_terms"]
+__all__ = ["RLOO_ELBO", "ParticleTerms", "particle_terms", "summarise"]
 
 
 @dataclass
@@ -88,7 +88,8 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
         relax_penalty: replace each ``-inf`` condition factor by ``-relax_penalty``; ``None``
             keeps them (and raises if a particle violates a hard condition).
         values: fix the guide's latent sites to these values ``[num_particles, ...]`` instead
-            of sampling (to evaluate the ELBO exactly on an enumerated support).
+            of sampling (to evaluate the ELBO exactly on an enumerated support); ``-inf`` terms
+            are then returned as they are.
     """
     n = num_particles
     g = guide if values is None else _FixLatent(values)(guide)
@@ -135,11 +136,11 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
         raise ValueError(f"the guide samples site(s) {sorted(missing)} that the model does not have as latent sites")
     if torch.isnan(log_prior).any() or torch.isnan(log_lik).any() or torch.isnan(log_q).any():
         raise FloatingPointError("NaN in the ELBO terms: the LM, the guide or a reward produced NaN")
-    if (log_prior == -math.inf).any():
+    if values is None and (log_prior == -math.inf).any():
         raise ValueError(
             "the guide drew a sequence the prior gives probability zero: the ELBO is -inf. The guide's "
             "support must lie inside the prior's")
-    if (log_lik == -math.inf).any():
+    if values is None and (log_lik == -math.inf).any():
         raise ValueError(
             "a guide draw violates a hard condition, so the reverse KL (and the ELBO) is -inf. Train on "
             "the relaxed penalty (relax_penalty=10, the svi default) and correct by importance sampling")

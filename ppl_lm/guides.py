@@ -332,7 +332,7 @@ class SequenceGuide:
 
 
 def make_guide(model: Callable, *args, kind: str = "full", lora_r: int = 8, lora_alpha: float = 16,
-               lora_targets: Sequence[str] | str | None = None, **kwargs) -> SequenceGuide:
+               lora_targets: Sequence[str] | str | None = None, seed: int = 0, **kwargs) -> SequenceGuide:
     """Build a trainable guide for ``model`` (called with ``*args, **kwargs`` to find its site).
 
     Args:
@@ -340,7 +340,10 @@ def make_guide(model: Callable, *args, kind: str = "full", lora_r: int = 8, lora
             trainable copy for a transformer) or ``"lora"`` (LoRA adapters on the prior's own
             network; TransformersLM only). Both start equal to the prior.
         lora_r, lora_alpha, lora_targets: LoRA rank, scale numerator and target module names
-            (default ``["q_proj", "v_proj"]``; ``"all-linear"`` for every linear layer).
+            (default ``["q_proj", "v_proj"]``; ``"all-linear"`` for every linear layer but the head).
+        seed: seeds the random initialisation of LoRA's A matrices (B starts at zero, so the
+            guide starts equal to the prior whatever the seed).
+        **kwargs: the model's keyword arguments.
     """
     if kind not in GUIDE_KINDS:
         raise ValueError(f"unknown guide kind {kind!r}; choose one of {', '.join(GUIDE_KINDS)} or pass a guide object")
@@ -349,7 +352,9 @@ def make_guide(model: Callable, *args, kind: str = "full", lora_r: int = 8, lora
     if kind == "lora":
         if not isinstance(prior, TransformersLM):
             raise ValueError(f"guide='lora' needs a TransformersLM prior, got {type(prior).__name__}; use guide='full'")
-        lm = LoraLM(prior, r=lora_r, alpha=lora_alpha, target_modules=lora_targets)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lm = LoraLM(prior, r=lora_r, alpha=lora_alpha, target_modules=lora_targets)
         module = lm.module
     elif isinstance(prior, MarkovLM):
         lm = PositionalMarkovLM(prior, d.max_new_tokens)
