@@ -15,11 +15,16 @@ particles (completions) per step, Adam at the same step size, constant, 30 steps
   leave-one-out baseline, so its gradient is β × ours (Adam is scale-free). Per-step J
   estimates: ``reward − β·kl·mean_length`` from its logs (``kl`` is the per-token mean).
 
-Both per-step estimates are on-policy 8-sample estimates of J; the curves are smoothed (running
-mean over 5 steps) and "time to target" is the training time at which each smoothed curve
-first reaches the target = the lower of the two final smoothed values. Training time excludes
-model loading and the trainer's construction (reported separately). At the end, each trained
-policy is evaluated on ``--eval-samples`` fresh samples (J with its standard error).
+Measuring J: every ``--eval-every`` steps (and at step 0) each policy is evaluated off the
+training clock on ``--eval-samples`` fresh samples, J = mean(r − β·(log q − log π)), with the
+same sampling noise at every evaluation (common random numbers; at step 0 both policies are
+the LM itself, so both curves start at the same value). Ours is run as one ``method="svi"``
+run in segments through its checkpoints (a resumed run continues exactly as an uninterrupted
+one: weights, Adam state, random states); TRL evaluates in a ``TrainerCallback``. "Time to
+target" is the training time at which each evaluated curve first reaches the target = the
+lower of the two best evaluated J's (linear interpolation between evaluations). The noisy
+per-step training-batch estimates (ours: ``reward:sentiment − β·kl_prior`` from the trace;
+TRL: ``reward − β·kl·mean_length`` from its logs, ``kl`` being a per-token mean) go to the CSV.
 
 Runs alternate ours / TRL / TRL / ours ... over ``--repeats`` (seeds differ per repeat).
 Curves go to benchmarks/out/svi_vs_trl.csv and .png.
@@ -47,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
 
 PROMPT = "I watched the new movie last night and"
+EVAL_SEED = 12345  # the same sampling noise at every evaluation (common random numbers)
 
 
 def vader(texts):
@@ -77,6 +83,12 @@ def evaluate(q_lm, p_lm, beta, T, M, seed):
 
 
 def run_ours(lm, args, seed):
+    """``method="svi"`` in segments of ``--eval-every`` steps through its checkpoints.
+
+    A run resumed from its checkpoint continues exactly as an uninterrupted one (weights, Adam
+    state, every random state), so the segments are one 30-step run; between segments the
+    guide is evaluated off the clock. ``train_time`` counts the optimisation steps only.
+    """
     import ppl_lm
     from ppl_lm import rewards
 
@@ -88,25 +100,28 @@ def run_ours(lm, args, seed):
         return x
 
     pyro.clear_param_store()
-    t0 = time.perf_counter()
-    post = ppl_lm.infer(model, PROMPT, method="svi", guide="lora", num_steps=args.steps,
-                        num_particles=args.particles, lr=args.lr, lora_r=8, lora_alpha=16,
-                        num_samples=2, seed=seed, progress=False)
-    total = time.perf_counter() - t0
+    ckpt = tempfile.mkdtemp(prefix="svi_")
+    curve = [(0, 0.0, evaluate(lm, lm, beta, T, args.eval_samples, EVAL_SEED))]
+    train_s, wall0 = 0.0, time.perf_counter()
+    for upto in list(range(args.eval_every, args.steps, args.eval_every)) + [args.steps]:
+        post = ppl_lm.infer(model, PROMPT, method="svi", guide="lora", num_steps=upto,
+                            num_particles=args.particles, lr=args.lr, lora_r=8, lora_alpha=16,
+                            checkpoint_dir=ckpt, checkpoint_every=args.eval_every, num_samples=2,
+                            seed=seed, progress=False)
+        train_s += post.info["train_time"]
+        curve.append((upto, train_s, evaluate(post.guide.lm, lm, beta, T, args.eval_samples, EVAL_SEED)))
     tr = post.info["trace"]
     J = np.asarray(tr["reward:sentiment"]) - beta * np.asarray(tr["kl_prior"])
-    sps = post.info["seconds_per_step"]
-    times = sps * np.arange(1, len(J) + 1)  # uniform steps: the trace has no per-step clock
-    ev = evaluate(post.guide.lm, lm, beta, T, args.eval_samples, seed + 7)
     return {"J": J, "reward": np.asarray(tr["reward:sentiment"]), "kl": np.asarray(tr["kl_prior"]),
-            "time": times, "train_s": post.info["train_time"], "setup_s": total - post.info["train_time"],
-            "eval": ev}
+            "curve": curve, "train_s": train_s,
+            "other_s": time.perf_counter() - wall0 - train_s}  # segments' setup, checkpoints, evals
 
 
 def run_trl(base_model, tokenizer, args, seed):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import RLOOConfig, RLOOTrainer
 
     from ppl_lm import TransformersLM
@@ -114,19 +129,37 @@ def run_trl(base_model, tokenizer, args, seed):
     model = copy.deepcopy(base_model)
     for p in model.parameters():
         p.requires_grad_(False)
-    clock = {"t": [], "t0": None}
+    base_lm = TransformersLM(model, tokenizer)
+    curve = [(0, 0.0, evaluate(base_lm, base_lm, args.beta, args.tokens, args.eval_samples, EVAL_SEED))]
+    clock = {"t0": None, "paused": 0.0}
 
-    class Clock(TrainerCallback):
+    def now():
+        return time.perf_counter() - clock["t0"] - clock["paused"]
+
+    class EvalClock(TrainerCallback):
+        """Evaluates the policy every ``eval_every`` steps, off the training clock."""
+
         def on_train_begin(self, a, state, control, **kw):
             clock["t0"] = time.perf_counter()
 
-        def on_step_end(self, a, state, control, **kw):
-            clock["t"].append(time.perf_counter() - clock["t0"])
+        def on_step_end(self, a, state, control, model=None, **kw):
+            if state.global_step % args.eval_every and state.global_step != args.steps:
+                return
+            t = now()
+            p0 = time.perf_counter()
+            peft_model = trainer.model
+            was_training = peft_model.training
+            peft_model.eval()
+            q_lm = TransformersLM(peft_model.get_base_model(), tokenizer)
+            ev = evaluate(q_lm, RefLM(peft_model, tokenizer), args.beta, args.tokens, args.eval_samples,
+                          EVAL_SEED)
+            peft_model.train(was_training)
+            curve.append((state.global_step, t, ev))
+            clock["paused"] += time.perf_counter() - p0
 
     def sentiment_reward(completions, **kw):
         return vader(completions)
 
-    t0 = time.perf_counter()
     out = tempfile.mkdtemp(prefix="trl_")
     cfg = RLOOConfig(
         output_dir=out, beta=args.beta, num_generations=args.particles,
@@ -140,34 +173,36 @@ def run_trl(base_model, tokenizer, args, seed):
     ds = Dataset.from_dict({"prompt": [PROMPT] * args.steps})
     peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                           bias="none", task_type="CAUSAL_LM")
+    t0 = time.perf_counter()
     trainer = RLOOTrainer(model=model, reward_funcs=sentiment_reward, args=cfg, train_dataset=ds,
-                          processing_class=tokenizer, peft_config=peft_cfg, callbacks=[Clock()])
-    from transformers.trainer_callback import PrinterCallback
-
+                          processing_class=tokenizer, peft_config=peft_cfg, callbacks=[EvalClock()])
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts; they stay in state.log_history
     setup = time.perf_counter() - t0
-    t1 = time.perf_counter()
     trainer.train()
-    train_s = time.perf_counter() - t1
+    train_s = curve[-1][1]
     logs = [h for h in trainer.state.log_history if "reward" in h and "kl" in h]
     reward = np.array([h["reward"] for h in logs])
     kl_seq = np.array([h["kl"] * h["completions/mean_length"] for h in logs])
     J = reward - args.beta * kl_seq
-    peft_model = trainer.model
-    base = peft_model.get_base_model()
-    q_lm = TransformersLM(base, tokenizer)
-    peft_model.eval()
+    return {"J": J, "reward": reward, "kl": kl_seq, "curve": curve, "train_s": train_s, "other_s": setup}
 
-    class RefLM(TransformersLM):
-        """π: the same network with the adapter disabled."""
 
-        def score(self, prompt, tokens):
-            with peft_model.disable_adapter():
-                return super().score(prompt, tokens)
+class RefLM:
+    """π for the TRL policy: the same network with the adapter disabled (scoring only)."""
 
-    ev = evaluate(q_lm, RefLM(base, tokenizer), args.beta, args.tokens, args.eval_samples, seed + 7)
-    return {"J": J, "reward": reward, "kl": kl_seq, "time": np.array(clock["t"][: len(J)]),
-            "train_s": train_s, "setup_s": setup, "eval": ev}
+    def __init__(self, peft_model, tokenizer):
+        from ppl_lm import TransformersLM
+
+        self.peft_model = peft_model
+        self.lm = TransformersLM(peft_model.get_base_model(), tokenizer)
+        self.eos_id = self.lm.eos_id
+
+    def score(self, prompt, tokens):
+        with self.peft_model.disable_adapter():
+            return self.lm.score(prompt, tokens)
+
+    def decode(self, ids):
+        return self.lm.decode(ids)
 
 
 def plain_copy(model):
@@ -189,15 +224,18 @@ def plain_copy(model):
     return plain.eval()
 
 
-def time_to(curve_t, curve_j, target):
-    """First time at which the smoothed curve reaches ``target`` (linear interpolation), or nan."""
-    j = running_mean(curve_j)
-    for i in range(len(j)):
-        if j[i] >= target:
+def time_to(curve, target):
+    """First training time at which the evaluated curve reaches ``target`` (linear interpolation)."""
+    ts = [c[1] for c in curve]
+    js = [c[2]["J"] for c in curve]
+    if math.isnan(target):
+        return float("nan")
+    for i, j in enumerate(js):
+        if j >= target:
             if i == 0:
-                return float(curve_t[0])
-            f = (target - j[i - 1]) / (j[i] - j[i - 1]) if j[i] != j[i - 1] else 1.0
-            return float(curve_t[i - 1] + f * (curve_t[i] - curve_t[i - 1]))
+                return 0.0
+            f = (target - js[i - 1]) / (j - js[i - 1])
+            return float(ts[i - 1] + f * (ts[i] - ts[i - 1]))
     return float("nan")
 
 
@@ -208,12 +246,16 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=12)
     p.add_argument("--beta", type=float, default=0.25)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-samples", type=int, default=None, help="fresh samples for the final J (default 128)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 5)")
+    p.add_argument("--eval-samples", type=int, default=None, help="fresh samples per evaluation (default 128)")
+    p.add_argument("--target-frac", type=float, default=0.8,
+                   help="target J = J0 + frac·(lower of the two best J's − J0)")
     args = p.parse_args(argv)
     _bench.setup(args)
     args.steps = args.steps or (3 if args.smoke else 30)
     args.repeats = args.repeats or (1 if args.smoke else 2)
     args.eval_samples = args.eval_samples or (8 if args.smoke else 128)
+    args.eval_every = args.eval_every or (2 if args.smoke else 5)
 
     try:
         import trl  # noqa: F401
@@ -234,25 +276,27 @@ def main(argv=None):
             seed = args.seed + rep
             res = run_ours(lm, args, seed) if name == "ours" else run_trl(pristine, tokenizer, args, seed)
             runs[name].append(res)
-            ev = res["eval"]
-            print(f"[{name:>4s} rep {rep}] train {res['train_s']:.1f}s ({res['train_s'] / args.steps:.2f} s/step), "
-                  f"setup {res['setup_s']:.1f}s; per-step J first/last(smoothed) "
-                  f"{running_mean(res['J'])[0]:+.3f} -> {running_mean(res['J'])[-1]:+.3f}; final J on "
-                  f"{args.eval_samples} fresh samples {ev['J']:+.3f} ± {ev['J_se']:.3f} "
+            pts = "  ".join(f"{c[0]}:{c[2]['J']:+.3f}" for c in res["curve"])
+            ev = res["curve"][-1][2]
+            print(f"[{name:>4s} rep {rep}] train {res['train_s']:.1f}s ({res['train_s'] / args.steps:.2f} s/step); "
+                  f"J(step) on {args.eval_samples} fresh samples: {pts}; final ±{ev['J_se']:.3f} "
                   f"(E r {ev['reward']:+.3f}, KL {ev['kl']:.3f})", flush=True)
 
-    # time to target, per repeat pair
     rows = []
     for rep in range(args.repeats):
         o, t = runs["ours"][rep], runs["trl"][rep]
-        target = min(running_mean(o["J"])[-1], running_mean(t["J"])[-1])
-        to, tt = time_to(o["time"], o["J"], target), time_to(t["time"], t["J"], target)
+        # a level both reach: J0 + frac·(the lower of the two best evaluated J's − J0)
+        j0 = o["curve"][0][2]["J"]
+        best = min(max(c[2]["J"] for c in o["curve"][1:]), max(c[2]["J"] for c in t["curve"][1:]))
+        target = j0 + args.target_frac * (best - j0) if best > j0 else float("nan")
+        to, tt = time_to(o["curve"], target), time_to(t["curve"], target)
         rows.append({"rep": rep, "target_J": target, "ours_time_to_target": to, "trl_time_to_target": tt,
                      "speedup_time_to_target": tt / to if to > 0 else float("nan"),
                      "ours_s_per_step": o["train_s"] / args.steps, "trl_s_per_step": t["train_s"] / args.steps,
                      "speedup_per_step": t["train_s"] / o["train_s"],
-                     "ours_final_J": o["eval"], "trl_final_J": t["eval"],
-                     "ours_setup_s": o["setup_s"], "trl_setup_s": t["setup_s"]})
+                     "ours_curve": [(c[0], c[1], c[2]) for c in o["curve"]],
+                     "trl_curve": [(c[0], c[1], c[2]) for c in t["curve"]]})
+        print(f"rep {rep}: target J {target:+.3f} reached after {to:.1f}s (ours) vs {tt:.1f}s (TRL) of training")
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
     summary = {"speedup_per_step": med("speedup_per_step"),
                "speedup_time_to_target": med("speedup_time_to_target"),
@@ -262,15 +306,16 @@ def main(argv=None):
           f"ours {summary['speedup_time_to_target']:.2f}x faster (median over {args.repeats} repeat(s))")
 
     os.makedirs(_bench.OUT_DIR, exist_ok=True)
-    csv_path = os.path.join(_bench.OUT_DIR, "svi_vs_trl.csv")
-    with open(csv_path, "w", newline="") as f:
+    with open(os.path.join(_bench.OUT_DIR, "svi_vs_trl.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "repeat", "step", "train_time_s", "J", "J_smoothed", "reward", "kl"])
+        w.writerow(["method", "repeat", "kind", "step", "train_time_s", "J", "J_se", "reward", "kl"])
         for name, rs in runs.items():
             for rep, r in enumerate(rs):
-                js = running_mean(r["J"])
+                for step, t_s, ev in r["curve"]:
+                    w.writerow([name, rep, "eval", step, f"{t_s:.3f}", f"{ev['J']:.5f}", f"{ev['J_se']:.5f}",
+                                f"{ev['reward']:.5f}", f"{ev['kl']:.5f}"])
                 for i in range(len(r["J"])):
-                    w.writerow([name, rep, i + 1, f"{r['time'][i]:.3f}", f"{r['J'][i]:.5f}", f"{js[i]:.5f}",
+                    w.writerow([name, rep, "train-batch", i + 1, "", f"{r['J'][i]:.5f}", "",
                                 f"{r['reward'][i]:.5f}", f"{r['kl'][i]:.5f}"])
     try:
         import matplotlib
@@ -282,12 +327,15 @@ def main(argv=None):
         for name, color in (("ours", "C0"), ("trl", "C1")):
             for rep, r in enumerate(runs[name]):
                 lab = ("ppl-lm SVI" if name == "ours" else "TRL RLOO") if rep == 0 else None
-                ax[0].plot(r["time"], running_mean(r["J"]), color=color, label=lab, alpha=0.8)
-                ax[1].plot(np.arange(1, len(r["J"]) + 1), running_mean(r["J"]), color=color, label=lab, alpha=0.8)
+                c = r["curve"]
+                J = [x[2]["J"] for x in c]
+                se = [x[2]["J_se"] for x in c]
+                ax[0].errorbar([x[1] for x in c], J, yerr=se, color=color, label=lab, alpha=0.8, capsize=2)
+                ax[1].errorbar([x[0] for x in c], J, yerr=se, color=color, label=lab, alpha=0.8, capsize=2)
         ax[0].set_xlabel("training time (s)")
         ax[1].set_xlabel("step")
         for a in ax:
-            a.set_ylabel("E_q[r] − β·KL (running mean of 5 steps)")
+            a.set_ylabel(f"E_q[r] − β·KL ({args.eval_samples} fresh samples)")
             a.legend()
         fig.suptitle(f"SmolLM2-135M, VADER sentiment, β={args.beta}, {args.particles} particles, "
                      f"{args.tokens} tokens, LoRA r=8")
