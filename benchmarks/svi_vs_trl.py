@@ -21,8 +21,9 @@ same sampling noise at every evaluation (common random numbers; at step 0 both p
 the LM itself, so both curves start at the same value). Ours is run as one ``method="svi"``
 run in segments through its checkpoints (a resumed run continues exactly as an uninterrupted
 one: weights, Adam state, random states); TRL evaluates in a ``TrainerCallback``. "Time to
-target" is the training time at which each evaluated curve first reaches the target = the
-lower of the two best evaluated J's (linear interpolation between evaluations). The noisy
+target" is the training time at which each evaluated curve first reaches the target
+J0 + 0.8·(J* − J0), J* the lower of the two best evaluated J's and J0 the LM's own J (linear
+interpolation between evaluations; undefined when neither improves on J0). The noisy
 per-step training-batch estimates (ours: ``reward:sentiment − β·kl_prior`` from the trace;
 TRL: ``reward − β·kl·mean_length`` from its logs, ``kl`` being a per-token mean) go to the CSV.
 
