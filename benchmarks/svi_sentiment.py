@@ -97,18 +97,19 @@ def main() -> None:
         tr = post.info["trace"]
         w = max(1, min(args.window, args.steps // 2 or 1))
 
-        def window(key, sl):
-            return float(tr[key][sl].mean())
-
-        start = {k: window(k, slice(0, w)) for k in ("elbo", "reward:sentiment", "kl_prior")}
-        end = {k: window(k, slice(-w, None)) for k in ("elbo", "reward:sentiment", "kl_prior")}
+        keys = ("elbo", "reward:sentiment", "kl_prior")
+        start = {k: float(tr[k][:w].mean()) for k in keys}
+        end = {k: float(tr[k][-w:].mean()) for k in keys}
         ev = evaluate(lm, post.guide.lm, args.prompt, args.tokens, args.eval_samples, args.seed + 1)
+        sec = post.info["step_seconds"]
+        median_s = float(torch.tensor(sec[1:] if len(sec) > 1 else sec).median())
         row = {"beta": beta, "start": start, "end": end, "eval": ev,
-               "seconds_per_step": post.info["seconds_per_step"], "steps": args.steps,
+               "seconds_per_step": post.info["seconds_per_step"], "median_step_s": median_s, "steps": args.steps,
                "log_evidence": post.log_evidence, "log_evidence_se": post.info["log_evidence_se"],
                "is_ess": post.ess, "is_samples": len(post)}
         rows.append(row)
-        print(f"\nβ = {beta}: {post.info['seconds_per_step']:.2f} s/step over {args.steps} steps")
+        print(f"\nβ = {beta}: {post.info['seconds_per_step']:.2f} s/step over {args.steps} steps "
+              f"(median {median_s:.2f} s without the first, warm-up, step)")
         print(f"  start (first {w} steps): ELBO {start['elbo']:+.3f}  E_q[r] {start['reward:sentiment']:+.3f}  "
               f"KL(q‖π) {start['kl_prior']:.3f}")
         print(f"  end   (last {w} steps):  ELBO {end['elbo']:+.3f}  E_q[r] {end['reward:sentiment']:+.3f}  "

@@ -76,7 +76,9 @@ def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 
         relax_penalty: training replaces each ``-inf`` condition factor by ``-relax_penalty``
             (nats); ``None`` keeps hard conditions hard (the run fails if the guide violates one).
         log_evidence_ref: a known log Z (exact backend, or a reference importance run): the
-            trace then reports ``kl_posterior`` = log Z − ELBO = KL(q‖π').
+            trace then reports ``kl_posterior`` = log Z − ELBO = KL(q‖π'). (While a hard
+            condition is relaxed the ELBO is the relaxed target's, and this is
+            KL(q‖π'_relaxed) − log(Z_relaxed/Z), slightly less.)
         progress: tqdm progress bar.
         lora_r, lora_alpha, lora_targets: LoRA settings for ``guide="lora"``.
         lr_decay: the step size is multiplied by this over the whole run (geometrically).
@@ -96,7 +98,7 @@ def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 
     t_start = time.perf_counter()
     with _random.seeded(seed):
         g = _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets, seed)
-        kind = g.kind if isinstance(g, SequenceGuide) else "custom"
+        kind = g.kind
         if lr is None:
             lr = _default_lr(g)
         elbo = RLOO_ELBO(num_particles, relax_penalty=relax_penalty)
@@ -116,19 +118,20 @@ def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 
         start_step = step
         bar = tqdm(total=num_steps, initial=min(step, num_steps), desc="svi", unit="step", disable=not progress)
         t_train = time.perf_counter()
+        step_seconds = []
         try:
             while step < num_steps:
+                t_step = time.perf_counter()
                 ctx = args
                 if contexts is not None:
                     i = int(torch.randint(len(contexts), (1,), generator=_random.generator("cpu")))
                     ctx = contexts[i]
                 svi.step(*ctx)
                 stats = dict(elbo.last)
-                if log_evidence_ref is not None:
-                    stats["kl_posterior"] = float(log_evidence_ref) - stats["elbo"]
                 for k, v in stats.items():
                     trace.setdefault(k, []).append(v)
                 step += 1
+                step_seconds.append(time.perf_counter() - t_step)
                 bar.update(1)
                 if progress:
                     bar.set_postfix(elbo=f"{stats['elbo']:.3f}", kl=f"{stats['kl_prior']:.3f}")
@@ -140,11 +143,15 @@ def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 
         train_time = time.perf_counter() - t_train
         steps_run = step - start_step
 
+    trace_arrays = {k: np.asarray(v, dtype=np.float64) for k, v in trace.items()}
+    if log_evidence_ref is not None and trace:
+        trace_arrays["kl_posterior"] = float(log_evidence_ref) - trace_arrays["elbo"]
     info = {
-        "trace": {k: np.asarray(v, dtype=np.float64) for k, v in trace.items()},
+        "trace": trace_arrays,
         "num_steps": num_steps, "num_particles": num_particles, "lr": lr, "guide": kind,
         "relax_penalty": relax_penalty, "start_step": start_step,
         "seconds_per_step": train_time / steps_run if steps_run else float("nan"),
+        "step_seconds": np.asarray(step_seconds, dtype=np.float64),  # this session's steps (the first warms up)
         "train_time": train_time,
     }
     if trace:
@@ -218,7 +225,7 @@ def _release_params(g) -> None:
     """Take the guide's entries out of Pyro's global param store (the guide keeps its tensors)."""
     store = pyro.get_param_store()
     prefix = g.name + "$$$"
-    for name in [n for n in store.keys() if n.startswith(prefix)]:
+    for name in [n for n in store.keys() if n.startswith(prefix)]:  # noqa: SIM118 (ParamStoreDict)
         del store[name]
 
 

@@ -25,8 +25,8 @@ correct the trained guide afterwards by importance sampling against the exact ta
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pyro
 import pyro.poutine as poutine

@@ -25,7 +25,7 @@ import contextlib
 import copy
 import itertools
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.poutine as poutine
@@ -306,7 +306,7 @@ class SequenceGuide:
             if not p.requires_grad:
                 p.requires_grad_(True)
         pyro.module(self.name, self.module)
-        name, d = model_site(self.model, args, kwargs, self.site)
+        _, d = model_site(self.model, args, kwargs, self.site)
         return pyro.sample(self.site, self.lm.sequence(d.prompt, d.max_new_tokens))
 
     def parameters(self) -> dict[str, torch.Tensor]:
