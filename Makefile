@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ppl-lm-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 PPL_LM_SMOKE=1 $(BIN)/python -m pytest -q -m "not integration"
+
+bench-deps: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
