@@ -8,6 +8,12 @@ Children run under an address-space limit (``--limit-gb``, default 12 GiB): a ru
 need more fails with an allocation error instead of pushing the machine into swap or the
 OOM killer, and the failure is reported.
 
+glibc's malloc raises its mmap threshold dynamically after large blocks are freed; later large
+tensors then come from the heap, which fragments, and the peak RSS of the very same run varies
+from run to run by hundreds of MiB (seen here: +52 / +479 / +55 MiB for importance at N=100k).
+Children therefore run with a fixed ``MALLOC_MMAP_THRESHOLD_`` (``--mmap-threshold``, default
+128 KiB; 0 leaves glibc's default), which makes the peaks reproducible.
+
 Model: the prompt "Once upon a time," continued for ``--tokens`` tokens (default 6) under
 "no letter e" (``ppl_lm.token_constraint`` with ``forbid_chars(lm, "eE")``): importance proposes
 from the prior in chunks of ``--chunk-size``; SMC proposes allowed tokens only.
@@ -115,6 +121,8 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=1024, help="importance chunk size")
     p.add_argument("--smc-chunk-size", type=int, default=None, help="passed to SMC as chunk_size if given")
     p.add_argument("--limit-gb", type=float, default=12.0, help="address-space limit of each child (0: none)")
+    p.add_argument("--mmap-threshold", type=int, default=131072,
+                   help="MALLOC_MMAP_THRESHOLD_ for the children (bytes; 0: glibc's dynamic default)")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
     p.add_argument("--method", default=None, help=argparse_hidden())
     p.add_argument("--n", type=int, default=None, help=argparse_hidden())
@@ -139,7 +147,10 @@ def main(argv=None):
                 cmd += ["--dtype", args.dtype]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ)
+            if args.mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
             if line:
                 res = json.loads(line[-1][6:])
