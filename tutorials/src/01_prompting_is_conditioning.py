@@ -22,10 +22,16 @@
 # notebook); without it the real model, SmolLM2-135M-Instruct, is used.
 
 # %%
+import contextlib
+import io
+import logging
 import math
 import os
 import time
 import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", message=".*k-hat.*")
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -37,8 +43,10 @@ import ppl_lm
 from ppl_lm import rewards
 
 %matplotlib inline
-warnings.filterwarnings("ignore", message=".*k-hat.*")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU notice is noise
+# One thread by default: on a shared CPU, two threads per process spin-wait on each other and run
+# many times slower. Set PPL_LM_THREADS on a machine of your own.
+torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
 SMOKE = os.environ.get("PPL_LM_SMOKE") == "1"
 print("mode:", "smoke (tiny LMs)" if SMOKE else "real (SmolLM2-135M-Instruct)")
 
@@ -150,9 +158,10 @@ if SMOKE:
     prompt_text, T, N = "Once upon a time", 8, 32
 else:
     t0 = time.perf_counter()
-    lm = ppl_lm.load_lm()
+    with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF conversion progress bars
+        lm = ppl_lm.load_lm()
     print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
-    prompt_text, T, N = "Once upon a time, in a land far away,", 12, 64
+    prompt_text, T, N = "Once upon a time, in a land far away,", 12, 256
 
 c_ids = torch.tensor(lm.encode(prompt_text))
 model_c = poutine.condition(chained(lm, len(c_ids), T), data={"prompt": c_ids})
@@ -180,8 +189,8 @@ print(f"π(c) = exp({log_pi_c:.1f}) = {math.exp(log_pi_c):.1e}: expected prior s
 # ## 3. A condition that is not a prefix: the text contains a word
 #
 # Now the prompt is an ordinary prompt and the condition is "the continuation contains the
-# word $w$" (a hard constraint, not prefix-closed: a prefix without $w$ may still get it
-# later). The LM cannot sample this conditional left to right, so we compare three backends at
+# string $w$" (`rewards.contains`; with $w$ = `" king"`, " kingdom" counts too). It is a hard
+# constraint and not prefix-closed: a prefix without $w$ may still get it later. The LM cannot sample this conditional left to right, so we compare three backends at
 # about the same number of LM sequence evaluations:
 #
 # - **IS**: prior proposals, weight = indicator; $\log \hat Z$ estimates $\log P(w \in x)$.
@@ -195,8 +204,8 @@ if SMOKE:
     word, T2, N2 = "e", 8, 48
     mh_opts = dict(num_samples=12, num_chains=4, warmup_steps=8)
 else:
-    word, T2, N2 = " dragon", 16, 128
-    mh_opts = dict(num_samples=24, num_chains=4, warmup_steps=16)
+    word, T2, N2 = " king", 16, 256
+    mh_opts = dict(num_samples=40, num_chains=8, warmup_steps=30)
 
 
 def contains_word(lm, prompt, word, T):
@@ -227,16 +236,19 @@ rows = []
 for name in ("IS", "SMC", "MH"):
     post = results[name]
     if post is None:
-        rows.append((name, float("nan"), float("nan"), float("nan"), results[name + "_time"], 0.0))
+        rows.append((name, float("nan"), float("nan"), float("nan"), results[name + "_time"], 0.0, 0))
         continue
     lz = float("nan") if post.log_evidence is None else post.log_evidence
     se = post.log_evidence_se() if post.log_evidence is not None else None
     ok = post.expectation(rewards.contains(lm, post.samples, word).float())
-    rows.append((name, lz, float("nan") if se is None else se, post.ess, results[name + "_time"], ok))
+    # ESS: Kish's for IS; SMC's genealogy-based n_eff; MH's ArviZ bulk ESS (autocorrelation).
+    ess = post.info.get("n_eff", post.ess)
+    distinct = len({tuple(x) for x, w in zip(post.samples.tolist(), post.weights.tolist()) if w > 0})
+    rows.append((name, lz, float("nan") if se is None else se, ess, results[name + "_time"], ok, distinct))
 print(f"condition: contains {word!r} within {T2} tokens after {prompt_text!r}")
-print(f"{'':4} {'log Ẑ':>9} {'± se':>7} {'ESS':>7} {'time s':>7} {'P_post(ok)':>10}")
-for name, lz, se, ess, dt, ok in rows:
-    print(f"{name:4} {lz:9.3f} {se:7.3f} {ess:7.1f} {dt:7.1f} {ok:10.3f}")
+print(f"{'':4} {'log Ẑ':>9} {'± se':>7} {'ESS':>7} {'time s':>7} {'P_post(ok)':>10} {'distinct texts':>15}")
+for name, lz, se, ess, dt, ok, distinct in rows:
+    print(f"{name:4} {lz:9.3f} {se:7.3f} {ess:7.1f} {dt:7.1f} {ok:10.3f} {distinct:15d}")
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -297,5 +309,6 @@ print(f"2. SmolLM2: IS of the conditioned model gives log Ẑ = {post_is.log_evi
       f"lm.score(c) = {log_pi_c:.3f}. As a pin on the unprompted LM the same conditional needs ~{math.exp(-log_pi_c):.0e} "
       "prior samples per hit.")
 r = {name: row for name, *row in rows}
-print(f"3. 'contains {word.strip()}': IS ESS {r['IS'][2]:.1f}, SMC ESS {r['SMC'][2]:.1f}, MH ESS {r['MH'][2]:.1f} "
-      f"(times {r['IS'][3]:.0f} / {r['SMC'][3]:.0f} / {r['MH'][3]:.0f} s).")
+print(f"3. 'contains {word.strip()}': ESS (distinct texts) IS {r['IS'][2]:.1f} ({r['IS'][5]}), SMC {r['SMC'][2]:.1f} "
+      f"({r['SMC'][5]}), MH {r['MH'][2]:.1f} ({r['MH'][5]}); times {r['IS'][3]:.0f} / {r['SMC'][3]:.0f} / "
+      f"{r['MH'][3]:.0f} s; log P(condition) = {r['IS'][0]:.3f} ± {r['IS'][1]:.3f} (IS).")

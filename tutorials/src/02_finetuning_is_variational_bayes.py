@@ -20,6 +20,9 @@
 #    $\log \hat Z - \widehat{\mathrm{ELBO}} = \widehat{\mathrm{KL}}(q\|\pi')$ from samples.
 
 # %%
+import contextlib
+import io
+import logging
 import math
 import os
 import time
@@ -42,7 +45,10 @@ from ppl_lm.guides import make_guide
 from ppl_lm.inference.exact import enumerate_sequences
 
 %matplotlib inline
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU notice is noise
+# One thread by default: on a shared CPU, two threads per process spin-wait on each other and run
+# many times slower. Set PPL_LM_THREADS on a machine of your own.
+torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
 SMOKE = os.environ.get("PPL_LM_SMOKE") == "1"
 print("mode:", "smoke (tiny LMs)" if SMOKE else "real (SmolLM2-135M-Instruct)")
 
@@ -185,9 +191,10 @@ if SMOKE:
     T, beta_s, n_steps, n_particles, lr, N = 8, 0.25, 6, 4, 5e-3, 32
 else:
     t0 = time.perf_counter()
-    lm = ppl_lm.load_lm()
+    with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF conversion progress bars
+        lm = ppl_lm.load_lm()
     print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
-    T, beta_s, n_steps, n_particles, lr, N = 12, 0.25, 30, 8, 5e-3, 64
+    T, beta_s, n_steps, n_particles, lr, N = 12, 0.25, 40, 8, 2e-3, 128
 prompt = sentiment.context
 model = sentiment.build(lm, beta=beta_s, max_new_tokens=T)
 
@@ -234,8 +241,10 @@ assert gap < 1e-4
 #
 # Fresh draws from the trained guide give $\widehat{\mathrm{ELBO}} = \mathrm{mean}(\log\pi + r/\beta - \log q)$
 # with its standard error; $\log \hat Z$ comes from two independent importance samplers (prior
-# proposal, and the guide as proposal, returned by `method="svi"`). Their difference estimates
-# $\mathrm{KL}(q\|\pi') \ge 0$. The guide's $\mathrm{KL}(q\|\pi)$ and $\mathbb{E}_q[r]$ from the same draws:
+# proposal, and the guide as proposal, returned by `method="svi"`), pooled (both estimate $Z$
+# without bias, so their mean does too). $\log \hat Z - \widehat{\mathrm{ELBO}}$ estimates $\mathrm{KL}(q\|\pi') \ge 0$.
+# Where training started ($q = \pi$) the ELBO is $\mathbb{E}_\pi[r]/\beta$, so the same $\log \hat Z$ also gives
+# $\mathrm{KL}(\pi\|\pi')$, and the difference of the two KLs is exactly the ELBO gained by training.
 
 # %%
 g = post.guide
@@ -254,11 +263,24 @@ rows = {
 }
 for k, (v, s) in rows.items():
     print(f"{k:24} {v:8.4f} ± {s:.4f}")
-kl_post_hat = post.log_evidence - elbo_hat
-kl_post_se = math.hypot(post.log_evidence_se(), elbo_se)
+# Pool the two unbiased estimates of Z (equal sample sizes): log of their mean, delta-method se.
+lz = np.array([prior_post.log_evidence, post.log_evidence])
+wz = np.exp(lz - lz.max()) / np.exp(lz - lz.max()).sum()
+log_z = float(np.logaddexp(*lz) - math.log(2))
+log_z_se = float(np.hypot(*(wz * np.array([prior_post.log_evidence_se(), post.log_evidence_se()]))))
+print(f"{'log Ẑ, pooled':24} {log_z:8.4f} ± {log_z_se:.4f}")
+kl_post_hat = log_z - elbo_hat
+kl_post_se = math.hypot(log_z_se, elbo_se)
 print(f"KL(q‖π') = log Ẑ − ELBO    = {kl_post_hat:.4f} ± {kl_post_se:.4f}")
 print(f"KL(q‖π)                  = {kl_prior_hat:.4f};  E_q[r] = {r_q.mean():.3f} vs E_π[r] = {r_prior.mean():.3f}")
 print(f"posterior E_π'[r] (IS, prior proposal) = {prior_post.expectation(r_prior):.3f}")
+# Where training started: q = π, ELBO = E_π[r]/β, so KL(π‖π') = log Z − E_π[r]/β.
+elbo_start, elbo_start_se = float(r_prior.mean()) / beta_s, float(r_prior.std()) / math.sqrt(N) / beta_s
+kl_at_prior = log_z - elbo_start
+kl_at_prior_se = math.hypot(log_z_se, elbo_start_se)
+print(f"KL(π‖π') at the start (q = π)   = {kl_at_prior:.4f} ± {kl_at_prior_se:.4f}")
+print(f"ELBO gained by training        = {elbo_hat - elbo_start:+.4f} ± {math.hypot(elbo_se, elbo_start_se):.4f} "
+      f"(from {elbo_start:.4f} to {elbo_hat:.4f})")
 
 # %%
 # Both log Z estimators target the same number; KL(q‖π') is non-negative up to its error.
@@ -283,4 +305,29 @@ print(f"Toy, exact: ELBO = (E_q[r] − β·KL(q‖π))/β to {abs(e['elbo'] - (e
       f"log Z − ELBO = KL(q‖π') to {abs(log_Z - e['elbo'] - e['kl_post']):.1e}.")
 print(f"Toy SVI: KL(q‖π') {kl_start:.3f} → {kl_end:.4f} nats in {steps} steps.")
 print(f"SmolLM2 LoRA, {n_steps} steps: E_q[r] {r_q.mean():.3f} vs E_π[r] {r_prior.mean():.3f}; "
-      f"KL(q‖π) = {kl_prior_hat:.3f}; KL(q‖π') = {kl_post_hat:.3f} ± {kl_post_se:.3f}.")
+      f"KL(q‖π) = {kl_prior_hat:.3f}; KL(q‖π') = {kl_post_hat:.3f} ± {kl_post_se:.3f} "
+      f"(at the prior: {kl_at_prior:.3f} ± {kl_at_prior_se:.3f}).")
+
+# %% [markdown]
+# **Reading the committed run (SmolLM2).**
+#
+# - *The identities are exact.* On the toy, by enumeration, $\mathrm{ELBO} = (\mathbb{E}_q[r] - \beta\,\mathrm{KL}(q\|\pi))/\beta$ to
+#   $2\cdot10^{-9}$ and $\log Z - \mathrm{ELBO} = \mathrm{KL}(q\|\pi')$ to $2\cdot10^{-8}$ for an arbitrary $q$; on SmolLM2
+#   $\beta\cdot\mathrm{ELBO} = \mathbb{E}_q[r] - \beta\,\mathrm{KL}(q\|\pi)$ holds at every step to $1.5\cdot10^{-7}$. Fine-tuning with
+#   the KL-regularised reward and maximising the ELBO are the same optimisation.
+# - *SVI converges on the toy.* With a guide family that contains the posterior, the exact
+#   $\mathrm{KL}(q\|\pi')$ falls from 0.60 to 0.0004 nats in 300 steps, and the backend's importance
+#   correction gives $\log \hat Z = -0.2553 \pm 0.0009$ (exact $-0.2553$) with ESS 999 of 1000.
+# - *On SmolLM2, 40 LoRA steps move the guide but do not yet approach the posterior.* The reward
+#   rose from $\mathbb{E}_\pi[r] = 0.21$ to $\mathbb{E}_q[r] = 0.35$ (the posterior's is 0.60), at a cost of
+#   $\mathrm{KL}(q\|\pi) = 0.48$ nats. Measured by the identity, $\mathrm{KL}(q\|\pi') = \log\hat Z - \widehat{\mathrm{ELBO}} =
+#   0.87 \pm 0.18$ nats, the same as where training started, $\mathrm{KL}(\pi\|\pi') = 0.88 \pm 0.17$: the
+#   guide bought 0.14/β = 0.56 nats of reward with 0.48 nats of KL, so the ELBO gained about 0.1 nats,
+#   well inside the error. This is where the numbers fall short of the claim: the identity holds
+#   exactly, but a few minutes of score-function gradients on a CPU are far from the optimum; the
+#   toy needed hundreds of steps with an exact family. (Larger steps are not the fix: in a
+#   calibration run, not shown, a step size of 5e-3 collapsed the guide to degenerate text with a KL
+#   of 20 to 60 nats and zero reward.)
+# - *The correction makes the result exact anyway.* Importance sampling with the trained guide
+#   as proposal gives $\log \hat Z = 1.81 \pm 0.13$, consistent with the prior-proposal estimate
+#   $1.73 \pm 0.12$: a partly trained guide is still a valid proposal.

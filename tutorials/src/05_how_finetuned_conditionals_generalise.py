@@ -19,6 +19,9 @@
 # r(b))/\beta$ for every pair; the kinder-world reading predicts more than that for world pairs.
 
 # %%
+import contextlib
+import io
+import logging
 import math
 import os
 import time
@@ -37,7 +40,10 @@ from ppl_lm import rewards
 from ppl_lm.models import sentiment
 
 %matplotlib inline
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU notice is noise
+# One thread by default: on a shared CPU, two threads per process spin-wait on each other and run
+# many times slower. Set PPL_LM_THREADS on a machine of your own.
+torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
 SMOKE = os.environ.get("PPL_LM_SMOKE") == "1"
 LM_NAME = "tiny LM" if SMOKE else "SmolLM2"
 print("mode:", "smoke (tiny LMs)" if SMOKE else "real (SmolLM2-135M-Instruct)")
@@ -61,9 +67,10 @@ if SMOKE:
     T, beta, n_steps, n_particles, lr, N = 8, 0.25, 6, 4, 5e-3, 16
 else:
     t0 = time.perf_counter()
-    lm = ppl_lm.load_lm()
+    with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF conversion progress bars
+        lm = ppl_lm.load_lm()
     print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
-    T, beta, n_steps, n_particles, lr, N = 12, 0.25, 40, 8, 5e-3, 32
+    T, beta, n_steps, n_particles, lr, N = 12, 0.25, 60, 8, 2e-3, 64
 model = sentiment.build(lm, beta=beta, max_new_tokens=T)
 
 t0 = time.perf_counter()
@@ -79,7 +86,9 @@ print(f"SVI over {len(train_contexts)} contexts: {n_steps} steps × {n_particles
 # For every context: $N$ draws from the prior (IS with the prior as proposal also estimates
 # $\log Z(c)$ and the posterior reward $\mathbb{E}_{\pi'}[r]$) and $N$ draws from the guide (IS with the
 # guide as proposal). From the guide's draws: $\mathbb{E}_q[r]$, $\mathrm{KL}(q\|\pi) = \mathbb{E}_q[\log q - \log \pi]$
-# and $\mathrm{KL}(q\|\pi') = \log Z - \mathrm{ELBO}$.
+# and $\mathrm{KL}(q\|\pi') = \log Z - \mathrm{ELBO}$ (with $\log Z$ pooled from the two samplers); the next
+# column is where training started, $\mathrm{KL}(\pi\|\pi') = \log Z - \mathbb{E}_\pi[r]/\beta$, and the last is
+# their difference, the ELBO gained by training, with its standard error.
 
 # %%
 def evaluate(ctx, seed):
@@ -91,13 +100,23 @@ def evaluate(ctx, seed):
     r_q = gpost.stats["reward:sentiment"].double()
     r_p = prior.stats["reward:sentiment"].double()
     f = log_p + r_q / beta - log_q
+    # Both IS estimates of Z are unbiased: pool them (log of the mean) for the KLs below, so that
+    # KL(q‖π') − KL(π‖π') is exactly the ELBO gained, free of the log Z estimate.
+    lz = np.array([prior.log_evidence, gpost.log_evidence])
+    wz = np.exp(lz - lz.max()) / np.exp(lz - lz.max()).sum()
+    log_z = float(np.logaddexp(*lz) - math.log(2))
+    log_z_se = float(np.hypot(*(wz * np.array([prior.log_evidence_se(), gpost.log_evidence_se()]))))
     return dict(
         r_prior=float(r_p.mean()), r_prior_se=float(r_p.std() / math.sqrt(N)),
         r_guide=float(r_q.mean()), r_guide_se=float(r_q.std() / math.sqrt(N)),
         r_post=prior.expectation(r_p),
         kl_prior=float((log_q - log_p).mean()), kl_prior_se=float((log_q - log_p).std() / math.sqrt(N)),
-        kl_post=gpost.log_evidence - float(f.mean()),
-        kl_post_se=math.hypot(gpost.log_evidence_se() or 0.0, float(f.std() / math.sqrt(N))),
+        kl_post=log_z - float(f.mean()),
+        # where the guide started (q = π): KL(π‖π') = log Z − E_π[r]/β, from the prior draws
+        kl_post_at_prior=log_z - float(r_p.mean()) / beta,
+        kl_post_se=math.hypot(log_z_se, float(f.std() / math.sqrt(N))),
+        elbo_gain=float(f.mean()) - float(r_p.mean()) / beta,
+        elbo_gain_se=math.hypot(float(f.std()), float(r_p.std()) / beta) / math.sqrt(N),
         log_z=(prior.log_evidence, prior.log_evidence_se()), log_z_guide=(gpost.log_evidence, gpost.log_evidence_se()),
         example=ctx + gpost.texts[int(torch.argmax(r_q))],
     )
@@ -108,11 +127,13 @@ evals = {}
 for i, ctx in enumerate(train_contexts[:3] + heldout_contexts):
     evals[ctx] = evaluate(ctx, seed=100 + i)
 print(f"evaluated {len(evals)} contexts in {time.perf_counter() - t0:.0f} s")
-print(f"{'context':42} {'split':8} {'E_π[r]':>7} {'E_q[r]':>7} {'E_π′[r]':>8} {'KL(q‖π)':>8} {'KL(q‖π′)':>9}")
+print(f"{'context':42} {'split':8} {'E_π[r]':>7} {'E_q[r]':>7} {'E_π′[r]':>8} {'KL(q‖π)':>8} {'KL(q‖π′)':>9} "
+      f"{'KL(π‖π′)':>9} {'ELBO gain':>14}")
 for ctx, e in evals.items():
     split = "held-out" if ctx in heldout_contexts else "train"
     print(f"{ctx[:42]:42} {split:8} {e['r_prior']:7.3f} {e['r_guide']:7.3f} {e['r_post']:8.3f} "
-          f"{e['kl_prior']:8.3f} {e['kl_post']:9.3f}")
+          f"{e['kl_prior']:8.3f} {e['kl_post']:9.3f} {e['kl_post_at_prior']:9.3f} "
+          f"{e['elbo_gain']:+7.3f} ± {e['elbo_gain_se']:.3f}")
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -240,10 +261,11 @@ assert np.allclose(probes["world"]["r_gap"], 0) and (probes["wording"]["r_gap"] 
 tr = [e for c, e in evals.items() if c not in heldout_contexts]
 ho = [e for c, e in evals.items() if c in heldout_contexts]
 mean = lambda rows, k: float(np.mean([e[k] for e in rows]))  # noqa: E731
-print(f"training contexts: E_q[r] {mean(tr, 'r_guide'):.3f} vs E_π[r] {mean(tr, 'r_prior'):.3f}; "
-      f"KL(q‖π) {mean(tr, 'kl_prior'):.3f}")
-print(f"held-out contexts: E_q[r] {mean(ho, 'r_guide'):.3f} vs E_π[r] {mean(ho, 'r_prior'):.3f}; "
-      f"KL(q‖π) {mean(ho, 'kl_prior'):.3f}")
+for label, rows in (("training", tr), ("held-out", ho)):
+    print(f"{label} contexts: E_q[r] {mean(rows, 'r_guide'):.3f} vs E_π[r] {mean(rows, 'r_prior'):.3f} "
+          f"(posterior {mean(rows, 'r_post'):.3f}); KL(q‖π) {mean(rows, 'kl_prior'):.3f}; "
+          f"KL(q‖π′) {mean(rows, 'kl_post'):.3f} vs KL(π‖π′) {mean(rows, 'kl_post_at_prior'):.3f} at the start "
+          f"(ELBO gain {mean(rows, 'elbo_gain'):+.3f} ± {math.sqrt(sum(e['elbo_gain_se'] ** 2 for e in rows)) / len(rows):.3f})")
 for name, s in probes.items():
     print(f"{name} pairs: Δ(a)−Δ(b) = {s['mean']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] nats; "
           f"the exact posterior would give {s['predicted'].mean():+.2f}")
