@@ -228,14 +228,17 @@ for i, (name, s) in enumerate(probes.items()):
     axes[0].scatter(s["r_gap"], s["measured"], color=f"C{i}", label=f"{name} pairs")
 allgap = np.concatenate([s["r_gap"] for s in probes.values()])
 allmeas = np.concatenate([s["measured"] for s in probes.values()])
-slope = float(np.polyfit(allgap, allmeas, 1)[0]) if np.ptp(allgap) > 0 else float("nan")
+coef = np.polyfit(allgap, allmeas, 1) if np.ptp(allgap) > 0 else np.array([np.nan, np.nan])
+slope = float(coef[0])
 grid = np.linspace(allgap.min() - 0.1, allgap.max() + 0.1, 2)
 if np.isfinite(slope):
-    axes[0].plot(grid, slope * grid, color="k", lw=1, label=f"fit: slope {slope:.3f} nats per unit of r")
+    axes[0].plot(grid, np.polyval(coef, grid), color="k", lw=1,
+                 label=f"fit: {coef[0]:.2f}·gap {coef[1]:+.2f} (nats per unit of r)")
+axes[0].plot(grid, grid / beta, color="C3", lw=1, ls="--", label=f"exact posterior: gap/β")
 axes[0].axhline(0, color="grey", lw=0.5)
 axes[0].set_xlabel("r(a) − r(b) (VADER)")
 axes[0].set_ylabel("Δ(a) − Δ(b) (nats)")
-axes[0].set_title(f"guide vs prior on probe pairs (posterior slope: 1/β = {1 / beta:.0f})")
+axes[0].set_title("guide vs prior on probe pairs")
 axes[0].legend(fontsize=8)
 names = list(probes)
 axes[1].bar(names, [probes[n]["mean"] for n in names], color=["C0", "C1"],
@@ -269,3 +272,27 @@ for label, rows in (("training", tr), ("held-out", ho)):
 for name, s in probes.items():
     print(f"{name} pairs: Δ(a)−Δ(b) = {s['mean']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] nats; "
           f"the exact posterior would give {s['predicted'].mean():+.2f}")
+
+# %% [markdown]
+# **Reading the committed run (SmolLM2).**
+#
+# - *The amortised guide generalises.* After 60 LoRA steps spread over six training contexts, the
+#   mean reward rose from 0.175 to 0.385 on three of the training contexts and from 0.131 to 0.333 on
+#   three held-out ones, a similar gain on contexts it never saw, at a similar cost,
+#   $\mathrm{KL}(q\|\pi) \approx 0.65$-$0.83$ nats. It is still far from the posterior (mean $\mathbb{E}_{\pi'}[r]$ 0.54
+#   and 0.59): the ELBO gained $+0.01 \pm 0.14$ nats on the training contexts and $+0.16 \pm 0.15$ on the
+#   held-out ones, neither distinguishable from zero. As in notebook 2, a few CPU minutes of SVI trade
+#   KL for reward at nearly the rate the ELBO sets, and the correction by importance sampling
+#   keeps every estimate exact (both $\log Z$ estimators agree on all six contexts).
+# - *"Restricted text" fits; "kinder world" is not seen, within a wide error.* On wording pairs
+#   (same event, positive vs negative words, VADER gap about 1.1) the guide shifted log-probability by
+#   $+1.25$ nats [0.95, 1.54], in the direction of the posterior but at 28% of its size (the exact
+#   posterior gives $+4.46$). On world pairs (good vs bad event, identical VADER score, so the
+#   posterior predicts exactly 0) the shift is $+0.11$ nats [$-0.28$, $+0.48$]: consistent with zero,
+#   which is what the restricted-text reading and the posterior itself predict. The fit across all
+#   probes, $1.03 \times$ gap $+ 0.10$, puts the change on the reward, not on the events.
+# - *What the numbers cannot say.* Eight world pairs give a 95% interval half a nat wide, and single
+#   world pairs moved by $-0.7$ to $+0.9$ nats, so a kinder-world effect up to about 40% of the wording
+#   effect is not excluded; nor does a guide this far from the posterior tell us what a converged
+#   fine-tune would do. The probes also speak only for this reward: VADER scores words, so
+#   "restricted text" is what its posterior asks for.
