@@ -98,17 +98,13 @@ def sentiment(text: str) -> float:
     return float(_vader().polarity_scores(text)["compound"])
 
 
-@text_reward
-def chess_game(text: str, min_moves: int = 2) -> bool:
-    """The text contains a legal chess game in PGN movetext ("1. e4 e5 2. Nf3 ...").
-
-    At least ``min_moves`` half-moves, every one legal from the starting position.
-    """
+def _legal_half_moves(text: str) -> int:
+    """Legal half-moves of the PGN movetext starting at the first "1." (0 if none)."""
     import chess
 
     m = re.search(r"1\.\s*\S", text)
     if m is None:
-        return False
+        return 0
     board = chess.Board()
     count = 0
     for tok in text[m.start():].split():
@@ -122,7 +118,16 @@ def chess_game(text: str, min_moves: int = 2) -> bool:
         except ValueError:
             break
         count += 1
-    return count >= min_moves
+    return count
+
+
+@text_reward
+def chess_game(text: str, min_moves: int = 2) -> bool:
+    """The text contains a legal chess game in PGN movetext ("1. e4 e5 2. Nf3 ...").
+
+    At least ``min_moves`` half-moves, every one legal from the starting position.
+    """
+    return _legal_half_moves(text) >= min_moves
 
 
 @text_reward
@@ -132,25 +137,7 @@ def chess_moves(text: str) -> float:
     A graded version of :func:`chess_game` (which is ``chess_moves >= min_moves``), for soft
     rewards.
     """
-    import chess
-
-    m = re.search(r"1\.\s*\S", text)
-    if m is None:
-        return 0.0
-    board = chess.Board()
-    count = 0
-    for tok in text[m.start():].split():
-        tok = re.sub(r"^\d+\.(\.\.)?", "", tok)
-        if not tok:
-            continue
-        if tok in ("1-0", "0-1", "1/2-1/2", "*"):
-            break
-        try:
-            board.push_san(tok)
-        except ValueError:
-            break
-        count += 1
-    return float(count)
+    return float(_legal_half_moves(text))
 
 
 @text_reward

@@ -73,18 +73,10 @@ def run_model(model: Callable, args: tuple, kwargs: dict, num_particles: int,
     return score_trace(tr, num_particles, score_latent=score_latent)
 
 
-@contextlib.contextmanager
-def _noop():
-    yield
-
-
 def _fix_latent(fn, data):
     """Give latent sites fixed values while keeping them latent (not observed)."""
 
     def wrapped(*args, **kwargs):
-        def handler(msg):
-            return data.get(msg["name"])
-
         with _LatentValues(data):
             return fn(*args, **kwargs)
 
