@@ -26,6 +26,15 @@ Resampling when the ESS falls below ``ess_threshold · num_particles`` (multinom
 particles' genealogy (Lee & Whiteley, 2018; Chan & Lai, 2013: the weights grouped by each
 particle's time-0 ancestor, its "Eve"), or, with ``num_replicates >= 2``, from the spread of
 independent replicate runs, batched together.
+
+Memory. The KV cache and the ``[rows, vocab]`` log-probabilities of every particle advanced
+together are held at once, so ``chunk_size`` bounds the rows of one sweep. Replicates that fit
+are batched into one sweep; a replicate larger than ``chunk_size`` runs as *islands*
+(Vergé, Dubarry, Del Moral & Moulines, 2015): independent SMC runs of at most ``chunk_size``
+particles, one after another, whose sizes add up to ``num_particles``. Island i of size n_i
+estimates Z by Ẑ_i (unbiased), so Ẑ = Σ_i (n_i/N)·Ẑ_i is unbiased, and island particles are
+pooled with weights (n_i/N)·Ẑ_i·W_ij. Memory is then bounded by the chunk (tokens and a few
+scalars per particle are kept), at the cost of resampling only within islands.
 """
 
 from __future__ import annotations
@@ -42,20 +51,24 @@ from ppl_lm.conditions import TokenMask, prefix_length
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.lm import LanguageModel
 from ppl_lm.posterior import Posterior, ess_of, normalise
-from ppl_lm.results import make_posterior
+from ppl_lm.results import cat_scores, make_posterior
 from ppl_lm.tracing import latent_sites, run_model
 
-__all__ = ["run", "RESAMPLING", "resample_indices", "genealogy_diagnostics"]
+__all__ = ["run", "RESAMPLING", "resample_indices", "genealogy_diagnostics", "sweep_plan"]
 
 log = logging.getLogger(__name__)
 
 RESAMPLING = ("multinomial", "systematic")
 MIN_EVES = 10  # below this many distinct time-0 ancestors the genealogy estimates are unreliable
+# Default bounds on one sweep: rows × (prompt + new tokens) (the KV cache) and rows × vocabulary
+# (each [rows, vocab] float32 copy of the next-token log-probs: 256 MiB at the bound).
+TOKENS_PER_SWEEP = 1 << 16
+LOGITS_PER_SWEEP = 1 << 26
 
 
 def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: float = 0.5,
-        resampling: str = "multinomial", num_replicates: int = 1, guide=None, progress: bool = True,
-        **kwargs) -> Posterior:
+        resampling: str = "multinomial", num_replicates: int = 1, chunk_size: int | None = None,
+        guide=None, progress: bool = True, **kwargs) -> Posterior:
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
@@ -72,6 +85,11 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
             num_particles`` rows). Their log Z estimates are averaged (in Z, so unbiased), their
             particles pooled with weights Ẑ_r·W_ri, and with two or more ``log_evidence_se`` is
             the spread between replicates (use ten or more for a usable error bar).
+        chunk_size: the most particles advanced together (bounds memory: their KV cache and
+            next-token log-probs). Replicates are batched up to it; a replicate with more
+            particles runs as independent islands of at most ``chunk_size`` particles, one after
+            another (see the module notes). ``None`` allows 64k tokens (prompt plus new tokens)
+            and 64M next-token logits per sweep (1365 rows on SmolLM2's 49k vocabulary). Another chunk size gives different, equally valid, results.
         guide: an object whose ``.lm`` is a :class:`LanguageModel` over the same vocabulary,
             used as the token proposal with the model's prompt (weights corrected by π/q).
         progress: show a progress bar over tokens.
@@ -79,7 +97,9 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
     Returns:
         A :class:`Posterior` of the final particles (``log_weights`` pooled over replicates).
         ``info`` holds ``log_evidence_se``, ``n_eff`` (see :func:`genealogy_diagnostics`),
-        ``final_ess``, ``num_eves``, ``num_resampling``, ``ess_history`` and the options.
+        ``final_ess``, ``num_eves``, ``num_resampling`` (per island: one per replicate unless
+        islands were needed), ``ess_history`` (mean ESS per token, of the first sweep),
+        ``num_sweeps``, ``num_islands`` and the options.
 
     Raises:
         ValueError: bad options, an unsupported model, or every particle of a replicate died.
@@ -93,17 +113,59 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
     >>> abs(post.log_evidence - (-1.0986)) < 0.1
     True
     """
-    _check_options(num_particles, ess_threshold, resampling, num_replicates)
+    _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size)
     with _random.seeded(seed), torch.no_grad():
         sites = latent_sites(model, args, kwargs, placeholder=True)
         name, d = _sequence_site(sites)
-        sweep = _Sweep(model, args, kwargs, name, d, num_particles, num_replicates, ess_threshold,
-                       resampling, _proposal_lm(guide, d.lm))
-        sweep.run(progress)
-        return sweep.posterior(sites)
+        if chunk_size is None:
+            chunk_size = default_chunk_size(d)
+        qlm = _proposal_lm(guide, d.lm)
+        masks = _token_masks(model, args, kwargs, name, d.max_new_tokens, d.lm.eos_id, d.lm.device)
+        plan = sweep_plan(num_particles, num_replicates, chunk_size)
+        parts = []
+        bar = tqdm(total=num_particles * num_replicates, desc="smc", unit="particle",
+                   disable=not progress or len(plan) == 1)
+        try:
+            for n, reps in plan:
+                sweep = _Sweep(model, args, kwargs, name, d, n, reps, ess_threshold, resampling, qlm, masks)
+                sweep.run(progress and len(plan) == 1)
+                parts.append(sweep.result())
+                del sweep  # free its KV cache before the next sweep allocates one
+                bar.update(n * len(reps))
+        finally:
+            bar.close()
+        return _combine(parts, num_particles, num_replicates, chunk_size, sites, model, args, kwargs, name,
+                        dict(resampling=resampling, ess_threshold=ess_threshold,
+                             proposal="lm" if qlm is None else "guide", token_masks=len(masks)))
 
 
-def _check_options(num_particles, ess_threshold, resampling, num_replicates):
+def default_chunk_size(d: SequenceDistribution) -> int:
+    """Rows per sweep within :data:`TOKENS_PER_SWEEP` tokens and :data:`LOGITS_PER_SWEEP` logits."""
+    rows = min(TOKENS_PER_SWEEP // (d.prompt.shape[-1] + d.max_new_tokens), LOGITS_PER_SWEEP // d.lm.vocab_size)
+    return max(2, rows)
+
+
+def sweep_plan(num_particles: int, num_replicates: int, chunk_size: int) -> list[tuple[int, list[int]]]:
+    """The sweeps of a run: ``(particles per island, [replicate of each island])``, in order.
+
+    Whole replicates are batched while they fit in ``chunk_size`` rows; a replicate with more
+    particles is split into ``ceil(N / chunk_size)`` islands whose sizes differ by at most one.
+
+    >>> sweep_plan(10, 3, 25)
+    [(10, [0, 1]), (10, [2])]
+    >>> sweep_plan(10, 1, 4)
+    [(4, [0]), (3, [0]), (3, [0])]
+    """
+    N, R = num_particles, num_replicates
+    if N <= chunk_size:
+        per = chunk_size // N
+        return [(N, list(range(r, min(r + per, R)))) for r in range(0, R, per)]
+    k = -(-N // chunk_size)
+    sizes = [N // k + (1 if i < N % k else 0) for i in range(k)]
+    return [(n, [r]) for r in range(R) for n in sizes]
+
+
+def _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size):
     if not isinstance(num_particles, int) or num_particles < 2:
         raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}")
     if not isinstance(num_replicates, int) or num_replicates < 1:
@@ -112,6 +174,11 @@ def _check_options(num_particles, ess_threshold, resampling, num_replicates):
         raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
     if resampling not in RESAMPLING:
         raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 2):
+        raise ValueError(f"chunk_size must be an integer >= 2 or None, got {chunk_size!r}")
+    if chunk_size is not None and num_particles > chunk_size and -(-num_particles // chunk_size) > num_particles // 2:
+        raise ValueError(f"chunk_size={chunk_size} would split {num_particles} particles into islands of "
+                         "fewer than 2 particles")
 
 
 def _sequence_site(sites: dict) -> tuple[str, SequenceDistribution]:
@@ -160,7 +227,7 @@ def _token_masks(model, args, kwargs, name: str, T: int, eos: int, device) -> li
 def _categorical(logits: torch.Tensor, generator) -> torch.Tensor:
     """One draw per row from softmax(logits) by the exponential race (rows may be unnormalised)."""
     e = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
-    return (logits.float() - e.log()).argmax(-1)
+    return e.log_().neg_().add_(logits).argmax(-1)  # logits - log(e), in place: one [rows, vocab] buffer
 
 
 def resample_indices(weights: torch.Tensor, scheme: str, generator=None) -> torch.Tensor:
@@ -184,14 +251,15 @@ def resample_indices(weights: torch.Tensor, scheme: str, generator=None) -> torc
 class _Sweep:
     """State of one batched SMC run: ``R`` replicates × ``N`` particles = ``B`` rows."""
 
-    def __init__(self, model, args, kwargs, name, d, N, R, ess_threshold, resampling, qlm):
+    def __init__(self, model, args, kwargs, name, d, N, replicates, ess_threshold, resampling, qlm, masks):
         self.model, self.args, self.kwargs, self.name = model, args, kwargs, name
         self.lm, self.prompt, self.T = d.lm, d.prompt, d.max_new_tokens
-        self.N, self.R, self.B = N, R, N * R
+        R = len(replicates)
+        self.N, self.R, self.B, self.replicates = N, R, N * R, replicates
         self.ess_threshold, self.resampling, self.qlm = ess_threshold, resampling, qlm
         self.device = self.lm.device
         self.eos = self.lm.eos_id
-        self.masks = _token_masks(model, args, kwargs, name, self.T, self.eos, self.device)
+        self.masks = masks
         B = self.B
         self.tokens = torch.full((B, self.T), self.eos, dtype=torch.long, device=self.device)
         self.done = torch.zeros(B, dtype=torch.bool)
@@ -322,61 +390,32 @@ class _Sweep:
             bar.close()
 
     # -- result ---------------------------------------------------------------------------
-    def posterior(self, sites: dict) -> Posterior:
-        R, N = self.R, self.N
-        lw = self.log_w.view(R, N)
-        log_z_r = self.log_z + torch.logsumexp(lw, -1) - math.log(N)  # [R]
-        log_z = float(torch.logsumexp(log_z_r, 0) - math.log(R))
-        # Pool the replicates: particle i of replicate r gets weight Ẑ_r · W_ri.
-        final = log_z_r[:, None] + lw - torch.logsumexp(lw, -1, keepdim=True)
-        final = torch.where(torch.isfinite(lw), final, torch.full_like(final, -math.inf)).reshape(-1)
-        W = torch.exp(normalise(final).double())
-        rel = self._eve_relative_variance()
-        se_eve = math.sqrt(max(float((torch.exp(2 * (log_z_r - log_z)) * rel).sum()), 0.0)) / R
-        if R >= 2:
-            ratio = torch.exp(log_z_r - log_z)  # Ẑ_r / mean Ẑ
-            se = float(ratio.std(unbiased=True)) / math.sqrt(R)
-        else:
-            se = se_eve
-        diag = genealogy_diagnostics(self.tokens.cpu(), self.eve, W)
-        if diag["num_eves"] < MIN_EVES:
-            warnings.warn(
-                f"SMC: the {self.B} final particles descend from only {diag['num_eves']} initial particle(s) "
-                "(path degeneracy), so log_evidence_se and n_eff are unreliable. Use more particles, a "
-                "lower ess_threshold, or num_replicates >= 10 for an error bar from independent runs.",
-                stacklevel=3,
-            )
+    def result(self) -> dict:
+        """What the run keeps of this sweep: tokens and per-particle / per-island scalars."""
+        lw = self.log_w.view(self.R, self.N)
         # One final, non-partial run for the per-sample statistics (no LM pass).
         scores = run_model(self.model, self.args, self.kwargs, self.B, data={self.name: self.tokens},
                            score_latent=False)
         live = torch.isfinite(self.log_w)
         if not torch.allclose(scores.log_likelihood.double()[live], self.twist[live], rtol=1e-4, atol=1e-4):
             warnings.warn("SMC: the model scored the same sequences differently on two runs; its conditions "
-                          "should be deterministic functions of the sequence", stacklevel=3)
+                          "should be deterministic functions of the sequence", stacklevel=4)
         scores.trace = None
         scores.log_prior = self.log_p.float()
         scores.values = {k: v.cpu() for k, v in scores.values.items()}
-        info = {
-            "num_particles": N,
-            "num_replicates": R,
-            "resampling": self.resampling,
-            "ess_threshold": self.ess_threshold,
-            "proposal": "lm" if self.qlm is None else "guide",
-            "token_masks": len(self.masks),
-            "log_evidence_se": se,
-            "log_evidence_se_eve": se_eve,
-            "log_evidence_replicates": log_z_r.tolist(),
-            "n_eff": diag["n_eff"],
-            "n_eff_genealogy": diag["n_eff_genealogy"],
-            "num_eves": diag["num_eves"],
-            "final_ess": ess_of(torch.log(W)),
-            "num_resampling": self.num_resampling.tolist(),
+        return {
+            "scores": scores,
+            "tokens": self.tokens.cpu(),
+            "log_w": self.log_w,  # since each island's last resampling
+            "eve": self.eve,
+            "size": self.N,
+            "replicates": self.replicates,
+            "log_z": self.log_z + torch.logsumexp(lw, -1) - math.log(self.N),  # Ẑ of each island [R]
+            "rel_var": self._eve_relative_variance(),  # [R]
+            "num_resampling": self.num_resampling,
             "ess_history": self.ess_history,
-            "num_steps": self.steps,
+            "steps": self.steps,
         }
-        log.info("smc: %d x %d particles, log Z=%.4f ± %.4f, n_eff=%.1f, resampled %s times", R, N, log_z, se,
-                 diag["n_eff"], self.num_resampling.tolist())
-        return make_posterior("smc", scores, final, sites, log_evidence=log_z, info=info)
 
     def _eve_relative_variance(self) -> torch.Tensor:
         """Lee–Whiteley estimate of Var(Ẑ_r)/Ẑ_r² per replicate, from the Eve genealogy.
@@ -392,6 +431,73 @@ class _Sweep:
         c = (N / (N - 1)) ** (self.num_resampling.double() + 1)
         rel = 1.0 - c * (1.0 - sum_sq)
         return torch.nan_to_num(rel, nan=0.0)  # a dead replicate (Ẑ_r = 0) adds no variance term
+
+
+def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, model, args, kwargs, name,
+             options: dict) -> Posterior:
+    """Pool the islands of every sweep into one Posterior (see the module notes on islands)."""
+    # Per island u: log Ẑ_u, its share a_u = n_u / N of its replicate, its replicate.
+    log_z_u = torch.cat([p["log_z"] for p in parts])
+    log_a_u = torch.cat([torch.full((len(p["replicates"]),), math.log(p["size"] / N), dtype=torch.float64)
+                         for p in parts])
+    rep_u = torch.tensor([r for p in parts for r in p["replicates"]])
+    rel_u = torch.cat([p["rel_var"] for p in parts])
+    log_z_r = torch.full((R,), -math.inf, dtype=torch.float64)
+    for r in range(R):
+        log_z_r[r] = torch.logsumexp(log_a_u[rep_u == r] + log_z_u[rep_u == r], 0)
+    log_z = float(torch.logsumexp(log_z_r, 0) - math.log(R))
+    # Particle j of island u gets weight a_u · Ẑ_u · W_uj (W normalised within the island).
+    final, eves, offset = [], [], 0
+    for p in parts:
+        lw = p["log_w"].view(len(p["replicates"]), p["size"])
+        w = lw - torch.logsumexp(lw, -1, keepdim=True) + (p["log_z"] + math.log(p["size"] / N))[:, None]
+        final.append(torch.where(torch.isfinite(lw), w, torch.full_like(w, -math.inf)).reshape(-1))
+        eves.append(p["eve"] + offset)  # Eves never cross islands
+        offset += lw.numel()
+    final = torch.cat(final)
+    W = torch.exp(normalise(final).double())
+    # Var(Ẑ) = Σ_u (a_u / R)² Var(Ẑ_u), Var(Ẑ_u) ≈ Ẑ_u² · rel_u (Lee–Whiteley, per island).
+    share = torch.exp(2 * (log_a_u + log_z_u - log_z)) / R**2
+    se_eve = math.sqrt(max(float(torch.nan_to_num(share * rel_u, nan=0.0).sum()), 0.0))
+    if R >= 2:
+        ratio = torch.exp(log_z_r - log_z)  # Ẑ_r / mean Ẑ
+        se = float(ratio.std(unbiased=True)) / math.sqrt(R)
+    else:
+        se = se_eve
+    tokens = torch.cat([p["tokens"] for p in parts])
+    diag = genealogy_diagnostics(tokens, torch.cat(eves), W)
+    if diag["num_eves"] < MIN_EVES:
+        warnings.warn(
+            f"SMC: the {len(W)} final particles descend from only {diag['num_eves']} initial particle(s) "
+            "(path degeneracy), so log_evidence_se and n_eff are unreliable. Use more particles, a "
+            "lower ess_threshold, or num_replicates >= 10 for an error bar from independent runs.",
+            stacklevel=3,
+        )
+    scores = cat_scores([p["scores"] for p in parts]) if len(parts) > 1 else parts[0]["scores"]
+    num_islands = len(log_z_u) // R
+    info = {
+        "num_particles": N,
+        "num_replicates": R,
+        **options,
+        "chunk_size": chunk_size,
+        "num_sweeps": len(parts),
+        "num_islands": num_islands,
+        "log_evidence_se": se,
+        "log_evidence_se_eve": se_eve,
+        "log_evidence_replicates": log_z_r.tolist(),
+        "n_eff": diag["n_eff"],
+        "n_eff_genealogy": diag["n_eff_genealogy"],
+        "num_eves": diag["num_eves"],
+        "final_ess": ess_of(torch.log(W)),
+        "num_resampling": torch.cat([p["num_resampling"] for p in parts]).tolist(),
+        "ess_history": parts[0]["ess_history"],
+        "num_steps": max(p["steps"] for p in parts),
+    }
+    if num_islands > 1:
+        info["log_evidence_islands"] = log_z_u.tolist()
+    log.info("smc: %d x %d particles (%d island(s) each), log Z=%.4f ± %.4f, n_eff=%.1f", R, N, num_islands,
+             log_z, se, diag["n_eff"])
+    return make_posterior("smc", scores, final, sites, log_evidence=log_z, info=info)
 
 
 def genealogy_diagnostics(tokens: torch.Tensor, eve: torch.Tensor, W: torch.Tensor) -> dict:

@@ -164,6 +164,59 @@ def test_replicates_pool_to_the_exact_answer(soft):
     _check_exact(post, exact)
 
 
+# -- bounded memory: islands -------------------------------------------------------------
+
+
+def test_sweep_plan_covers_every_particle_within_the_chunk():
+    for N, R, chunk in ((10, 3, 25), (10, 1, 4), (100_000, 1, 4096), (7, 5, 7), (1001, 2, 300)):
+        plan = smc.sweep_plan(N, R, chunk)
+        assert all(n * len(reps) <= chunk for n, reps in plan)
+        per_rep = [sum(n for n, reps in plan for r in reps if r == rep) for rep in range(R)]
+        assert per_rep == [N] * R
+        assert max(n for n, _ in plan) - min(n for n, _ in plan) <= 1
+
+
+def test_the_lm_never_sees_more_rows_than_chunk_size(soft, monkeypatch):
+    lm, model, args, exact = soft
+    rows = []
+    start = type(lm).start
+    monkeypatch.setattr(type(lm), "start", lambda self, prompt, b: rows.append(b) or start(self, prompt, b))
+    post = _run(model, *args, num_particles=3000, chunk_size=500, seed=0)
+    assert rows and max(rows) <= 500 and sum(r for r in rows if r > 1) == 3000
+    assert len(post) == 3000 and post.info["num_islands"] == 6 and len(post.info["log_evidence_islands"]) == 6
+    _check_exact(post, exact)
+
+
+def test_chunk_covering_every_row_is_one_sweep(soft):
+    _, model, args, _ = soft
+    a = _run(model, *args, num_particles=200, num_replicates=3, seed=2)
+    b = _run(model, *args, num_particles=200, num_replicates=3, chunk_size=600, seed=2)
+    assert b.info["num_sweeps"] == 1 and torch.equal(a.samples, b.samples)
+    assert torch.equal(a.log_weights, b.log_weights) and a.log_evidence == b.log_evidence
+    c = _run(model, *args, num_particles=200, num_replicates=3, chunk_size=400, seed=2)  # 2 sweeps
+    assert c.info["num_sweeps"] == 2 and c.info["num_islands"] == 1 and len(c) == 600
+
+
+def test_unequal_islands_are_unbiased(soft):
+    """2000 replicates of 10 particles in islands of 4, 3 and 3 (resampling at every step): the
+    mean of Ẑ_r = Σ_i (n_i/N)·Ẑ_i is Z, and the pooled weights reproduce the exact posterior."""
+    _, model, args, exact = soft
+    post = _run(model, *args, num_particles=10, num_replicates=2000, chunk_size=4, ess_threshold=1.0, seed=0)
+    assert post.info["num_islands"] == 3 and sum(post.info["num_resampling"]) >= 2000
+    z = torch.exp(torch.tensor(post.info["log_evidence_replicates"], dtype=torch.float64) - exact.log_evidence)
+    assert abs(float(z.mean()) - 1.0) <= 4 * float(z.std()) / math.sqrt(len(z))
+    assert tv_distance(post, exact) <= tv_tolerance(exact, post.info["n_eff"])
+
+
+def test_bad_chunk_size(soft):
+    _, model, args, _ = soft
+    for bad in (1, 0, 2.5, "big"):
+        with pytest.raises(ValueError, match="chunk_size"):
+            _run(model, *args, num_particles=10, chunk_size=bad)
+    with pytest.raises(ValueError, match="fewer than 2 particles"):
+        _run(model, *args, num_particles=3, chunk_size=2)
+
+
 def test_every_particle_dead_is_a_clear_error(soft):
     lm = soft[0]
 
