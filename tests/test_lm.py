@@ -14,9 +14,11 @@ from ppl_lm.inference.exact import enumerate_sequences
 LMS = {
     "markov": lambda: ppl_lm.MarkovLM.random(4, eos_id=0, seed=0, scale=1.5),
     "transformer": lambda: ppl_lm.tiny_transformer(4, eos_id=0, seed=0, scale=0.15),
+    "transformer_static": lambda: ppl_lm.tiny_transformer(4, eos_id=0, seed=0, scale=0.15).with_kv_cache("static"),
     "char_transformer": lambda: ppl_lm.tiny_char_transformer(seed=0),
 }
-PROMPTS = {"markov": [[], [2, 1]], "transformer": [[], [3, 1, 2]], "char_transformer": ["Hi", ""]}
+PROMPTS = {"markov": [[], [2, 1]], "transformer": [[], [3, 1, 2]], "transformer_static": [[], [3, 1, 2]],
+           "char_transformer": ["Hi", ""]}
 
 
 @pytest.fixture(params=list(LMS))
