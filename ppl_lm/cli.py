@@ -39,7 +39,7 @@ log = logging.getLogger("ppl_lm.cli")
 DEFAULT_COMPARE = ("importance", "smc", "mh", "svi")
 
 #: Command-line flags that map to backend options (flag dest -> option name).
-OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide")
+OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size")
 
 
 class CLIError(Exception):
@@ -392,6 +392,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=_nonneg_int, help="warm-up transitions per chain (mh)")
     p.add_argument("--num-steps", type=_positive_int, help="optimisation steps (svi)")
     p.add_argument("--guide", help="svi guide: full or lora")
+    p.add_argument("--chunk-size", type=_positive_int,
+                   help="particles held in memory at once (importance, smc; default: from the model size)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="torch device for the LM, e.g. cpu or cuda")
     p.add_argument("--lm", default="smollm2",

@@ -135,6 +135,18 @@ def test_run_model_by_name(capsys):
     assert "prefix: method importance, samples 4" in capsys.readouterr().out
 
 
+def test_chunk_size_flag_reaches_the_backend(tmp_path, monkeypatch, capsys):
+    path = script(tmp_path, TOY_SCRIPT)
+    seen, real = [], ppl_lm.infer
+    monkeypatch.setattr(ppl_lm, "infer", lambda *a, **k: seen.append(k) or real(*a, **k))
+    assert cli.main(["run", path, "--method", "smc", "--lm", "tiny", "--quiet", "--num-particles", "40",
+                     "--chunk-size", "16", "--set", "max_new_tokens=3", "--top", "0"]) == 0
+    assert seen[-1]["chunk_size"] == 16 and seen[-1]["num_particles"] == 40
+    assert "samples 40" in capsys.readouterr().out
+    err = fails(["run", path, "--method", "mh", "--lm", "tiny", "--chunk-size", "16"], capsys)
+    assert "method 'mh' does not take --chunk-size" in err
+
+
 def test_list(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
@@ -263,7 +275,7 @@ def test_unknown_method(tmp_path, capsys):
 def test_option_the_method_does_not_take(tmp_path, capsys):
     err = fails(["run", script(tmp_path, TOY_SCRIPT), "--method", "importance", "--num-chains", "3",
                  "--lm", "tiny"], capsys)
-    assert "method 'importance' does not take --num-chains; it takes --num-samples" in err
+    assert "method 'importance' does not take --num-chains; it takes --chunk-size, --num-samples" in err
 
 
 def test_script_without_build(tmp_path, capsys):
