@@ -101,3 +101,31 @@ def test_token_constraint_checks_every_token():
     assert mask.check(x).tolist() == [True, False, True]
     with pytest.raises(TypeError, match="TokenMask"):
         ppl_lm.token_constraint("t", x, "b")
+
+
+def test_token_constraint_on_a_prefix_checks_only_the_generated_tokens():
+    """A mask that forbids EOS at position 1 (as a pin does) must not prune a prefix of length 1,
+    whose position 1 is only EOS padding; on the full sequence it does."""
+    from ppl_lm.conditions import TokenMask
+
+    lm = ppl_lm.MarkovLM.random(4, eos_id=0)
+
+    class NoEosSecond(TokenMask):
+        def allowed(self, prefix):
+            a = torch.ones(prefix.shape[0], 4, dtype=torch.bool)
+            if prefix.shape[1] == 1:
+                a[:, 0] = False
+            return a
+
+    mask = NoEosSecond(lm)
+    x = torch.tensor([[1, 0, 0], [2, 0, 0], [2, 3, 0]])  # "a", "b", "bc" (EOS = 0 pads)
+
+    def log_factor():
+        tr = _trace(lambda: ppl_lm.token_constraint("t", x, mask))
+        return tr.nodes["t"]["fn"].log_prob(tr.nodes["t"]["value"]).tolist()
+
+    with prefix_length(1):
+        assert log_factor() == [0.0, 0.0, 0.0]
+    with prefix_length(2):
+        assert log_factor() == [-math.inf, -math.inf, 0.0]
+    assert log_factor() == [-math.inf, -math.inf, 0.0]
