@@ -197,6 +197,16 @@ def test_chunk_covering_every_row_is_one_sweep(soft):
     assert c.info["num_sweeps"] == 2 and c.info["num_islands"] == 1 and len(c) == 600
 
 
+def test_default_chunk_bounds_tokens_and_logits(soft, monkeypatch):
+    lm, model, args, _ = soft
+    d = lm.sequence(list(args[0]) if args else [], max_new_tokens=6)
+    rows_by_tokens = smc.TOKENS_PER_SWEEP // (d.prompt.shape[-1] + 6)
+    assert smc.default_chunk_size(d) == min(rows_by_tokens, smc.LOGITS_PER_SWEEP // lm.vocab_size)
+    monkeypatch.setattr(smc, "LOGITS_PER_SWEEP", 300 * lm.vocab_size)  # as if the vocabulary were huge
+    post = _run(model, *args, num_particles=1000, seed=0)
+    assert post.info["chunk_size"] == 300 and post.info["num_islands"] == 4 and len(post) == 1000
+
+
 def test_unequal_islands_are_unbiased(soft):
     """2000 replicates of 10 particles in islands of 4, 3 and 3 (resampling at every step): the
     mean of Ẑ_r = Σ_i (n_i/N)·Ẑ_i is Z, and the pooled weights reproduce the exact posterior."""
