@@ -149,6 +149,16 @@ def test_compiled_caches_are_pooled_only_once_no_state_holds_them():
         assert len(lm._pool[(3, STATIC_BLOCK)]) == 3
 
 
+def test_compiled_step_takes_more_shapes_than_dynamos_default_limit():
+    # fullgraph=True turns Dynamo's "recompile limit reached" fallback into an error
+    _, lm = _pair(lambda: ppl_lm.tiny_transformer(6, eos_id=0, num_layers=1), "compiled", EAGER_GRAPH)
+    limit = torch._dynamo.config.recompile_limit
+    with torch.no_grad():
+        for B in range(1, limit + 3):
+            lm.sample([1, 2], B, 2, generator=torch.Generator().manual_seed(B))
+    assert len(lm._compiled_shapes) == limit + 2
+
+
 def test_trainable_lm_under_autograd_keeps_the_dynamic_cache():
     lm = ppl_lm.tiny_transformer(6, eos_id=0).with_kv_cache("static")
     lm.model.lm_head.weight.requires_grad_(True)

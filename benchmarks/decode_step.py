@@ -1,0 +1,169 @@
+"""One decode step (``lm.extend``) with each KV cache of ``TransformersLM``, against the compute bound.
+
+The three ``kv_cache`` settings on the same weights (``lm.with_kv_cache``):
+
+- ``dynamic``: transformers' ``DynamicCache`` (grows a position a step; the default);
+- ``static``: a preallocated ``StaticCache``, fixed-shape step, eager;
+- ``compiled``: ``static`` with the step under ``torch.compile`` (``mode="reduce-overhead"``,
+  i.e. CUDA graphs, on CUDA; Inductor without graphs on CPU).
+
+For each batch size B, every setting starts from the same prompt (10 tokens), is warmed up by
+``--warmup`` steps (the compiled one compiles there), then runs ``--rounds`` rounds of ``--steps``
+consecutive steps, settings interleaved (ABC, CBA, ...); the host syncs only at the ends of a
+round, so a step's time is the round's time / steps (launches overlap as they do in ``sample``).
+The cache holds prompt + ``--tokens`` positions (rounded up to 64), like ``lm.sample(..., T)``,
+so ``sample`` reuses the compiled step; the context grows from ~10 + warmup to the cache's end.
+
+Compute bound: 2·params·B FLOPs / ``--peak-tflops`` (params include the LM head; attention over
+<= 64 positions is negligible here), printed as the ratio step / bound. Also timed: a whole
+``lm.sample(prompt, B, --tokens)`` per setting (prefill + steps + the exponential-race sampler),
+and the largest |log-prob difference| of each setting from ``dynamic`` after the warm-up.
+
+    python benchmarks/decode_step.py --config-only --batch 16 64             # CPU, float32
+    python benchmarks/decode_step.py --smoke                                   # seconds
+    python benchmarks/decode_step.py --device cuda --config-only --batch 64 256 1024 --peak-tflops 790
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench  # noqa: E402
+from sampling import count_params  # noqa: E402
+
+KV_CACHES = ("dynamic", "static", "compiled")
+
+
+def time_rounds(lms: dict, states: dict, tok: torch.Tensor, args) -> dict[str, list[float]]:
+    """Per-step seconds of each setting, one entry per round (settings interleaved)."""
+    names = list(lms)
+    per_step: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for r in range(args.rounds):
+            for n in names if r % 2 == 0 else names[::-1]:
+                _bench.sync(args.device)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    states[n] = lms[n].extend(states[n], tok)
+                _bench.sync(args.device)
+                per_step[n].append((time.perf_counter() - t0) / args.steps)
+    return per_step
+
+
+def bench_batch(lms: dict, prompt: torch.Tensor, B: int, flops_per_row: float, args) -> dict:
+    device = args.device
+    g = torch.Generator().manual_seed(args.seed + B)
+    tok = torch.randint(3, lms["dynamic" if "dynamic" in lms else next(iter(lms))].vocab_size, (B,),
+                        generator=g).to(device)
+    states, warm_s = {}, {}
+    with torch.no_grad():
+        for n, lm in lms.items():
+            lm.check_context(prompt.shape[-1], args.tokens)  # sizes the static caches
+            _bench.sync(device)
+            t0 = time.perf_counter()
+            s = lm.start(prompt, B)
+            for _ in range(args.warmup):
+                s = lm.extend(s, tok)
+            _bench.sync(device)
+            warm_s[n] = time.perf_counter() - t0
+            states[n] = s
+    ref = next(iter(states))
+    diffs = {n: float((states[n].logprobs - states[ref].logprobs).abs().max()) for n in states}
+    per_step = time_rounds(lms, states, tok, args)
+    steps = {n: _bench.median(v) for n, v in per_step.items()}
+    row = {"batch": B, "steps": steps, "step_times": per_step, "warmup_s": warm_s,
+           "max_abs_logprob_diff_vs_" + ref: diffs, "gflop_per_step": B * flops_per_row / 1e9,
+           "context": [int(prompt.shape[-1]) + args.warmup, int(prompt.shape[-1]) + args.warmup
+                       + args.rounds * args.steps]}
+    if args.peak_tflops:
+        bound = B * flops_per_row / (args.peak_tflops * 1e12)
+        row["compute_bound_s"] = bound
+        row["step_over_bound"] = {n: t / bound for n, t in steps.items()}
+    if not args.no_sample:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        fns = {n: (lambda lm=lm: lm.sample(prompt, B, args.tokens, generator=gen)) for n, lm in lms.items()}
+        times = _bench.interleaved(fns, args.sample_repeats, device)
+        row["sample_s"] = {n: _bench.median(v) for n, v in times.items()}
+        row["sample_s_per_token"] = {n: t / args.tokens for n, t in row["sample_s"].items()}
+    return row
+
+
+def report(label: str, row: dict, args) -> None:
+    B = row["batch"]
+    parts = []
+    for n, t in row["steps"].items():
+        s = f"{n} {t * 1e3:.2f} ms"
+        if "step_over_bound" in row:
+            s += f" ({row['step_over_bound'][n]:.1f}x bound)"
+        parts.append(s)
+    bound = f"; bound {row['compute_bound_s'] * 1e3:.3f} ms" if "compute_bound_s" in row else ""
+    print(f"{label} decode step B={B}: " + ", ".join(parts) + bound, flush=True)
+    base = row["steps"].get("dynamic")
+    if base:
+        print("    speed-up vs dynamic: " + ", ".join(f"{n} {base / t:.2f}x" for n, t in row["steps"].items()
+                                                      if n != "dynamic"), flush=True)
+    print("    warm-up (start + %d steps, compile included): " % args.warmup
+          + ", ".join(f"{n} {t:.1f}s" for n, t in row["warmup_s"].items())
+          + "; max |dlogp| vs first: " + ", ".join(
+              f"{n} {d:.1e}" for n, d in next(v for k, v in row.items() if k.startswith("max_abs")).items()),
+          flush=True)
+    if "sample_s" in row:
+        print(f"    lm.sample(B={B}, T={args.tokens}) per token: " + ", ".join(
+            f"{n} {t * 1e3:.2f} ms" for n, t in row["sample_s_per_token"].items()), flush=True)
+
+
+def main(argv=None):
+    p = _bench.parser(__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 16 64)")
+    p.add_argument("--kv-caches", nargs="+", default=list(KV_CACHES), choices=KV_CACHES)
+    p.add_argument("--tokens", type=int, default=24, help="new tokens the cache holds (and sample's T)")
+    p.add_argument("--warmup", type=int, default=6, help="steps before timing (compiles)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--sample-repeats", type=int, default=3)
+    p.add_argument("--no-sample", action="store_true", help="skip the whole-sample() timing")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend for 'compiled' (default inductor; 'eager' checks tracing fast)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak matmul TFLOP/s in --dtype (H100/H200 bf16 dense: ~790 measured)")
+    args = p.parse_args(argv)
+    _bench.setup(args)
+    if args.smoke:
+        args.batch = args.batch or [2]
+        args.warmup, args.steps, args.rounds, args.sample_repeats = 2, 2, 2, 1
+    args.batch = args.batch or [16, 64]
+    if 10 + args.warmup + args.rounds * args.steps > 10 + args.tokens + (-(10 + args.tokens)) % 64:
+        p.error("warmup + rounds * steps must fit in the cache: prompt 10 + --tokens, rounded up to 64")
+
+    import ppl_lm
+
+    if args.smoke and not args.config_only:
+        base = ppl_lm.tiny_char_transformer(seed=args.seed)
+        base.model.to(device=args.device, dtype=_bench.dtype_of(args))
+        label = "tiny"
+    else:
+        base = _bench.smollm2(args)
+        label = "smollm2-rand" if args.config_only else "smollm2"
+    options = {"backend": args.compile_backend} if args.compile_backend else None
+    lms = {n: base.with_kv_cache(n, options) for n in args.kv_caches}
+    prompt = torch.randint(3, base.vocab_size, (10,), generator=torch.Generator().manual_seed(1))
+    total, _ = count_params(base.model)
+    flops_per_row = 2 * total  # tied or not, the head is a [V, H] product: counted once in params
+    print(f"{label}: {total / 1e6:.1f}M parameters, {_bench.dtype_of(args)}, {args.device}; "
+          f"settings {', '.join(lms)}", flush=True)
+    rows = []
+    for B in args.batch:
+        row = bench_batch(lms, prompt, B, flops_per_row, args)
+        row["model"] = label
+        report(label, row, args)
+        rows.append(row)
+    _bench.emit("decode_step", {"args": vars(args), "params": total, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
