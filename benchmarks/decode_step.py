@@ -15,13 +15,15 @@ The cache holds prompt + ``--tokens`` positions (rounded up to 64), like ``lm.sa
 so ``sample`` reuses the compiled step; the context grows from ~10 + warmup to the cache's end.
 
 Compute bound: 2·params·B FLOPs / ``--peak-tflops`` (params include the LM head; attention over
-<= 64 positions is negligible here), printed as the ratio step / bound. Also timed: a whole
+<= 64 positions is negligible here), printed as the ratio step / bound; with ``--peak-tbps``
+also the memory bound (weights + the KV cache read once a step) and step / max of the two. Also timed: a whole
 ``lm.sample(prompt, B, --tokens)`` per setting (prefill + steps + the exponential-race sampler),
 and the largest |log-prob difference| of each setting from ``dynamic`` after the warm-up.
 
     python benchmarks/decode_step.py --config-only --batch 16 64             # CPU, float32
     python benchmarks/decode_step.py --smoke                                   # seconds
-    python benchmarks/decode_step.py --device cuda --config-only --batch 64 256 1024 --peak-tflops 790
+    python benchmarks/decode_step.py --device cuda --config-only --batch 64 256 1024 \
+        --peak-tflops 790 --peak-tbps 3.0
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def time_rounds(lms: dict, states: dict, tok: torch.Tensor, args) -> dict[str, l
     return per_step
 
 
+def kv_bytes_per_row_position(model) -> int:
+    """Bytes of keys and values one row keeps per position (all layers)."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elt = torch.finfo(next(model.parameters()).dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * elt
+
+
 def bench_batch(lms: dict, prompt: torch.Tensor, B: int, flops_per_row: float, args) -> dict:
     device = args.device
     g = torch.Generator().manual_seed(args.seed + B)
@@ -84,6 +95,15 @@ def bench_batch(lms: dict, prompt: torch.Tensor, B: int, flops_per_row: float, a
         bound = B * flops_per_row / (args.peak_tflops * 1e12)
         row["compute_bound_s"] = bound
         row["step_over_bound"] = {n: t / bound for n, t in steps.items()}
+    if args.peak_tbps:
+        # every weight read once, plus the keys and values of the mean context of a timed step
+        base = next(iter(lms.values()))
+        weights = sum(p.numel() * p.element_size() for p in base.model.parameters())
+        ctx = sum(row["context"]) / 2
+        row["memory_bound_s"] = (weights + B * ctx * kv_bytes_per_row_position(base.model)) / (args.peak_tbps * 1e12)
+        if args.peak_tflops:
+            bound = max(row["compute_bound_s"], row["memory_bound_s"])
+            row["step_over_roofline"] = {n: t / bound for n, t in steps.items()}
     if not args.no_sample:
         gen = torch.Generator(device=device).manual_seed(args.seed)
         fns = {n: (lambda lm=lm: lm.sample(prompt, B, args.tokens, generator=gen)) for n, lm in lms.items()}
@@ -101,7 +121,9 @@ def report(label: str, row: dict, args) -> None:
         if "step_over_bound" in row:
             s += f" ({row['step_over_bound'][n]:.1f}x bound)"
         parts.append(s)
-    bound = f"; bound {row['compute_bound_s'] * 1e3:.3f} ms" if "compute_bound_s" in row else ""
+    bound = f"; compute bound {row['compute_bound_s'] * 1e3:.3f} ms" if "compute_bound_s" in row else ""
+    if "memory_bound_s" in row:
+        bound += f", memory bound {row['memory_bound_s'] * 1e3:.3f} ms"
     print(f"{label} decode step B={B}: " + ", ".join(parts) + bound, flush=True)
     base = row["steps"].get("dynamic")
     if base:
@@ -112,6 +134,9 @@ def report(label: str, row: dict, args) -> None:
           + "; max |dlogp| vs first: " + ", ".join(
               f"{n} {d:.1e}" for n, d in next(v for k, v in row.items() if k.startswith("max_abs")).items()),
           flush=True)
+    if "step_over_roofline" in row:
+        print("    step / max(compute, memory bound): " + ", ".join(
+            f"{n} {r:.1f}x" for n, r in row["step_over_roofline"].items()), flush=True)
     if "sample_s" in row:
         print(f"    lm.sample(B={B}, T={args.tokens}) per token: " + ", ".join(
             f"{n} {t * 1e3:.2f} ms" for n, t in row["sample_s_per_token"].items()), flush=True)
@@ -131,6 +156,8 @@ def main(argv=None):
                    help="torch.compile backend for 'compiled' (default inductor; 'eager' checks tracing fast)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak matmul TFLOP/s in --dtype (H100/H200 bf16 dense: ~790 measured)")
+    p.add_argument("--peak-tbps", type=float, default=None,
+                   help="memory bandwidth TB/s, read + write (H100 ~3.0, H200 ~4.3 measured)")
     args = p.parse_args(argv)
     _bench.setup(args)
     if args.smoke:

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one go (a few minutes on one H100 / H200), on SmolLM2-135M's exact
-# architecture with random weights (--config-only): the 98 MB GGUF does not travel to a GPU box.
+# Every GPU test and benchmark in one go (about 6-8 minutes on one H100 / H200), on SmolLM2-135M's
+# exact architecture with random weights (--config-only): the 98 MB GGUF does not travel to a GPU box.
 #
-#   1. sampling: lm.sample vs model.generate at B = 64, 256, 1024 (T = 24), plus single decode
-#      steps timed against the compute and memory bounds of the card;
-#   2. SMC vs LLaMPPL ("avoid the letter e", N = 64, 256), if llamppl is importable; else ours only.
+#   1. tests/test_lm_static.py on CUDA: the static and compiled (CUDA-graph) decode paths
+#      against the dynamic cache (float32 to 1e-4, bf16 sampling and SMC);
+#   2. decode_step.py: one decode step with kv_cache = dynamic / static / compiled at
+#      B = 64, 256, 1024, bf16, as a ratio to the compute bound 2*params*B / 790 TFLOP/s, plus a
+#      whole lm.sample(B, T=24) per setting (target: compiled step within 3x of the bound);
+#   3. sampling.py: lm.sample vs model.generate at B = 64, 256, 1024 (T = 24);
+#   4. SMC vs LLaMPPL ("avoid the letter e", N = 64, 256), if llamppl is importable; else ours only.
+# Each step has its own time limit and a failure does not stop the next one.
 #
 # Prepare, on a machine with the package index (repo root):
 #   python -c "import ppl_lm; ppl_lm.load_lm().tokenizer.save_pretrained('.gpu/tokenizer')"
@@ -13,7 +18,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
 #       pyro-ppl pyro-api llamppl genlm-backend
-# then run it there with `.gpu` carried:  bash benchmarks/gpu.sh
+# then run it there with `.gpu` carried (device tool: carry [".gpu"], timeout_s 600):
+#   bash benchmarks/gpu.sh 2>&1 | tee $OUT/gpu.log
+# The image's transformers (5.17 when last read) has the same StaticCache API as 5.24 here.
 # Results: the printed ratios and benchmarks/out/*.jsonl (copy them to $OUT when there is one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,18 +48,32 @@ esac
 TOK=()
 [ -d .gpu/tokenizer ] && TOK=(--tokenizer .gpu/tokenizer)
 
-echo "== sampling: ours vs generate, SmolLM2 config, random weights, bf16 =="
-$PY benchmarks/sampling.py --device cuda --config-only --models smollm2 --batch 64 256 1024 \
-    --tokens 24 --repeats 5 --decode-steps --context 128 --step-repeats 30 \
+step() {  # step NAME SECONDS CMD...: run with a time limit; report a failure, carry on
+    local name=$1 limit=$2; shift 2
+    echo "== $name =="
+    local t0=$SECONDS
+    timeout "$limit" "$@" || echo "!! $name failed or timed out (exit $?)"
+    echo "-- $name: $((SECONDS - t0)) s"
+}
+
+step "tests: static / compiled KV cache on CUDA" 150 \
+    $PY -m pytest -q -p no:cacheprovider tests/test_lm_static.py
+
+step "decode step: dynamic vs static vs compiled, SmolLM2 config, bf16" 240 \
+    $PY benchmarks/decode_step.py --device cuda --config-only --batch 64 256 1024 \
     --peak-tflops 790 --peak-tbps "$TBPS"
 
-echo "== SMC: ours vs LLaMPPL (avoid the letter e) =="
+step "sampling: ours vs generate, SmolLM2 config, bf16" 120 \
+    $PY benchmarks/sampling.py --device cuda --config-only --models smollm2 --batch 64 256 1024 \
+    --tokens 24 --repeats 5
+
 if [ ${#TOK[@]} -eq 0 ]; then
-    echo "no .gpu/tokenizer: the letter-e mask needs SmolLM2's tokenizer; skipped (see the header)"
+    echo "== SMC: no .gpu/tokenizer: the letter-e mask needs SmolLM2's tokenizer; skipped (see the header)"
 else
     EXTRA=()
     $PY -c "import llamppl" 2>/dev/null || { echo "llamppl not importable: ours only"; EXTRA=(--no-llamppl); }
-    $PY benchmarks/smc_vs_llamppl.py --device cuda --config-only "${TOK[@]}" --particles 64 256 \
+    step "SMC: ours vs LLaMPPL (avoid the letter e)" 120 \
+        $PY benchmarks/smc_vs_llamppl.py --device cuda --config-only "${TOK[@]}" --particles 64 256 \
         --tokens 24 --seeds 2 "${EXTRA[@]}"
 fi
 

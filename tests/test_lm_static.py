@@ -212,7 +212,7 @@ def test_cuda_bfloat16_sampling_and_smc(kv_cache):
         g = torch.Generator(device="cuda").manual_seed(0)
         tok, lp = lm.sample("Hi", 256, 12, generator=g)
         assert tok.device.type == "cuda" and torch.isfinite(lp).all()
-        assert torch.allclose(lp.sum(-1), lm.score("Hi", tok), atol=0.1)
+        assert torch.allclose(lp.sum(-1), lm.score("Hi", tok), atol=0.5)  # bf16: a sanity bound
     posts = []
     for lm in (dyn, other):
         model, args = soft_reward(lm)
