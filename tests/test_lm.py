@@ -144,3 +144,50 @@ def test_toy_vocab_round_trip():
     assert lm.decode(lm.encode("bcd")) == "bcd" and lm.encode("a") == [1]
     with pytest.raises(ValueError, match="cannot encode"):
         lm.encode("z")
+
+
+def test_categorical_sampler_is_exact_and_never_draws_zero_mass():
+    """The CDF-inversion sampler: chi-square against the law, probability-0 tokens never drawn,
+    and an unnormalised rounding of the total (sum != 1) does not bias it."""
+    from ppl_lm.lm import _categorical
+
+    probs = torch.tensor([0.0, 0.5, 1e-3, 0.2, 0.0, 0.299])
+    logp = probs.log().expand(200_000, -1)
+    draws = _categorical(logp, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=len(probs)).double()
+    assert counts[probs == 0].sum() == 0
+    keep = probs > 0
+    expected = probs[keep].double() / probs.sum() * len(draws)
+    assert chisquare(counts[keep].numpy(), expected.numpy()).pvalue > 1e-3
+    # a row that is all zero mass but one token: always that token
+    one = torch.full((4, 50_000), -math.inf)
+    one[:, 49_999] = 0.0
+    assert (_categorical(one, torch.Generator().manual_seed(1)) == 49_999).all()
+
+
+def test_shared_prompt_scoring_equals_one_pass_with_gradients():
+    """Rows sharing a prompt read it once (KV cache repeated): same log-probs and same
+    gradients as one forward pass over prompt + continuation for every row."""
+    lm = ppl_lm.tiny_transformer(11, eos_id=0, seed=4, scale=0.15)
+    params = [p for p in lm.model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    prompt = torch.tensor([3, 1, 2, 7])
+    tokens = torch.randint(1, 11, (6, 5), generator=torch.Generator().manual_seed(0))
+    tokens[1, 2:] = 0  # an EOS-padded row
+    shared = lm.token_logprobs(prompt, tokens)
+    ids = torch.cat([prompt.expand(6, -1), tokens], -1)
+    logits = lm.model(input_ids=ids, use_cache=False).logits[:, 3:8]
+    one = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
+    one = one * ~ppl_lm.lm.after_eos_mask(tokens, 0)
+    torch.testing.assert_close(shared, one, atol=1e-5, rtol=1e-5)
+    w = torch.randn(shared.shape, generator=torch.Generator().manual_seed(1))
+    ga = torch.autograd.grad((w * shared).sum(), params)
+    gb = torch.autograd.grad((w * one).sum(), params)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # per-row prompts take the single pass; one row and T = 1 work too
+    rows = torch.stack([prompt, prompt.flip(0)] * 3)
+    assert lm.token_logprobs(rows, tokens).shape == (6, 5)
+    torch.testing.assert_close(lm.token_logprobs(prompt, tokens[:1]), one[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lm.token_logprobs(prompt, tokens[:, :1]), one[:, :1], atol=1e-5, rtol=1e-5)
