@@ -104,6 +104,7 @@ def bench_batch(lms: dict, prompt: torch.Tensor, B: int, flops_per_row: float, a
         if args.peak_tflops:
             bound = max(row["compute_bound_s"], row["memory_bound_s"])
             row["step_over_roofline"] = {n: t / bound for n, t in steps.items()}
+    del states  # frees their caches: sample() reuses the compiled setting's pooled one
     if not args.no_sample:
         gen = torch.Generator(device=device).manual_seed(args.seed)
         fns = {n: (lambda lm=lm: lm.sample(prompt, B, args.tokens, generator=gen)) for n, lm in lms.items()}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test and benchmark in one go (about 6-8 minutes on one H100 / H200), on SmolLM2-135M's
+# Every GPU test and benchmark in one go (at most ~9.5 minutes on one H100 / H200), on SmolLM2-135M's
 # exact architecture with random weights (--config-only): the 98 MB GGUF does not travel to a GPU box.
 #
 #   1. tests/test_lm_static.py on CUDA: the static and compiled (CUDA-graph) decode paths
@@ -9,7 +9,8 @@
 #      whole lm.sample(B, T=24) per setting (target: compiled step within 3x of the bound);
 #   3. sampling.py: lm.sample vs model.generate at B = 64, 256, 1024 (T = 24);
 #   4. SMC vs LLaMPPL ("avoid the letter e", N = 64, 256), if llamppl is importable; else ours only.
-# Each step has its own time limit and a failure does not stop the next one.
+# Each step has its own time limit (120 + 240 + 90 + 90 s, so the whole fits the device tool's
+# 10-minute command limit) and a failure does not stop the next one.
 #
 # Prepare, on a machine with the package index (repo root):
 #   python -c "import ppl_lm; ppl_lm.load_lm().tokenizer.save_pretrained('.gpu/tokenizer')"
@@ -48,6 +49,7 @@ esac
 TOK=()
 [ -d .gpu/tokenizer ] && TOK=(--tokenizer .gpu/tokenizer)
 
+# -P: import ppl_lm from /tmp/site (where ppl_lm.inference is mapped), not from the checkout
 step() {  # step NAME SECONDS CMD...: run with a time limit; report a failure, carry on
     local name=$1 limit=$2; shift 2
     echo "== $name =="
@@ -56,14 +58,14 @@ step() {  # step NAME SECONDS CMD...: run with a time limit; report a failure, c
     echo "-- $name: $((SECONDS - t0)) s"
 }
 
-step "tests: static / compiled KV cache on CUDA" 150 \
-    $PY -m pytest -q -p no:cacheprovider tests/test_lm_static.py
+step "tests: static / compiled KV cache on CUDA" 120 \
+    $PY -P -m pytest -q -p no:cacheprovider tests/test_lm_static.py
 
 step "decode step: dynamic vs static vs compiled, SmolLM2 config, bf16" 240 \
     $PY benchmarks/decode_step.py --device cuda --config-only --batch 64 256 1024 \
     --peak-tflops 790 --peak-tbps "$TBPS"
 
-step "sampling: ours vs generate, SmolLM2 config, bf16" 120 \
+step "sampling: ours vs generate, SmolLM2 config, bf16" 90 \
     $PY benchmarks/sampling.py --device cuda --config-only --models smollm2 --batch 64 256 1024 \
     --tokens 24 --repeats 5
 
@@ -72,7 +74,7 @@ if [ ${#TOK[@]} -eq 0 ]; then
 else
     EXTRA=()
     $PY -c "import llamppl" 2>/dev/null || { echo "llamppl not importable: ours only"; EXTRA=(--no-llamppl); }
-    step "SMC: ours vs LLaMPPL (avoid the letter e)" 120 \
+    step "SMC: ours vs LLaMPPL (avoid the letter e)" 90 \
         $PY benchmarks/smc_vs_llamppl.py --device cuda --config-only "${TOK[@]}" --particles 64 256 \
         --tokens 24 --seeds 2 "${EXTRA[@]}"
 fi
