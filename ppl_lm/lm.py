@@ -396,7 +396,7 @@ class TransformersLM(LanguageModel):
         self.kv_cache = kv_cache
         self.compile_options = dict(compile_options or {})
         self._new_tokens: int | None = None  # from the last check_context(): sizes static caches
-        self._pool: dict[tuple[int, int], list[list]] = {}  # "compiled": [owner weakref, cache]
+        self._pool: dict[tuple, list[list]] = {}  # "compiled": [owner weakref, cache] by shape, device
         self._compiled = None
         self._compiled_shapes: set[tuple[int, int]] = set()
         if kv_cache != "dynamic":
@@ -538,7 +538,7 @@ class TransformersLM(LanguageModel):
 
         if self.kv_cache != "compiled":
             return _StaticKV(StaticCache(config=self.model.config, max_cache_len=capacity), capacity)
-        entries = self._pool.setdefault((batch_size, capacity), [])
+        entries = self._pool.setdefault((batch_size, capacity, self.device), [])
         for entry in entries:
             if entry[0]() is None:
                 kv = _StaticKV(entry[1], capacity)

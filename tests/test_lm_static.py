@@ -146,7 +146,7 @@ def test_compiled_caches_are_pooled_only_once_no_state_holds_them():
         fresh = lm.start(prompt, 3)
         assert fresh.data.cache is not cache_a and fresh.data.cache is not b.data.cache
         assert torch.allclose(lm.extend(c, tok).logprobs, lm.extend(fresh, tok).logprobs, atol=1e-6)
-        assert len(lm._pool[(3, STATIC_BLOCK)]) == 3
+        assert len(lm._pool[(3, STATIC_BLOCK, lm.device)]) == 3
 
 
 def test_compiled_step_takes_more_shapes_than_dynamos_default_limit():
