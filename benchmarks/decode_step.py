@@ -17,7 +17,7 @@ so ``sample`` reuses the compiled step; the context grows from ~10 + warmup to t
 Compute bound: 2·params·B FLOPs / ``--peak-tflops`` (params include the LM head; attention over
 <= 64 positions is negligible here), printed as the ratio step / bound; with ``--peak-tbps``
 also the memory bound (weights + the KV cache read once a step) and step / max of the two. Also timed: a whole
-``lm.sample(prompt, B, --tokens)`` per setting (prefill + steps + the exponential-race sampler),
+``lm.sample(prompt, B, --tokens)`` per setting (prefill + steps + the CDF-inversion sampler),
 and the largest |log-prob difference| of each setting from ``dynamic`` after the warm-up.
 
     python benchmarks/decode_step.py --config-only --batch 16 64             # CPU, float32

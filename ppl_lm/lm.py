@@ -596,8 +596,14 @@ class TransformersLM(LanguageModel):
             else:
                 # Each (batch, length) compiles once; Dynamo's limit of 8 versions per function
                 # is shared by every TransformersLM (one code object), so lift it meanwhile.
-                with torch._dynamo.config.patch(recompile_limit=STATIC_RECOMPILE_LIMIT):
-                    logprobs = self._compiled_step()(ids, kv.cache)
+                # Dynamo's one-time setup also turns off torch.distributions argument validation
+                # for the whole process (Pyro's support checks included): keep the user's setting.
+                validate = torch.distributions.Distribution._validate_args
+                try:
+                    with torch._dynamo.config.patch(recompile_limit=STATIC_RECOMPILE_LIMIT):
+                        logprobs = self._compiled_step()(ids, kv.cache)
+                finally:
+                    torch.distributions.Distribution.set_default_validate_args(validate)
                 self._compiled_shapes.add(shape)
             logprobs = logprobs.clone()
         else:

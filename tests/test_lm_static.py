@@ -220,3 +220,22 @@ def test_cuda_bfloat16_sampling_and_smc(kv_cache):
     assert all(sum(p.info["num_resampling"]) > 0 for p in posts)
     # bf16 kernels differ between the paths, so samples may too: compare the estimates loosely
     assert abs(posts[0].log_evidence - posts[1].log_evidence) < 0.5
+
+
+def test_compiling_keeps_distribution_validation_on():
+    """Dynamo's first compile in a process turns off torch.distributions validation globally
+    (Pyro's support checks with it); the compiled path restores the user's setting. Run in a
+    fresh process: the switch happens once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, ppl_lm\n"
+        "from torch.distributions import Distribution as D\n"
+        "lm = ppl_lm.tiny_transformer(6, eos_id=0, seed=0).with_kv_cache('compiled', "
+        "{'backend': 'eager', 'fullgraph': True})\n"
+        "lm.sample([3, 1], 2, 3, generator=torch.Generator().manual_seed(0))\n"
+        "print('VALIDATE', D._validate_args)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "VALIDATE True" in out.stdout, out.stdout + out.stderr[-2000:]
