@@ -40,7 +40,8 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name())")
-# measured here on these cards: bf16 matmul ~790 TFLOP/s; device copy ~3.0 TB/s (H100), ~4.3 TB/s (H200)
+# assumed, not measured here (no GPU yet): achievable bf16 matmul ~790 TFLOP/s (dense peak 989), device
+# copy ~3.0 TB/s (H100, spec 3.35) and ~4.3 TB/s (H200, spec 4.8); replace with measured values when known
 case "$GPU" in
     *H200*) TBPS=4.3 ;;
     *H100*) TBPS=3.0 ;;
