@@ -54,7 +54,7 @@ from ppl_lm.posterior import Posterior, ess_of, normalise
 from ppl_lm.results import cat_scores, make_posterior
 from ppl_lm.tracing import latent_sites, run_model
 
-__all__ = ["run", "RESAMPLING", "resample_indices", "genealogy_diagnostics", "sweep_plan"]
+__all__ = ["RESAMPLING", "default_chunk_size", "genealogy_diagnostics", "resample_indices", "run", "sweep_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
             next-token log-probs). Replicates are batched up to it; a replicate with more
             particles runs as independent islands of at most ``chunk_size`` particles, one after
             another (see the module notes). ``None`` allows 64k tokens (prompt plus new tokens)
-            and 64M next-token logits per sweep (1365 rows on SmolLM2's 49k vocabulary). Another chunk size gives different, equally valid, results.
+            and 64M next-token logits per sweep (1365 rows on SmolLM2's 49k vocabulary).
+            Another chunk size gives different, equally valid, results.
         guide: an object whose ``.lm`` is a :class:`LanguageModel` over the same vocabulary,
             used as the token proposal with the model's prompt (weights corrected by π/q).
         progress: show a progress bar over tokens.
@@ -134,9 +135,9 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
                 bar.update(n * len(reps))
         finally:
             bar.close()
-        return _combine(parts, num_particles, num_replicates, chunk_size, sites, model, args, kwargs, name,
-                        dict(resampling=resampling, ess_threshold=ess_threshold,
-                             proposal="lm" if qlm is None else "guide", token_masks=len(masks)))
+        return _combine(parts, num_particles, num_replicates, chunk_size, sites,
+                        {"resampling": resampling, "ess_threshold": ess_threshold,
+                         "proposal": "lm" if qlm is None else "guide", "token_masks": len(masks)})
 
 
 def default_chunk_size(d: SequenceDistribution) -> int:
@@ -161,6 +162,9 @@ def sweep_plan(num_particles: int, num_replicates: int, chunk_size: int) -> list
         per = chunk_size // N
         return [(N, list(range(r, min(r + per, R)))) for r in range(0, R, per)]
     k = -(-N // chunk_size)
+    if N // k < 2:
+        raise ValueError(f"chunk_size={chunk_size} would split {N} particles into islands of fewer than 2 "
+                         "particles; use a larger chunk_size")
     sizes = [N // k + (1 if i < N % k else 0) for i in range(k)]
     return [(n, [r]) for r in range(R) for n in sizes]
 
@@ -176,9 +180,6 @@ def _check_options(num_particles, ess_threshold, resampling, num_replicates, chu
         raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 2):
         raise ValueError(f"chunk_size must be an integer >= 2 or None, got {chunk_size!r}")
-    if chunk_size is not None and num_particles > chunk_size and -(-num_particles // chunk_size) > num_particles // 2:
-        raise ValueError(f"chunk_size={chunk_size} would split {num_particles} particles into islands of "
-                         "fewer than 2 particles")
 
 
 def _sequence_site(sites: dict) -> tuple[str, SequenceDistribution]:
@@ -433,8 +434,7 @@ class _Sweep:
         return torch.nan_to_num(rel, nan=0.0)  # a dead replicate (Ẑ_r = 0) adds no variance term
 
 
-def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, model, args, kwargs, name,
-             options: dict) -> Posterior:
+def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, options: dict) -> Posterior:
     """Pool the islands of every sweep into one Posterior (see the module notes on islands)."""
     # Per island u: log Ẑ_u, its share a_u = n_u / N of its replicate, its replicate.
     log_z_u = torch.cat([p["log_z"] for p in parts])
