@@ -17,3 +17,15 @@ def smollm2():
     import ppl_lm
 
     return ppl_lm.load_lm()
+
+
+@pytest.fixture(scope="module")
+def soft():
+    """The toy soft-reward problem on the Markov LM, with its exact posterior:
+    ``(lm, model, args, exact)``."""
+    import ppl_lm
+    from toys import markov_lm, soft_reward
+
+    lm = markov_lm()
+    model, args = soft_reward(lm)
+    return lm, model, args, ppl_lm.infer(model, *args, method="exact")

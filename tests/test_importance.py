@@ -25,13 +25,6 @@ def _run(model, *args, **kw):
     return ppl_lm.infer(model, *args, method="importance", **kw)
 
 
-@pytest.fixture(scope="module")
-def soft():
-    lm = markov_lm()
-    model, args = soft_reward(lm)
-    return lm, model, args, ppl_lm.infer(model, *args, method="exact")
-
-
 def test_same_seed_same_samples_and_different_seed_differs(soft):
     _, model, args, _ = soft
     a = _run(model, *args, num_samples=500, chunk_size=128, seed=3)

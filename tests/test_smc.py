@@ -14,7 +14,7 @@ import torch
 
 import ppl_lm
 from ppl_lm.inference import smc
-from toys import markov_lm, soft_reward, token_constraint, tv_distance, tv_tolerance
+from toys import markov_lm, token_constraint, tv_distance, tv_tolerance
 
 
 def _run(model, *args, **kw):
@@ -27,13 +27,6 @@ def _check_exact(post, exact, se_key="log_evidence_se"):
     assert abs(post.log_evidence - exact.log_evidence) <= 4 * se, (post.log_evidence, exact.log_evidence, se)
     tv, tol = tv_distance(post, exact), tv_tolerance(exact, post.info["n_eff"])
     assert tv <= tol, (tv, tol)
-
-
-@pytest.fixture(scope="module")
-def soft():
-    lm = markov_lm()
-    model, args = soft_reward(lm)
-    return lm, model, args, ppl_lm.infer(model, *args, method="exact")
 
 
 def test_same_seed_same_result(soft):
