@@ -1,6 +1,6 @@
 """Batched ancestral sampling with log-probs: ``lm.sample`` vs Hugging Face ``model.generate``.
 
-Ours: ``TransformersLM.sample`` (ppl_lm/lm.py), a hand-written KV-cached loop that returns the
+Ours: ``TransformersLM.sample`` (ppl_lm/lm/base.py), a hand-written KV-cached loop that returns the
 tokens and the log-probability of every token (exact ancestral sampling from the softmax).
 
 Baseline: ``model.generate(do_sample=True, top_k=0, top_p=1.0, temperature=1.0,

@@ -41,7 +41,7 @@ PHASES = ("step", "sample", "prior pass", "guide pass", "backward", "other")
 
 def one_pass_token_logprobs(self, prompt, tokens):
     """The scoring pass before 2026-11-26: prompt + continuation, one forward per row."""
-    from ppl_lm.lm import after_eos_mask, as_prompt_tensor
+    from ppl_lm.tokens import after_eos_mask, as_prompt_tensor
 
     prompt = self._prompt_rows(as_prompt_tensor(prompt, self), tokens.shape[0])
     P, T = prompt.shape[-1], tokens.shape[-1]
@@ -114,8 +114,8 @@ def main(argv=None):
 
     import ppl_lm
     from ppl_lm import rewards
-    from ppl_lm.elbo import RLOO_ELBO
-    from ppl_lm.guides import make_guide
+    from ppl_lm.inference.svi.elbo import RLOO_ELBO
+    from ppl_lm.inference.svi.guides import make_guide
 
     lm = ppl_lm.tiny_char_transformer(seed=0) if args.smoke else _bench.smollm2(args)
 
@@ -131,7 +131,7 @@ def main(argv=None):
     variants = ("current", "one-pass")
     runs = {v: collections.defaultdict(list) for v in variants}
     order = list(variants) + [v for r in range(args.repeats) for v in (variants if r % 2 == 0 else variants[::-1])]
-    with ppl_lm.random.seeded(args.seed):
+    with ppl_lm.seeding.seeded(args.seed):
         for i, v in enumerate(order):
             clock.use(v)
             clock.times.clear()

@@ -49,9 +49,9 @@ def mean_se(x: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def evaluate(prior, guide_lm, prompt: str, T: int, n: int, seed: int) -> dict:
     """Fresh samples: mean reward of guide vs prior, KL(q‖π) on the guide's samples."""
-    with ppl_lm.random.seeded(seed):
-        gx, glp = guide_lm.sample(prompt, n, T, generator=ppl_lm.random.generator(guide_lm.device))
-        px, _ = prior.sample(prompt, n, T, generator=ppl_lm.random.generator(prior.device))
+    with ppl_lm.seeding.seeded(seed):
+        gx, glp = guide_lm.sample(prompt, n, T, generator=ppl_lm.seeding.generator(guide_lm.device))
+        px, _ = prior.sample(prompt, n, T, generator=ppl_lm.seeding.generator(prior.device))
     log_q = glp.sum(-1)
     log_p = prior.score(prompt, gx)
     r_guide = ppl_lm.rewards.sentiment(prior, gx)

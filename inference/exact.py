@@ -12,11 +12,11 @@ import math
 
 import torch
 
-from ppl_lm import random as _random
+from ppl_lm import seeding as _random
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.posterior import Posterior
-from ppl_lm.results import cat_scores, make_posterior
-from ppl_lm.tracing import latent_sites, run_model
+from ppl_lm.inference._runtime import cat_scores, make_posterior
+from ppl_lm.inference._runtime import latent_sites, run_model
 
 __all__ = ["run", "enumerate_sequences", "support_size"]
 

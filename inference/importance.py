@@ -23,11 +23,11 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
-from ppl_lm import random as _random
+from ppl_lm import seeding as _random
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.posterior import Posterior, ess_of, normalise
-from ppl_lm.results import cat_scores, make_posterior
-from ppl_lm.tracing import PARTICLE_PLATE, latent_sites, run_model
+from ppl_lm.inference._runtime import cat_scores, make_posterior
+from ppl_lm.inference._runtime import PARTICLE_PLATE, latent_sites, run_model
 
 __all__ = ["run", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
 

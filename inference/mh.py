@@ -2,7 +2,7 @@
 
 The target is the model's posterior over its latent sequence site: log prior
 (``SequenceDistribution.log_prob``) plus every factor, evaluated by running the vectorised
-model on the proposed sequences (:func:`ppl_lm.tracing.run_model` with ``data=``).
+model on the proposed sequences (:func:`ppl_lm.inference._runtime.run_model` with ``data=``).
 
 A sequence of ``T = max_new_tokens`` positions is held in canonical form: ``n`` content tokens
 (none of them EOS), then EOS padding (``n < T``), or ``n = T`` content tokens and no EOS.
@@ -50,12 +50,12 @@ import torch
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
-from ppl_lm import random as _random
+from ppl_lm import seeding as _random
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.lm import after_eos_mask, as_prompt_tensor
+from ppl_lm.tokens import after_eos_mask, as_prompt_tensor
 from ppl_lm.posterior import Posterior, normalise
-from ppl_lm.results import stats_from_scores
-from ppl_lm.tracing import Scores, latent_sites, run_model
+from ppl_lm.inference._runtime import stats_from_scores
+from ppl_lm.inference._runtime import Scores, latent_sites, run_model
 
 __all__ = ["DEFAULT_MOVES", "MOVES", "EditKernel", "run", "sequence_ess"]
 

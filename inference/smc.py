@@ -46,13 +46,13 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from ppl_lm import random as _random
+from ppl_lm import seeding as _random
 from ppl_lm.conditions import TokenMask, prefix_length
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.lm import LanguageModel
 from ppl_lm.posterior import Posterior, ess_of, normalise
-from ppl_lm.results import cat_scores, make_posterior
-from ppl_lm.tracing import latent_sites, run_model
+from ppl_lm.inference._runtime import cat_scores, make_posterior
+from ppl_lm.inference._runtime import latent_sites, run_model
 
 __all__ = ["RESAMPLING", "default_chunk_size", "genealogy_diagnostics", "resample_indices", "run", "sweep_plan"]
 

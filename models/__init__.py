@@ -11,10 +11,14 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-__all__ = ["NAMES", "names", "load", "model_args"]
+__all__ = ["NAMES", "ALIASES", "names", "load", "model_args"]
 
 #: The model scripts shipped with ppl-lm (``names()`` also finds scripts added later).
-NAMES = ("prefix", "suffix", "sentiment", "no_violence", "chess", "factorisation", "pin", "keyword", "no_e")
+NAMES = ("prefix", "suffix", "sentiment", "no_violence", "chess_game", "factorisation", "pin", "contains_keyword",
+         "no_e")
+#: Short CLI names for scripts whose module name must not shadow another package (python-chess,
+#: the standard ``keyword`` module): ``ppl-lm run chess`` runs ``chess_game``.
+ALIASES = {"chess": "chess_game", "keyword": "contains_keyword"}
 
 
 def names() -> list[str]:
@@ -25,6 +29,7 @@ def names() -> list[str]:
 def load(name: str) -> ModuleType:
     """Import ``ppl_lm.models.<name>``, with a clear error for unknown names."""
     known = names()
+    name = ALIASES.get(name, name)
     if name not in known:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(known)} or give a path to a script")
     return importlib.import_module(f"{__name__}.{name}")

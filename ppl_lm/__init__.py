@@ -5,7 +5,7 @@ likelihood factors (:func:`reward`, :func:`constraint`, :func:`pin`); every way 
 conditioning is an inference backend behind :func:`infer`.
 """
 
-from . import random, rewards
+from . import rewards, seeding, tokens
 from .conditions import TokenMask, constraint, is_partial, pin, reward, token_constraint
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
@@ -15,14 +15,14 @@ from .posterior import Posterior
 __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "tiny_transformer", "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
-    "is_partial", "infer", "METHODS", "Posterior", "rewards", "random", "report",
+    "is_partial", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "report",
 ]
 
 __version__ = "0.1.0"
 
 
 def report(posteriors, out_dir, **kwargs):
-    """Write an HTML report comparing posteriors (see :mod:`ppl_lm.report`)."""
-    from .report import report as _report
+    """Write an HTML report comparing posteriors (see :mod:`ppl_lm.reporting`)."""
+    from .reporting import report as _report
 
     return _report(posteriors, out_dir, **kwargs)

@@ -293,7 +293,7 @@ def cmd_run(args) -> int:
     post = _infer(model, ctx, method, args.seed, opts, files)
     _print_run(args.model, post, args.top)
     if args.report:
-        from .report import report
+        from .reporting import report
 
         path = report({method: post}, args.report, title=f"{args.model}: {method}", top_k=max(args.top, 10),
                       description=_describe(module, ctx, args.lm))
@@ -335,7 +335,7 @@ def cmd_compare(args) -> int:
             posts[m] = post
         _print_run(m, post, args.top)
     if args.report and (posts or exact is not None):
-        from .report import report
+        from .reporting import report
 
         shown = posts or {"exact": exact}
         done = [m for m in methods if m not in failed]

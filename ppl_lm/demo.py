@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     # 1. The LM is a distribution over sequences: sample continuations and their log-probs.
     d = lm.sequence(args.prompt, max_new_tokens=args.max_new_tokens)
     t0 = time.perf_counter()
-    with ppl_lm.random.seeded(args.seed), pyro.plate("samples", args.num_samples):
+    with ppl_lm.seeding.seeded(args.seed), pyro.plate("samples", args.num_samples):
         trace = poutine.trace(lambda: pyro.sample("x", d)).get_trace()
     dt = time.perf_counter() - t0
     x = trace.nodes["x"]["value"]

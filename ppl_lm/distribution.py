@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
-from . import random as _random
-from .lm import LanguageModel, after_eos_mask, as_prompt_tensor
+from ppl_lm import seeding as _random
+from .lm.base import LanguageModel
+from .tokens import after_eos_mask, as_prompt_tensor
 
 __all__ = ["SequenceDistribution"]
 

@@ -49,6 +49,8 @@ class Posterior:
         info: run-level facts (seed, wall time, k-hat, acceptance, ELBO trace, ...).
         values: every latent site's samples.
         guide: the trained guide (SVI) or ``None``.
+        warnings: typed diagnoses of the run (:class:`~ppl_lm.diagnostics.InferenceWarning`),
+            empty when every check passed.
     """
 
     samples: torch.Tensor
@@ -62,6 +64,7 @@ class Posterior:
     info: dict[str, Any] = field(default_factory=dict)
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     guide: Any = None
+    warnings: list = field(default_factory=list)
 
     def __post_init__(self):
         self.samples = self.samples.long()
@@ -117,7 +120,7 @@ class Posterior:
 
     def to_inference_data(self):
         """An ``arviz.InferenceData`` of per-sample scalar summaries (see ``ppl_lm.diagnostics``)."""
-        from .diagnostics import to_inference_data
+        from .diagnostics.inference_data import to_inference_data
 
         return to_inference_data(self)
 

@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 import torch
 from pyro.ops.provenance import get_provenance, track_provenance
 
-from .conditions import TokenMask
-from .lm import lengths
+from .conditions.masks import TokenMask
+from .tokens import lengths
 
 __all__ = [
     "text_reward", "texts", "contains", "regex", "keywords", "sentiment", "chess_game",

@@ -21,10 +21,11 @@ import torch
 
 import ppl_lm
 from ppl_lm import diagnostics as D
+from ppl_lm.diagnostics.inference_data import _arviz
 from ppl_lm.posterior import Posterior, normalise
 from toys import PROBLEMS, markov_lm
 
-az = D._arviz()
+az = _arviz()
 
 
 @pytest.fixture(scope="module", autouse=True)

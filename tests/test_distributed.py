@@ -1,9 +1,9 @@
-"""Data-parallel SVI (ppl_lm.distributed): two gloo processes == one process, exactly.
+"""Data-parallel SVI (ppl_lm.inference.svi.distributed): two gloo processes == one process, exactly.
 
 The particles of a step are drawn in seeded blocks, so two processes (one block each) and one
 process running both blocks draw the same particles; the gradient of the pooled RLOO surrogate
 is then the same up to floating-point summation order. Checked against the RLOO formula of
-``ppl_lm.elbo`` recomputed here on the pooled particles.
+``ppl_lm.inference.svi.elbo`` recomputed here on the pooled particles.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ppl_lm
-from ppl_lm import random as _random
-from ppl_lm.distributed import DistributedRLOO_ELBO, block_seed, train
-from ppl_lm.elbo import particle_terms
-from ppl_lm.guides import make_guide
+from ppl_lm import seeding as _random
+from ppl_lm.inference.svi.distributed import DistributedRLOO_ELBO, block_seed, train
+from ppl_lm.inference.svi.elbo import particle_terms
+from ppl_lm.inference.svi.guides import make_guide
 
 N, STEPS, SEED = 8, 6, 3
 

@@ -65,7 +65,7 @@ def test_sample_cache_is_not_used_for_other_values(lm):
 
 def test_seeded_sampling_is_reproducible(lm):
     def draw(seed):
-        with ppl_lm.random.seeded(seed):
+        with ppl_lm.seeding.seeded(seed):
             with pyro.plate("p", 50):
                 return pyro.sample("x", lm.sequence([], 4))
 
@@ -116,7 +116,7 @@ def test_tracegraph_elbo_sees_text_reward(lm):
 
     pyro.clear_param_store()
     n = 20_000
-    with ppl_lm.random.seeded(0):
+    with ppl_lm.seeding.seeded(0):
         elbo = pyro.infer.TraceGraph_ELBO(num_particles=n, vectorize_particles=True, max_plate_nesting=0)
         elbo.loss_and_grads(model, guide)
     grad = -pyro.param("logits").unconstrained().grad

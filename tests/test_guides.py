@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.guides import LoraLM, PositionalMarkovLM, SequenceGuide, make_guide, model_site
+from ppl_lm.lm import LoraLM, PositionalMarkovLM
+from ppl_lm.inference.svi.guides import SequenceGuide, make_guide, model_site
 from ppl_lm.inference.exact import enumerate_sequences
 from toys import LMS, T, V, prefix_prompt, soft_reward
 
@@ -40,7 +41,7 @@ def test_guide_samples_the_model_site_in_the_particle_plate():
     lm = LMS["markov"]()
     model, args = prefix_prompt(lm)
     guide = make_guide(model, *args)
-    with ppl_lm.random.seeded(0), pyro.plate("particles", 7):
+    with ppl_lm.seeding.seeded(0), pyro.plate("particles", 7):
         tr = poutine.trace(guide).get_trace(*args)
     site = tr.nodes["x"]
     assert site["value"].shape == (7, T) and not site["is_observed"]
@@ -112,7 +113,7 @@ def test_positional_markov_guide_protocol():
                 idx = torch.arange(len(x)).flip(0)
                 st = glm.reorder(glm.reorder(st, idx), idx)  # a round trip is the identity
                 st = glm.extend(st, x[:, t])
-        lp = torch.stack(lp, -1) * ~ppl_lm.lm.after_eos_mask(x, 0)
+        lp = torch.stack(lp, -1) * ~ppl_lm.tokens.after_eos_mask(x, 0)
         torch.testing.assert_close(lp, glm.token_logprobs(prompt, x))
         # The guide's distribution is normalised over the support.
         total = torch.logsumexp(glm.score(prompt, SUPPORT).detach(), 0)
@@ -160,7 +161,7 @@ def test_lora_incremental_state_survives_prior_calls_in_between():
             if t + 1 < T:
                 st = guide.lm.extend(st, x[:, t])
                 pst = lm.extend(pst, x[:, t])
-        mask = ~ppl_lm.lm.after_eos_mask(x, 0)
+        mask = ~ppl_lm.tokens.after_eos_mask(x, 0)
         torch.testing.assert_close(torch.stack(lq, -1) * mask, guide.lm.token_logprobs(args[0], x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.stack(lp, -1) * mask, lm.token_logprobs(args[0], x), atol=1e-5, rtol=1e-5)
 
@@ -212,7 +213,7 @@ def test_lora_guide_log_q_and_gradient_equal_one_pass():
         ids = torch.cat([prompt.expand(len(x), -1), x], -1)
         P = len(prompt)
         logits = lm.model(input_ids=ids, use_cache=False).logits[:, P - 1 : P - 1 + T]
-    one = torch.log_softmax(logits.float(), -1).gather(-1, x[..., None])[..., 0] * ~ppl_lm.lm.after_eos_mask(x, 0)
+    one = torch.log_softmax(logits.float(), -1).gather(-1, x[..., None])[..., 0] * ~ppl_lm.tokens.after_eos_mask(x, 0)
     torch.testing.assert_close(lq, one, atol=1e-5, rtol=1e-5)
     w = torch.linspace(-1, 1, len(x))[:, None]
     ga, gb = torch.autograd.grad((w * lq).sum(), params), torch.autograd.grad((w * one).sum(), params)

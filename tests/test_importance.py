@@ -182,8 +182,8 @@ def test_bad_options_and_guides(soft):
 
 
 def test_svi_guide_object_is_a_proposal(soft):
-    """The guide made by ppl_lm.guides (untrained here) is a callable proposal: exact weights."""
-    from ppl_lm.guides import make_guide
+    """The guide made by ppl_lm.inference.svi.guides (untrained here) is a callable proposal: exact weights."""
+    from ppl_lm.inference.svi.guides import make_guide
 
     _, model, args, exact = soft
     post = _run(model, *args, num_samples=4000, guide=make_guide(model, *args, kind="full"), seed=0)
@@ -219,7 +219,7 @@ class _DefensivePrefix(TorchDistribution):
     def sample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.batch_shape
         n = math.prod(shape)
-        gen = ppl_lm.random.generator(self.lm.device)
+        gen = ppl_lm.seeding.generator(self.lm.device)
         prior, _ = self.lm.sample(self.prompt_ids, n, self.T, generator=gen)
         cont, _ = self.lm.sample(self.prompt_ids + self.y, n, self.T - len(self.y), generator=gen)
         pinned = torch.cat([torch.tensor(self.y).expand(n, -1), cont], -1)

@@ -49,7 +49,7 @@ def test_sample_logprobs_equal_fresh_scoring(lm_case):
         scored = lm.token_logprobs(prompt, tokens)
         assert torch.allclose(lps, scored, atol=1e-4), (lps - scored).abs().max()
         # canonical padding: after the first EOS, only EOS, with log-prob 0
-        after = ppl_lm.lm.after_eos_mask(tokens, lm.eos_id)
+        after = ppl_lm.tokens.after_eos_mask(tokens, lm.eos_id)
         assert (tokens[after] == lm.eos_id).all() and (lps[after] == 0).all()
 
 
@@ -81,12 +81,12 @@ def test_reorder_follows_rows(lm_case):
     name, lm = lm_case
     prompt = _prompts(name, lm)[-1]
     tokens, _ = lm.sample(prompt, 4, 3, generator=torch.Generator().manual_seed(4))
-    state = lm.start(ppl_lm.lm.as_prompt_tensor(prompt, lm), 4)
+    state = lm.start(ppl_lm.tokens.as_prompt_tensor(prompt, lm), 4)
     state = lm.extend(state, tokens[:, 0])
     idx = torch.tensor([2, 2, 0, 1])
     state = lm.reorder(state, idx)
     state = lm.extend(state, tokens[idx, 1])
-    fresh = lm.start(ppl_lm.lm.as_prompt_tensor(prompt, lm), 4)
+    fresh = lm.start(ppl_lm.tokens.as_prompt_tensor(prompt, lm), 4)
     fresh = lm.extend(lm.extend(fresh, tokens[idx, 0]), tokens[idx, 1])
     assert torch.allclose(state.logprobs, fresh.logprobs, atol=1e-4)
 
@@ -149,7 +149,7 @@ def test_toy_vocab_round_trip():
 def test_categorical_sampler_is_exact_and_never_draws_zero_mass():
     """The CDF-inversion sampler: chi-square against the law, probability-0 tokens never drawn,
     and an unnormalised rounding of the total (sum != 1) does not bias it."""
-    from ppl_lm.lm import _categorical
+    from ppl_lm.tokens import categorical as _categorical
 
     probs = torch.tensor([0.0, 0.5, 1e-3, 0.2, 0.0, 0.299])
     logp = probs.log().expand(200_000, -1)
@@ -179,7 +179,7 @@ def test_shared_prompt_scoring_equals_one_pass_with_gradients():
     ids = torch.cat([prompt.expand(6, -1), tokens], -1)
     logits = lm.model(input_ids=ids, use_cache=False).logits[:, 3:8]
     one = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0]
-    one = one * ~ppl_lm.lm.after_eos_mask(tokens, 0)
+    one = one * ~ppl_lm.tokens.after_eos_mask(tokens, 0)
     torch.testing.assert_close(shared, one, atol=1e-5, rtol=1e-5)
     w = torch.randn(shared.shape, generator=torch.Generator().manual_seed(1))
     ga = torch.autograd.grad((w * shared).sum(), params)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.lm import STATIC_BLOCK, _StaticKV
+from ppl_lm.lm.hf import STATIC_BLOCK, _StaticKV
 from toys import soft_reward
 
 CUDA = torch.cuda.is_available()

@@ -146,10 +146,10 @@ def test_mh_is_a_pyro_kernel_with_int64_chain_major_output_and_consistent_stats(
     assert bool(lm.sequence([], T).canonical(post.samples).all())
     # per-sample stats are those of the sample they sit next to
     with torch.no_grad():
-        sc = ppl_lm.tracing.run_model(model, args, {}, 90, data={"x": post.samples})
+        sc = ppl_lm.inference._runtime.run_model(model, args, {}, 90, data={"x": post.samples})
     assert torch.allclose(post.stats["log_prior"], sc.log_prior.float(), atol=1e-4)
     assert torch.allclose(post.stats["log_likelihood"], sc.log_likelihood.float())
-    assert torch.equal(post.stats["length"], ppl_lm.lm.lengths(post.samples, 0).float())
+    assert torch.equal(post.stats["length"], ppl_lm.tokens.lengths(post.samples, 0).float())
     # acceptance: every move reported, and (thin=1) equal to the per-sample statistics
     acc, ss = post.info["acceptance"], post.info["sample_stats"]
     assert set(acc) == set(mh.DEFAULT_MOVES)

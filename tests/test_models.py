@@ -19,7 +19,7 @@ import torch
 import ppl_lm
 import ppl_lm.models as models
 from ppl_lm.conditions import prefix_length
-from ppl_lm.tracing import run_model
+from ppl_lm.inference._runtime import run_model
 
 NAMES = models.names()
 
@@ -300,8 +300,8 @@ exec(compile(open({path!r}).read(), {path!r}, "exec"), {{"__name__": "__main__",
 
 
 def test_run_as_script_does_not_shadow_imports():
-    """``python models/chess.py`` must import python-chess, not itself (keyword.py has the same guard)."""
-    path = os.path.join(os.path.dirname(models.__file__), "chess.py")
+    """``python models/chess_game.py`` must import python-chess, not itself (keyword.py has the same guard)."""
+    path = os.path.join(os.path.dirname(models.__file__), "chess_game.py")
     code = _AS_SCRIPT.format(folder=os.path.dirname(path), path=path)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""ppl_lm.report: the files, their content against the Posteriors, escaping, atomic writing."""
+"""ppl_lm.reporting: the files, their content against the Posteriors, escaping, atomic writing."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ppl_lm import diagnostics as D
 from ppl_lm.posterior import Posterior, normalise
 from toys import PROBLEMS, markov_lm
 
-R = importlib.import_module("ppl_lm.report")  # the module (``ppl_lm.report`` is also callable)
+R = importlib.import_module("ppl_lm.reporting.figures")  # the figure functions
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -190,9 +190,7 @@ def test_rewrite_replaces_the_report(tmp_path, posts):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
-def test_single_posterior_and_callable_module(tmp_path, posts):
-    import ppl_lm.report  # noqa: F401  (binds the submodule as ppl_lm.report)
-
+def test_single_posterior(tmp_path, posts):
     path = ppl_lm.report(posts["IS"], tmp_path / "one")
     assert "importance" in path.read_text()
     assert not (tmp_path / "one" / "trace_importance.png").exists()

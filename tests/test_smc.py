@@ -112,7 +112,7 @@ def test_prefix_runs_see_the_prefix_length():
     def model():
         x = pyro.sample("x", lm.sequence([], max_new_tokens=4))
         if ppl_lm.is_partial():
-            from ppl_lm.conditions import _partial_length
+            from ppl_lm.conditions.factors import _partial_length
 
             n = _partial_length(x)
             lengths.append(n)
@@ -261,8 +261,8 @@ def test_resample_indices():
 
 
 def test_svi_guide_object_is_a_token_proposal(soft):
-    """The guide made by ppl_lm.guides (untrained here) exposes .lm: SMC uses it, exactly."""
-    from ppl_lm.guides import make_guide
+    """The guide made by ppl_lm.inference.svi.guides (untrained here) exposes .lm: SMC uses it, exactly."""
+    from ppl_lm.inference.svi.guides import make_guide
 
     _, model, args, exact = soft
     guide = make_guide(model, *args, kind="full")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ppl_lm
 
 pytestmark = pytest.mark.integration
 

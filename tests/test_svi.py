@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.elbo import RLOO_ELBO, particle_terms
-from ppl_lm.guides import make_guide
+from ppl_lm.inference.svi.elbo import RLOO_ELBO, particle_terms
+from ppl_lm.inference.svi.guides import make_guide
 from ppl_lm.inference.exact import enumerate_sequences
 from toys import LMS, PROBLEMS, T, V, hard_constraint, pin_soft, prefix_prompt, soft_reward
 
@@ -89,7 +89,7 @@ def test_rloo_gradient_matches_exact_elbo_gradient(problem):
 
     elbo = RLOO_ELBO(num_particles=64)
     draws = []
-    with ppl_lm.random.seeded(0):
+    with ppl_lm.seeding.seeded(0):
         for _ in range(60):
             for p in params:
                 p.grad = None
@@ -127,7 +127,7 @@ def test_elbo_identity_exactly_by_enumeration():
     # The estimator's step estimates are unbiased for these exact numbers.
     n = 20_000
     est = RLOO_ELBO(num_particles=n)
-    with ppl_lm.random.seeded(1):
+    with ppl_lm.seeding.seeded(1):
         terms = particle_terms(model, guide, args, {}, n)
     est.loss(model, guide, *args)
     for key, value, per in (("elbo", elbo, terms.f), ("kl_prior", kl_prior, terms.log_q - terms.log_prior),
@@ -159,7 +159,7 @@ def test_estimator_plugs_into_pyro_svi():
     exact = ppl_lm.infer(model, *args, method="exact")
     before = guide_kls(model, args, guide)[0]
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), loss=RLOO_ELBO(num_particles=64))
-    with ppl_lm.random.seeded(0):
+    with ppl_lm.seeding.seeded(0):
         losses = [svi.step(*args) for _ in range(100)]
     after = guide_kls(model, args, guide)[0]
     assert after < 0.1 * before, (before, after)
@@ -174,7 +174,7 @@ def test_estimator_checks():
     lm = LMS["markov"]()
     model, args = hard_constraint(lm)
     guide = make_guide(model, *args)
-    with ppl_lm.random.seeded(0), pytest.raises(ValueError, match="relax_penalty"):
+    with ppl_lm.seeding.seeded(0), pytest.raises(ValueError, match="relax_penalty"):
         RLOO_ELBO(num_particles=64).loss_and_grads(model, guide, *args)
 
 

@@ -40,8 +40,8 @@ from pyro.optim import Adam
 
 import ppl_lm
 from ppl_lm import rewards
-from ppl_lm.elbo import RLOO_ELBO, particle_terms
-from ppl_lm.guides import make_guide
+from ppl_lm.inference.svi.elbo import RLOO_ELBO, particle_terms
+from ppl_lm.inference.svi.guides import make_guide
 from ppl_lm.inference.exact import enumerate_sequences
 
 %matplotlib inline
@@ -127,7 +127,7 @@ pyro.clear_param_store()
 guide = make_guide(toy_model, kind="full")
 svi = SVI(toy_model, guide, Adam({"lr": 0.1}), loss=RLOO_ELBO(num_particles=16))
 curve, est = [], []
-with ppl_lm.random.seeded(0):
+with ppl_lm.seeding.seeded(0):
     for step in range(steps + 1):
         if step % 10 == 0:
             curve.append((step, exact_terms(guide)["kl_post"]))

@@ -167,7 +167,7 @@ else:
 
 # The greedy continuation: its tokens are the likeliest, but far from certain.
 with torch.no_grad():
-    st = lm.start(ppl_lm.lm.as_prompt_tensor(prompt, lm), 1)
+    st = lm.start(ppl_lm.tokens.as_prompt_tensor(prompt, lm), 1)
     y = []
     for _ in range(2):
         lp = st.logprobs[0].clone()

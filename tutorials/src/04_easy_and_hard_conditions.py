@@ -238,7 +238,7 @@ else:
 # The pinned string is the greedy continuation: every token is the likeliest, and still the
 # probability of the whole prefix falls fast.
 with torch.no_grad():
-    st, y = lm.start(ppl_lm.lm.as_prompt_tensor(prompt, lm), 1), []
+    st, y = lm.start(ppl_lm.tokens.as_prompt_tensor(prompt, lm), 1), []
     for _ in range(n_pins):
         lp = st.logprobs[0].clone()
         lp[lm.eos_id] = -math.inf

@@ -14,7 +14,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-__all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "partial_mode", "TokenMask"]
+from .masks import TokenMask
+
+__all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "partial_mode", "prefix_length"]
 
 _PARTIAL = [False]
 
@@ -115,8 +117,6 @@ def pin(name: str, x: torch.Tensor, tokens: Mapping[int, int], lam: float | None
     if lam is None:
         if is_partial():
             # On a prefix, only positions already generated can be checked: pruning is exact.
-            from .lm import lengths  # noqa: WPS433
-
             n = _partial_length(x)
             hits = hits | (pos >= n)
         constraint(name, hits.all(-1), prefix_closed=True)
@@ -142,30 +142,6 @@ def prefix_length(n: int):
             yield
         finally:
             _PARTIAL_LEN.pop()
-
-
-class TokenMask:
-    """Which next tokens keep a prefix admissible: a token-level, prefix-closed condition.
-
-    Subclasses implement ``allowed(prefix)`` -> bool ``[B, V]`` (``prefix``: ``[B, t]``).
-    The default masks are static (independent of the prefix); EOS is always allowed.
-    """
-
-    def __init__(self, lm, allowed_tokens: torch.Tensor | None = None):
-        self.lm = lm
-        self._static = allowed_tokens
-
-    def allowed(self, prefix: torch.Tensor) -> torch.Tensor:
-        return self._static.to(prefix.device).expand(prefix.shape[0], -1)
-
-    def check(self, x: torch.Tensor) -> torch.Tensor:
-        """``ok`` for full sequences ``[..., T]``: every generated token allowed."""
-        flat = x.reshape(-1, x.shape[-1])
-        ok = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device)
-        for t in range(flat.shape[-1]):
-            a = self.allowed(flat[:, :t])
-            ok &= a.gather(-1, flat[:, t : t + 1])[:, 0]
-        return ok.reshape(x.shape[:-1])
 
 
 def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:

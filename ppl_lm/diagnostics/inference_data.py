@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .posterior import Posterior, ess_of
+from ..posterior import Posterior, ess_of
 
 __all__ = [
     "to_inference_data",
@@ -264,7 +264,7 @@ def to_inference_data(post: Posterior):
 def _length(post: Posterior) -> np.ndarray:
     if "length" in post.stats:
         return post.stats["length"].detach().cpu().double().numpy()
-    from .lm import lengths
+    from ..tokens import lengths
 
     eos = getattr(post.lm, "eos_id", None)
     if eos is None:

@@ -1,9 +1,9 @@
 """Stochastic variational inference: fine-tuning the LM toward a reward is SVI on the model.
 
 The model "prior π, likelihood exp(r/β)" has the posterior π'(x) ∝ π(x)·exp(r(x)/β). A guide q
-(the LM with trainable weights, see :mod:`ppl_lm.guides`) is trained with Pyro's ``SVI`` on
+(the LM with trainable weights, see :mod:`ppl_lm.inference.svi.guides`) is trained with Pyro's ``SVI`` on
 the ELBO ``E_q[log π + r/β − log q] = (E_q[r] − β·KL(q‖π))/β``, which is the KL-regularised RL
-objective; ``log Z − ELBO = KL(q‖π')``. The estimator is :class:`ppl_lm.elbo.RLOO_ELBO`
+objective; ``log Z − ELBO = KL(q‖π')``. The estimator is :class:`ppl_lm.inference.svi.elbo.RLOO_ELBO`
 (score function, leave-one-out baseline, particles vectorised in one plate).
 
 Hard conditions: while q violates one the reverse KL is infinite, so training uses a relaxed
@@ -34,9 +34,9 @@ from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
 import ppl_lm
-from ppl_lm import random as _random
-from ppl_lm.elbo import RLOO_ELBO
-from ppl_lm.guides import GUIDE_KINDS, SequenceGuide, make_guide
+from ppl_lm import seeding as _random
+from ppl_lm.inference.svi.elbo import RLOO_ELBO
+from ppl_lm.inference.svi.guides import GUIDE_KINDS, SequenceGuide, make_guide
 from ppl_lm.posterior import Posterior
 
 __all__ = ["run", "DEFAULT_LR", "CHECKPOINT_FILE"]
@@ -65,7 +65,7 @@ def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 
         num_particles: guide draws per step (>= 2), in one vectorised plate.
         lr: Adam step size; default by guide: LoRA 1e-3, full Markov table 0.1, full
             transformer 0.01 (:data:`DEFAULT_LR`).
-        guide: ``"full"``, ``"lora"`` or a guide object (a :class:`~ppl_lm.guides.SequenceGuide`,
+        guide: ``"full"``, ``"lora"`` or a guide object (a :class:`~ppl_lm.inference.svi.guides.SequenceGuide`,
             e.g. ``post.guide`` of an earlier run, trained further).
         num_samples: guide draws importance-weighted against the exact target at the end.
         contexts: optional list of contexts to train the (amortised) guide on: each step picks
@@ -204,13 +204,13 @@ def _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets, seed):
     if not callable(guide):
         raise TypeError(f"guide must be 'full', 'lora' or a callable guide, got {type(guide).__name__}")
     if not isinstance(guide, SequenceGuide):
-        raise TypeError("a guide object must be a ppl_lm.guides.SequenceGuide (e.g. post.guide of an svi run; "
-                        "build one with ppl_lm.guides.make_guide)")
+        raise TypeError("a guide object must be a ppl_lm.inference.svi.guides.SequenceGuide (e.g. post.guide of an svi run; "
+                        "build one with ppl_lm.inference.svi.guides.make_guide)")
     return guide
 
 
 def _default_lr(g) -> float:
-    from ppl_lm.guides import PositionalMarkovLM
+    from ppl_lm.lm import PositionalMarkovLM
 
     if g.kind == "lora":
         return DEFAULT_LR["lora"]

@@ -13,18 +13,15 @@ end. A prompt without "1." makes the condition read the generated text alone.
 π(x)·exp(n(x)/β), a graded reward that also makes a smoke run on a random LM possible.
 """
 
-import os
 import re
 import sys
 
-if __name__ == "__main__":  # run as a script: models/ must not shadow python-chess (`import chess`)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import pyro  # noqa: E402
-import torch  # noqa: E402
+import pyro
+import torch
 
-import ppl_lm  # noqa: E402
-from ppl_lm import rewards  # noqa: E402
+import ppl_lm
+from ppl_lm import rewards
 
 description = "The game in the prompt continues with legal moves (python-chess; hard, mode='soft' counts them)."
 context = '[Event "Casual game"]\n[Result "1-0"]\n\n1. e4 e5 2. Nf3 Nc6 3.'

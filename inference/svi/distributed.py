@@ -7,7 +7,7 @@ run in K processes or one after another in a single process (``num_blocks=K``, w
 a distributed run and its single-process counterpart give the same ELBO trace and, up to
 floating-point summation order, the same gradients and parameters.
 
-Gradient: the RLOO score-function estimator of :mod:`ppl_lm.elbo`. With one context (the
+Gradient: the RLOO score-function estimator of :mod:`ppl_lm.inference.svi.elbo`. With one context (the
 default ``baseline="global"``) every particle's leave-one-out baseline is the mean of the
 other N − 1 particles' ``f`` across all processes (one ``all_gather`` of N scalars), which is
 exactly ``RLOO_ELBO(N)`` on the pooled particles. With ``contexts`` each block draws its own
@@ -19,7 +19,7 @@ call), so every replica applies the same Adam update and the replicas stay ident
 
 Launch (``gloo`` on CPU, ``nccl`` on GPU)::
 
-    torchrun --nproc_per_node=4 -m ppl_lm.distributed sentiment --num-steps 200 \\
+    torchrun --nproc_per_node=4 -m ppl_lm.inference.svi.distributed sentiment --num-steps 200 \\
         --num-particles 64 --device cuda --out guide.pt
 """
 
@@ -40,7 +40,7 @@ from pyro.infer import SVI
 from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
-from . import random as _random
+from ppl_lm import seeding as _random
 from .elbo import RLOO_ELBO, particle_terms, summarise
 from .guides import SequenceGuide, make_guide
 
@@ -72,7 +72,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise RuntimeError("no process group and no torchrun environment (RANK, WORLD_SIZE): "
-                               "launch with `torchrun --nproc_per_node=K -m ppl_lm.distributed ...`")
+                               "launch with `torchrun --nproc_per_node=K -m ppl_lm.inference.svi.distributed ...`")
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -88,7 +88,7 @@ def _comm_device() -> torch.device:
 
 
 class DistributedRLOO_ELBO(RLOO_ELBO):
-    """:class:`~ppl_lm.elbo.RLOO_ELBO` with the particles of each step split into seeded blocks.
+    """:class:`~ppl_lm.inference.svi.elbo.RLOO_ELBO` with the particles of each step split into seeded blocks.
 
     Usable in place of ``RLOO_ELBO`` in Pyro's ``SVI``; in a process group each process runs
     its blocks and the gradients are summed across processes.
@@ -103,7 +103,7 @@ class DistributedRLOO_ELBO(RLOO_ELBO):
             contexts). Default: global without ``contexts``, local with.
         contexts: optional list of contexts (tuples of model arguments); each block picks one
             with its own seeded generator, and the arguments given to ``SVI.step`` are ignored.
-        relax_penalty: as in :class:`~ppl_lm.elbo.RLOO_ELBO`.
+        relax_penalty: as in :class:`~ppl_lm.inference.svi.elbo.RLOO_ELBO`.
     """
 
     def __init__(self, num_particles: int = 8, seed: int = 0, *, num_blocks: int | None = None,
@@ -264,7 +264,7 @@ def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, 
         model, *args: the vectorised model and its arguments (the training context).
         num_steps: optimisation steps.
         num_particles: particles per step, all processes together.
-        guide: ``"lora"``, ``"full"`` or a :class:`~ppl_lm.guides.SequenceGuide`.
+        guide: ``"lora"``, ``"full"`` or a :class:`~ppl_lm.inference.svi.guides.SequenceGuide`.
         lr: Adam step size (default: ``ppl_lm.inference.svi.DEFAULT_LR`` for the guide kind).
         seed: base seed; the particles of step s, block b are drawn under ``block_seed(seed, s, b)``.
         contexts: optional list of contexts (amortised guide): each block draws one.
@@ -280,7 +280,7 @@ def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, 
         averaged over all particles of the step.
     """
     from ppl_lm.inference.svi import DEFAULT_LR
-    from ppl_lm.guides import PositionalMarkovLM
+    from ppl_lm.lm import PositionalMarkovLM
 
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
@@ -294,7 +294,7 @@ def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, 
         elif isinstance(guide, SequenceGuide):
             g = guide
         else:
-            raise TypeError("guide must be 'lora', 'full' or a ppl_lm.guides.SequenceGuide")
+            raise TypeError("guide must be 'lora', 'full' or a ppl_lm.inference.svi.guides.SequenceGuide")
     if lr is None:
         lr = DEFAULT_LR["lora"] if g.kind == "lora" else (
             DEFAULT_LR["full_markov"] if isinstance(g.lm, PositionalMarkovLM) else DEFAULT_LR["full_transformer"])
@@ -327,11 +327,11 @@ def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, 
 
 
 def main(argv=None) -> None:
-    """``torchrun --nproc_per_node=K -m ppl_lm.distributed MODEL [options]``: train a LoRA guide."""
+    """``torchrun --nproc_per_node=K -m ppl_lm.inference.svi.distributed MODEL [options]``: train a LoRA guide."""
     import importlib
     import json
 
-    p = argparse.ArgumentParser(prog="python -m ppl_lm.distributed", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m ppl_lm.inference.svi.distributed", description=main.__doc__)
     p.add_argument("model", help="a model script name in ppl_lm.models (e.g. sentiment) or a module path")
     p.add_argument("--context", default=None, help="the prompt (default: the script's context)")
     p.add_argument("--num-steps", type=int, default=100)

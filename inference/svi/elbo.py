@@ -33,7 +33,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 
-from .tracing import PARTICLE_PLATE
+from ppl_lm.inference._runtime import PARTICLE_PLATE
 
 __all__ = ["RLOO_ELBO", "ParticleTerms", "particle_terms", "summarise"]
 

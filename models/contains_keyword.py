@@ -7,16 +7,13 @@ after a fairy-tale opening), and the hard condition is "upward closed" rather th
 prefix-closed (once the word appears it stays), so SMC can only judge it at the end.
 """
 
-import os
 import sys
 
-if __name__ == "__main__":  # run as a script: models/ must not shadow the standard `keyword` module
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import pyro  # noqa: E402
+import pyro
 
-import ppl_lm  # noqa: E402
-from ppl_lm import rewards  # noqa: E402
+import ppl_lm
+from ppl_lm import rewards
 
 description = "The text contains the keyword(s) (default 'dragon'): mode='hard' (all present) or 'soft' (count)."
 context = "Once upon a time, in a land far away,"

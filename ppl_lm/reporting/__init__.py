@@ -1,0 +1,205 @@
+"""An offline HTML report comparing posteriors: ``ppl_lm.report({"IS": post, ...}, "out/report")``.
+
+The report folder holds ``report.html`` (self-contained: figures embedded as base64 PNG, no
+scripts, no network), the same figures as PNG files, ``summary.md`` (the tables and top samples
+in Markdown) and ``summary.json`` (the table's numbers, unformatted).
+
+It is written atomically: everything is built in a temporary folder beside ``out_dir`` and only
+then moved into place (``report.html`` last), so a run that fails half-way leaves neither a
+partial report nor stray files, and an earlier report in ``out_dir`` stays intact.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects rendered by Agg, never through
+``pyplot``: making a report changes no global matplotlib state and opens no window.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..posterior import Posterior
+from .figures import FIGURES, _figure_specs, _png
+from .render import CSS, _html_samples, _html_table, _md_samples, _md_table, _settings, _table, summary_rows
+
+
+__all__ = ["report", "summary_rows", "FIGURES"]
+
+log = logging.getLogger(__name__)
+
+
+def _check_inputs(posteriors, out_dir, exact) -> dict[str, Posterior]:
+    if isinstance(posteriors, Posterior):
+        posteriors = {posteriors.method: posteriors}
+    if not isinstance(posteriors, Mapping) or not posteriors:
+        raise TypeError("report() takes a non-empty dict name -> Posterior, e.g. {'IS': post_is}")
+    for n, p in posteriors.items():
+        if not isinstance(p, Posterior):
+            raise TypeError(f"report(): posteriors[{n!r}] is a {type(p).__name__}, not a ppl_lm.Posterior")
+        if len(p) == 0:
+            raise ValueError(f"report(): posteriors[{n!r}] has no samples")
+    if exact is not None and not isinstance(exact, Posterior):
+        raise TypeError(f"report(): exact must be a Posterior (method='exact'), got {type(exact).__name__}")
+    if exact is not None and exact.log_evidence is None:
+        raise ValueError("report(): the exact posterior has no log_evidence")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"report(): {out} exists and is not a folder")
+    return {str(n): p for n, p in posteriors.items()}
+
+
+def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.PathLike, *,
+           title: str | None = None, exact: Posterior | None = None, top_k: int = 10,
+           max_text_chars: int = 400, description: str | None = None) -> Path:
+    """Write an HTML report comparing posteriors; returns the path of ``report.html``.
+
+    Args:
+        posteriors: name -> Posterior (a single Posterior is named by its method).
+        out_dir: the report folder (created; files of an earlier report are replaced).
+        title: the report's heading.
+        exact: the exact posterior (toy models), drawn as the reference and used for a
+            TV-distance and log Z error column.
+        top_k: how many distinct top-weighted samples to list per posterior.
+        max_text_chars: longer sample texts are cut.
+        description: a paragraph under the title (the model, its condition, the context).
+
+    The table's numbers come from :func:`ppl_lm.diagnostics.summary`; ``summary.json`` holds
+    them unformatted.
+    """
+    posteriors = _check_inputs(posteriors, out_dir, exact)
+    out = Path(out_dir).absolute()
+    title = title or "ppl-lm report: " + ", ".join(posteriors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        files = _build(posteriors, exact, tmp, title, top_k, max_text_chars, description)
+        _publish(tmp, out, files)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("report written to %s", out / "report.html")
+    return out / "report.html"
+
+
+def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
+           description: str | None = None) -> list[str]:
+    """Write every file of the report into ``tmp``; returns their names, ``report.html`` last."""
+    from .. import __version__
+
+    rows = summary_rows(posteriors, exact)
+    head, cells = _table(rows, exact is not None)
+    settings = [[n, p.method, _settings(p)] for n, p in posteriors.items()]
+
+    figures = []  # (file, section, caption, base64)
+    for fname, section, caption, draw in _figure_specs(posteriors, exact):
+        fig = draw()
+        if fig is None:
+            continue
+        data = _png(fig)
+        (tmp / fname).write_bytes(data)
+        figures.append((fname, section, caption, base64.b64encode(data).decode("ascii")))
+
+    def fig_html(f):
+        fname, _, caption, b64 = f
+        return (f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(fname)}">'
+                f'<figcaption>{html.escape(caption)} <a href="{html.escape(fname)}">{html.escape(fname)}</a>'
+                "</figcaption></figure>")
+
+    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">ppl-lm {html.escape(__version__)} · {now}</p>',
+        f'<p class="desc">{html.escape(description)}</p>' if description else "",
+        "<h2>Summary</h2>", _html_table(head, cells),
+        '<p class="note">ESS in brackets: ESS / N. Means E[·] are posterior (weighted) means. k-hat: Pareto '
+        "shape of the importance weights (&lt; 0.5 good, &gt; 0.7 unreliable). R-hat: largest split R-hat "
+        "over the chains' summaries (&lt; 1.01 good).</p>",
+        "<h3>Run settings</h3>", _html_table(["backend", "method", "settings"], settings),
+    ]
+    for sec, heading in (("distributions", "Reward distributions"), ("weights", "Weight diagnostics")):
+        figs = [f for f in figures if f[1] == sec]
+        if figs:
+            parts.append(f"<h2>{heading}</h2>")
+            parts += [fig_html(f) for f in figs]
+    for n in posteriors:
+        figs = [f for f in figures if f[1] == n]
+        if figs:
+            parts.append(f"<h2>{html.escape(n)}: diagnostics</h2>")
+            parts += [fig_html(f) for f in figs]
+    parts.append("<h2>Samples</h2>")
+    parts.append(f'<p class="note">The {top_k} distinct samples with the largest total posterior weight '
+                 "(count: how many times each occurs).</p>")
+    for n, p in posteriors.items():
+        parts.append(f"<h3>{html.escape(n)}</h3>")
+        parts.append(_html_samples(p, top_k, limit))
+    parts.append("</body></html>")
+    (tmp / "report.html").write_text("\n".join(parts), encoding="utf-8")
+
+    md = [f"# {title}", ""] + ([description, ""] if description else []) + [_md_table(head, cells), "", "## Run settings", "",
+          _md_table(["backend", "method", "settings"], settings), ""]
+    for fname, _, caption, _ in figures:
+        md += [f"![{caption}]({fname})", ""]
+    md.append("## Samples")
+    for n, p in posteriors.items():
+        md += ["", f"### {n}", "", _md_samples(p, top_k, limit)]
+    (tmp / "summary.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    names = [f[0] for f in figures] + ["summary.md", "summary.json", "report.html"]
+    (tmp / "summary.json").write_text(json.dumps(
+        _json_safe({"title": title, "rows": rows, "files": names}), indent=2, default=_json_default,
+        allow_nan=False), encoding="utf-8")
+    return names
+
+
+def _json_safe(v):
+    """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+        return str(float(v))
+    return v
+
+
+def _json_default(v):
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if hasattr(v, "item"):
+        return v.item()
+    return str(v)
+
+
+def _publish(tmp: Path, out: Path, files: list[str]) -> None:
+    """Move the finished report into place: one rename if ``out`` is new, else file by file."""
+    try:
+        os.rename(tmp, out)
+        return
+    except OSError:
+        if not out.is_dir():
+            raise
+    old = out / "summary.json"
+    stale: list[str] = []
+    if old.is_file():
+        try:
+            stale = [f for f in json.loads(old.read_text()).get("files", []) if f not in files]
+        except (ValueError, OSError):
+            stale = []
+    for f in files:  # report.html comes last: once it is there, everything it shows is there
+        os.replace(tmp / f, out / f)
+    for f in stale:  # figures of an earlier report that this one does not have
+        p = out / f
+        if p.suffix == ".png" and p.parent == out and p.is_file():
+            p.unlink()
