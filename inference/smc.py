@@ -16,7 +16,9 @@ and that full score replaces the twist. Each step multiplies the weight by
 
 Proposal. The LM itself, or ``guide.lm`` (a LanguageModel over the same vocabulary, e.g. the
 trained SVI guide). Token-level constraints (``ppl_lm.token_constraint``: sites carrying a
-``TokenMask``) restrict it to allowed tokens, renormalised; the weight is multiplied by the
+``TokenMask``, whose per-particle ``MaskState`` is advanced with each token and reordered on
+resampling; at the last position a grammar mask allows only tokens that complete the text)
+restrict it to allowed tokens, renormalised; the weight is multiplied by the
 proposal mass of the allowed tokens (for the LM proposal, exactly the LM mass of the allowed set),
 so particles never die on a hard token constraint.
 
@@ -280,10 +282,10 @@ class _Sweep:
         logq = logp if qstate is None else qstate.logprobs
         logq_m = logq
         if self.masks:
-            prefix = self.tokens[:, :t]
-            allowed = self.masks[0].allowed(prefix)
-            for m in self.masks[1:]:
-                allowed = allowed & m.allowed(prefix)
+            last = t + 1 == self.T  # only tokens that complete the text (grammar masks)
+            allowed = self.mask_states[0].allowed(last)
+            for m in self.mask_states[1:]:
+                allowed = allowed & m.allowed(last)
             if allowed.shape != logq.shape:
                 raise ValueError(f"a TokenMask returned shape {tuple(allowed.shape)}, expected {tuple(logq.shape)}")
             logq_m = logq.masked_fill(~allowed.to(logq.device), -math.inf)
@@ -336,6 +338,8 @@ class _Sweep:
         dev_index = index.to(self.device)
         self.tokens = self.tokens[dev_index]
         self.state = self.lm.reorder(self.state, dev_index)
+        for m in self.mask_states:  # a grammar mask's parser state travels with its particle
+            m.reorder(index)
         if self.qstate is not None:
             self.qstate = self.qlm.reorder(self.qstate, dev_index)
         log.debug("smc: token %d, resampled %d replicate(s), ESS %.1f", t + 1, int(need.sum()), float(ess.mean()))
@@ -344,6 +348,7 @@ class _Sweep:
         gen = _random.generator(self.device)
         self.state = self.lm.start(self.prompt, self.B)
         self.qstate = None if self.qlm is None else self.qlm.start(self.prompt, self.B)
+        self.mask_states = [m.start(self.B) for m in self.masks]
         bar = tqdm(range(self.T), desc="smc", unit="token", disable=not progress)
         try:
             for t in bar:
@@ -352,6 +357,8 @@ class _Sweep:
                 alive = torch.isfinite(self.log_w)
                 tok, lp, inc = self._propose(self.state, self.qstate, t, gen)
                 self.tokens[:, t] = tok
+                for m in self.mask_states:
+                    m.advance(tok.cpu())
                 self.log_p += lp
                 finished = active & ((tok.cpu() == self.eos) | (t + 1 == self.T))
                 self.done = self.done | finished
