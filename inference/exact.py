@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ppl_lm import seeding as _random
-from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.posterior import Posterior
-from ppl_lm.inference._runtime import cat_scores, make_posterior
-from ppl_lm.inference._runtime import latent_sites, run_model
+from ppl_lm.inference._runtime import cat_scores, finish, latent_sites, make_posterior, run_model, single_sequence_site
+from ppl_lm.posterior import Info, Posterior
 
-__all__ = ["run", "enumerate_sequences", "support_size"]
+__all__ = ["run", "enumerate_sequences", "support_size", "ExactInfo"]
+
+
+@dataclass(frozen=True)
+class ExactInfo(Info):
+    """Facts of an exact run: the support's size and the prior mass of its admissible part."""
+
+    support_size: int = 0
+    prior_mass: float = float("nan")
 
 
 def support_size(vocab_size: int, max_new_tokens: int) -> int:
@@ -36,22 +43,19 @@ def enumerate_sequences(vocab_size: int, eos_id: int, max_new_tokens: int) -> to
     return torch.tensor(rows, dtype=torch.long)
 
 
-def run(model, *args, seed: int = 0, max_support: int = 200_000, chunk_size: int = 8192,
-        **kwargs) -> Posterior:
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_support: int = 200_000,
+        chunk_size: int = 8192) -> Posterior:
     """Enumerate the support; exact posterior weights and exact ``log_evidence``.
 
     Args:
+        model_kwargs: the model's keyword arguments.
         max_support: refuse (with a clear error) when the support has more sequences.
         chunk_size: sequences scored per model call.
     """
+    kwargs = dict(model_kwargs or {})
     with _random.seeded(seed):
-        sites = latent_sites(model, args, kwargs)
-        if len(sites) != 1 or not isinstance(next(iter(sites.values())), SequenceDistribution):
-            raise ValueError(
-                "exact enumeration needs exactly one latent site, an lm.sequence(...); this model has "
-                f"{list(sites)}. Condition the others (poutine.condition) or use another method"
-            )
-        name, d = next(iter(sites.items()))
+        sites = latent_sites(model, args, kwargs, placeholder=True)
+        name, d = single_sequence_site(sites, "exact")
         V, T = d.lm.vocab_size, d.max_new_tokens
         size = support_size(V, T)
         if size > max_support:
@@ -76,7 +80,7 @@ def run(model, *args, seed: int = 0, max_support: int = 200_000, chunk_size: int
         scores.log_prior, scores.log_likelihood = scores.log_prior[keep], scores.log_likelihood[keep]
         scores.rewards = {k: v[keep] for k, v in scores.rewards.items()}
         scores.constraints = {k: v[keep] for k, v in scores.constraints.items()}
-        post = make_posterior("exact", scores, log_joint[keep], sites, log_evidence=log_z)
-        post.info.update({"support_size": size, "log_evidence_se": 0.0, "prior_mass": float(
-            torch.logsumexp(scores.log_prior.double(), 0).exp())})
-        return post
+        info = ExactInfo(support_size=size, prior_mass=float(torch.logsumexp(scores.log_prior.double(), 0).exp()))
+        post = make_posterior("exact", scores, log_joint[keep], sites, log_evidence=log_z, log_evidence_se=0.0,
+                              info=info)
+    return finish(post)

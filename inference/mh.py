@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,13 +51,12 @@ from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ppl_lm import seeding as _random
-from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.tokens import after_eos_mask, as_prompt_tensor
-from ppl_lm.posterior import Posterior, normalise
-from ppl_lm.inference._runtime import stats_from_scores
-from ppl_lm.inference._runtime import Scores, latent_sites, run_model
+from ppl_lm.diagnostics.estimators import mcmc_diagnostics
+from ppl_lm.inference._runtime import Scores, finish, latent_sites, run_model, single_sequence_site, stats_from_scores
+from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.tokens import after_eos_mask, as_prompt_tensor, categorical
 
-__all__ = ["DEFAULT_MOVES", "MOVES", "EditKernel", "run", "sequence_ess"]
+__all__ = ["DEFAULT_MOVES", "MOVES", "EditKernel", "MHInfo", "run", "sequence_ess"]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,24 @@ DEFAULT_MOVES = {"suffix": 0.4, "substitute": 0.25, "substitute_uniform": 0.05, 
 _IDX = {m: i for i, m in enumerate(MOVES)}
 
 
-def _categorical(logp: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from unnormalised log-probabilities (the exponential race)."""
-    e = torch.empty(logp.shape, dtype=torch.float32, device=logp.device).exponential_(generator=gen)
-    return (logp.float() - e.log()).argmax(-1)
+@dataclass(frozen=True)
+class MHInfo(Info):
+    """Facts of an MH run: acceptance per move, per-summary R-hat and bulk ESS, and the options.
+
+    ``ess_sequences`` is the between-chain effective size of the law over whole sequences
+    (:func:`sequence_ess`).
+    """
+
+    acceptance: dict = field(default_factory=dict)
+    acceptance_overall: float = float("nan")
+    rhat_by_stat: dict = field(default_factory=dict)
+    ess_by_stat: dict = field(default_factory=dict)
+    ess_sequences: float = float("nan")
+    num_chains: int = 0
+    num_samples: int = 0
+    warmup_steps: int = 0
+    thin: int = 1
+    moves: dict = field(default_factory=dict)
 
 
 def _log_q_token(logp: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -133,13 +146,8 @@ class EditKernel(MCMCKernel):
     def setup(self, warmup_steps, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
         self.warmup_steps = warmup_steps
-        sites = latent_sites(self.model, args, kwargs)
-        if len(sites) != 1 or not isinstance(next(iter(sites.values())), SequenceDistribution):
-            raise ValueError(
-                "method='mh' needs exactly one latent site, an lm.sequence(...); this model has "
-                f"{list(sites)}. Condition the others (poutine.condition) or use importance/smc"
-            )
-        self.site, d = next(iter(sites.items()))
+        sites = latent_sites(self.model, args, kwargs, placeholder=True)
+        self.site, d = single_sequence_site(sites, "mh")
         self.dist = d
         self.lm = d.lm
         self.prompt = as_prompt_tensor(d.prompt, d.lm)
@@ -278,7 +286,7 @@ class EditKernel(MCMCKernel):
             at_pos = torch.where((posd == t)[:, None], lx, at_pos)
             tok = ys[:, t]
             if m:
-                s = _categorical(ly, gen)
+                s = categorical(ly, gen)
                 tok = torch.where(t < ks, ys[:, t], torch.where(done, torch.full_like(s, eos), s))
                 lp = ly.gather(-1, tok[:, None])[:, 0].double()
                 ys_lp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
@@ -315,7 +323,7 @@ class EditKernel(MCMCKernel):
         at_pos, tok_lp_x, y, y_lp = self._lm_pass(x, pos, k, is_m["suffix"].nonzero()[:, 0])
         lq = _log_q_token(at_pos, eos)  # [C, V] restricted next-token law at pos
         possible &= ~((is_m["substitute"] | is_m["insert"]) & ~torch.isfinite(lq).any(-1))
-        z_lm = _categorical(lq.float(), g)
+        z_lm = categorical(lq.float(), g)
         z_uni = torch.randint(V - 1, (C,), generator=g)
         z_uni = z_uni + (z_uni >= eos).long()
         rows = torch.arange(C)
@@ -396,26 +404,6 @@ class EditKernel(MCMCKernel):
         return move, accept
 
 
-def _scalar_diagnostics(stats: dict[str, torch.Tensor], C: int, S: int):
-    """R-hat and bulk ESS (ArviZ) of each non-constant scalar summary, arrays chain x draw."""
-    rhat, ess = {}, {}
-    if S < 4:
-        log.warning("%d draws per chain are too few for ArviZ's R-hat and ESS (at least 4 are needed)", S)
-        return rhat, ess
-    import arviz as az
-    for name, v in stats.items():
-        if name.startswith("ok:"):
-            continue  # constant 1 on the posterior's support
-        a = v.double().reshape(C, S).numpy()
-        if np.ptp(a) == 0:
-            continue  # a constant carries no information about mixing
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ess[name] = float(az.ess(a))
-            rhat[name] = float(az.rhat(a))
-    return rhat, ess
-
-
 def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
     """Effective sample size of the empirical law over whole sequences, from between-chain spread.
 
@@ -444,14 +432,14 @@ def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
     return float((iid.sum() / sd.sum()) ** 2)
 
 
-def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4, warmup_steps: int = 200,
-        thin: int = 1, moves: Mapping[str, float] | None = None, progress: bool = True,
-        initial_samples: torch.Tensor | None = None, init_budget: int | None = None, **kwargs) -> Posterior:
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 500, num_chains: int = 4,
+        warmup_steps: int = 200, thin: int = 1, moves: Mapping[str, float] | None = None, progress: bool = True,
+        initial_samples: torch.Tensor | None = None, init_budget: int | None = None) -> Posterior:
     """MH over edits: ``num_chains`` batched chains of ``num_samples`` kept draws each.
 
     Args:
         model: a vectorised Pyro model with one latent ``lm.sequence(...)`` site.
-        *args, **kwargs: the model's arguments.
+        *args, model_kwargs: the model's arguments.
         seed: same seed, same samples.
         num_samples: kept draws per chain (after warm-up and thinning).
         num_chains: chains, run as one batch inside the kernel.
@@ -464,9 +452,9 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
 
     Returns:
         A :class:`Posterior` with ``num_chains * num_samples`` uniformly weighted samples
-        (chain-major), ``chain`` indices, per-sample ``stats``, ``log_evidence = None`` and
-        ``info`` holding ``acceptance`` (move -> rate), ``rhat`` and ``ess_by_stat`` (per
-        scalar summary), ``ess`` (their minimum) and ``sample_stats`` (``accepted``, ``move``).
+        (chain-major), ``chain`` indices, per-sample ``stats`` (with the sampler's ``accepted`` and
+        ``move``), ``log_evidence = None``, ``rhat`` and ``bulk_ess`` (the worst over the scalar
+        summaries) and an :class:`MHInfo`; ``rhat`` / ``low_ess`` warnings when chains have not mixed.
 
     >>> import torch, pyro, ppl_lm
     >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
@@ -491,7 +479,7 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
         # multi-process chains would fork the process, and hang with the default context).
         mcmc = MCMC(kernel, num_samples=int(num_samples), warmup_steps=int(warmup_steps), num_chains=1,
                     disable_progbar=not progress)
-        mcmc.run(*args, **kwargs)
+        mcmc.run(*args, **dict(model_kwargs or {}))
     C, S = int(num_chains), int(num_samples)
     draws = mcmc.get_samples(group_by_chain=True)  # [1, S, C, ...]
 
@@ -510,30 +498,22 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
         {k: stack(lambda h, k=k: h["constraints"][k]) for k in hist[0]["constraints"]},
     )
     stats = stats_from_scores(scores, kernel.site, kernel.eos)
-    rhat, ess_by_stat = _scalar_diagnostics(stats, C, S)
+    by_chain = {k: v.reshape(C, S) for k, v in stats.items() if not k.startswith("ok:")}
+    rhat, ess_by_stat = mcmc_diagnostics(by_chain)
     if ess_by_stat:
-        ess = min(ess_by_stat.values())
+        bulk_ess = min(ess_by_stat.values())
     else:  # every summary constant (a point-mass posterior) or too few draws to tell
-        ess = float(C * S) if S >= 4 else float("nan")
-    info = {
-        "acceptance": kernel.acceptance(),
-        "acceptance_overall": float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
-        "rhat": rhat,
-        "ess_by_stat": ess_by_stat,
-        "ess": ess,
-        "ess_sequences": sequence_ess(samples, C),
-        "num_chains": C,
-        "num_samples": S,
-        "warmup_steps": int(warmup_steps),
-        "thin": int(thin),
-        "moves": {m: float(kernel.move_probs[i]) for m, i in _IDX.items()},
-        "sample_stats": {
-            "accepted": chain_major(draws["accepted"]).bool(),
-            "move": chain_major(draws["move"]).long(),
-        },
-        "move_names": list(MOVES),
-    }
-    return Posterior(
+        bulk_ess = float(C * S) if S >= 4 else float("nan")
+    stats["accepted"] = chain_major(draws["accepted"]).bool()
+    stats["move"] = chain_major(draws["move"]).long()
+    info = MHInfo(
+        acceptance=kernel.acceptance(),
+        acceptance_overall=float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
+        rhat_by_stat=rhat, ess_by_stat=ess_by_stat, ess_sequences=sequence_ess(samples, C),
+        num_chains=C, num_samples=S, warmup_steps=int(warmup_steps), thin=int(thin),
+        moves={m: float(kernel.move_probs[i]) for m, i in _IDX.items()},
+    )
+    post = Posterior(
         samples=samples,
         log_weights=normalise(torch.zeros(C * S)),
         log_evidence=None,
@@ -544,4 +524,7 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
         chain=torch.arange(C).repeat_interleave(S),
         info=info,
         values={kernel.site: samples},
+        rhat=max(rhat.values()) if rhat else None,
+        bulk_ess=bulk_ess,
     )
+    return finish(post)

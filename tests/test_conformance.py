@@ -17,13 +17,13 @@ from toys import LMS, PROBLEMS, tv_distance, tv_tolerance
 
 
 def _is_logz_se(post):
-    return post.info["log_evidence_se"]
+    return post.log_evidence_se
 
 
 BACKENDS = {
     # method: (options, n_eff(post), log Z standard error(post) or None)
     "importance": (dict(num_samples=20_000), lambda p: p.ess, _is_logz_se),
-    "smc": (dict(num_particles=4_000), lambda p: p.info["n_eff"], lambda p: p.info["log_evidence_se"]),
+    "smc": (dict(num_particles=4_000), lambda p: p.info.n_eff_genealogy, lambda p: p.log_evidence_se),
     # mh: chains are a batch, so many short chains are cheap. n_eff is the between-chain ESS of
     # the law over whole sequences (info["ess_sequences"]): it matches the observed TV error,
     # while the min ESS over scalar summaries (p.ess) is 3-10x smaller on these toys (slow
