@@ -248,6 +248,10 @@ def stats_from_scores(scores: Scores, site: str, eos_id: int) -> dict[str, torch
         "log_likelihood": scores.log_likelihood.float(),
         "length": lengths(scores.values[site], eos_id).float(),
     }
+    n = len(stats["log_prior"])
+    for name, v in scores.values.items():  # every scalar latent (a discrete world, a parameter)
+        if name != site and v.numel() == n:
+            stats[name] = v.reshape(n).float()
     for name, r in scores.rewards.items():
         stats[f"reward:{name}"] = r.float()
     for name, ok in scores.constraints.items():
