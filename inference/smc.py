@@ -7,7 +7,7 @@ KV cache when particles are resampled).
 Target and weights. At step ``t`` a live particle holds a prefix ``x_{1:t}``; its intermediate
 target is π(x_{1:t})·exp(ψ_t(x_{1:t})), where the twist ψ_t is the sum of the model's factor
 log-probs when the model is re-run on the prefix (padded with EOS) inside
-``ppl_lm.conditions.prefix_length(t)``, so ``ppl_lm.is_partial()`` is True: rewards may score the
+``ppl_lm.conditions.partial_prefix(t)``, so ``ppl_lm.is_partial()`` is True: rewards may score the
 prefix, hard constraints declared ``prefix_closed`` prune it, others are deferred. When a particle
 emits EOS (or reaches ``max_new_tokens``) it is finished: the model is run once more, not partial,
 and that full score replaces the twist. Each step multiplies the weight by
@@ -24,7 +24,7 @@ so particles never die on a hard token constraint.
 
 Resampling when the ESS falls below ``ess_threshold · num_particles`` (multinomial or systematic).
 ``log_evidence`` is the product over resampling epochs of the mean incremental weights
-(unbiased for Z). Its standard error and the effective sample size ``info["n_eff"]`` come from the
+(unbiased for Z). Its standard error and the effective count ``info.n_eff_genealogy`` come from the
 particles' genealogy (Lee & Whiteley, 2018; Chan & Lai, 2013: the weights grouped by each
 particle's time-0 ancestor, its "Eve"), or, with ``num_replicates >= 2``, from the spread of
 independent replicate runs, batched together.
@@ -44,19 +44,24 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
-from ppl_lm.conditions import TokenMask, prefix_length
+from ppl_lm.conditions import TokenMask, partial_prefix
+from ppl_lm.diagnostics.warnings import InferenceWarning
 from ppl_lm.distribution import SequenceDistribution
+from ppl_lm.inference._runtime import (
+    cat_scores, finish, latent_sites, make_posterior, prior_values, run_model, sequence_sites,
+)
 from ppl_lm.lm import LanguageModel
-from ppl_lm.posterior import Posterior, ess_of, normalise
-from ppl_lm.inference._runtime import cat_scores, make_posterior
-from ppl_lm.inference._runtime import latent_sites, run_model
+from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.tokens import categorical
 
-__all__ = ["RESAMPLING", "default_chunk_size", "genealogy_diagnostics", "resample_indices", "run", "sweep_plan"]
+__all__ = ["RESAMPLING", "SMCInfo", "default_chunk_size", "genealogy_diagnostics", "resample_indices", "run",
+           "sweep_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +73,42 @@ TOKENS_PER_SWEEP = 1 << 16
 LOGITS_PER_SWEEP = 1 << 26
 
 
-def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: float = 0.5,
-        resampling: str = "multinomial", num_replicates: int = 1, chunk_size: int | None = None,
-        guide=None, progress: bool = True, **kwargs) -> Posterior:
+@dataclass(frozen=True)
+class SMCInfo(Info):
+    """Facts of an SMC run (options, genealogy, resampling).
+
+    ``n_eff_genealogy`` is SMC's own effective count: the number of independent exact draws whose
+    empirical law has the same expected TV error as these particles, from their genealogy
+    (:func:`genealogy_diagnostics`); ``Posterior.ess`` stays Kish's ESS of the final weights.
+    """
+
+    num_particles: int = 0
+    num_replicates: int = 1
+    resampling: str = "multinomial"
+    ess_threshold: float = 0.5
+    proposal: str = "lm"
+    token_masks: int = 0
+    chunk_size: int = 0
+    num_sweeps: int = 1
+    num_islands: int = 1
+    log_evidence_se_genealogy: float = float("nan")
+    log_evidence_replicates: list = field(default_factory=list)
+    log_evidence_islands: list = field(default_factory=list)
+    n_eff_genealogy: float = float("nan")
+    num_eves: int = 0
+    num_resampling: list = field(default_factory=list)
+    ess_history: list = field(default_factory=list)
+    num_steps: int = 0
+
+
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: int = 256,
+        ess_threshold: float = 0.5, resampling: str = "multinomial", num_replicates: int = 1,
+        chunk_size: int | None = None, guide=None, progress: bool = True) -> Posterior:
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
         model: a vectorised Pyro model with exactly one latent site, an ``lm.sequence(...)``
-            with a shared prompt; ``*args`` and ``**kwargs`` are its arguments.
+            with a shared prompt; ``*args`` and ``model_kwargs`` are its arguments.
         seed: same seed, same samples (on CPU).
         num_particles: particles per replicate (at least 2).
         ess_threshold: resample when ESS < ``ess_threshold · num_particles`` (0 never, 1 at
@@ -98,11 +131,10 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
         progress: show a progress bar over tokens.
 
     Returns:
-        A :class:`Posterior` of the final particles (``log_weights`` pooled over replicates).
-        ``info`` holds ``log_evidence_se``, ``n_eff`` (see :func:`genealogy_diagnostics`),
-        ``final_ess``, ``num_eves``, ``num_resampling`` (per island: one per replicate unless
-        islands were needed), ``ess_history`` (mean ESS per token, of the first sweep),
-        ``num_sweeps``, ``num_islands`` and the options.
+        A :class:`Posterior` of the final particles (``log_weights`` pooled over replicates),
+        ``log_evidence_se`` and an :class:`SMCInfo` (genealogy effective count ``n_eff_genealogy``,
+        ``num_eves``, ``num_resampling`` per island, ``ess_history`` of the first sweep, options);
+        a ``path_degeneracy`` warning when the final particles descend from too few ancestors.
 
     Raises:
         ValueError: bad options, an unsupported model, or every particle of a replicate died.
@@ -117,9 +149,10 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
     True
     """
     _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size)
+    kwargs = dict(model_kwargs or {})
     with _random.seeded(seed), torch.no_grad():
         sites = latent_sites(model, args, kwargs, placeholder=True)
-        name, d = _sequence_site(sites)
+        name, d, before, after = _site_roles(sites)
         if chunk_size is None:
             chunk_size = default_chunk_size(d)
         qlm = _proposal_lm(guide, d.lm)
@@ -130,7 +163,8 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
                    disable=not progress or len(plan) == 1)
         try:
             for n, reps in plan:
-                sweep = _Sweep(model, args, kwargs, name, d, n, reps, ess_threshold, resampling, qlm, masks)
+                sweep = _Sweep(model, args, kwargs, name, d, n, reps, ess_threshold, resampling, qlm, masks,
+                               before, after)
                 sweep.run(progress and len(plan) == 1)
                 parts.append(sweep.result())
                 del sweep  # free its KV cache before the next sweep allocates one
@@ -140,6 +174,20 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
         return _combine(parts, num_particles, num_replicates, chunk_size, sites,
                         {"resampling": resampling, "ess_threshold": ess_threshold,
                          "proposal": "lm" if qlm is None else "guide", "token_masks": len(masks)})
+
+
+def _site_roles(sites: dict):
+    """The site SMC advances token by token (the first ``lm.sequence``), the latent sites sampled
+    before it (drawn from their prior for each particle at the start, then carried by resampling)
+    and those sampled after it (drawn from their prior when a particle's sequence is finished)."""
+    seq = sequence_sites(sites)
+    if not seq:
+        raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
+    name = next(iter(seq))
+    names = list(sites)
+    before = names[: names.index(name)]
+    after = names[names.index(name) + 1:]
+    return name, seq[name], before, after
 
 
 def default_chunk_size(d: SequenceDistribution) -> int:
@@ -184,19 +232,6 @@ def _check_options(num_particles, ess_threshold, resampling, num_replicates, chu
         raise ValueError(f"chunk_size must be an integer >= 2 or None, got {chunk_size!r}")
 
 
-def _sequence_site(sites: dict) -> tuple[str, SequenceDistribution]:
-    if len(sites) != 1 or not isinstance(next(iter(sites.values())), SequenceDistribution):
-        raise ValueError(
-            "SMC runs over the tokens of exactly one latent site, an lm.sequence(...); this model has "
-            f"latent sites {list(sites)}. Condition the others (poutine.condition) or use "
-            "method='importance' or 'mh'"
-        )
-    name, d = next(iter(sites.items()))
-    if d.prompt.dim() != 1:
-        raise ValueError(f"SMC needs one prompt shared by all particles; site {name!r} has per-particle prompts")
-    return name, d
-
-
 def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
     if guide is None:
         return None
@@ -217,7 +252,7 @@ def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
 def _token_masks(model, args, kwargs, name: str, T: int, eos: int, device) -> list[TokenMask]:
     """The TokenMasks of the model's token-level constraints, from one partial run on the empty prefix."""
     empty = torch.full((1, T), eos, dtype=torch.long, device=device)
-    with prefix_length(0):
+    with partial_prefix(0):
         scores = run_model(model, args, kwargs, 1, data={name: empty}, score_latent=False)
     masks = []
     for site in scores.trace.nodes.values():
@@ -225,12 +260,6 @@ def _token_masks(model, args, kwargs, name: str, T: int, eos: int, device) -> li
         if isinstance(meta.get("mask"), TokenMask):
             masks.append(meta["mask"])
     return masks
-
-
-def _categorical(logits: torch.Tensor, generator) -> torch.Tensor:
-    """One draw per row from softmax(logits) by the exponential race (rows may be unnormalised)."""
-    e = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
-    return e.log_().neg_().add_(logits).argmax(-1)  # logits - log(e), in place: one [rows, vocab] buffer
 
 
 def resample_indices(weights: torch.Tensor, scheme: str, generator=None) -> torch.Tensor:
@@ -254,8 +283,12 @@ def resample_indices(weights: torch.Tensor, scheme: str, generator=None) -> torc
 class _Sweep:
     """State of one batched SMC run: ``R`` replicates × ``N`` particles = ``B`` rows."""
 
-    def __init__(self, model, args, kwargs, name, d, N, replicates, ess_threshold, resampling, qlm, masks):
+    def __init__(self, model, args, kwargs, name, d, N, replicates, ess_threshold, resampling, qlm, masks,
+                 before=(), after=()):
         self.model, self.args, self.kwargs, self.name = model, args, kwargs, name
+        # Values of the other latent sites, one row per particle, reordered with it on resampling.
+        self.before, self.after = list(before), list(after)
+        self.fixed: dict[str, torch.Tensor] = {}
         self.lm, self.prompt, self.T = d.lm, d.prompt, d.max_new_tokens
         R = len(replicates)
         self.N, self.R, self.B, self.replicates = N, R, N * R, replicates
@@ -264,6 +297,14 @@ class _Sweep:
         self.eos = self.lm.eos_id
         self.masks = masks
         B = self.B
+        if self.before:  # their prior draws, and the sequence's prompt rows they imply
+            values, seq_fn = prior_values(model, args, kwargs, B, self.before, name)
+            self.fixed.update(values)
+            if seq_fn.prompt_lengths is not None:
+                raise ValueError(f"SMC needs the prompts of site {name!r} to have one length; they are ragged here")
+            self.prompt = seq_fn.prompt if seq_fn.prompt.dim() == 1 else seq_fn.prompt.reshape(B, -1)
+        elif self.prompt.dim() != 1:
+            raise ValueError(f"SMC needs one prompt shared by all particles; site {name!r} has per-particle prompts")
         self.tokens = torch.full((B, self.T), self.eos, dtype=torch.long, device=self.device)
         self.done = torch.zeros(B, dtype=torch.bool)
         self.log_w = torch.zeros(B, dtype=torch.float64)  # since the last resampling of its replicate
@@ -293,7 +334,7 @@ class _Sweep:
         stuck = ~torch.isfinite(log_mass)  # no allowed token has proposal mass: the particle dies
         if bool(stuck.any()):
             logq_m = torch.where(stuck[:, None], torch.zeros_like(logq_m), logq_m)
-        tok = _categorical(logq_m, gen)
+        tok = categorical(logq_m, gen)
         done = self.done.to(tok.device)
         tok = torch.where(done, torch.full_like(tok, self.eos), tok)
         lp = logp.gather(-1, tok[:, None])[:, 0].double()
@@ -309,11 +350,21 @@ class _Sweep:
 
     def _rescore(self, rows: torch.Tensor, t: int | None) -> torch.Tensor:
         """Model log-likelihood of ``rows``: on the prefix of length ``t`` (partial), or final."""
-        data = {self.name: self.tokens[rows.to(self.device)]}
+        data = {self.name: self.tokens[rows.to(self.device)], **{k: self.fixed[k][rows] for k in self.before}}
         if t is None:
+            # Sites after the sequence are drawn from their prior now (their log-probs cancel).
             scores = run_model(self.model, self.args, self.kwargs, len(rows), data=data, score_latent=False)
+            for k in self.after:
+                v = scores.values[k].detach().cpu()
+                if k not in self.fixed:
+                    self.fixed[k] = torch.zeros((self.B, *v.shape[1:]), dtype=v.dtype)
+                self.fixed[k][rows] = v
+        elif self.after:
+            # Sites after the sequence do not exist yet on a prefix: no prefix score (twist 0),
+            # the whole likelihood is applied when the particle finishes.
+            return torch.zeros(len(rows), dtype=torch.float64)
         else:
-            with prefix_length(t):
+            with partial_prefix(t):
                 scores = run_model(self.model, self.args, self.kwargs, len(rows), data=data, score_latent=False)
         return scores.log_likelihood.double().cpu()
 
@@ -335,6 +386,9 @@ class _Sweep:
         index = index.reshape(-1)
         for attr in ("done", "log_w", "twist", "log_p", "eve"):
             setattr(self, attr, getattr(self, attr)[index])
+        self.fixed = {k: v[index] for k, v in self.fixed.items()}
+        if self.prompt.dim() > 1:
+            self.prompt = self.prompt[index.to(self.prompt.device)]
         dev_index = index.to(self.device)
         self.tokens = self.tokens[dev_index]
         self.state = self.lm.reorder(self.state, dev_index)
@@ -402,7 +456,7 @@ class _Sweep:
         """What the run keeps of this sweep: tokens and per-particle / per-island scalars."""
         lw = self.log_w.view(self.R, self.N)
         # One final, non-partial run for the per-sample statistics (no LM pass).
-        scores = run_model(self.model, self.args, self.kwargs, self.B, data={self.name: self.tokens},
+        scores = run_model(self.model, self.args, self.kwargs, self.B, data={self.name: self.tokens, **self.fixed},
                            score_latent=False)
         live = torch.isfinite(self.log_w)
         if not torch.allclose(scores.log_likelihood.double()[live], self.twist[live], rtol=1e-4, atol=1e-4):
@@ -473,38 +527,28 @@ def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, op
         se = se_eve
     tokens = torch.cat([p["tokens"] for p in parts])
     diag = genealogy_diagnostics(tokens, torch.cat(eves), W)
+    found = []
     if diag["num_eves"] < MIN_EVES:
-        warnings.warn(
-            f"SMC: the {len(W)} final particles descend from only {diag['num_eves']} initial particle(s) "
-            "(path degeneracy), so log_evidence_se and n_eff are unreliable. Use more particles, a "
-            "lower ess_threshold, or num_replicates >= 10 for an error bar from independent runs.",
-            stacklevel=3,
-        )
+        found.append(InferenceWarning(
+            "path_degeneracy",
+            f"the {len(W)} final particles descend from only {diag['num_eves']} initial particle(s), so the "
+            "genealogy standard error of log Z and the effective count are unreliable.",
+            "use more particles, a lower ess_threshold, or num_replicates >= 10 for an error bar from "
+            "independent runs."))
     scores = cat_scores([p["scores"] for p in parts]) if len(parts) > 1 else parts[0]["scores"]
     num_islands = len(log_z_u) // R
-    info = {
-        "num_particles": N,
-        "num_replicates": R,
-        **options,
-        "chunk_size": chunk_size,
-        "num_sweeps": len(parts),
-        "num_islands": num_islands,
-        "log_evidence_se": se,
-        "log_evidence_se_eve": se_eve,
-        "log_evidence_replicates": log_z_r.tolist(),
-        "n_eff": diag["n_eff"],
-        "n_eff_genealogy": diag["n_eff_genealogy"],
-        "num_eves": diag["num_eves"],
-        "final_ess": ess_of(torch.log(W)),
-        "num_resampling": torch.cat([p["num_resampling"] for p in parts]).tolist(),
-        "ess_history": parts[0]["ess_history"],
-        "num_steps": max(p["steps"] for p in parts),
-    }
-    if num_islands > 1:
-        info["log_evidence_islands"] = log_z_u.tolist()
+    info = SMCInfo(
+        num_particles=N, num_replicates=R, **options, chunk_size=chunk_size, num_sweeps=len(parts),
+        num_islands=num_islands, log_evidence_se_genealogy=se_eve, log_evidence_replicates=log_z_r.tolist(),
+        log_evidence_islands=log_z_u.tolist() if num_islands > 1 else [],
+        n_eff_genealogy=diag["n_eff"], num_eves=diag["num_eves"],
+        num_resampling=torch.cat([p["num_resampling"] for p in parts]).tolist(),
+        ess_history=parts[0]["ess_history"], num_steps=max(p["steps"] for p in parts),
+    )
     log.info("smc: %d x %d particles (%d island(s) each), log Z=%.4f ± %.4f, n_eff=%.1f", R, N, num_islands,
              log_z, se, diag["n_eff"])
-    return make_posterior("smc", scores, final, sites, log_evidence=log_z, info=info)
+    post = make_posterior("smc", scores, final, sites, log_evidence=log_z, log_evidence_se=se, info=info)
+    return finish(post, found)
 
 
 def genealogy_diagnostics(tokens: torch.Tensor, eve: torch.Tensor, W: torch.Tensor) -> dict:
