@@ -27,12 +27,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench  # noqa: E402
+import _bench
 
 
 def run(lm, mode, min_moves, N, seed):
-    import ppl_lm
     from ppl_lm.models import chess_game
+
+    import ppl_lm
 
     T = 12 + 4 * min_moves
     model = chess_game.build(lm, min_moves=min_moves, mode=mode, max_new_tokens=T)

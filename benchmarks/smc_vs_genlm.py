@@ -40,7 +40,7 @@ import pyro
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench  # noqa: E402
+import _bench
 
 REGEX = r"[A-Z][a-z]+ is [0-9]+ years old\."
 SCHEMA = {"type": "object",

@@ -27,7 +27,6 @@ A prompt without "1." makes the condition read the generated text alone.
 import re
 import sys
 
-
 import pyro
 import torch
 

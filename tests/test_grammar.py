@@ -17,7 +17,6 @@ TV tolerances are three times the expected TV of that many i.i.d. exact draws (t
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import math
@@ -83,6 +82,7 @@ class Brute:
     def __init__(self, lm, pattern, T=T):
         self.lm, self.pattern, self.T = lm, pattern, T
         self._cache: dict = {}
+        self._sis = None
         x = sequences(lm.vocab_size, T, lm.eos_id)
         texts = [lm.decode(r) for r in x.tolist()]
         keep = torch.tensor([re.fullmatch(pattern, s) is not None for s in texts])
@@ -91,12 +91,16 @@ class Brute:
         self.log_z = float(torch.logsumexp(self.logp, 0))
         self.Z = math.exp(self.log_z)
         self.probs = {tuple(r): float(p) for r, p in zip(self.x.tolist(), torch.exp(self.logp - self.log_z))}
-        self.num_tokenisations = max(sum(1 for r in self.x.tolist() if lm.decode(r) == s) for s in set(
-            lm.decode(r) for r in self.x.tolist()))
+        matched = [lm.decode(r) for r in self.x.tolist()]
+        self.num_tokenisations = max(matched.count(s) for s in set(matched))
 
-    @functools.lru_cache(maxsize=None)
     def sis(self):
         """SIS from the locally constrained proposal: exact ESS fraction and sd of log Ẑ at n = 1."""
+        if self._sis is None:
+            self._sis = self._compute_sis()
+        return self._sis
+
+    def _compute_sis(self):
         lm, eos = self.lm, self.lm.eos_id
         strings = lm.token_texts()
         log_w = []

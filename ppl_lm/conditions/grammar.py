@@ -26,7 +26,7 @@ import torch
 
 from .masks import MaskState, TokenMask
 
-__all__ = ["GrammarMask", "GrammarState", "regex_mask", "grammar_mask", "json_mask", "LOOKAHEAD_TOKENS"]
+__all__ = ["LOOKAHEAD_TOKENS", "GrammarMask", "GrammarState", "grammar_mask", "json_mask", "regex_mask"]
 
 # At the last position the tokens that complete the text are found by trying each allowed token
 # (about 1-2 µs each); above this many allowed tokens the state allows them all instead, and a
@@ -35,13 +35,13 @@ LOOKAHEAD_TOKENS = 4096
 # Parser states kept by ``check`` (one per distinct token prefix); the trie restarts when full.
 TRIE_NODES = 200_000
 _OPTIONS = '%llguidance {"no_forcing": true}\n'
-_TOKENIZERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+_TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _llg():
     try:
         import llguidance
-        import llguidance.torch  # noqa: F401  (bitmask helpers)
+        import llguidance.torch
     except ImportError as err:  # pragma: no cover - a runtime dependency
         raise ImportError("grammar masks need llguidance (pip install llguidance)") from err
     return llguidance
@@ -84,7 +84,7 @@ def _tokenizer(lm):
 class _Node:
     """A trie node: the parser state after a token prefix (``None``: the prefix is inadmissible)."""
 
-    __slots__ = ("matcher", "children")
+    __slots__ = ("children", "matcher")
 
     def __init__(self, matcher):
         self.matcher = matcher
@@ -123,7 +123,7 @@ class GrammarMask(TokenMask):
         return f"GrammarMask({self.what})"
 
     # -- SMC: one parser state per particle ------------------------------------------------
-    def start(self, batch_size: int) -> "GrammarState":
+    def start(self, batch_size: int) -> GrammarState:
         return GrammarState(self, [self._root.deep_copy() for _ in range(batch_size)])
 
     def allowed(self, prefix: torch.Tensor) -> torch.Tensor:
@@ -287,7 +287,7 @@ def json_mask(lm, schema: dict | str, whitespace: bool = False) -> GrammarMask:
         except json.JSONDecodeError as err:
             raise ValueError(f"json_mask: the schema is not valid JSON ({err})") from None
     if not isinstance(schema, dict):
-        raise ValueError(f"json_mask needs a JSON Schema object (a dict), got {type(schema).__name__}")
+        raise TypeError(f"json_mask needs a JSON Schema object (a dict), got {type(schema).__name__}")
     layout = {"whitespace_flexible": True} if whitespace else {
         "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
     schema = {**schema, "x-guidance": {**layout, **schema.get("x-guidance", {})}}

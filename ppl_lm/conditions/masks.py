@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TokenMask", "MaskState"]
+__all__ = ["MaskState", "TokenMask"]
 
 
 class MaskState:
@@ -60,7 +60,7 @@ class _StaticState(MaskState):
 class _PrefixState(MaskState):
     """State of a mask given as a function of the prefix (a subclass overriding ``allowed(prefix)``)."""
 
-    def __init__(self, mask: "TokenMask", batch_size: int):
+    def __init__(self, mask: TokenMask, batch_size: int):
         self._mask = mask
         self._prefix = torch.zeros(batch_size, 0, dtype=torch.long)
 
