@@ -32,8 +32,9 @@ __all__ = ["LOOKAHEAD_TOKENS", "GrammarMask", "GrammarState", "grammar_mask", "j
 # (about 1-2 µs each); above this many allowed tokens the state allows them all instead, and a
 # sequence left incomplete fails ``check`` (exact either way: the weights use the set proposed from).
 LOOKAHEAD_TOKENS = 4096
-# Parser states kept by ``check`` (one per distinct token prefix); the trie restarts when full.
-TRIE_NODES = 200_000
+# Parser states kept by ``check`` (one per distinct token prefix; about 6 KiB each for a JSON
+# schema); the trie restarts when full, so memory stays below ~200 MiB.
+TRIE_NODES = 32_768
 _OPTIONS = '%llguidance {"no_forcing": true}\n'
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
