@@ -394,3 +394,35 @@ def test_smollm2_json_parses_and_validates(smollm2):
     for s in live:
         obj = json.loads(s)
         assert set(obj) == {"name", "age"} and isinstance(obj["name"], str) and isinstance(obj["age"], int), s
+
+
+# -- chess as a prefix potential ----------------------------------------------------------------
+
+
+def test_chess_prefix_mode_prunes_an_illegal_move_once_it_is_finished():
+    """models/chess_game.py, mode="prefix": on a prefix, a finished illegal move (whitespace after
+    it) fails the prefix-closed legality constraint at once; an unfinished last move is not judged;
+    the movetext mask rejects text that is not SAN; the finished text needs min_moves legal moves."""
+    from ppl_lm.conditions import partial_prefix
+    from ppl_lm.inference._runtime import run_model
+    from ppl_lm.models import chess_game
+
+    lm = ppl_lm.tiny_char_transformer(seed=0)
+    model = chess_game.build(lm, min_moves=2)
+
+    def scores(texts, partial=None):
+        x = torch.tensor([lm.encode(t) + [lm.eos_id] * (24 - len(lm.encode(t))) for t in texts])
+        if partial is None:
+            return run_model(model, (chess_game.context,), {}, len(x), data={"x": x})
+        with partial_prefix(partial):
+            return run_model(model, (chess_game.context,), {}, len(x), data={"x": x})
+
+    texts = [" Bb5 a6", " Bb5 Qxh1 ", " Bb5 Qx", " Zz9 a6"]
+    pre = scores(texts, partial=7)
+    assert pre.constraints["legal_so_far"].tolist() == [True, False, True, False]  # "a6" unfinished at 7
+    assert pre.constraints["movetext"].tolist() == [True, True, True, False]
+    full = scores([" Bb5 a6", " Bb5 a6 4. Ba4 Zz9", " Bb5", " Bb5 Qxh1"])
+    assert full.constraints["legal_game"].tolist() == [True, True, False, False]  # after 2 moves: free
+    assert full.constraints["legal_so_far"].tolist() == [True, True, True, False]
+    assert re.fullmatch(chess_game.movetext(2), " Bb5 a6 4. Ba4 Zz9") and not re.fullmatch(
+        chess_game.movetext(2), " Bb5 Zz9")
