@@ -403,9 +403,10 @@ def test_chess_prefix_mode_prunes_an_illegal_move_once_it_is_finished():
     """models/chess_game.py, mode="prefix": on a prefix, a finished illegal move (whitespace after
     it) fails the prefix-closed legality constraint at once; an unfinished last move is not judged;
     the movetext mask rejects text that is not SAN; the finished text needs min_moves legal moves."""
-    from ppl_lm.conditions import partial_prefix
     from ppl_lm.inference._runtime import run_model
     from ppl_lm.models import chess_game
+
+    from ppl_lm.conditions import partial_prefix
 
     lm = ppl_lm.tiny_char_transformer(seed=0)
     model = chess_game.build(lm, min_moves=2)
