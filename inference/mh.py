@@ -52,9 +52,11 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ppl_lm import seeding as _random
 from ppl_lm.diagnostics.estimators import mcmc_diagnostics
-from ppl_lm.inference._runtime import Scores, finish, latent_sites, run_model, single_sequence_site, stats_from_scores
+from ppl_lm.inference._runtime import (
+    Scores, finish, latent_sites, run_model, sequence_base, sequence_sites, stats_from_scores,
+)
 from ppl_lm.posterior import Info, Posterior, normalise
-from ppl_lm.tokens import after_eos_mask, as_prompt_tensor, categorical
+from ppl_lm.tokens import after_eos_mask, categorical
 
 __all__ = ["DEFAULT_MOVES", "MOVES", "EditKernel", "MHInfo", "run", "sequence_ess"]
 
@@ -83,6 +85,8 @@ class MHInfo(Info):
     warmup_steps: int = 0
     thin: int = 1
     moves: dict = field(default_factory=dict)
+    random_walk_scale: dict = field(default_factory=dict)  # continuous sites: adapted proposal scale
+    random_walk_acceptance: dict = field(default_factory=dict)
 
 
 def _log_q_token(logp: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -147,21 +151,34 @@ class EditKernel(MCMCKernel):
         self.args, self.kwargs = args, kwargs
         self.warmup_steps = warmup_steps
         sites = latent_sites(self.model, args, kwargs, placeholder=True)
-        self.site, d = single_sequence_site(sites, "mh")
+        seq = sequence_sites(sites)
+        if len(seq) != 1:
+            raise ValueError(
+                f"method='mh' edits exactly one lm.sequence(...) site; this model has {len(seq)} ({list(seq)}). "
+                "Use method='importance', 'smc' or 'exact' for several sequence sites")
+        self.site, d = next(iter(seq.items()))
+        # Every other latent site: discrete ones get an exact Gibbs step, continuous ones random-walk MH.
+        self.others = {k: v for k, v in sites.items() if k != self.site}
+        for k, v in self.others.items():
+            if not getattr(v, "has_enumerate_support", False) and v.support.is_discrete:
+                raise ValueError(f"method='mh' cannot update the discrete latent site {k!r}: it has no finite "
+                                 "enumerate_support. Use method='importance' or 'smc'")
+        self.rw_scale = {k: 0.5 for k, v in self.others.items() if not getattr(v, "has_enumerate_support", False)}
+        self.rw_counts = {k: [0, 0] for k in self.rw_scale}
         self.dist = d
         self.lm = d.lm
-        self.prompt = as_prompt_tensor(d.prompt, d.lm)
-        if self.prompt.dim() != 1:
-            raise ValueError("method='mh' needs one prompt shared by all chains (a 1-D prompt)")
+        if d.prompt_lengths is not None:
+            raise ValueError("method='mh' needs prompts of one length (a [N, P] tensor); this model's prompts are ragged")
         self.T = d.max_new_tokens
         self.eos = d.lm.eos_id
+        self.values: dict[str, torch.Tensor] = {}
         self._t = 0
         self._proposed = torch.zeros(len(MOVES), dtype=torch.long)
         self._accepted = torch.zeros(len(MOVES), dtype=torch.long)
         self._proposed_warm = torch.zeros(len(MOVES), dtype=torch.long)
         self._accepted_warm = torch.zeros(len(MOVES), dtype=torch.long)
         self.history: list[dict[str, Any]] = []
-        x0 = self._init_states()
+        x0, self.values = self._init_states()
         self._set_state(x0, self._score(x0))
         zeros = torch.zeros(self.num_chains, dtype=torch.long)
         self._initial_params = {"x": x0.clone(), "accepted": zeros, "move": zeros.clone()}
@@ -185,6 +202,7 @@ class EditKernel(MCMCKernel):
                 "log_likelihood": self.scores.log_likelihood.clone(),
                 "rewards": {k: v.clone() for k, v in self.scores.rewards.items()},
                 "constraints": {k: v.clone() for k, v in self.scores.constraints.items()},
+                "values": {k: v.clone() for k, v in self.values.items()},
             })
         return {"x": self.x.clone(), "accepted": acc.long(), "move": move}
 
@@ -207,15 +225,59 @@ class EditKernel(MCMCKernel):
         return out
 
     # -- internals ----------------------------------------------------------------------------
-    def _score(self, x: torch.Tensor) -> Scores:
+    def _score(self, x: torch.Tensor, values: dict | None = None) -> Scores:
         with torch.no_grad():
-            return run_model(self.model, self.args, self.kwargs, len(x), data={self.site: x})
+            data = {**(self.values if values is None else values), self.site: x}
+            return run_model(self.model, self.args, self.kwargs, len(x), data=data)
 
     def _set_state(self, x: torch.Tensor, scores: Scores) -> None:
         self.x = x
         self.scores = Scores(scores.log_prior.double(), scores.log_likelihood.double(), {self.site: x},
                              dict(scores.rewards), dict(scores.constraints))
         self.log_target = self.scores.log_prior + self.scores.log_likelihood
+        if scores.trace is not None:  # the prompt may depend on the other sites' values
+            prompt = sequence_base(scores.trace.nodes[self.site]["fn"]).prompt
+            self.prompt = prompt if prompt.dim() == 1 else prompt.reshape(len(x), -1)
+
+    def _prompt_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt of each chain ``[C, P]`` (or the shared ``[P]``), for LM proposals."""
+        if self.prompt.dim() == 1:
+            return self.prompt
+        return self.prompt if rows is None else self.prompt[rows]
+
+    def _update_others(self, warm: bool) -> None:
+        """One update of every non-sequence site: exact Gibbs for discrete ones (one scoring pass per
+        value of the support), random-walk MH for continuous ones (scale adapted in warm-up)."""
+        g = _random.generator("cpu")
+        C = len(self.x)
+        for name, d in self.others.items():
+            if name not in self.rw_scale:
+                support = d.enumerate_support(expand=False).reshape(-1, *d.event_shape)
+                lj = []
+                for v in support:
+                    sc = self._score(self.x, {**self.values, name: v.expand(C, *v.shape).clone()})
+                    lj.append(sc.log_prior.double() + sc.log_likelihood.double())
+                lj = torch.stack(lj, -1)  # [C, K]
+                pick = categorical(torch.log_softmax(lj, -1).float(), g)
+                new_vals = {name: support[pick].clone()}
+                self.values = {**self.values, **new_vals}
+                self._set_state(self.x, self._score(self.x))
+                continue
+            cur = self.values[name]
+            step = self.rw_scale[name]
+            prop = cur + step * torch.randn(cur.shape, dtype=cur.dtype, generator=g)
+            sc = self._score(self.x, {**self.values, name: prop})
+            new_target = sc.log_prior.double() + sc.log_likelihood.double()
+            log_alpha = torch.nan_to_num(new_target - self.log_target, nan=-math.inf)
+            acc = torch.rand(C, dtype=torch.float64, generator=g).log() < log_alpha
+            mask = acc.reshape(C, *([1] * (cur.dim() - 1)))
+            self.values = {**self.values, name: torch.where(mask, prop, cur)}
+            self._set_state(self.x, self._score(self.x))
+            self.rw_counts[name][0] += C
+            self.rw_counts[name][1] += int(acc.sum())
+            if warm:  # Robbins–Monro on log scale towards acceptance 0.44 (Roberts & Rosenthal, 2001)
+                rate = float(acc.double().mean())
+                self.rw_scale[name] = float(step * math.exp((rate - 0.44) / math.sqrt(1 + self._t)))
 
     def _init_states(self) -> torch.Tensor:
         C, T = self.num_chains, self.T
@@ -231,12 +293,15 @@ class EditKernel(MCMCKernel):
                 raise ValueError(f"initial_samples hold token ids outside [0, {self.lm.vocab_size})")
             if not bool(self.dist.canonical(x0).all()):
                 raise ValueError("initial_samples must be EOS-padded: every position after the first EOS is EOS")
-            sc = self._score(x0)
+            if self.others:
+                raise ValueError("initial_samples gives only the sequence site; this model has other latent sites "
+                                 f"{list(self.others)}: leave initial_samples out (admissible prior draws start the chains)")
+            sc = self._score(x0, {})
             if not bool(torch.isfinite(sc.log_prior + sc.log_likelihood).all()):
                 raise ValueError("some initial_samples have zero posterior probability (a constraint fails "
                                  "or the LM gives them probability 0)")
-            return x0
-        found, draws = [], 0
+            return x0, {}
+        found, found_vals, draws = [], [], 0
         batch = max(64, 4 * C)
         while sum(len(f) for f in found) < C and draws < self.init_budget:
             with torch.no_grad():
@@ -244,7 +309,9 @@ class EditKernel(MCMCKernel):
             draws += batch
             ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
             found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
+            found_vals.append({k: sc.values[k][ok].cpu() for k in self.others})
         pool = torch.cat(found) if found else torch.zeros(0, T, dtype=torch.long)
+        pool_vals = {k: torch.cat([f[k] for f in found_vals]) for k in self.others}
         if len(pool) == 0:
             raise ValueError(
                 f"no prior sample satisfied the model's conditions in {draws} draws, so the MH chains "
@@ -255,8 +322,9 @@ class EditKernel(MCMCKernel):
             log.warning("only %d admissible starting states for %d chains after %d prior draws; "
                         "some chains start from the same state", len(pool), C, draws)
             idx = torch.randint(len(pool), (C,), generator=_random.generator("cpu"))
-            return pool[idx]
-        return pool[:C]
+        else:
+            idx = torch.arange(C)
+        return pool[idx], {k: v[idx] for k, v in pool_vals.items()}
 
     @torch.no_grad()
     def _lm_pass(self, x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, sel: torch.Tensor):
@@ -274,7 +342,10 @@ class EditKernel(MCMCKernel):
         seld = sel.to(dev)
         ys, ks = xd[seld].clone(), k.to(dev)[seld]
         m = len(sel)
-        state = lm.start(self.prompt.to(dev), C + m)
+        prompt = self._prompt_rows()
+        if prompt.dim() > 1:
+            prompt = torch.cat([prompt, prompt[sel]])
+        state = lm.start(prompt.to(dev), C + m)
         tok_lp_x = torch.zeros(C, T, dtype=torch.float64, device=dev)
         ys_lp = torch.zeros(m, T, dtype=torch.float64, device=dev)
         at_pos = torch.zeros(C, lm.vocab_size, dtype=torch.float32, device=dev)
@@ -401,6 +472,8 @@ class EditKernel(MCMCKernel):
             {k_: torch.where(a, scores.constraints[k_], v) for k_, v in self.scores.constraints.items()},
         )
         self._set_state(new_x, merged)
+        if self.others:
+            self._update_others(warm)
         return move, accept
 
 
@@ -492,8 +565,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     def stack(get) -> torch.Tensor:
         return chain_major(torch.stack([get(h) for h in hist])[None])
 
+    values = {kernel.site: samples, **{k: stack(lambda h, k=k: h["values"][k]) for k in kernel.others}}
     scores = Scores(
-        stack(lambda h: h["log_prior"]), stack(lambda h: h["log_likelihood"]), {kernel.site: samples},
+        stack(lambda h: h["log_prior"]), stack(lambda h: h["log_likelihood"]), values,
         {k: stack(lambda h, k=k: h["rewards"][k]) for k in hist[0]["rewards"]},
         {k: stack(lambda h, k=k: h["constraints"][k]) for k in hist[0]["constraints"]},
     )
@@ -512,6 +586,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         rhat_by_stat=rhat, ess_by_stat=ess_by_stat, ess_sequences=sequence_ess(samples, C),
         num_chains=C, num_samples=S, warmup_steps=int(warmup_steps), thin=int(thin),
         moves={m: float(kernel.move_probs[i]) for m, i in _IDX.items()},
+        random_walk_scale=dict(kernel.rw_scale),
+        random_walk_acceptance={k: a / n if n else float("nan") for k, (n, a) in kernel.rw_counts.items()},
     )
     post = Posterior(
         samples=samples,
@@ -523,7 +599,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         stats=stats,
         chain=torch.arange(C).repeat_interleave(S),
         info=info,
-        values={kernel.site: samples},
+        values=values,
         rhat=max(rhat.values()) if rhat else None,
         bulk_ess=bulk_ess,
     )

@@ -246,7 +246,7 @@ def test_bad_input_gets_clear_errors():
         pyro.sample("p", lm.sequence([], max_new_tokens=2))
         pyro.sample("x", lm.sequence([], max_new_tokens=T))
 
-    with pytest.raises(ValueError, match="exactly one latent site"):
+    with pytest.raises(ValueError, match="edits exactly one lm.sequence"):
         _run(two_sites)
 
 
