@@ -45,9 +45,15 @@ class InstalledDoctestModule(DoctestModule):
         return module
 
 
+def pytest_configure(config):
+    # --doctest-modules would import inference/ by path (as ``inference.smc``); the hook below
+    # collects the library's doctests whether it is given or not.
+    config.option.doctestmodules = False
+
+
 def pytest_collect_file(file_path: Path, parent):
-    if file_path.suffix != ".py" or parent.config.option.doctestmodules:
-        return None  # with --doctest-modules pytest's own collector runs instead
+    if file_path.suffix != ".py":
+        return None
     if installed_name(file_path.resolve()) is None:
         return None
     return InstalledDoctestModule.from_parent(parent, path=file_path)
