@@ -16,6 +16,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from ppl_lm.conditions.factors import trial_run
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
@@ -137,8 +138,10 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, *,
         placeholder: give latent sequence sites an all-EOS value instead of sampling them (no
             LM call), for backends that need only the sites' names and distributions.
     """
+    # On placeholders, rewards defer their checks to the real batch (trial_run).
     ctx = _EosSequences() if placeholder else contextlib.nullcontext()
-    with ctx, pyro.plate(PARTICLE_PLATE, 1, dim=-1):
+    trial = trial_run() if placeholder else contextlib.nullcontext()
+    with ctx, trial, pyro.plate(PARTICLE_PLATE, 1, dim=-1):
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     out = {}
     for name, site in tr.nodes.items():

@@ -345,7 +345,8 @@ class TransformersLM(LanguageModel):
             logits = logits[:, P - 1 : P - 1 + T]
         logp = torch.log_softmax(logits.float(), -1)
         lp = logp.gather(-1, tokens[..., None])[..., 0]
-        return lp * after_eos_mask(tokens, self.eos_id).logical_not()
+        # masked_fill, not a product: a padding position of probability 0 (-inf) times 0 is NaN.
+        return lp.masked_fill(after_eos_mask(tokens, self.eos_id), 0.0)
 
 
 def embedded_model_dir() -> str:
