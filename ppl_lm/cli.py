@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib.util
 import inspect
 import logging
@@ -159,7 +160,7 @@ def load_language_model(spec: str, device: str | None):
     if spec == "tiny":
         lm = ppl_lm.tiny_char_transformer(seed=0)
         if device not in (None, "cpu"):
-            lm.model.to(device)
+            lm.model.to(ppl_lm.lm.hf.check_device(device))
         return lm
     kw = {} if device is None else {"device": device}
     if spec in ("smollm2", "default"):
@@ -231,11 +232,53 @@ def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[st
         raise _locate(exc, files) from exc
 
 
+def _check_build_kwargs(module: ModuleType, kwargs: dict[str, Any]) -> None:
+    """Every ``--set`` key is a parameter of the script's ``build`` (unless it takes ``**kw``)."""
+    try:
+        params = list(inspect.signature(module.build).parameters.values())[1:]  # after `lm`
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            raise CLIError(
+                f"--set {key}: {_where(module)}'s build() has no option {key!r}"
+                + (f"; did you mean {near[0]!r}?" if near else ".")
+                + (f" Valid keys: {', '.join(valid)}" if valid else " It takes no options"))
+
+
+def _check_device(device: str | None) -> None:
+    from .lm.hf import check_device
+
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as err:
+            raise CLIError(f"--device {device}: {err}") from None
+
+
+def _check_report_dir(path: str | None) -> None:
+    from .reporting import check_out_dir
+
+    if path is not None:
+        try:
+            check_out_dir(path)
+        except ValueError as err:
+            raise CLIError(f"--report {path}: {err}") from None
+
+
 def _prepare(args, module: ModuleType | None = None):
     module = module or load_script(args.model)
     files = [getattr(module, "__file__", "")]
     toy = args.lm == "tiny"
     kwargs = _build_kwargs(args.set)
+    # Cheap checks first: a typo costs nothing, not an LM load and a run.
+    _check_build_kwargs(module, kwargs)
+    _check_device(args.device)
+    _check_report_dir(args.report)
     lm = load_language_model(args.lm, args.device)
     try:
         model = module.build(lm, **kwargs)
@@ -303,7 +346,7 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     module = load_script(args.model)
-    if args.methods:
+    if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
         defaults = getattr(module, "methods", None)
