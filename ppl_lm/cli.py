@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -224,8 +225,13 @@ def _options(method: str, module: ModuleType, args, strict: bool) -> dict[str, A
 def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[str]):
     import ppl_lm
 
+    from .diagnostics.warnings import PplLmWarning
+
     try:
-        return ppl_lm.infer(model, *ctx, method=method, seed=seed, **opts)
+        with warnings.catch_warnings():
+            # The CLI prints each typed warning itself, once, before the results (_print_warnings).
+            warnings.simplefilter("ignore", PplLmWarning)
+            return ppl_lm.infer(model, *ctx, method=method, seed=seed, **opts)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
@@ -294,6 +300,20 @@ def _short(text: str, n: int = 100) -> str:
     return repr(text if len(text) <= n else text[:n] + "…")
 
 
+def _error_text(err: BaseException) -> str:
+    """``Type: message``, without the trace-shape table Pyro appends to errors raised in a model."""
+    return f"{type(err).__name__}: {str(err).split(chr(10) + 'Trace Shapes:')[0]}"
+
+
+def _print_warnings(items, out=None) -> None:
+    """Typed warnings, ``(backend, InferenceWarning)`` pairs, as a block that comes first."""
+    out = out or sys.stdout
+    for backend, w in items:
+        print(f"WARNING [{w.code}] {backend}: {w.message}\n    what to do: {w.fix}", file=out)
+    if items:
+        print(file=out)
+
+
 def _print_run(name: str, post, top_k: int, out=None) -> None:
     from . import diagnostics as D
 
@@ -317,9 +337,14 @@ def _print_run(name: str, post, top_k: int, out=None) -> None:
     if s["means"]:
         print("  " + ", ".join(f"E[{k}] = {v:.4g}" for k, v in s["means"].items()), file=out)
     if top_k > 0:
+        from .reporting.render import admissible_top, rejected_note
+
+        top, rejected = admissible_top(post, top_k)
         print("  top samples (weight, count, text):", file=out)
-        for t in D.top_samples(post, top_k):
+        for t in top:
             print(f"    {t['weight']:.4f}  ×{t['count']:<4d} {_short(t['text'])}", file=out)
+        if rejected:
+            print(f"    ({rejected_note(rejected, len(post))})", file=out)
 
 
 def _describe(module: ModuleType, ctx: tuple, lm_spec: str) -> str:
@@ -334,6 +359,7 @@ def cmd_run(args) -> int:
     opts = _options(method, module, args, strict=True)
     log.info("running %s on %s with %s", method, args.model, opts)
     post = _infer(model, ctx, method, args.seed, opts, files)
+    _print_warnings([(method, w) for w in post.warnings])
     _print_run(args.model, post, args.top)
     if args.report:
         from .reporting import report
@@ -356,7 +382,7 @@ def cmd_compare(args) -> int:
     for m in methods:
         _check_method(m)
     module, files, model, ctx = _prepare(args, module)
-    posts, exact, failed = {}, None, []
+    posts, exact, failed = {}, None, {}
     for m in methods:
         opts = _options(m, module, args, strict=False)
         if not args.quiet:
@@ -369,21 +395,28 @@ def cmd_compare(args) -> int:
             if args.traceback:
                 raise
             # One backend that cannot run this model (exact on a real LM, say) spoils no other.
-            print(f"ppl-lm: {m} failed: {type(err).__name__}: {err}", file=sys.stderr)
-            failed.append(m)
+            print(f"ppl-lm: {m} failed: {_error_text(err)}", file=sys.stderr)
+            failed[m] = _error_text(err)
             continue
         if m == "exact":
             exact = post
         else:
             posts[m] = post
-        _print_run(m, post, args.top)
-    if args.report and (posts or exact is not None):
+    from .reporting.render import report_warnings
+
+    shown = posts or ({"exact": exact} if exact is not None else {})
+    reference = exact if posts else None
+    # What went wrong comes first: the backends' disagreement, the failures, each run's warnings.
+    _print_warnings(report_warnings(shown, reference, failed))
+    for m in methods:
+        if m not in failed:
+            _print_run(m, exact if m == "exact" else posts[m], args.top)
+    if args.report and shown:
         from .reporting import report
 
-        shown = posts or {"exact": exact}
-        done = [m for m in methods if m not in failed]
-        path = report(shown, args.report, title=f"{args.model}: " + ", ".join(done),
-                      exact=exact if posts else None, top_k=max(args.top, 10),
+        # The title names every method asked for: a failed one is listed among the warnings.
+        path = report(shown, args.report, title=f"{args.model}: " + ", ".join(methods),
+                      exact=reference, top_k=max(args.top, 10), failed=failed,
                       description=_describe(module, ctx, args.lm))
         print(f"report: {path}")
     if failed:
