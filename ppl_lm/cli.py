@@ -98,10 +98,13 @@ def load_script(model: str) -> ModuleType:
             raise _locate(exc, [path]) from exc
     else:
         known = models.names()
+        model = models.ALIASES.get(model, model)
         if model not in known:
+            near = difflib.get_close_matches(model, known + list(models.ALIASES), n=1)
             raise CLIError(
-                f"unknown model {model!r}. Available models: {', '.join(known)} "
-                "(`ppl-lm list` describes them), or give the path to a .py script")
+                f"unknown model {model!r}" + (f"; did you mean {near[0]!r}?" if near else ".")
+                + f" Available models: {', '.join(known)} (`ppl-lm list` describes them), or give the path "
+                "to a .py script")
         file = os.path.join(os.path.dirname(models.__file__), f"{model}.py")
         try:
             module = models.load(model)
@@ -316,6 +319,7 @@ def _print_warnings(items, out=None) -> None:
 
 def _print_run(name: str, post, top_k: int, out=None) -> None:
     from . import diagnostics as D
+    from .reporting.render import genealogy_n_eff, report_ess
 
     out = out or sys.stdout
     s = D.summary(post)
@@ -324,7 +328,9 @@ def _print_run(name: str, post, top_k: int, out=None) -> None:
         lz += f" ± {s['log_evidence_se']:.4f}"
     parts = [f"method {post.method}", f"samples {s['num_samples']}"
              + (f" ({s['num_chains']} chains)" if s["num_chains"] > 1 else ""),
-             f"log Z {lz}", f"ESS {s['ess']:.1f}"]
+             f"log Z {lz}", f"ESS {report_ess(post):.1f}"]
+    if genealogy_n_eff(post) is not None:
+        parts.append(f"SMC genealogy n_eff {genealogy_n_eff(post):.1f}")
     if s["khat"] is not None:
         parts.append(f"k-hat {s['khat']:.2f}")
     if s["rhat"] is not None:

@@ -155,7 +155,7 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         "worth given their shared ancestors. Means E[·] are posterior (weighted) means. k-hat: Pareto shape of "
         "the importance weights (&lt; 0.5 good, &gt; 0.7 unreliable). R-hat: largest split R-hat over the "
         "chains' summaries (&lt; 1.01 good). ⚠ marks a value past its threshold.</p>",
-        "<h3>Run settings</h3>", _html_table(["backend", "method", "settings"], settings),
+        "<h3>Run settings</h3>", _html_table(["backend", "method", "settings"], settings, numbers=False),
     ]
     for sec, heading in (("distributions", "Reward distributions"), ("weights", "Weight diagnostics")):
         figs = [f for f in figures if f[1] == sec]

@@ -201,10 +201,12 @@ def _html_cell(c: str, numeric: bool) -> str:
     return f'<td class="{cls}">{body}</td>' if cls else f"<td>{body}</td>"
 
 
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
+def _html_table(head: list[str], rows: list[list[str]], numbers: bool = True) -> str:
+    """An HTML table; with ``numbers``, cells after the first two that read as numbers are right-aligned."""
     out = ['<div class="wide"><table>', "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
-        out.append("<tr>" + "".join(_html_cell(c, i > 1 and _is_num(c)) for i, c in enumerate(r)) + "</tr>")
+        out.append("<tr>" + "".join(_html_cell(c, numbers and i > 1 and _is_num(c)) for i, c in enumerate(r))
+                   + "</tr>")
     out.append("</table></div>")
     return "\n".join(out)
 
@@ -282,7 +284,7 @@ SETTING_WORDS: dict[str, Callable[[Any], str]] = {
     "warmup_steps": lambda v: f"{_n(v)} warm-up steps per chain",
     "thin": lambda v: "every draw kept" if v == 1 else f"every {_n(v)}th draw kept",
     "moves": _moves,
-    "num_steps": lambda v: f"{_n(v)} optimisation steps",
+    "num_steps": lambda v: f"{_n(v)} optimisation steps",  # SVI only (SMC's is its token count)
     "guide": lambda v: f"{v} guide",
     "objective": lambda v: f"{v} objective",
     "lr": lambda v: f"learning rate {_fmt(v)}",
@@ -298,6 +300,8 @@ def _settings(post: Posterior) -> str:
     """The run's settings in words, e.g. ``64 particles, multinomial resampling when ESS / N < 0.50, seed 0``."""
     out = []
     for key, words in SETTING_WORDS.items():
+        if key == "num_steps" and post.method != "svi":
+            continue
         v = _info(post, key)
         if v is None or isinstance(v, float) and not math.isfinite(v):
             continue
@@ -316,7 +320,7 @@ def report_warnings(posteriors: Mapping[str, Posterior], exact: Posterior | None
     that failed, then each posterior's own warnings."""
     both = {**({"exact": exact} if exact is not None else {}), **posteriors}
     out = [("all", w) for w in disagreeing_backends(both)]
-    out += [(n, InferenceWarning("failed", f"{n} failed: {err}",
+    out += [(n, InferenceWarning("failed", f"The run failed: {err}",
                                  "this backend has no result below; the error says what to change."))
             for n, err in (failed or {}).items()]
     for n, p in both.items():
