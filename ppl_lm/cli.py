@@ -40,6 +40,9 @@ log = logging.getLogger("ppl_lm.cli")
 #: The backends ``compare`` runs when neither ``--methods`` nor the script's ``methods`` says.
 DEFAULT_COMPARE = ("importance", "smc", "mh", "svi")
 
+#: What a model script must define (models/README.md says so too).
+REQUIRED_SCRIPT_ATTRS = ("build", "context")
+
 #: Command-line flags that map to backend options (flag dest -> option name).
 OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size")
 
@@ -110,7 +113,7 @@ def load_script(model: str) -> ModuleType:
             module = models.load(model)
         except Exception as exc:
             raise _locate(exc, [file]) from exc
-    for attr in ("build", "context"):
+    for attr in REQUIRED_SCRIPT_ATTRS:
         if not hasattr(module, attr):
             raise CLIError(
                 f"{_where(module)} does not define `{attr}`: a model script defines build(lm, **kw) -> model "
