@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.distribution import SequenceDistribution
@@ -119,8 +120,10 @@ class EditKernel(MCMCKernel):
     """
 
     def __init__(self, model, *, num_chains: int = 4, moves: Mapping[str, float] | None = None,
-                 thin: int = 1, initial_samples: torch.Tensor | None = None, init_budget: int | None = None):
+                 thin: int = 1, initial_samples: torch.Tensor | None = None, init_budget: int | None = None,
+                 progress: bool = False):
         self.model = model
+        self.progress = progress
         self.num_chains = num_chains
         self.move_probs = _check_moves(moves)
         self.thin = thin
@@ -230,12 +233,19 @@ class EditKernel(MCMCKernel):
             return x0
         found, draws = [], 0
         batch = max(64, 4 * C)
-        while sum(len(f) for f in found) < C and draws < self.init_budget:
-            with torch.no_grad():
-                sc = run_model(self.model, self.args, self.kwargs, batch)
-            draws += batch
-            ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
-            found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
+        # Prior draws until every chain has an admissible start: seconds on a real LM, so say so.
+        bar = tqdm(total=C, desc="mh: starting states", unit="chain", leave=False, disable=not self.progress)
+        try:
+            while sum(len(f) for f in found) < C and draws < self.init_budget:
+                bar.set_postfix(prior_draws=draws + batch)
+                with torch.no_grad():
+                    sc = run_model(self.model, self.args, self.kwargs, batch)
+                draws += batch
+                ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
+                found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
+                bar.update(min(C, sum(len(f) for f in found)) - bar.n)
+        finally:
+            bar.close()
         pool = torch.cat(found) if found else torch.zeros(0, T, dtype=torch.long)
         if len(pool) == 0:
             raise ValueError(
@@ -485,7 +495,7 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
     if init_budget is not None and (not isinstance(init_budget, int) or init_budget < 1):
         raise ValueError(f"init_budget must be a positive integer, got {init_budget!r}")
     kernel = EditKernel(model, num_chains=int(num_chains), moves=moves, thin=int(thin),
-                        initial_samples=initial_samples, init_budget=init_budget)
+                        initial_samples=initial_samples, init_budget=init_budget, progress=progress)
     with _random.seeded(seed):
         # num_chains=1 at the driver: the chains are a batch inside the kernel (Pyro's
         # multi-process chains would fork the process, and hang with the default context).
