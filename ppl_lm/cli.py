@@ -25,6 +25,7 @@ import difflib
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import sys
 import traceback
@@ -322,7 +323,6 @@ def _print_warnings(items, out=None) -> None:
 
 def _print_run(name: str, post, top_k: int, out=None) -> None:
     from . import diagnostics as D
-    from .reporting.render import genealogy_n_eff, report_ess
 
     out = out or sys.stdout
     s = D.summary(post)
@@ -331,9 +331,9 @@ def _print_run(name: str, post, top_k: int, out=None) -> None:
         lz += f" ± {s['log_evidence_se']:.4f}"
     parts = [f"method {post.method}", f"samples {s['num_samples']}"
              + (f" ({s['num_chains']} chains)" if s["num_chains"] > 1 else ""),
-             f"log Z {lz}", f"ESS {report_ess(post):.1f}"]
-    if genealogy_n_eff(post) is not None:
-        parts.append(f"SMC genealogy n_eff {genealogy_n_eff(post):.1f}")
+             f"log Z {lz}", f"ESS {s['ess']:.1f}"]
+    if s["n_eff_genealogy"] is not None and math.isfinite(s["n_eff_genealogy"]):
+        parts.append(f"SMC genealogy n_eff {s['n_eff_genealogy']:.1f}")
     if s["khat"] is not None:
         parts.append(f"k-hat {s['khat']:.2f}")
     if s["rhat"] is not None:

@@ -107,7 +107,7 @@ def test_run_user_script_end_to_end(tmp_path, capsys):
     ns = {}
     exec(compile(TOY_SCRIPT, path, "exec"), ns)
     post = ppl_lm.infer(ns["build"](lm), "Hi", method="importance", seed=3, num_samples=32, progress=False)
-    assert f"log Z {post.log_evidence:.4f} ± {post.log_evidence_se():.4f}" in stdout
+    assert f"log Z {post.log_evidence:.4f} ± {post.log_evidence_se:.4f}" in stdout
     assert "method importance, samples 32" in stdout and f"ESS {post.ess:.1f}" in stdout
     assert "top samples" in stdout
     rows = json.loads((out / "summary.json").read_text())["rows"]
@@ -184,15 +184,15 @@ def test_compare_goes_on_when_one_method_fails(tmp_path, capsys):
     # exact cannot enumerate a 96-token vocabulary: it fails with a clear error, importance still runs.
     err = fails(["compare", path, "--methods", "exact,importance", "--lm", "tiny", "--num-samples", "8",
                  "--quiet", "--report", str(out)], capsys)
-    assert "exact failed: ValueError: the support has" in err and "exact failed (see above)" in err
+    assert "exact failed: ValueError: the joint support has" in err and "exact failed (see above)" in err
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["rows"]] == ["importance"]
     # The failure does not vanish: the title keeps both methods and the warnings list it, first.
     assert summary["title"].endswith(": exact, importance")
     failed = [w for w in summary["warnings"] if w["code"] == "failed"]
-    assert [w["backend"] for w in failed] == ["exact"] and "the support has" in failed[0]["message"]
+    assert [w["backend"] for w in failed] == ["exact"] and "the joint support has" in failed[0]["message"]
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert html.index("The run failed: ValueError: the support has") < html.index("<h2>Summary</h2>")
+    assert html.index("The run failed: ValueError: the joint support has") < html.index("<h2>Summary</h2>")
 
 
 def test_compare_prints_warnings_before_the_results(tmp_path, capsys, monkeypatch):

@@ -84,7 +84,7 @@ def test_threshold_is_in_combined_standard_errors():
         ppl_lm.reward("r", (x == 2).float().sum(-1), beta=2.0)
 
     a = ppl_lm.infer(model, method="importance", num_samples=500, seed=0, progress=False)
-    se = a.info["log_evidence_se"]
+    se = a.log_evidence_se
     combined = math.sqrt(2) * se
     assert disagreeing_backends({"a": a, "b": shifted(a, (DISAGREEMENT_Z - 0.5) * combined)}) == []
     found = disagreeing_backends({"a": a, "b": shifted(a, (DISAGREEMENT_Z + 0.5) * combined)})

@@ -9,6 +9,7 @@ with few examples, so it stays fast and reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ppl_lm
-from ppl_lm.conditions import TokenMask, partial_mode
+from ppl_lm.conditions import TokenMask, partial_prefix
 from ppl_lm.tokens import after_eos_mask, lengths
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
@@ -149,7 +150,7 @@ def test_reward_is_r_over_beta_and_rejects_every_non_finite_value(shape, data, b
 def test_constraint_is_zero_or_minus_infinity(shape, data, prefix_closed, partial):
     n = math.prod(shape)
     ok = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool).reshape(shape)
-    with partial_mode(partial):
+    with partial_prefix(1) if partial else contextlib.nullcontext():
         lf = _factor_log_prob(lambda: ppl_lm.constraint("c", ok, prefix_closed=prefix_closed), "c")
     if partial and not prefix_closed:  # deferred to the finished sequence
         assert bool((lf == 0).all())

@@ -165,9 +165,9 @@ def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 
                         seed=_correction_seed(seed), progress=progress)
     post.method = "svi"
     post.guide = g
-    post.info.update(info)
-    post.info["seed"] = seed
-    post.info["wall_time"] = time.perf_counter() - t_start
+    post.info = {**post.info.as_dict(), **info}
+    post.seed = seed
+    post.wall_time = time.perf_counter() - t_start
     return post
 
 

@@ -30,7 +30,6 @@ def _estimate(post: Posterior) -> tuple[float, float] | None:
     if post.log_evidence is None or not math.isfinite(post.log_evidence):
         return None
     se = post.log_evidence_se
-    se = se() if callable(se) else se  # a method until Posterior's typed fields land
     se = 0.0 if post.method == "exact" and se is None else se
     if se is None or not math.isfinite(se):
         return None

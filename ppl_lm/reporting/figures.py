@@ -160,7 +160,7 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
         x = (np.arange(len(w)) + 1) / len(w)
         pos = w > 0
         k = D.psis_khat(p)
-        label = f"{n}: ESS/N {D.kish_ess(p) / len(p):.2f}" + ("" if k is None else f", k-hat {_fmt(k, 2)}")
+        label = f"{n}: ESS/N {p.ess / len(p):.2f}" + ("" if k is None else f", k-hat {_fmt(k, 2)}")
         if np.ptp(w[pos]) <= 1e-6 * w[pos].max():
             label += " (equal weights)"  # e.g. SMC after its final resampling: on the uniform line
         if (~pos).any():
@@ -182,7 +182,7 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
 
     names = list(weighted)
     ks = [D.psis_khat(weighted[n]) for n in names]
-    ess = [D.kish_ess(weighted[n]) / len(weighted[n]) for n in names]
+    ess = [weighted[n].ess / len(weighted[n]) for n in names]
     pos = np.arange(len(names))
     finite = [k is not None and math.isfinite(k) for k in ks]
     # Only a finite k-hat is a bar; an infinite one (too few distinct weights to fit a tail) or

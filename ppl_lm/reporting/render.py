@@ -56,10 +56,7 @@ def summary_rows(posteriors: Mapping[str, Posterior], exact: Posterior | None = 
     items = ([("exact", exact)] if exact is not None else []) + list(posteriors.items())
     for name, post in items:
         row = {"name": name, **D.summary(post)}
-        # One ESS on the page: Posterior.ess (Kish for weighted samples, bulk ESS for MCMC);
-        # SMC's genealogy-based count is another quantity, shown in its own column.
-        row["ess"] = report_ess(post)
-        row["smc_genealogy_n_eff"] = genealogy_n_eff(post)
+        row.pop("warnings", None)  # shown in their own section (report_warnings)
         if exact is not None:
             row["tv_to_exact"] = _tv(post, exact)
             row["log_evidence_error"] = (None if post.log_evidence is None
@@ -74,18 +71,9 @@ def _info(post: Posterior, key: str):
     return info.get(key) if isinstance(info, Mapping) else getattr(info, key, None)
 
 
-def report_ess(post: Posterior) -> float:
-    """The one ESS of a report: Kish's of the weights for weighted samples (SMC included), the
-    smallest ArviZ bulk ESS over the scalar summaries for MCMC."""
-    return float(D.ess(post)) if D.is_mcmc(post) else float(D.kish_ess(post))
-
-
-def genealogy_n_eff(post: Posterior) -> float | None:
-    """SMC's genealogy-based effective count (independent draws the particles are worth), or ``None``."""
-    if post.method != "smc":
-        return None
-    v = _info(post, "n_eff")
-    return None if v is None else float(v)
+def _genealogy(row: dict) -> float | None:
+    v = row.get("n_eff_genealogy")
+    return None if v is None or math.isnan(float(v)) else float(v)
 
 
 #: Above these a diagnostic is marked in the table (the thresholds of the warnings' detectors).
@@ -111,7 +99,9 @@ def _mean_columns(rows: list[dict]) -> list[str]:
 def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the summary table (shared by HTML and Markdown)."""
     means = _mean_columns(rows)
-    lineages = any(r.get("smc_genealogy_n_eff") is not None for r in rows)
+    # One ESS on the page (Posterior.ess); SMC's genealogy-based count is another quantity, in its
+    # own column, named.
+    lineages = any(_genealogy(r) is not None for r in rows)
     head = ["backend", "method", "samples", "log Z ± se", "ESS (ESS / N)"]
     head += ["SMC genealogy n_eff"] if lineages else []
     head += ["k-hat", "R-hat", "acceptance"]
@@ -134,7 +124,7 @@ def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
         row = [r["name"], r["method"], samples, lz,
                f"{_fmt(r['ess'], 1)} ({_fmt(r['ess'] / r['num_samples'], 2)})"]
         if lineages:
-            row += [_fmt(r.get("smc_genealogy_n_eff"), 1)]
+            row += [_fmt(_genealogy(r), 1)]
         row += [_flagged(_fmt(khat, 2), khat is not None and khat > KHAT_MAX),
                 _flagged(_fmt(rhat), rhat is not None and not rhat <= RHAT_MAX), acc]
         row += [_fmt(r["means"].get(m)) for m in means]
@@ -292,7 +282,6 @@ SETTING_WORDS: dict[str, Callable[[Any], str]] = {
     "resampling": lambda v: f"{v} resampling",
     "ess_threshold": lambda v: f"resampling when ESS / N < {_fmt(v, 2)}",
     "chunk_size": lambda v: f"{_n(v)} particles in memory at once",
-    "seed": lambda v: f"seed {v}",
 }
 
 
@@ -309,6 +298,8 @@ def _settings(post: Posterior) -> str:
             out.append(words(v))
         except (TypeError, ValueError, AttributeError):  # a value of another shape than expected
             log.debug("setting %s=%r left out of the report", key, v)
+    if post.seed is not None:
+        out.append(f"seed {post.seed}")
     return ", ".join(out)
 
 
