@@ -102,7 +102,8 @@ def test_unknown_model_name_suggests_the_nearest(no_lm_load, capsys):
 
 def test_models_readme_names_every_attribute_a_script_must_define():
     """The CLI refuses a script without build or context; the README must say so."""
-    readme = open(os.path.join(os.path.dirname(ppl_lm.models.__file__), "README.md"), encoding="utf-8").read()
+    with open(os.path.join(os.path.dirname(ppl_lm.models.__file__), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
     must = re.search(r"A script must define (.+?)\.\s", readme, re.S)
     assert must, "models/README.md does not say what a script must define"
     for attr in cli.REQUIRED_SCRIPT_ATTRS:

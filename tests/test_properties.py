@@ -13,8 +13,7 @@ import contextlib
 import itertools
 import math
 
-import pyro
-import pyro.poutine as poutine
+from pyro import poutine
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
