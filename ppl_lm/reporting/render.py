@@ -285,13 +285,22 @@ SETTING_WORDS: dict[str, Callable[[Any], str]] = {
 }
 
 
+def SVI_DRAWS(v) -> str:  # noqa: N802 (a phrase, like those of SETTING_WORDS)
+    return f"{_n(v)} guide draws per step"
+
+
 def _settings(post: Posterior) -> str:
     """The run's settings in words, e.g. ``64 particles, multinomial resampling when ESS / N < 0.50, seed 0``."""
     out = []
+    size = _info(post, "num_particles") if post.method == "smc" else _info(post, "num_samples")
     for key, words in SETTING_WORDS.items():
         if key == "num_steps" and post.method != "svi":
             continue
         v = _info(post, key)
+        if key == "chunk_size" and isinstance(size, int) and isinstance(v, int) and v >= size:
+            continue  # every particle fits at once: nothing to say
+        if key == "num_particles" and post.method == "svi":
+            words = SVI_DRAWS
         if v is None or isinstance(v, float) and not math.isfinite(v):
             continue
         try:
