@@ -285,7 +285,7 @@ SETTING_WORDS: dict[str, Callable[[Any], str]] = {
 }
 
 
-def SVI_DRAWS(v) -> str:  # noqa: N802 (a phrase, like those of SETTING_WORDS)
+def _svi_draws(v) -> str:
     return f"{_n(v)} guide draws per step"
 
 
@@ -300,7 +300,7 @@ def _settings(post: Posterior) -> str:
         if key == "chunk_size" and isinstance(size, int) and isinstance(v, int) and v >= size:
             continue  # every particle fits at once: nothing to say
         if key == "num_particles" and post.method == "svi":
-            words = SVI_DRAWS
+            words = _svi_draws
         if v is None or isinstance(v, float) and not math.isfinite(v):
             continue
         try:
