@@ -167,8 +167,6 @@ class EditKernel(MCMCKernel):
         self.rw_counts = {k: [0, 0] for k in self.rw_scale}
         self.dist = d
         self.lm = d.lm
-        if d.prompt_lengths is not None:
-            raise ValueError("method='mh' needs prompts of one length (a [N, P] tensor); this model's prompts are ragged")
         self.T = d.max_new_tokens
         self.eos = d.lm.eos_id
         self.values: dict[str, torch.Tensor] = {}
@@ -236,8 +234,7 @@ class EditKernel(MCMCKernel):
                              dict(scores.rewards), dict(scores.constraints))
         self.log_target = self.scores.log_prior + self.scores.log_likelihood
         if scores.trace is not None:  # the prompt may depend on the other sites' values
-            prompt = sequence_base(scores.trace.nodes[self.site]["fn"]).prompt
-            self.prompt = prompt if prompt.dim() == 1 else prompt.reshape(len(x), -1)
+            self.prompt, self.prompt_lengths = sequence_base(scores.trace.nodes[self.site]["fn"]).prompt_rows(len(x))
 
     def _prompt_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt of each chain ``[C, P]`` (or the shared ``[P]``), for LM proposals."""
@@ -342,10 +339,12 @@ class EditKernel(MCMCKernel):
         seld = sel.to(dev)
         ys, ks = xd[seld].clone(), k.to(dev)[seld]
         m = len(sel)
-        prompt = self._prompt_rows()
+        prompt, lengths = self._prompt_rows(), self.prompt_lengths
         if prompt.dim() > 1:
             prompt = torch.cat([prompt, prompt[sel]])
-        state = lm.start(prompt.to(dev), C + m)
+        if lengths is not None:
+            lengths = torch.cat([lengths, lengths[sel]])
+        state = lm.start(prompt.to(dev), C + m, lengths)
         tok_lp_x = torch.zeros(C, T, dtype=torch.float64, device=dev)
         ys_lp = torch.zeros(m, T, dtype=torch.float64, device=dev)
         at_pos = torch.zeros(C, lm.vocab_size, dtype=torch.float32, device=dev)
