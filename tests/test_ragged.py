@@ -74,14 +74,14 @@ def ragged_world(lm):
     def model():
         w = pyro.sample("w", dist.Categorical(torch.tensor([0.2, 0.3, 0.5])))
         x = pyro.sample("x", lm.sequence([PREAMBLES[i] for i in w.tolist()], max_new_tokens=T))
-        ppl_lm.reward("r", (x == 3).float().sum(-1) * (w.float() - 0.5) + 0.4 * (x == 2).float().sum(-1), beta=1.0)
+        ppl_lm.reward("r", (x == 3).float().sum(-1) * (w.float() - 0.5) + 0.4 * (x == 2).float().sum(-1), beta=2.0)
 
     return model
 
 
 METHODS = {
     # options, reference exact draws (None: prior IS's N·f, as SMC is IS with resampling here)
-    "smc": (dict(num_particles=4_000), None),
+    "smc": (dict(num_particles=10_000), None),
     "mh": (dict(num_samples=150, num_chains=64, warmup_steps=100), 1_500.0),
 }
 
