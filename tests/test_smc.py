@@ -69,10 +69,13 @@ def test_resampling_schemes_are_unbiased(soft, scheme):
     assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.log_evidence_se
 
 
-def test_genealogy_standard_error_matches_replicate_spread(soft):
-    """Lee–Whiteley (Eve) variance estimate vs the spread of 2000 independent runs, multinomial."""
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_genealogy_standard_error_matches_replicate_spread(soft, seed):
+    """Lee–Whiteley (Eve) variance estimate vs the spread of 2000 independent runs, multinomial.
+    Over seeds 1-6 the ratio was 0.96-1.005; both sides have ~3-5% sampling error, so the band
+    is several standard errors wide at any seed."""
     _, model, args, _ = soft
-    post = _run(model, *args, num_particles=20, num_replicates=2000, resampling="multinomial", seed=1)
+    post = _run(model, *args, num_particles=20, num_replicates=2000, resampling="multinomial", seed=seed)
     ratio = post.info.log_evidence_se_genealogy / post.log_evidence_se
     assert 0.85 < ratio < 1.15, ratio
 
