@@ -55,6 +55,7 @@ from ppl_lm.diagnostics.estimators import mcmc_diagnostics
 from ppl_lm.inference._runtime import (
     Scores, finish, latent_sites, run_model, sequence_base, sequence_sites, stats_from_scores,
 )
+from ppl_lm.lm.base import start_rows
 from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.tokens import after_eos_mask, categorical
 
@@ -344,7 +345,7 @@ class EditKernel(MCMCKernel):
             prompt = torch.cat([prompt, prompt[sel]])
         if lengths is not None:
             lengths = torch.cat([lengths, lengths[sel]])
-        state = lm.start(prompt.to(dev), C + m, lengths)
+        state = start_rows(lm, prompt.to(dev), C + m, lengths)
         tok_lp_x = torch.zeros(C, T, dtype=torch.float64, device=dev)
         ys_lp = torch.zeros(m, T, dtype=torch.float64, device=dev)
         at_pos = torch.zeros(C, lm.vocab_size, dtype=torch.float32, device=dev)

@@ -55,6 +55,7 @@ from ppl_lm.inference._runtime import (
     cat_scores, finish, latent_sites, make_posterior, prior_values, run_model, sequence_sites,
 )
 from ppl_lm.lm import LanguageModel
+from ppl_lm.lm.base import start_rows
 from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.tokens import categorical
 
@@ -397,8 +398,8 @@ class _Sweep:
 
     def run(self, progress: bool) -> None:
         gen = _random.generator(self.device)
-        self.state = self.lm.start(self.prompt, self.B, self.prompt_lengths)
-        self.qstate = None if self.qlm is None else self.qlm.start(self.prompt, self.B, self.prompt_lengths)
+        self.state = start_rows(self.lm, self.prompt, self.B, self.prompt_lengths)
+        self.qstate = None if self.qlm is None else start_rows(self.qlm, self.prompt, self.B, self.prompt_lengths)
         bar = tqdm(range(self.T), desc="smc", unit="token", disable=not progress)
         try:
             for t in bar:

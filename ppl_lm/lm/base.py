@@ -16,7 +16,7 @@ import torch
 
 from ..tokens import after_eos_mask, as_prompt_tensor, categorical
 
-__all__ = ["LanguageModel", "LMState", "ragged_rows"]
+__all__ = ["LanguageModel", "LMState", "ragged_rows", "start_rows"]
 
 
 @dataclass
@@ -39,6 +39,14 @@ def ragged_rows(prompt: torch.Tensor, batch_size: int, lengths) -> tuple[torch.T
     if batch_size and (int(lengths.min()) < 0 or int(lengths.max()) > prompt.shape[-1]):
         raise ValueError(f"prompt lengths must lie in [0, {prompt.shape[-1]}] (the padded width)")
     return prompt, lengths
+
+
+def start_rows(lm: "LanguageModel", prompt: torch.Tensor, batch_size: int, lengths=None) -> LMState:
+    """``lm.start(prompt, batch_size, lengths)``, without ``lengths`` when the rows are not ragged,
+    so an LM written to the two-argument ``start`` keeps working for prompts of one length."""
+    if lengths is None:
+        return lm.start(prompt, batch_size)
+    return lm.start(prompt, batch_size, lengths)
 
 
 class LanguageModel:

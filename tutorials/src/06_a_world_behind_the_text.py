@@ -270,4 +270,32 @@ fig.tight_layout()
 # %% [markdown]
 # ## Reading the committed run (SmolLM2)
 #
-# See the numbers above; the summary is written from them after the run.
+# - *The toy is exact, and the backends match it.* Exact enumeration gives p(w | positive) = 0.390 /
+#   0.356 / 0.254 for plain / kinder / restricted (prior 0.5 / 0.25 / 0.25): the kinder world explains
+#   the reward 1.42 times better than the average world, the restricted one 1.02 times, the plain
+#   one 0.78 times. Importance sampling (0.377, 0.354, 0.269) and SMC (0.373, 0.377, 0.250) with
+#   8000 draws are within the four-standard-error band that the exact prior-IS ESS (f = 0.37) sets.
+# - *On SmolLM2 the worlds are hard to tell apart, and the budget shows.* Importance sampling (192
+#   draws, ESS 81) gives 0.54 ± 0.06 / 0.17 ± 0.04 / 0.29 ± 0.05; SMC (128 particles, ESS 84) gives
+#   0.58 ± 0.05 / 0.30 ± 0.05 / 0.12 ± 0.04. They agree on the plain world and on "near the prior",
+#   but disagree on kinder vs restricted by 2.7 standard errors: at these sizes the standard errors
+#   (themselves estimates, from about 80 effective draws) understate the error, and no backend can
+#   yet say which of the two non-plain worlds explains a positive continuation better. MH (4 chains,
+#   15 draws after 5 warm-up steps, 285 s) has not mixed (R-hat 2.3, ESS 8, its own warnings say so)
+#   and disagrees with SMC by 4.2 standard errors: its numbers are shown, not trusted. Each MH step
+#   costs one LM pass plus one scoring pass per world (the exact Gibbs step on w); on this CPU that
+#   is about 14 s per step for 4 chains, so a mixed MH run is out of this notebook's budget.
+# - *How this Bayesian model generalises.* Putting all mass on one world bounds what the model can
+#   do on notebook 5's probes: the kinder preamble shifts wording pairs by +1.93 nats and world pairs
+#   by +0.55 (good events become likelier even in neutral words: the "kinder world" reading), the
+#   restricted preamble shifts them by −1.01 and −0.46 (SmolLM2 does not read "only pleasant things
+#   get written down" as "write pleasantly"), plain by −1.41 and +0.12. With the posteriors above
+#   the predictive shifts are small: wording −0.21 (IS) / +0.10 (SMC), world −0.02 / +0.07 nats,
+#   because p(w | positive) stays near the prior. The fine-tuned guide of notebook 5 moved wording
+#   pairs by +1.25 [0.95, 1.54] and world pairs by +0.11 [−0.28, +0.48]: it learned the reward's
+#   wording ("restricted text" in notebook 5's sense), while this world model can only move
+#   probability along the directions its three preambles span, and the evidence barely moves it.
+# - *What the numbers cannot say.* One context, 12 new tokens, a hand-written set of three
+#   preambles and a few hundred draws: the posterior over worlds is weakly identified here, and
+#   the comparison with the fine-tune says more about how differently the two generalise (through
+#   the preambles' meaning vs through the reward's words) than about which is right.
