@@ -47,14 +47,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from ppl_lm.inference._runtime import (
+    Scores,
+    finish,
+    latent_sites,
+    run_model,
+    sequence_base,
+    sequence_sites,
+    stats_from_scores,
+)
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ppl_lm import seeding as _random
 from ppl_lm.diagnostics.estimators import mcmc_diagnostics
-from ppl_lm.inference._runtime import (
-    Scores, finish, latent_sites, run_model, sequence_base, sequence_sites, stats_from_scores,
-)
 from ppl_lm.lm.base import start_rows
 from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.tokens import after_eos_mask, categorical

@@ -45,15 +45,21 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from ppl_lm.inference._runtime import (
+    cat_scores,
+    finish,
+    latent_sites,
+    make_posterior,
+    prior_values,
+    run_model,
+    sequence_sites,
+)
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.conditions import TokenMask, partial_prefix
 from ppl_lm.diagnostics.warnings import InferenceWarning
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.inference._runtime import (
-    cat_scores, finish, latent_sites, make_posterior, prior_values, run_model, sequence_sites,
-)
 from ppl_lm.lm import LanguageModel
 from ppl_lm.lm.base import start_rows
 from ppl_lm.posterior import Info, Posterior, normalise

@@ -14,10 +14,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-
-import ppl_lm
 from test_composition import law_tv, tv_tol
 from toys import LMS
+
+import ppl_lm
 
 T = 3
 PREAMBLES = [[], [1], [2, 3, 1]]  # three worlds, three prompt lengths (the empty one included)

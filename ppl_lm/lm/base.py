@@ -41,7 +41,7 @@ def ragged_rows(prompt: torch.Tensor, batch_size: int, lengths) -> tuple[torch.T
     return prompt, lengths
 
 
-def start_rows(lm: "LanguageModel", prompt: torch.Tensor, batch_size: int, lengths=None) -> LMState:
+def start_rows(lm: LanguageModel, prompt: torch.Tensor, batch_size: int, lengths=None) -> LMState:
     """``lm.start(prompt, batch_size, lengths)``, without ``lengths`` when the rows are not ragged,
     so an LM written to the two-argument ``start`` keeps working for prompts of one length."""
     if lengths is None:

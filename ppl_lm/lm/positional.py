@@ -6,7 +6,6 @@ over (position, previous token, token) is representable.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
