@@ -22,7 +22,7 @@ import torch
 
 import ppl_lm
 from ppl_lm.inference.exact import enumerate_sequences
-from toys import LMS, expected_tv, tv_distance
+from toys import LMS, expected_tv
 
 T = 3
 SIGMA = 0.7  # the continuous row's observation scale
