@@ -32,9 +32,29 @@ def _padded(rows):
     return prompt, torch.tensor([len(r) for r in rows])
 
 
-@pytest.mark.parametrize("lm_name", list(LMS))
+def _lora():
+    from ppl_lm.lm.lora import LoraLM
+
+    lm = LoraLM(LMS["transformer"](), r=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter (B = 0 at init would make it the base LM)
+        for p in lm.params.values():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return lm
+
+
+def _positional():
+    from ppl_lm.lm.positional import PositionalMarkovLM
+
+    return PositionalMarkovLM(LMS["markov"](), max_new_tokens=4)
+
+
+STATE_LMS = {**LMS, "lora": _lora, "positional": _positional}
+
+
+@pytest.mark.parametrize("lm_name", list(STATE_LMS))
 def test_ragged_start_extend_reorder_equal_one_prompt_at_a_time(lm_name):
-    lm = LMS[lm_name]()
+    lm = STATE_LMS[lm_name]()
     prompt, lengths = _padded(ROWS)
     tokens = torch.tensor([[1, 2, 3], [4, 4, 1], [2, 0, 0], [3, 1, 2], [1, 1, 4]])
     index = torch.tensor([3, 0, 4, 1, 2])  # a resampling between the first and second new token
