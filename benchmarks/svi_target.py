@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ class Yardstick:
         self.r = ref.stats["reward:sentiment"].double()
         self.log_prior = lm.score(prompt, self.x).double()
         self.log_z = float(ref.log_evidence)
-        self.log_z_se = float(ref.log_evidence_se)
+        self.log_z_se = float(ref.info["log_evidence_se"])
         w = torch.softmax(self.r / beta, 0)
         self.kl_at_prior = (self.log_z - float(self.r.mean()) / beta,
                             math.hypot(self.log_z_se, float(self.r.std()) / math.sqrt(len(self.r)) / beta))
@@ -129,7 +130,7 @@ def main(argv=None):
             opts["lr_decay"] = args.lr_decay
         # seconds per step from a short probe, so that num_steps (and the lr schedule) fits the budget
         probe = ppl_lm.infer(model, prompt, method="svi", num_steps=3, **{**opts, "num_samples": 2})
-        s_step = float(sorted(probe.info.step_seconds)[1])
+        s_step = float(sorted(probe.info["svi"].step_seconds)[1])
         num_steps = max(2, int(minutes * 60 / s_step))
         print(f"[{objective}] {s_step:.2f} s/step in the probe -> {num_steps} steps", flush=True)
         curve = [(0, 0.0, ys(lm))]
@@ -149,13 +150,13 @@ def main(argv=None):
         t0 = time.perf_counter()
         post = ppl_lm.infer(model, prompt, method="svi", num_steps=num_steps, callback=callback, **opts)
         wall = time.perf_counter() - t0
-        info = post.info
+        info = post.info["svi"]
         kt = info.kl_trace
         hit = next((c[1] for c in curve if c[2]["kl_reverse"] <= 0.2), float("nan"))
         print(f"[{objective}] {num_steps} steps, training {info.train_time:.0f} s (wall {wall:.0f} s); "
               f"first evaluation with KL(q‖π′) ≤ 0.2 at {hit:.0f} s; warnings: "
               f"{[w.code for w in post.warnings] or 'none'}", flush=True)
-        for i in range(len(kt.step)):
+        for i in sorted({int(j) for j in np.linspace(0, len(kt.step) - 1, 11)}):
             print(f"    window to step {int(kt.step[i]):4d}: KL(q‖π′) {kt.kl_reverse[i]:.3f} ± {kt.kl_reverse_se[i]:.3f}, "
                   f"KL(π′‖q) {kt.kl_forward[i]:.3f} ± {kt.kl_forward_se[i]:.3f}")
         rows.append({"objective": objective, "num_steps": num_steps, "train_time": info.train_time,

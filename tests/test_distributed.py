@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import ppl_lm
 from ppl_lm import seeding as _random
-from ppl_lm.inference.svi.distributed import DistributedRLOO_ELBO, block_seed, train
+from ppl_lm.inference.svi.distributed import DistributedLoss, block_seed, train
 from ppl_lm.inference.svi.elbo import particle_terms
 from ppl_lm.inference.svi.guides import make_guide
 
@@ -41,7 +41,7 @@ def one_step_grads(model, blocks: int | None):
     pyro.clear_param_store()
     with _random.seeded(SEED):
         guide = make_guide(model, (), kind="full")
-    elbo = DistributedRLOO_ELBO(N, SEED, num_blocks=blocks)
+    elbo = DistributedLoss(N, SEED, num_blocks=blocks)
     elbo.loss_and_grads(model, guide, ())
     grads = {k: p.grad.detach().clone() for k, p in guide.module.named_parameters()}
     values = torch.cat([v["x"] for v in elbo.last_values])
@@ -122,7 +122,7 @@ def test_local_baseline_with_contexts_is_per_block_rloo():
     pyro.clear_param_store()
     with _random.seeded(SEED):
         guide = make_guide(model, (), kind="full")
-    elbo = DistributedRLOO_ELBO(N, SEED, num_blocks=2, contexts=contexts)
+    elbo = DistributedLoss(N, SEED, num_blocks=2, contexts=contexts)
     assert elbo.baseline == "local"
     elbo.loss_and_grads(model, guide)
     got = {k: p.grad.detach().clone() for k, p in guide.module.named_parameters()}
@@ -145,10 +145,10 @@ def test_local_baseline_with_contexts_is_per_block_rloo():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="divisible"):
-        DistributedRLOO_ELBO(9, 0, num_blocks=2)
+        DistributedLoss(9, 0, num_blocks=2)
     with pytest.raises(ValueError, match="baseline"):
-        DistributedRLOO_ELBO(8, 0, baseline="median")
+        DistributedLoss(8, 0, baseline="median")
     with pytest.raises(ValueError, match="at least 2 particles per block"):
-        DistributedRLOO_ELBO(4, 0, num_blocks=4, baseline="local")
+        DistributedLoss(4, 0, num_blocks=4, baseline="local")
     with pytest.raises(ValueError, match="num_particles"):
         train(toy(), (), num_particles=1, guide="full")

@@ -228,7 +228,11 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
                        kt, cross, trace)
 
     found = checks.nonfinite(res.nonfinite_steps, len(trace.get("elbo", ())))
-    found += checks.divergence(trace.get("elbo", np.zeros(0)))
+    if objective == "forward":
+        found += checks.divergence_forward(kt.kl_forward, kt.kl_forward_se, kt.window)
+    else:  # the reverse half of a schedule is judged on its ELBO
+        elbo = trace.get("elbo", np.zeros(0))
+        found += checks.divergence(elbo[num_steps // 2:] if objective in SCHEDULES else elbo)
     found += checks.kl_beyond_posterior(trace.get("kl_prior", np.zeros(0)), _reward_range(res.rewards))
 
     # A seed distinct from training's, so the correction's draws are independent of the random

@@ -13,7 +13,7 @@ import numpy as np
 
 from ppl_lm.diagnostics.warnings import InferenceWarning
 
-__all__ = ["divergence", "nonfinite", "kl_beyond_posterior", "crosscheck"]
+__all__ = ["divergence", "divergence_forward", "nonfinite", "kl_beyond_posterior", "crosscheck"]
 
 _LR_FIX = ("lower lr (e.g. by 3x), keep the default clip_norm, or raise num_particles; "
            "post.info['trace'] shows where it happened")
@@ -26,13 +26,28 @@ def _windows(x: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def divergence(elbo: np.ndarray) -> list[InferenceWarning]:
-    """The ELBO's last window lies below its best window by more than 4 standard errors."""
+    """Reverse KL: the ELBO's last window lies below its best window by more than 4 standard errors."""
     x = np.asarray(elbo, dtype=np.float64)
     x = x[np.isfinite(x)]
     if len(x) < 20:
         return []
     w = max(5, len(x) // 10)
     mean, se = _windows(x, w)
+    return _fell(mean, se, w, "the ELBO", "fell")
+
+
+def divergence_forward(kl_forward: np.ndarray, kl_forward_se: np.ndarray, window: int) -> list[InferenceWarning]:
+    """Forward KL (which may lower the ELBO as it covers more mass): the estimated KL(π′‖q) of
+    the last window lies above its best window's by more than 4 standard errors (disjoint windows)."""
+    idx = np.arange(window - 1, len(kl_forward), window)
+    m, se = -np.asarray(kl_forward)[idx], np.asarray(kl_forward_se)[idx]
+    keep = np.isfinite(m) & np.isfinite(se)
+    if keep.sum() < 4:
+        return []
+    return _fell(m[keep], se[keep], window, "minus KL(π′‖q)", "fell")
+
+
+def _fell(mean: np.ndarray, se: np.ndarray, w: int, what: str, verb: str) -> list[InferenceWarning]:
     best = int(np.argmax(mean))
     drop = mean[best] - mean[-1]
     noise = math.hypot(se[best], se[-1])
@@ -40,8 +55,8 @@ def divergence(elbo: np.ndarray) -> list[InferenceWarning]:
         return []
     return [InferenceWarning(
         "svi_divergence",
-        f"the ELBO fell from {mean[best]:.3f} (steps {best * w + 1}-{(best + 1) * w}) to {mean[-1]:.3f} in the "
-        f"last {w} steps, {drop / max(noise, 1e-12):.0f} standard errors below its best: training diverged.",
+        f"{what} {verb} from {mean[best]:.3f} (window ending at step {(best + 1) * w}) to {mean[-1]:.3f} in the "
+        f"last window, {drop / max(noise, 1e-12):.0f} standard errors below its best: training diverged.",
         _LR_FIX)]
 
 

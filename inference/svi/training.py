@@ -181,6 +181,7 @@ def train(model: Callable, args: tuple, kwargs: dict, guide, loss: Callable[[int
             step_seconds.append(time.perf_counter() - t_step)
             trace.setdefault("seconds", []).append(
                 (trace["seconds"][-1] if trace.get("seconds") else 0.0) + step_seconds[-1])
+            stats["seconds"] = trace["seconds"][-1]  # training time so far (checkpoints and callbacks excluded)
             bar.update(1)
             if progress and ok:
                 bar.set_postfix(elbo=f"{stats.get('elbo', math.nan):.3f}", kl=f"{stats.get('kl_prior', math.nan):.3f}")
