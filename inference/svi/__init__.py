@@ -257,7 +257,7 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     post.info["seed"] = seed
     post.info["wall_time"] = time.perf_counter() - t_start
     post.warnings = list(post.warnings) + found
-    emit(found, "svi")
+    emit(found, "svi", stacklevel=3)  # the user's line, through ppl_lm.infer
     return post
 
 
