@@ -2,13 +2,14 @@
 
 Problem (issue 15): SmolLM2-135M-Instruct, ``models/sentiment.py`` (prompt "I watched the new
 movie last night and", r = VADER compound sentiment, β = 0.25), 12 new tokens, LoRA r = 8
-(α = 16, q_proj/v_proj), CPU. Target: KL(q‖π′) ≤ 0.2 nats within 10 minutes of training,
+(α = 16, q_proj/v_proj), CPU, one thread. Target: KL(q‖π′) ≤ 0.2 nats within 10 minutes of training,
 from ≈ 0.92 at the prior.
 
 Yardstick, fixed before training and shared by every objective (common random numbers):
 
 - ``log Ẑ_ref``: prior importance sampling with ``--ref-samples`` draws (seed fixed);
-- every ``--eval-every`` seconds of training (the clock stops while evaluating), the guide
+- every ``--eval-every`` seconds of training (CPU time of the training thread: the machine is
+  shared, so wall time would count other processes; the clock stops while evaluating), the guide
   draws ``--eval-samples`` fresh sequences under one fixed seed and
   ``KL(q‖π′) = log Ẑ_ref − ELBO`` (se from both), the guide-IS estimate of KL(π′‖q) on the same
   draws, and ``KL(π′‖q)`` on the reference's prior draws (self-normalised weights e^{r/β},
@@ -129,20 +130,21 @@ def main(argv=None):
         if args.lr_decay:
             opts["lr_decay"] = args.lr_decay
         # seconds per step from a short probe, so that num_steps (and the lr schedule) fits the budget
-        probe = ppl_lm.infer(model, prompt, method="svi", num_steps=3, **{**opts, "num_samples": 2})
-        s_step = float(sorted(probe.info["svi"].step_seconds)[1])
+        probe = ppl_lm.infer(model, prompt, method="svi", num_steps=3, **{**opts, "num_samples": 2, "crosscheck_samples": 0})
+        cpu = np.diff(np.concatenate([[0.0], probe.info["trace"]["cpu_seconds"]]))
+        s_step = float(sorted(cpu)[1])  # CPU seconds of one thread per step (the machine is shared)
         num_steps = max(2, int(minutes * 60 / s_step))
-        print(f"[{objective}] {s_step:.2f} s/step in the probe -> {num_steps} steps", flush=True)
+        print(f"[{objective}] {s_step:.2f} CPU s/step in the probe -> {num_steps} steps", flush=True)
         curve = [(0, 0.0, ys(lm))]
         state = {"next": eval_every}
 
         def callback(step, guide, stats, _curve=curve, _state=state):
-            t = float(stats["seconds"])
+            t = float(stats["cpu_seconds"])
             if t >= _state["next"] or step == num_steps:
                 _curve.append((step, t, ys(guide.lm)))
                 _state["next"] = t + eval_every
                 e = _curve[-1][2]
-                print(f"  step {step:4d}  {t:6.0f} s  KL(q‖π′) {e['kl_reverse']:.3f} ± {e['kl_reverse_se']:.3f}  "
+                print(f"  step {step:4d}  {t:6.0f} CPU s ({stats['seconds']:.0f} s wall)  KL(q‖π′) {e['kl_reverse']:.3f} ± {e['kl_reverse_se']:.3f}  "
                       f"KL(π′‖q) {e['kl_forward_prior_is']:.3f} ± {e['kl_forward_prior_is_se']:.3f} (prior IS), "
                       f"{e['kl_forward_guide_is']:.3f} (guide IS)  E r {e['reward']:+.3f}  KL(q‖π) {e['kl_prior']:.3f}",
                       flush=True)
@@ -152,14 +154,17 @@ def main(argv=None):
         wall = time.perf_counter() - t0
         info = post.info["svi"]
         kt = info.kl_trace
+        cpu_total = float(post.info["trace"]["cpu_seconds"][-1])
         hit = next((c[1] for c in curve if c[2]["kl_reverse"] <= 0.2), float("nan"))
-        print(f"[{objective}] {num_steps} steps, training {info.train_time:.0f} s (wall {wall:.0f} s); "
-              f"first evaluation with KL(q‖π′) ≤ 0.2 at {hit:.0f} s; warnings: "
+        print(f"[{objective}] {num_steps} steps, training {cpu_total:.0f} CPU s, {info.train_time:.0f} s wall "
+              f"(wall with evaluations {wall:.0f} s); "
+              f"first evaluation with KL(q‖π′) ≤ 0.2 at {hit:.0f} CPU s; warnings: "
               f"{[w.code for w in post.warnings] or 'none'}", flush=True)
         for i in sorted({int(j) for j in np.linspace(0, len(kt.step) - 1, 11)}):
             print(f"    window to step {int(kt.step[i]):4d}: KL(q‖π′) {kt.kl_reverse[i]:.3f} ± {kt.kl_reverse_se[i]:.3f}, "
                   f"KL(π′‖q) {kt.kl_forward[i]:.3f} ± {kt.kl_forward_se[i]:.3f}")
         rows.append({"objective": objective, "num_steps": num_steps, "train_time": info.train_time,
+                     "train_cpu_seconds": cpu_total,
                      "seconds_per_step": info.seconds_per_step, "lr": info.lr, "curve": curve,
                      "warnings": [w.code for w in post.warnings], "first_below_0.2_s": hit,
                      "kl_trace": {k: getattr(kt, k).tolist() for k in ("step", "seconds", "kl_reverse",
@@ -191,9 +196,10 @@ def main(argv=None):
                            label=row["objective"])
         ax[0].axhline(0.2, color="k", ls="--", lw=1, label="target 0.2")
         ax[0].set_title("KL(q‖π′) = log Ẑ_ref − ELBO")
+        ax[0].set_ylim(bottom=0)
         ax[1].set_title("KL(π′‖q), prior-IS reference draws")
         for a in ax:
-            a.set_xlabel("training time (s)")
+            a.set_xlabel("training time (CPU seconds, one thread)")
             a.set_ylabel("nats")
             a.legend()
         fig.suptitle(f"SmolLM2-135M, sentiment, β={args.beta}, {args.tokens} tokens, LoRA r=8, "

@@ -145,7 +145,7 @@ def train(model: Callable, args: tuple, kwargs: dict, guide, loss: Callable[[int
     t_train, paused, step_seconds = time.perf_counter(), 0.0, []
     try:
         while step < num_steps:
-            t_step = time.perf_counter()
+            t_step, c_step = time.perf_counter(), time.thread_time()
             ctx = args
             if contexts is not None:
                 i = int(torch.randint(len(contexts), (1,), generator=seeding.generator("cpu")))
@@ -181,7 +181,12 @@ def train(model: Callable, args: tuple, kwargs: dict, guide, loss: Callable[[int
             step_seconds.append(time.perf_counter() - t_step)
             trace.setdefault("seconds", []).append(
                 (trace["seconds"][-1] if trace.get("seconds") else 0.0) + step_seconds[-1])
+            # this thread's CPU time: the cost of training on a shared machine, where wall time
+            # also counts other processes
+            trace.setdefault("cpu_seconds", []).append(
+                (trace["cpu_seconds"][-1] if trace.get("cpu_seconds") else 0.0) + time.thread_time() - c_step)
             stats["seconds"] = trace["seconds"][-1]  # training time so far (checkpoints and callbacks excluded)
+            stats["cpu_seconds"] = trace["cpu_seconds"][-1]
             bar.update(1)
             if progress and ok:
                 bar.set_postfix(elbo=f"{stats.get('elbo', math.nan):.3f}", kl=f"{stats.get('kl_prior', math.nan):.3f}")
