@@ -228,9 +228,12 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
                        kt, cross, trace)
 
     found = checks.nonfinite(res.nonfinite_steps, len(trace.get("elbo", ())))
-    if objective == "forward":
-        found += checks.divergence_forward(kt.kl_forward, kt.kl_forward_se, kt.window)
-    else:  # the reverse half of a schedule is judged on its ELBO
+    # Divergence is judged on the ELBO where the ELBO is what is maximised (reverse, and the
+    # reverse half of a schedule). Forward training may lower the ELBO as it covers more mass, and
+    # its own KL(π′‖q) estimate from guide draws cannot see mass the guide has not found yet (it
+    # rose in a sound run on the two-mode toy), so forward runs are judged by the KL bound and
+    # the cross-check against prior draws instead.
+    if objective != "forward":
         elbo = trace.get("elbo", np.zeros(0))
         found += checks.divergence(elbo[num_steps // 2:] if objective in SCHEDULES else elbo)
     found += checks.kl_beyond_posterior(trace.get("kl_prior", np.zeros(0)), _reward_range(res.rewards))

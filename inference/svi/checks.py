@@ -13,7 +13,7 @@ import numpy as np
 
 from ppl_lm.diagnostics.warnings import InferenceWarning
 
-__all__ = ["divergence", "divergence_forward", "nonfinite", "kl_beyond_posterior", "crosscheck"]
+__all__ = ["divergence", "nonfinite", "kl_beyond_posterior", "crosscheck"]
 
 _LR_FIX = ("lower lr (e.g. by 3x), keep the default clip_norm, or raise num_particles; "
            "post.info['trace'] shows where it happened")
@@ -34,17 +34,6 @@ def divergence(elbo: np.ndarray) -> list[InferenceWarning]:
     w = max(5, len(x) // 10)
     mean, se = _windows(x, w)
     return _fell(mean, se, w, "the ELBO", "fell")
-
-
-def divergence_forward(kl_forward: np.ndarray, kl_forward_se: np.ndarray, window: int) -> list[InferenceWarning]:
-    """Forward KL (which may lower the ELBO as it covers more mass): the estimated KL(π′‖q) of
-    the last window lies above its best window's by more than 4 standard errors (disjoint windows)."""
-    idx = np.arange(window - 1, len(kl_forward), window)
-    m, se = -np.asarray(kl_forward)[idx], np.asarray(kl_forward_se)[idx]
-    keep = np.isfinite(m) & np.isfinite(se)
-    if keep.sum() < 4:
-        return []
-    return _fell(m[keep], se[keep], window, "minus KL(π′‖q)", "fell")
 
 
 def _fell(mean: np.ndarray, se: np.ndarray, w: int, what: str, verb: str) -> list[InferenceWarning]:
