@@ -152,3 +152,73 @@ def test_bad_options():
         DistributedLoss(4, 0, num_blocks=4, baseline="local")
     with pytest.raises(ValueError, match="num_particles"):
         train(toy(), (), num_particles=1, guide="full")
+
+
+def test_seed_reaches_the_lora_initialisation():
+    """The runner builds its guide under the user's seed (it used to build every LoRA guide
+    from seed 0): two seeds give two initialisations, one seed the same one."""
+    lm = ppl_lm.tiny_transformer(5, eos_id=0, seed=1, scale=0.15)
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt) or [1], max_new_tokens=3))
+        ppl_lm.reward("r", (x == 2).float().sum(-1), beta=1.0)
+        return x
+
+    a = {k: v for k, v in train(model, (), num_steps=0, seed=1, progress=False).guide.state_dict().items()
+         if "lora_A" in k}
+    b = {k: v for k, v in train(model, (), num_steps=0, seed=2, progress=False).guide.state_dict().items()
+         if "lora_A" in k}
+    c = {k: v for k, v in train(model, (), num_steps=0, seed=1, progress=False).guide.state_dict().items()
+         if "lora_A" in k}
+    assert a and any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_same_defaults_as_method_svi():
+    """One loop, one set of defaults: guide kind, step size, its decay and the norm clip."""
+    import inspect
+
+    from ppl_lm.inference import svi
+
+    run, tr = inspect.signature(svi.run).parameters, inspect.signature(train).parameters
+    for name in ("guide", "objective", "lr", "lr_decay", "clip_norm", "relax_penalty", "num_particles",
+                 "lora_r", "lora_alpha", "checkpoint_every"):
+        assert run[name].default == tr[name].default, name
+    lm = ppl_lm.tiny_transformer(5, eos_id=0, seed=1, scale=0.15)
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt) or [1], max_new_tokens=3))
+        ppl_lm.reward("r", (x == 2).float().sum(-1), beta=1.0)
+        return x
+
+    res = train(model, (), num_steps=2, num_particles=4, progress=False)
+    assert res.guide.kind == "lora" and res.info["lr"] == svi.DEFAULT_LR["lora"]
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
+    model = toy()
+    pyro.clear_param_store()
+    straight = train(model, (), num_steps=STEPS, num_particles=N, guide="full", seed=SEED, progress=False)
+    pyro.clear_param_store()
+    with pytest.raises(_Stop):  # killed after step 3; the checkpoint holds step 2
+        train(model, (), num_steps=STEPS, num_particles=N, guide="full", seed=SEED, progress=False,
+              checkpoint_dir=str(tmp_path), checkpoint_every=2, callback=_stop_after(3))
+    pyro.clear_param_store()
+    resumed = train(model, (), num_steps=STEPS, num_particles=N, guide="full", seed=SEED, progress=False,
+                    checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    assert resumed.info["start_step"] == 2
+    for k, v in straight.guide.state_dict().items():
+        assert torch.equal(resumed.guide.state_dict()[k], v), k
+    assert (resumed.trace["elbo"] == straight.trace["elbo"]).all()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n):
+    def cb(step, stats):
+        if step + 1 >= n:
+            raise _Stop
+
+    return cb
