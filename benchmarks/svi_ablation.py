@@ -21,7 +21,6 @@ seed of each KL, and the training time. Variants (one change each from the base 
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import sys
@@ -31,15 +30,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-import _bench  # noqa: E402
+import _bench
 
 
 def exact_kls(model, args, guide):
     """KL(q‖π′) and KL(π′‖q) by enumeration (q renormalised to the admissible set for hard conditions)."""
-    import ppl_lm
     from ppl_lm.inference.exact import enumerate_sequences
     from ppl_lm.inference.svi.elbo import particle_terms
     from toys import T, V
+
+    import ppl_lm
 
     support = enumerate_sequences(V, 0, T)
     exact = ppl_lm.infer(model, *args, method="exact")
@@ -55,7 +55,7 @@ def exact_kls(model, args, guide):
 
 
 def variants(base_steps, base_n):
-    from ppl_lm.inference.svi.elbo import ForwardKL, RLOO_ELBO
+    from ppl_lm.inference.svi.elbo import RLOO_ELBO, ForwardKL
 
     class NoBaselineReverse(RLOO_ELBO):
         def coefficients(self, a):
@@ -65,8 +65,8 @@ def variants(base_steps, base_n):
         def coefficients(self, a):
             return torch.softmax(a, -1)
 
-    rev = lambda n: RLOO_ELBO(n)  # noqa: E731
-    fwd = lambda n: ForwardKL(n)  # noqa: E731
+    rev = lambda n: RLOO_ELBO(n)
+    fwd = lambda n: ForwardKL(n)
     out = {}
     for name, mk in (("reverse", rev), ("forward", fwd)):
         out[f"{name}: base"] = dict(loss=mk)
@@ -88,10 +88,11 @@ def main(argv=None):
     _bench.setup(args)
     args.repeats = args.repeats or (1 if args.smoke else 3)
 
-    import ppl_lm
     from ppl_lm.inference.svi.guides import make_guide
     from ppl_lm.inference.svi.training import train
     from toys import LMS, PROBLEMS
+
+    import ppl_lm
 
     problems = [("markov", "soft_reward", 300, 16, 0.1), ("transformer", "pin_soft", 200, 16, 0.02)]
     if args.smoke:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _bench  # noqa: E402
+import _bench
 
 EVAL_SEED, REF_SEED = 2024, 7
 
@@ -116,8 +116,9 @@ def main(argv=None):
     n_eval = args.eval_samples or (16 if args.smoke else 256)
     n_ref = args.ref_samples or (32 if args.smoke else 2048)
 
-    import ppl_lm
     from ppl_lm.models import sentiment
+
+    import ppl_lm
 
     lm = ppl_lm.tiny_char_transformer(seed=0) if args.smoke else _bench.smollm2(args)
     model = sentiment.build(lm, beta=args.beta, max_new_tokens=args.tokens)
@@ -144,7 +145,7 @@ def main(argv=None):
         curve = [(0, 0.0, ys(lm))]
         state = {"next": eval_every}
 
-        def callback(step, guide, stats, _curve=curve, _state=state):
+        def callback(step, guide, stats, _curve=curve, _state=state, num_steps=num_steps):
             t = float(stats["cpu_seconds"])
             if t >= _state["next"] or step == num_steps:
                 _curve.append((step, t, ys(guide.lm, full=step == num_steps)))

@@ -13,12 +13,12 @@ import math
 import pyro
 import pytest
 import torch
-
-import ppl_lm
 from ppl_lm.inference import svi
 from ppl_lm.inference.svi.checkpoint import CheckpointMismatch
 from ppl_lm.inference.svi.guides import make_guide
 from toys import LMS, T, soft_reward
+
+import ppl_lm
 
 
 def codes(post):

@@ -43,21 +43,36 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from ppl_lm.inference.svi import checkpoint as _ckpt
+from ppl_lm.inference.svi import checks
+from ppl_lm.inference.svi.elbo import OBJECTIVES, PROPOSALS, make_loss, particle_terms
+from ppl_lm.inference.svi.guides import (
+    GUIDE_KINDS,
+    SequenceGuide,
+    make_guide,
+    model_site,
+)
+from ppl_lm.inference.svi.kl import kl_estimates
+from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 
 import ppl_lm
 from ppl_lm import seeding
-from ppl_lm.diagnostics.warnings import InferenceWarning, emit
-from ppl_lm.inference.svi import checks
-from ppl_lm.inference.svi import checkpoint as _ckpt
-from ppl_lm.inference.svi.elbo import OBJECTIVES, PROPOSALS, make_loss, particle_terms
-from ppl_lm.inference.svi.guides import GUIDE_KINDS, SequenceGuide, make_guide, model_site
-from ppl_lm.inference.svi.kl import kl_estimates
-from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
+from ppl_lm.diagnostics.warnings import emit
 from ppl_lm.lm import PositionalMarkovLM, TransformersLM
 from ppl_lm.posterior import Posterior
 
-__all__ = ["run", "SVIInfo", "Crosscheck", "SVIError", "DEFAULT_LR", "CHECKPOINT_FILE", "SCHEDULES",
-           "default_guide", "default_lr", "build_guide"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "DEFAULT_LR",
+    "SCHEDULES",
+    "Crosscheck",
+    "SVIError",
+    "SVIInfo",
+    "build_guide",
+    "default_guide",
+    "default_lr",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 
 from ppl_lm import seeding
 
-__all__ = ["CHECKPOINT_FILE", "CheckpointMismatch", "fingerprint", "save", "load"]
+__all__ = ["CHECKPOINT_FILE", "CheckpointMismatch", "fingerprint", "load", "save"]
 
 log = logging.getLogger(__name__)
 

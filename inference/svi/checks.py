@@ -13,7 +13,7 @@ import numpy as np
 
 from ppl_lm.diagnostics.warnings import InferenceWarning
 
-__all__ = ["divergence", "nonfinite", "kl_beyond_posterior", "crosscheck"]
+__all__ = ["crosscheck", "divergence", "kl_beyond_posterior", "nonfinite"]
 
 _LR_FIX = ("lower lr (e.g. by 3x), keep the default clip_norm, or raise num_particles; "
            "post.info['trace'] shows where it happened")

@@ -33,9 +33,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyro
@@ -50,7 +50,7 @@ from . import training
 from .elbo import make_loss, summarise
 from .guides import SequenceGuide, model_site
 
-__all__ = ["DistributedLoss", "TrainResult", "train", "block_seed", "world", "init", "main"]
+__all__ = ["DistributedLoss", "TrainResult", "block_seed", "init", "main", "train", "world"]
 
 log = logging.getLogger(__name__)
 

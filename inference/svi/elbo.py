@@ -38,14 +38,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.poutine as poutine
 import torch
+from ppl_lm.inference._runtime import PARTICLE_PLATE, run_model
+from pyro import poutine
 from pyro.infer import ELBO
 
-from ppl_lm.inference._runtime import PARTICLE_PLATE, run_model
-
-__all__ = ["RLOO_ELBO", "ForwardKL", "ParticleTerms", "particle_terms", "summarise", "OBJECTIVES", "PROPOSALS",
-           "make_loss"]
+__all__ = [
+    "OBJECTIVES",
+    "PROPOSALS",
+    "RLOO_ELBO",
+    "ForwardKL",
+    "ParticleTerms",
+    "make_loss",
+    "particle_terms",
+    "summarise",
+]
 
 OBJECTIVES = ("reverse", "forward")
 PROPOSALS = ("guide", "prior")
@@ -80,7 +87,9 @@ class ParticleTerms:
 
 def _relaxed(scores, n: int, penalty: float) -> torch.Tensor:
     """The condition factors again, each ``-inf`` one replaced by ``-penalty`` (per site)."""
-    from ppl_lm.inference._runtime import _per_particle  # the runtime's one per-particle rule
+    from ppl_lm.inference._runtime import (
+        _per_particle,  # the runtime's one per-particle rule
+    )
 
     total = torch.zeros(n)
     for site in scores.trace.nodes.values():

@@ -26,15 +26,21 @@ import itertools
 from collections.abc import Callable, Sequence
 
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from torch import nn
 
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.lm import LanguageModel, LoraLM, MarkovLM, PositionalMarkovLM, TransformersLM
+from ppl_lm.lm import (
+    LanguageModel,
+    LoraLM,
+    MarkovLM,
+    PositionalMarkovLM,
+    TransformersLM,
+)
 from ppl_lm.lm.lora import full_transformer
 
-__all__ = ["SequenceGuide", "make_guide", "model_site", "GUIDE_KINDS"]
+__all__ = ["GUIDE_KINDS", "SequenceGuide", "make_guide", "model_site"]
 
 GUIDE_KINDS = ("full", "lora")
 

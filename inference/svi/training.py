@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.infer.util import zero_grads
 from pyro.optim import Adam
 from tqdm.auto import tqdm
@@ -31,7 +31,7 @@ from ppl_lm import seeding
 from . import checkpoint as _ckpt
 from .kl import kl_estimates
 
-__all__ = ["TrainResult", "KLTrace", "train", "kl_trace", "DRAW_FIELDS"]
+__all__ = ["DRAW_FIELDS", "KLTrace", "TrainResult", "kl_trace", "train"]
 
 log = logging.getLogger(__name__)
 
