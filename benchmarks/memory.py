@@ -70,7 +70,7 @@ def child(args) -> dict:
     warnings.simplefilter("ignore")
     try:
         if args.method == "importance":
-            ppl_lm.infer(model, PROMPT, method="importance", num_samples=16, progress=False, warn=False)
+            ppl_lm.infer(model, PROMPT, method="importance", num_samples=16, progress=False)
         elif args.method == "smc":
             ppl_lm.infer(model, PROMPT, method="smc", num_particles=16, progress=False)
         else:
@@ -83,7 +83,7 @@ def child(args) -> dict:
     try:
         if args.method == "importance":
             post = ppl_lm.infer(model, PROMPT, method="importance", num_samples=args.n,
-                                chunk_size=args.chunk_size, seed=args.seed, progress=False, warn=False)
+                                chunk_size=args.chunk_size, seed=args.seed, progress=False)
         elif args.method == "sample":
             # the LM alone, in one batch: what a non-chunked sampler needs
             lm.sample(lm.encode(PROMPT), args.n, T)

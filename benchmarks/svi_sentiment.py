@@ -105,7 +105,7 @@ def main() -> None:
         median_s = float(torch.tensor(sec[1:] if len(sec) > 1 else sec).median())
         row = {"beta": beta, "start": start, "end": end, "eval": ev,
                "seconds_per_step": post.info["seconds_per_step"], "median_step_s": median_s, "steps": args.steps,
-               "log_evidence": post.log_evidence, "log_evidence_se": post.info["log_evidence_se"],
+               "log_evidence": post.log_evidence, "log_evidence_se": post.log_evidence_se,
                "is_ess": post.ess, "is_samples": len(post)}
         rows.append(row)
         print(f"\nβ = {beta}: {post.info['seconds_per_step']:.2f} s/step over {args.steps} steps "

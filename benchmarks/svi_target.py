@@ -159,7 +159,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         post = ppl_lm.infer(model, prompt, method="svi", num_steps=num_steps, callback=callback, **opts)
         wall = time.perf_counter() - t0
-        info = post.info["svi"]
+        info = post.info
         kt = info.kl_trace
         cpu_total = float(post.info["trace"]["cpu_seconds"][-1])
         hit = next((c[1] for c in curve if c[2]["kl_reverse"] <= 0.2), float("nan"))

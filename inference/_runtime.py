@@ -1,29 +1,43 @@
-"""Running a vectorised model on a batch of particles, and reading its trace.
+"""The one model runtime every backend reads a model through.
 
-Shared by every backend: a model is run inside one ``pyro.plate("particles", N)``; its
-latent sequence sites are sampled (or conditioned on given values); the result is a
-:class:`Scores` with one value per particle for the log prior, the log likelihood (every
-observed site and factor) and each recorded reward / constraint.
+A model is run inside one ``pyro.plate("particles", N)`` (vectorised: each site has a leading
+particle dimension); its latent sites are sampled, replayed from a guide's trace, or given fixed
+values (still latent); every sample site is scored per particle by one rule
+(:func:`site_log_prob`), and the result is a :class:`Scores`: the log prior of the latent sites,
+the log likelihood (observed sites and condition factors), each site's own log-prob, and each
+recorded reward and constraint. The same runtime serves the ELBO (``inference/svi``).
+
+**The rule for sites outside the particle plate.** A site's log-prob is read per particle: a
+scalar (a site whose value does not depend on the particle, e.g. a factor of a constant) is shared
+by every particle and added to each; a log-prob with a leading dimension of size N is summed over
+its other dimensions; anything else is a :class:`ModelShapeError` naming the site, its shape and
+the fix. Every backend applies this rule, so a model one backend accepts, all accept.
 """
 
 from __future__ import annotations
 
-import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.runtime import NonlocalExit
 
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
 
-__all__ = ["Scores", "run_model", "score_trace", "latent_sites", "PARTICLE_PLATE", "main_site", "stats_from_scores",
-           "cat_scores", "make_posterior"]
+__all__ = ["Scores", "ModelShapeError", "run_model", "trace_model", "score_trace", "site_log_prob", "latent_sites",
+           "sequence_base", "sequence_sites", "single_sequence_site", "first_latent_site", "fixed_values",
+           "PARTICLE_PLATE", "main_site", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
 
 PARTICLE_PLATE = "particles"
+
+
+class ModelShapeError(ValueError):
+    """A model value does not have one entry per particle (the model is not vectorised)."""
 
 
 @dataclass
@@ -37,21 +51,70 @@ class Scores:
     constraints: dict[str, torch.Tensor] = field(default_factory=dict)  # ok per constraint site
     observed_log_prob: dict[str, torch.Tensor] = field(default_factory=dict)  # observed seq sites
     trace: Any = None
+    latent_log_prob: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] per latent site
 
     @property
     def log_joint(self) -> torch.Tensor:
         return self.log_prior + self.log_likelihood
 
 
-def _per_particle(t: torch.Tensor, n: int) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    if t.dim() == 0:
-        return t.expand(n)
-    if t.shape[0] != n:
-        # Broadcast a site that ignores the particle plate (a shared observation).
-        t = t.reshape(-1).sum().expand(n) if t.numel() != n else t.reshape(n)
-        return t
-    return t.reshape(n, -1).sum(-1) if t.dim() > 1 else t
+def sequence_base(fn) -> SequenceDistribution | None:
+    """The :class:`SequenceDistribution` under a (possibly expanded or masked) distribution, else ``None``."""
+    while not isinstance(fn, SequenceDistribution) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn if isinstance(fn, SequenceDistribution) else None
+
+
+def site_log_prob(name: str, lp, n: int) -> torch.Tensor:
+    """One value per particle ``[n]`` from a site's log-prob, by the module's rule."""
+    lp = torch.as_tensor(lp)
+    if lp.dim() == 0:
+        return lp.expand(n)
+    if lp.shape[0] == n:
+        return lp.reshape(n, -1).sum(-1)
+    raise ModelShapeError(
+        f"site {name!r} has log-prob shape {tuple(lp.shape)}, but the model runs {n} particle(s) at once "
+        f"inside pyro.plate({PARTICLE_PLATE!r}, {n}): a site must give one value per particle (a leading "
+        "dimension of that size) or a single shared value. Write the model vectorised: compute rewards and "
+        "conditions from the sampled x (shape [N, T]), e.g. (x == 2).sum(-1), and mark extra dimensions "
+        "of a distribution as event dimensions (.to_event(1))")
+
+
+_PYRO_MISMATCH = re.compile(r"Shape mismatch inside plate\('particles'\) at site (\S+) dim -1, (\d+) vs (\d+)")
+
+
+def _clear_shape_error(err: ValueError, n: int) -> ModelShapeError | None:
+    m = _PYRO_MISMATCH.search(str(err))
+    if m is None:
+        return None
+    site, plate, got = m.group(1), m.group(2), m.group(3)
+    probe = " (a first run with one particle that finds the model's sites)" if n == 1 else ""
+    return ModelShapeError(
+        f"site {site!r} has {got} values along its batch dimension, but the model runs {plate} particle(s) at "
+        f"once{probe} inside pyro.plate({PARTICLE_PLATE!r}): a reward, constraint or distribution must give "
+        "one value per particle. Write the model vectorised: compute it from the sampled x (shape [N, T]), "
+        "e.g. (x == 2).sum(-1), not from a tensor of fixed size")
+
+
+def trace_model(fn: Callable, args: tuple, kwargs: dict, n: int):
+    """``poutine.trace`` of ``fn`` inside the particle plate of size ``n``, with clear shape errors."""
+    try:
+        with pyro.plate(PARTICLE_PLATE, n, dim=-1):
+            return poutine.trace(fn).get_trace(*args, **kwargs)
+    except ValueError as err:
+        clear = _clear_shape_error(err, n)
+        if clear is None:
+            raise
+        raise clear from None
+
+
+def fixed_values(data: dict[str, torch.Tensor]) -> poutine.Trace:
+    """A trace holding ``data`` as latent sample sites: ``poutine.replay`` on it fixes those sites'
+    values while keeping them latent (scored in the prior, not observed)."""
+    tr = poutine.Trace()
+    for name, value in data.items():
+        tr.add_node(name, type="sample", name=name, value=value, is_observed=False, infer={}, fn=None)
+    return tr
 
 
 def run_model(model: Callable, args: tuple, kwargs: dict, num_particles: int,
@@ -60,7 +123,7 @@ def run_model(model: Callable, args: tuple, kwargs: dict, num_particles: int,
     """Run ``model`` once for ``num_particles`` particles and score every site per particle.
 
     Args:
-        data: values for latent sites (conditioning them, as in replay); other latent sites
+        data: values for latent sites (fixed, still latent, as in replay); other latent sites
             are sampled from the model.
         score_latent: compute the latent sites' log-probs (an LM pass); off when a backend
             knows them already.
@@ -70,88 +133,99 @@ def run_model(model: Callable, args: tuple, kwargs: dict, num_particles: int,
     if guide_trace is not None:
         fn = poutine.replay(fn, trace=guide_trace)
     if data:
-        fn = _fix_latent(fn, data)
-    with pyro.plate(PARTICLE_PLATE, num_particles, dim=-1):
-        tr = poutine.trace(fn).get_trace(*args, **kwargs)
+        fn = poutine.replay(fn, trace=fixed_values(data))
+    tr = trace_model(fn, args, kwargs, num_particles)
     return score_trace(tr, num_particles, score_latent=score_latent)
 
 
-def _fix_latent(fn, data):
-    """Give latent sites fixed values while keeping them latent (not observed)."""
-
-    def wrapped(*args, **kwargs):
-        with _LatentValues(data):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
-class _LatentValues(poutine.messenger.Messenger):
-    def __init__(self, data):
-        super().__init__()
-        self.data = data
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.data and not msg["is_observed"]:
-            msg["value"] = self.data[msg["name"]]
-            msg["done"] = True  # skip sampling, keep the site latent
-
-
 def score_trace(tr, n: int, *, score_latent: bool = True) -> Scores:
+    """Read a vectorised trace: every sample site scored per particle by :func:`site_log_prob`."""
     log_prior = torch.zeros(n)
     log_lik = torch.zeros(n)
-    values, rewards, cons, obs = {}, {}, {}, {}
+    values, rewards, cons, obs, latent = {}, {}, {}, {}, {}
     for name, site in tr.nodes.items():
         if site["type"] != "sample":
             continue
         meta = site["infer"].get("ppl_lm")
         if site["is_observed"]:
-            lp = site["fn"].log_prob(site["value"])
-            lp = _per_particle(lp, n).to(log_lik.device)
+            lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n).to(log_lik.device)
             log_lik = log_lik + lp
             if meta is not None and meta["kind"] == "reward":
-                rewards[name] = _per_particle(meta["r"], n)
+                rewards[name] = site_log_prob(name, meta["r"], n)
             elif meta is not None and meta["kind"] == "constraint":
-                cons[name] = _per_particle(meta["ok"], n)
-            elif isinstance(site["fn"], SequenceDistribution) or _base(site["fn"]) is not None:
+                ok = torch.as_tensor(meta["ok"]).bool()
+                cons[name] = ok.expand(n) if ok.dim() == 0 else ~site_log_prob(name, ~ok, n).bool()
+            elif sequence_base(site["fn"]) is not None:
                 obs[name] = lp
         else:
             values[name] = site["value"]
             if score_latent:
-                lp = site["fn"].log_prob(site["value"])
-                log_prior = log_prior + _per_particle(lp, n).to(log_prior.device)
-    return Scores(log_prior.detach(), log_lik.detach(), values, rewards, cons, obs, tr)
+                lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n).to(log_prior.device)
+                latent[name] = lp
+                log_prior = log_prior + lp
+    return Scores(log_prior.detach(), log_lik.detach(), values, rewards, cons, obs, tr,
+                  {k: v.detach() for k, v in latent.items()})
 
 
-def _base(fn):
-    while hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn if isinstance(fn, SequenceDistribution) else None
-
-
-def latent_sites(model: Callable, args: tuple, kwargs: dict, *,
-                 placeholder: bool = False) -> dict[str, SequenceDistribution]:
-    """The model's latent sites and their distributions, from one single-particle prior run.
+def latent_sites(model: Callable, args: tuple, kwargs: dict, *, placeholder: bool = False) -> dict[str, Any]:
+    """The model's latent sites and their distributions (sequence sites unwrapped to their
+    :class:`SequenceDistribution`), from one single-particle prior run.
 
     Args:
         placeholder: give latent sequence sites an all-EOS value instead of sampling them (no
             LM call), for backends that need only the sites' names and distributions.
     """
-    ctx = _EosSequences() if placeholder else contextlib.nullcontext()
-    with ctx, pyro.plate(PARTICLE_PLATE, 1, dim=-1):
-        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    tr = trace_model(_EosSequences()(model) if placeholder else model, args, kwargs, 1)
     out = {}
     for name, site in tr.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:
-            out[name] = _base(site["fn"]) or site["fn"]
+            out[name] = sequence_base(site["fn"]) or site["fn"]
     return out
+
+
+def sequence_sites(sites: dict[str, Any]) -> dict[str, SequenceDistribution]:
+    """The latent ``lm.sequence(...)`` sites among ``sites`` (program order)."""
+    return {k: d for k, d in sites.items() if isinstance(d, SequenceDistribution)}
+
+
+def single_sequence_site(sites: dict[str, Any], method: str) -> tuple[str, SequenceDistribution]:
+    """The model's one latent site, which must be an ``lm.sequence(...)``: the one place that
+    says so for the backends that need it."""
+    seq = sequence_sites(sites)
+    if len(sites) != 1 or len(seq) != 1:
+        others = [k for k in sites if k not in seq]
+        raise ValueError(
+            f"method={method!r} runs over the tokens of exactly one latent site, an lm.sequence(...); this model "
+            f"has latent sequence site(s) {list(seq)} and other latent site(s) {others}. Condition the others "
+            "(pyro.poutine.condition) or pass them as arguments, or use method='importance'")
+    name, d = next(iter(seq.items()))
+    return name, d
+
+
+def first_latent_site(model: Callable, args: tuple, kwargs: dict, site: str | None = None):
+    """The first latent sample site of ``model`` (or the one named ``site``), as its Pyro message.
+
+    Runs the model only up to that site (``poutine.escape``: nothing after it runs, no LM call),
+    hidden from any enclosing handler. Returns ``None`` when there is no such site.
+    """
+
+    def stop_here(msg):
+        return msg["type"] == "sample" and not msg["is_observed"] and (site is None or msg["name"] == site)
+
+    with poutine.block():
+        try:
+            poutine.escape(model, escape_fn=stop_here)(*args, **kwargs)
+        except NonlocalExit as exit_:
+            exit_.reset_stack()
+            return exit_.site
+    return None
 
 
 class _EosSequences(poutine.messenger.Messenger):
     """Latent sequence sites take the all-EOS value (the empty sequence) without sampling."""
 
     def _pyro_sample(self, msg):
-        d = _base(msg["fn"])
+        d = sequence_base(msg["fn"])
         if d is not None and not msg["is_observed"] and not msg["done"]:
             shape = msg["fn"].batch_shape + msg["fn"].event_shape
             msg["value"] = torch.full(shape, d.lm.eos_id, dtype=torch.long, device=d.lm.device)
@@ -160,11 +234,11 @@ class _EosSequences(poutine.messenger.Messenger):
 
 # -- from scores to a Posterior ------------------------------------------------------------------
 def main_site(values: dict[str, torch.Tensor], sites: dict) -> str:
-    """The name of the sequence site a Posterior reports (the last latent sequence site)."""
+    """The name of the sequence site a Posterior reports as ``samples``: the first latent sequence site."""
     seq = [n for n, d in sites.items() if isinstance(d, SequenceDistribution)]
     if not seq:
         raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
-    return seq[-1]
+    return seq[0]
 
 
 def stats_from_scores(scores: Scores, site: str, eos_id: int) -> dict[str, torch.Tensor]:
@@ -174,6 +248,10 @@ def stats_from_scores(scores: Scores, site: str, eos_id: int) -> dict[str, torch
         "log_likelihood": scores.log_likelihood.float(),
         "length": lengths(scores.values[site], eos_id).float(),
     }
+    n = len(stats["log_prior"])
+    for name, v in scores.values.items():  # every scalar latent (a discrete world, a parameter)
+        if name != site and v.numel() == n:
+            stats[name] = v.reshape(n).float()
     for name, r in scores.rewards.items():
         stats[f"reward:{name}"] = r.float()
     for name, ok in scores.constraints.items():
@@ -191,6 +269,8 @@ def cat_scores(parts: list[Scores]) -> Scores:
         {k: torch.cat([p.rewards[k] for p in parts]) for k in first.rewards},
         {k: torch.cat([p.constraints[k] for p in parts]) for k in first.constraints},
         {k: torch.cat([p.observed_log_prob[k] for p in parts]) for k in first.observed_log_prob},
+        None,
+        {k: torch.cat([p.latent_log_prob[k] for p in parts]) for k in first.latent_log_prob},
     )
 
 
@@ -205,3 +285,13 @@ def make_posterior(method: str, scores: Scores, log_w: torch.Tensor, sites: dict
         values={k: v for k, v in scores.values.items()},
         **kw,
     )
+
+
+def finish(post: Posterior, extra_warnings: list | None = None) -> Posterior:
+    """Attach every diagnosis to ``post`` (the backend's own, then :func:`~ppl_lm.diagnostics.warnings.diagnose`)
+    and raise each as a Python warning at the user's line. Every backend's ``run`` ends here."""
+    from ppl_lm.diagnostics.warnings import diagnose, emit
+
+    post.warnings = list(extra_warnings or []) + diagnose(post)
+    emit(post.warnings, post.method)
+    return post

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ppl_lm import seeding as _random
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.posterior import Posterior
-from ppl_lm.inference._runtime import cat_scores, make_posterior
-from ppl_lm.inference._runtime import latent_sites, run_model
+from ppl_lm.inference._runtime import cat_scores, finish, latent_sites, make_posterior, run_model, sequence_sites
+from ppl_lm.posterior import Info, Posterior
 
-__all__ = ["run", "enumerate_sequences", "support_size"]
+__all__ = ["run", "enumerate_sequences", "support_size", "site_support", "ExactInfo"]
+
+
+@dataclass(frozen=True)
+class ExactInfo(Info):
+    """Facts of an exact run: the support's size and the prior mass of its admissible part."""
+
+    support_size: int = 0
+    prior_mass: float = float("nan")
 
 
 def support_size(vocab_size: int, max_new_tokens: int) -> int:
@@ -36,47 +44,71 @@ def enumerate_sequences(vocab_size: int, eos_id: int, max_new_tokens: int) -> to
     return torch.tensor(rows, dtype=torch.long)
 
 
-def run(model, *args, seed: int = 0, max_support: int = 200_000, chunk_size: int = 8192,
-        **kwargs) -> Posterior:
-    """Enumerate the support; exact posterior weights and exact ``log_evidence``.
+def site_support(name: str, d) -> torch.Tensor:
+    """Every value of a latent site: canonical sequences of an ``lm.sequence``, or a finite
+    ``enumerate_support`` (discrete latents); a clear error for anything else."""
+    if isinstance(d, SequenceDistribution):
+        return enumerate_sequences(d.lm.vocab_size, d.lm.eos_id, d.max_new_tokens)
+    if getattr(d, "has_enumerate_support", False):
+        vals = d.enumerate_support(expand=False)
+        return vals.reshape(vals.shape[0], *d.event_shape)
+    raise ValueError(
+        f"exact enumeration cannot enumerate the latent site {name!r} ({type(d).__name__}): only lm.sequence(...) "
+        "sites and discrete latents with a finite support can be enumerated. Use importance, smc or mh for "
+        "continuous latents (or condition the site on a value with pyro.poutine.condition)")
+
+
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_support: int = 200_000,
+        chunk_size: int = 8192) -> Posterior:
+    """Enumerate the joint support of every latent site; exact posterior weights and ``log_evidence``.
+
+    The support is the product of each latent site's values in program order: the canonical
+    sequences of each ``lm.sequence(...)`` site and the ``enumerate_support`` of each discrete
+    latent (a sequence site's prompt may depend on earlier values; its support does not).
 
     Args:
-        max_support: refuse (with a clear error) when the support has more sequences.
-        chunk_size: sequences scored per model call.
+        model_kwargs: the model's keyword arguments.
+        max_support: refuse (with a clear error, before any work) when the support is larger.
+        chunk_size: joint values scored per model call.
     """
+    kwargs = dict(model_kwargs or {})
     with _random.seeded(seed):
-        sites = latent_sites(model, args, kwargs)
-        if len(sites) != 1 or not isinstance(next(iter(sites.values())), SequenceDistribution):
-            raise ValueError(
-                "exact enumeration needs exactly one latent site, an lm.sequence(...); this model has "
-                f"{list(sites)}. Condition the others (poutine.condition) or use another method"
-            )
-        name, d = next(iter(sites.items()))
-        V, T = d.lm.vocab_size, d.max_new_tokens
-        size = support_size(V, T)
+        sites = latent_sites(model, args, kwargs, placeholder=True)
+        if not sequence_sites(sites):
+            raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
+        sizes = {}
+        for name, d in sites.items():
+            if isinstance(d, SequenceDistribution):
+                sizes[name] = support_size(d.lm.vocab_size, d.max_new_tokens)
+            else:
+                sizes[name] = len(site_support(name, d))
+        size = math.prod(sizes.values())
         if size > max_support:
+            parts_txt = " × ".join(f"{k}: {v:,}" for k, v in sizes.items())
             raise ValueError(
-                f"the support has {size:,} sequences (vocab {V}, max_new_tokens {T}), more than "
-                f"max_support={max_support:,}; exact enumeration is for toy LMs. Use importance, smc, "
-                "mh or svi instead"
-            )
-        seqs = enumerate_sequences(V, d.lm.eos_id, T)
+                f"the joint support has {size:,} values ({parts_txt}), more than max_support={max_support:,}; "
+                "exact enumeration is for toy LMs. Use importance, smc, mh or svi instead")
+        supports = {name: site_support(name, d) for name, d in sites.items()}
+        names = list(supports)
+        strides = [math.prod(len(supports[m]) for m in names[i + 1:]) for i in range(len(names))]
         parts = []
         with torch.no_grad():
-            for chunk in torch.split(seqs, chunk_size):
-                parts.append(run_model(model, args, kwargs, len(chunk), data={name: chunk}))
+            for start in range(0, size, chunk_size):
+                flat = torch.arange(start, min(size, start + chunk_size))
+                data = {m: supports[m][(flat // st) % len(supports[m])] for m, st in zip(names, strides)}
+                parts.append(run_model(model, args, kwargs, len(flat), data=data))
         scores = cat_scores(parts)
         log_joint = scores.log_prior.double() + scores.log_likelihood.double()
         log_z = float(torch.logsumexp(log_joint, 0))
         if not math.isfinite(log_z):
-            raise ValueError("no sequence in the support satisfies the condition: the posterior is undefined")
+            raise ValueError("no sequence (joint value) in the support satisfies the condition: the posterior is undefined")
         keep = torch.isfinite(log_joint)
         for k, v in list(scores.values.items()):
             scores.values[k] = v[keep]
         scores.log_prior, scores.log_likelihood = scores.log_prior[keep], scores.log_likelihood[keep]
         scores.rewards = {k: v[keep] for k, v in scores.rewards.items()}
         scores.constraints = {k: v[keep] for k, v in scores.constraints.items()}
-        post = make_posterior("exact", scores, log_joint[keep], sites, log_evidence=log_z)
-        post.info.update({"support_size": size, "log_evidence_se": 0.0, "prior_mass": float(
-            torch.logsumexp(scores.log_prior.double(), 0).exp())})
-        return post
+        info = ExactInfo(support_size=size, prior_mass=float(torch.logsumexp(scores.log_prior.double(), 0).exp()))
+        post = make_posterior("exact", scores, log_joint[keep], sites, log_evidence=log_z, log_evidence_se=0.0,
+                              info=info)
+    return finish(post)

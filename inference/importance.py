@@ -15,36 +15,43 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
+from dataclasses import dataclass
 
-import numpy as np
-import pyro
-import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
+from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.posterior import Posterior, ess_of, normalise
-from ppl_lm.inference._runtime import cat_scores, make_posterior
-from ppl_lm.inference._runtime import PARTICLE_PLATE, latent_sites, run_model
+from ppl_lm.inference._runtime import (
+    cat_scores, finish, latent_sites, make_posterior, run_model, site_log_prob, trace_model,
+)
+from ppl_lm.posterior import Info, Posterior, normalise
 
-__all__ = ["run", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
+__all__ = ["run", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
-KHAT_THRESHOLD = 0.7
+
+@dataclass(frozen=True)
+class ImportanceInfo(Info):
+    """Facts of an importance-sampling run."""
+
+    num_samples: int = 0
+    chunk_size: int = 0
+    proposal: str = "prior"  # "prior" or "guide"
+    num_nonzero: int = 0  # samples with positive weight
 
 
 TOKENS_PER_CHUNK = 1 << 15
 
 
-def run(model, *args, seed: int = 0, num_samples: int = 1000, chunk_size: int | None = None, guide=None,
-        progress: bool = True, warn: bool = True, **kwargs) -> Posterior:
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 1000,
+        chunk_size: int | None = None, guide=None, progress: bool = True) -> Posterior:
     """Self-normalised importance sampling with the prior or a guide as proposal.
 
     Args:
-        model: a vectorised Pyro model; ``*args`` and ``**kwargs`` are its arguments.
+        model: a vectorised Pyro model; ``*args`` and ``model_kwargs`` are its arguments.
         seed: same seed, same samples (on CPU), for a given ``chunk_size``.
         num_samples: number of proposals drawn.
         chunk_size: particles per vectorised model run (bounds memory). ``None`` picks about
@@ -54,11 +61,10 @@ def run(model, *args, seed: int = 0, num_samples: int = 1000, chunk_size: int | 
             that samples the model's latent site(s) under the same names; latent sites the guide
             does not sample are drawn from the prior (their log-probabilities cancel).
         progress: show a progress bar over samples.
-        warn: emit a warning when the PSIS k-hat exceeds 0.7.
 
     Returns:
-        A :class:`Posterior` with ``log_evidence`` = log mean weight and ``info`` holding
-        ``log_evidence_se`` (delta method), ``ess``, ``khat`` and ``num_samples``.
+        A :class:`Posterior` with ``log_evidence`` = log mean weight, ``log_evidence_se`` (delta
+        method), ``khat`` (PSIS) and an :class:`ImportanceInfo`; a ``khat`` warning when k-hat > 0.7.
 
     Raises:
         ValueError: bad options, or every weight is zero (no sample satisfies the condition).
@@ -78,6 +84,7 @@ def run(model, *args, seed: int = 0, num_samples: int = 1000, chunk_size: int | 
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if guide is not None and not callable(guide):
         raise TypeError(f"guide must be a callable with the model's signature (or None), got {type(guide).__name__}")
+    kwargs = dict(model_kwargs or {})
 
     with _random.seeded(seed), torch.no_grad():
         sites = latent_sites(model, args, kwargs, placeholder=True)
@@ -100,27 +107,13 @@ def run(model, *args, seed: int = 0, num_samples: int = 1000, chunk_size: int | 
 
     normalise(log_w)  # the clear errors: NaN weights, or every weight zero
     log_z = float(torch.logsumexp(log_w, 0) - math.log(num_samples))
-    khat = pareto_khat(log_w)
-    if warn and khat > KHAT_THRESHOLD:
-        warnings.warn(
-            f"importance sampling: Pareto k-hat = {khat:.2f} > {KHAT_THRESHOLD}. The weights are "
-            "heavy-tailed (or too few samples have non-zero weight), so the posterior estimates and "
-            "log_evidence are unreliable and their standard errors too small. Use more samples, "
-            "method='smc', or a better proposal (a trained guide, method='svi').",
-            stacklevel=3,
-        )
-    info = {
-        "num_samples": num_samples,
-        "chunk_size": chunk_size,
-        "proposal": "prior" if guide is None else "guide",
-        "log_evidence_se": log_evidence_se(log_w),
-        "khat": khat,
-        "ess": ess_of(normalise(log_w)),
-        "num_nonzero": int(torch.isfinite(log_w).sum()),
-    }
+    info = ImportanceInfo(num_samples=num_samples, chunk_size=chunk_size,
+                          proposal="prior" if guide is None else "guide", num_nonzero=int(torch.isfinite(log_w).sum()))
+    post = make_posterior("importance", scores, log_w, sites, log_evidence=log_z, info=info,
+                          log_evidence_se=log_evidence_se(log_w), khat=pareto_khat(log_w))
     log.info("importance: N=%d, log Z=%.4f ± %.4f, ESS=%.1f, k-hat=%.2f", num_samples, log_z,
-             info["log_evidence_se"], info["ess"], khat)
-    return make_posterior("importance", scores, log_w, sites, log_evidence=log_z, info=info)
+             post.log_evidence_se or 0.0, kish_ess(log_w), post.khat if post.khat is not None else float("nan"))
+    return finish(post)
 
 
 def _default_chunk(sites: dict, num_samples: int) -> int:
@@ -138,84 +131,22 @@ def _chunk(model, args, kwargs, n: int, guide):
         # sites here costs no second LM pass; the weight is the likelihood alone.
         scores = run_model(model, args, kwargs, n, score_latent=True)
         return scores, scores.log_likelihood.double()
-    with pyro.plate(PARTICLE_PLATE, n, dim=-1):
-        guide_tr = poutine.trace(guide).get_trace(*args, **kwargs)
-    log_q = _site_log_probs(guide_tr, n, latent=True)
-    if not log_q:
+    guide_tr = trace_model(guide, args, kwargs, n)
+    guide_scores = score_guide(guide_tr, n)
+    if not guide_scores:
         raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
     scores = run_model(model, args, kwargs, n, guide_trace=guide_tr, score_latent=True)
-    log_p = _site_log_probs(scores.trace, n, latent=True)
-    unknown = set(log_q) - set(log_p)
+    unknown = set(guide_scores) - set(scores.latent_log_prob)
     if unknown:
         raise ValueError(f"the guide samples site(s) {sorted(unknown)} that the model does not have as latent sites")
     # Latent sites the guide leaves out were drawn from the prior: their log p cancels.
-    from_prior = sum((lp for name, lp in log_p.items() if name not in log_q), torch.zeros(n, dtype=torch.float64))
-    log_w = scores.log_likelihood.double() + scores.log_prior.double() - from_prior - sum(log_q.values())
+    log_w = scores.log_likelihood.double()
+    for name, lq in guide_scores.items():
+        log_w = log_w + scores.latent_log_prob[name].double() - lq.double()
     return scores, log_w
 
 
-def _site_log_probs(tr, n: int, latent: bool) -> dict[str, torch.Tensor]:
-    """Per-particle log-probabilities ``[n]`` of a trace's latent sample sites."""
-    out = {}
-    for name, site in tr.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] != (not latent):
-            continue
-        lp = torch.as_tensor(site["fn"].log_prob(site["value"])).double()
-        if lp.dim() == 0:
-            lp = lp.expand(n)
-        elif lp.shape[0] != n:
-            raise ValueError(
-                f"site {name!r} has log-prob shape {tuple(lp.shape)}; it must lie inside the particle plate "
-                "(the guide and model are run in pyro.plate('particles', N))"
-            )
-        out[name] = lp.reshape(n, -1).sum(-1)
-    return out
-
-
-def log_evidence_se(log_w: torch.Tensor) -> float:
-    """Delta-method standard error of log Ẑ = log mean(w): sqrt(var(w)/N) / mean(w).
-
-    With normalised weights ``W``, var(w)/mean(w)² = N/(N-1)·(N·ΣW² − 1). Zero for
-    a single sample or equal weights. ``log_w`` holds unnormalised log-weights ``[N]``.
-    """
-    n = log_w.numel()
-    if n < 2:
-        return float("nan")
-    W = torch.exp(normalise(log_w).double())
-    rel_var = n / (n - 1) * (n * float((W**2).sum()) - 1.0)
-    return math.sqrt(max(rel_var, 0.0) / n)
-
-
-def pareto_khat(log_w: torch.Tensor) -> float:
-    """PSIS k-hat of importance log-weights (``arviz.psislw``), robust to ties and zero weights.
-
-    Zero weights (-inf) count as samples but never enter the tail. Degenerate cases:
-    too few samples for a tail fit (fewer than ~25) gives ``nan``; a tail made of tied weights
-    (bounded weights with an atom at their maximum, e.g. a hard constraint with the prior as
-    proposal) gives ``-inf`` (no heavy tail); four or fewer non-zero weights among many
-    samples gives ``inf`` (unreliable); at most four weights above tied ones gives ``inf`` when
-    they carry most of the weight, else ``nan`` (undefined).
-    """
-    import arviz
-
-    x = log_w.detach().double().cpu().numpy()
-    n = x.size
-    finite = np.isfinite(x)
-    m = int(np.ceil(min(n / 5.0, 3.0 * math.sqrt(n))))  # arviz's tail length (reff = 1)
-    if m <= 4:
-        return float("nan")
-    if finite.sum() <= 4:
-        return float("inf")
-    x = np.where(finite, x - x[finite].max(), -1e300)  # -inf as a huge finite: no inf - inf
-    cutoff = max(np.sort(x)[-m - 1], np.log(np.finfo(float).tiny))
-    tail = x[x > cutoff]
-    if tail.size == 0 or (tail.size > 4 and tail.max() - tail.min() < 1e-12):
-        return float("-inf")
-    if tail.size <= 4:
-        # A handful of weights above tied ones: no tail fit. Unreliable if they dominate.
-        share = np.exp(tail).sum() / np.exp(x).sum()
-        return float("inf") if share > 0.5 else float("nan")
-    with np.errstate(all="ignore"):
-        _, k = arviz.psislw(x)
-    k = float(k)
-    return k if math.isfinite(k) else float("inf")
+def score_guide(tr, n: int) -> dict[str, torch.Tensor]:
+    """Per-particle log q ``[n]`` of each latent site a guide's trace samples (the runtime's rule)."""
+    return {name: site_log_prob(name, site["fn"].log_prob(site["value"]), n).detach()
+            for name, site in tr.nodes.items() if site["type"] == "sample" and not site["is_observed"]}

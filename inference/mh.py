@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,13 +51,14 @@ from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ppl_lm import seeding as _random
-from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.tokens import after_eos_mask, as_prompt_tensor
-from ppl_lm.posterior import Posterior, normalise
-from ppl_lm.inference._runtime import stats_from_scores
-from ppl_lm.inference._runtime import Scores, latent_sites, run_model
+from ppl_lm.diagnostics.estimators import mcmc_diagnostics
+from ppl_lm.inference._runtime import (
+    Scores, finish, latent_sites, run_model, sequence_base, sequence_sites, stats_from_scores,
+)
+from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.tokens import after_eos_mask, categorical
 
-__all__ = ["DEFAULT_MOVES", "MOVES", "EditKernel", "run", "sequence_ess"]
+__all__ = ["DEFAULT_MOVES", "MOVES", "EditKernel", "MHInfo", "run", "sequence_ess"]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,26 @@ DEFAULT_MOVES = {"suffix": 0.4, "substitute": 0.25, "substitute_uniform": 0.05, 
 _IDX = {m: i for i, m in enumerate(MOVES)}
 
 
-def _categorical(logp: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from unnormalised log-probabilities (the exponential race)."""
-    e = torch.empty(logp.shape, dtype=torch.float32, device=logp.device).exponential_(generator=gen)
-    return (logp.float() - e.log()).argmax(-1)
+@dataclass(frozen=True)
+class MHInfo(Info):
+    """Facts of an MH run: acceptance per move, per-summary R-hat and bulk ESS, and the options.
+
+    ``ess_sequences`` is the between-chain effective size of the law over whole sequences
+    (:func:`sequence_ess`).
+    """
+
+    acceptance: dict = field(default_factory=dict)
+    acceptance_overall: float = float("nan")
+    rhat_by_stat: dict = field(default_factory=dict)
+    ess_by_stat: dict = field(default_factory=dict)
+    ess_sequences: float = float("nan")
+    num_chains: int = 0
+    num_samples: int = 0
+    warmup_steps: int = 0
+    thin: int = 1
+    moves: dict = field(default_factory=dict)
+    random_walk_scale: dict = field(default_factory=dict)  # continuous sites: adapted proposal scale
+    random_walk_acceptance: dict = field(default_factory=dict)
 
 
 def _log_q_token(logp: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -133,27 +150,35 @@ class EditKernel(MCMCKernel):
     def setup(self, warmup_steps, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
         self.warmup_steps = warmup_steps
-        sites = latent_sites(self.model, args, kwargs)
-        if len(sites) != 1 or not isinstance(next(iter(sites.values())), SequenceDistribution):
+        sites = latent_sites(self.model, args, kwargs, placeholder=True)
+        seq = sequence_sites(sites)
+        if len(seq) != 1:
             raise ValueError(
-                "method='mh' needs exactly one latent site, an lm.sequence(...); this model has "
-                f"{list(sites)}. Condition the others (poutine.condition) or use importance/smc"
-            )
-        self.site, d = next(iter(sites.items()))
+                f"method='mh' edits exactly one lm.sequence(...) site; this model has {len(seq)} ({list(seq)}). "
+                "Use method='importance', 'smc' or 'exact' for several sequence sites")
+        self.site, d = next(iter(seq.items()))
+        # Every other latent site: discrete ones get an exact Gibbs step, continuous ones random-walk MH.
+        self.others = {k: v for k, v in sites.items() if k != self.site}
+        for k, v in self.others.items():
+            if not getattr(v, "has_enumerate_support", False) and v.support.is_discrete:
+                raise ValueError(f"method='mh' cannot update the discrete latent site {k!r}: it has no finite "
+                                 "enumerate_support. Use method='importance' or 'smc'")
+        self.rw_scale = {k: 0.5 for k, v in self.others.items() if not getattr(v, "has_enumerate_support", False)}
+        self.rw_counts = {k: [0, 0] for k in self.rw_scale}
         self.dist = d
         self.lm = d.lm
-        self.prompt = as_prompt_tensor(d.prompt, d.lm)
-        if self.prompt.dim() != 1:
-            raise ValueError("method='mh' needs one prompt shared by all chains (a 1-D prompt)")
+        if d.prompt_lengths is not None:
+            raise ValueError("method='mh' needs prompts of one length (a [N, P] tensor); this model's prompts are ragged")
         self.T = d.max_new_tokens
         self.eos = d.lm.eos_id
+        self.values: dict[str, torch.Tensor] = {}
         self._t = 0
         self._proposed = torch.zeros(len(MOVES), dtype=torch.long)
         self._accepted = torch.zeros(len(MOVES), dtype=torch.long)
         self._proposed_warm = torch.zeros(len(MOVES), dtype=torch.long)
         self._accepted_warm = torch.zeros(len(MOVES), dtype=torch.long)
         self.history: list[dict[str, Any]] = []
-        x0 = self._init_states()
+        x0, self.values = self._init_states()
         self._set_state(x0, self._score(x0))
         zeros = torch.zeros(self.num_chains, dtype=torch.long)
         self._initial_params = {"x": x0.clone(), "accepted": zeros, "move": zeros.clone()}
@@ -177,6 +202,7 @@ class EditKernel(MCMCKernel):
                 "log_likelihood": self.scores.log_likelihood.clone(),
                 "rewards": {k: v.clone() for k, v in self.scores.rewards.items()},
                 "constraints": {k: v.clone() for k, v in self.scores.constraints.items()},
+                "values": {k: v.clone() for k, v in self.values.items()},
             })
         return {"x": self.x.clone(), "accepted": acc.long(), "move": move}
 
@@ -199,15 +225,59 @@ class EditKernel(MCMCKernel):
         return out
 
     # -- internals ----------------------------------------------------------------------------
-    def _score(self, x: torch.Tensor) -> Scores:
+    def _score(self, x: torch.Tensor, values: dict | None = None) -> Scores:
         with torch.no_grad():
-            return run_model(self.model, self.args, self.kwargs, len(x), data={self.site: x})
+            data = {**(self.values if values is None else values), self.site: x}
+            return run_model(self.model, self.args, self.kwargs, len(x), data=data)
 
     def _set_state(self, x: torch.Tensor, scores: Scores) -> None:
         self.x = x
         self.scores = Scores(scores.log_prior.double(), scores.log_likelihood.double(), {self.site: x},
                              dict(scores.rewards), dict(scores.constraints))
         self.log_target = self.scores.log_prior + self.scores.log_likelihood
+        if scores.trace is not None:  # the prompt may depend on the other sites' values
+            prompt = sequence_base(scores.trace.nodes[self.site]["fn"]).prompt
+            self.prompt = prompt if prompt.dim() == 1 else prompt.reshape(len(x), -1)
+
+    def _prompt_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt of each chain ``[C, P]`` (or the shared ``[P]``), for LM proposals."""
+        if self.prompt.dim() == 1:
+            return self.prompt
+        return self.prompt if rows is None else self.prompt[rows]
+
+    def _update_others(self, warm: bool) -> None:
+        """One update of every non-sequence site: exact Gibbs for discrete ones (one scoring pass per
+        value of the support), random-walk MH for continuous ones (scale adapted in warm-up)."""
+        g = _random.generator("cpu")
+        C = len(self.x)
+        for name, d in self.others.items():
+            if name not in self.rw_scale:
+                support = d.enumerate_support(expand=False).reshape(-1, *d.event_shape)
+                lj = []
+                for v in support:
+                    sc = self._score(self.x, {**self.values, name: v.expand(C, *v.shape).clone()})
+                    lj.append(sc.log_prior.double() + sc.log_likelihood.double())
+                lj = torch.stack(lj, -1)  # [C, K]
+                pick = categorical(torch.log_softmax(lj, -1).float(), g)
+                new_vals = {name: support[pick].clone()}
+                self.values = {**self.values, **new_vals}
+                self._set_state(self.x, self._score(self.x))
+                continue
+            cur = self.values[name]
+            step = self.rw_scale[name]
+            prop = cur + step * torch.randn(cur.shape, dtype=cur.dtype, generator=g)
+            sc = self._score(self.x, {**self.values, name: prop})
+            new_target = sc.log_prior.double() + sc.log_likelihood.double()
+            log_alpha = torch.nan_to_num(new_target - self.log_target, nan=-math.inf)
+            acc = torch.rand(C, dtype=torch.float64, generator=g).log() < log_alpha
+            mask = acc.reshape(C, *([1] * (cur.dim() - 1)))
+            self.values = {**self.values, name: torch.where(mask, prop, cur)}
+            self._set_state(self.x, self._score(self.x))
+            self.rw_counts[name][0] += C
+            self.rw_counts[name][1] += int(acc.sum())
+            if warm:  # Robbins–Monro on log scale towards acceptance 0.44 (Roberts & Rosenthal, 2001)
+                rate = float(acc.double().mean())
+                self.rw_scale[name] = float(step * math.exp((rate - 0.44) / math.sqrt(1 + self._t)))
 
     def _init_states(self) -> torch.Tensor:
         C, T = self.num_chains, self.T
@@ -223,12 +293,15 @@ class EditKernel(MCMCKernel):
                 raise ValueError(f"initial_samples hold token ids outside [0, {self.lm.vocab_size})")
             if not bool(self.dist.canonical(x0).all()):
                 raise ValueError("initial_samples must be EOS-padded: every position after the first EOS is EOS")
-            sc = self._score(x0)
+            if self.others:
+                raise ValueError("initial_samples gives only the sequence site; this model has other latent sites "
+                                 f"{list(self.others)}: leave initial_samples out (admissible prior draws start the chains)")
+            sc = self._score(x0, {})
             if not bool(torch.isfinite(sc.log_prior + sc.log_likelihood).all()):
                 raise ValueError("some initial_samples have zero posterior probability (a constraint fails "
                                  "or the LM gives them probability 0)")
-            return x0
-        found, draws = [], 0
+            return x0, {}
+        found, found_vals, draws = [], [], 0
         batch = max(64, 4 * C)
         while sum(len(f) for f in found) < C and draws < self.init_budget:
             with torch.no_grad():
@@ -236,7 +309,9 @@ class EditKernel(MCMCKernel):
             draws += batch
             ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
             found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
+            found_vals.append({k: sc.values[k][ok].cpu() for k in self.others})
         pool = torch.cat(found) if found else torch.zeros(0, T, dtype=torch.long)
+        pool_vals = {k: torch.cat([f[k] for f in found_vals]) for k in self.others}
         if len(pool) == 0:
             raise ValueError(
                 f"no prior sample satisfied the model's conditions in {draws} draws, so the MH chains "
@@ -247,8 +322,9 @@ class EditKernel(MCMCKernel):
             log.warning("only %d admissible starting states for %d chains after %d prior draws; "
                         "some chains start from the same state", len(pool), C, draws)
             idx = torch.randint(len(pool), (C,), generator=_random.generator("cpu"))
-            return pool[idx]
-        return pool[:C]
+        else:
+            idx = torch.arange(C)
+        return pool[idx], {k: v[idx] for k, v in pool_vals.items()}
 
     @torch.no_grad()
     def _lm_pass(self, x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, sel: torch.Tensor):
@@ -266,7 +342,10 @@ class EditKernel(MCMCKernel):
         seld = sel.to(dev)
         ys, ks = xd[seld].clone(), k.to(dev)[seld]
         m = len(sel)
-        state = lm.start(self.prompt.to(dev), C + m)
+        prompt = self._prompt_rows()
+        if prompt.dim() > 1:
+            prompt = torch.cat([prompt, prompt[sel]])
+        state = lm.start(prompt.to(dev), C + m)
         tok_lp_x = torch.zeros(C, T, dtype=torch.float64, device=dev)
         ys_lp = torch.zeros(m, T, dtype=torch.float64, device=dev)
         at_pos = torch.zeros(C, lm.vocab_size, dtype=torch.float32, device=dev)
@@ -278,7 +357,7 @@ class EditKernel(MCMCKernel):
             at_pos = torch.where((posd == t)[:, None], lx, at_pos)
             tok = ys[:, t]
             if m:
-                s = _categorical(ly, gen)
+                s = categorical(ly, gen)
                 tok = torch.where(t < ks, ys[:, t], torch.where(done, torch.full_like(s, eos), s))
                 lp = ly.gather(-1, tok[:, None])[:, 0].double()
                 ys_lp[:, t] = torch.where(done, torch.zeros_like(lp), lp)
@@ -315,7 +394,7 @@ class EditKernel(MCMCKernel):
         at_pos, tok_lp_x, y, y_lp = self._lm_pass(x, pos, k, is_m["suffix"].nonzero()[:, 0])
         lq = _log_q_token(at_pos, eos)  # [C, V] restricted next-token law at pos
         possible &= ~((is_m["substitute"] | is_m["insert"]) & ~torch.isfinite(lq).any(-1))
-        z_lm = _categorical(lq.float(), g)
+        z_lm = categorical(lq.float(), g)
         z_uni = torch.randint(V - 1, (C,), generator=g)
         z_uni = z_uni + (z_uni >= eos).long()
         rows = torch.arange(C)
@@ -393,27 +472,9 @@ class EditKernel(MCMCKernel):
             {k_: torch.where(a, scores.constraints[k_], v) for k_, v in self.scores.constraints.items()},
         )
         self._set_state(new_x, merged)
+        if self.others:
+            self._update_others(warm)
         return move, accept
-
-
-def _scalar_diagnostics(stats: dict[str, torch.Tensor], C: int, S: int):
-    """R-hat and bulk ESS (ArviZ) of each non-constant scalar summary, arrays chain x draw."""
-    rhat, ess = {}, {}
-    if S < 4:
-        log.warning("%d draws per chain are too few for ArviZ's R-hat and ESS (at least 4 are needed)", S)
-        return rhat, ess
-    import arviz as az
-    for name, v in stats.items():
-        if name.startswith("ok:"):
-            continue  # constant 1 on the posterior's support
-        a = v.double().reshape(C, S).numpy()
-        if np.ptp(a) == 0:
-            continue  # a constant carries no information about mixing
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ess[name] = float(az.ess(a))
-            rhat[name] = float(az.rhat(a))
-    return rhat, ess
 
 
 def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
@@ -444,14 +505,14 @@ def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
     return float((iid.sum() / sd.sum()) ** 2)
 
 
-def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4, warmup_steps: int = 200,
-        thin: int = 1, moves: Mapping[str, float] | None = None, progress: bool = True,
-        initial_samples: torch.Tensor | None = None, init_budget: int | None = None, **kwargs) -> Posterior:
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 500, num_chains: int = 4,
+        warmup_steps: int = 200, thin: int = 1, moves: Mapping[str, float] | None = None, progress: bool = True,
+        initial_samples: torch.Tensor | None = None, init_budget: int | None = None) -> Posterior:
     """MH over edits: ``num_chains`` batched chains of ``num_samples`` kept draws each.
 
     Args:
         model: a vectorised Pyro model with one latent ``lm.sequence(...)`` site.
-        *args, **kwargs: the model's arguments.
+        *args, model_kwargs: the model's arguments.
         seed: same seed, same samples.
         num_samples: kept draws per chain (after warm-up and thinning).
         num_chains: chains, run as one batch inside the kernel.
@@ -464,9 +525,9 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
 
     Returns:
         A :class:`Posterior` with ``num_chains * num_samples`` uniformly weighted samples
-        (chain-major), ``chain`` indices, per-sample ``stats``, ``log_evidence = None`` and
-        ``info`` holding ``acceptance`` (move -> rate), ``rhat`` and ``ess_by_stat`` (per
-        scalar summary), ``ess`` (their minimum) and ``sample_stats`` (``accepted``, ``move``).
+        (chain-major), ``chain`` indices, per-sample ``stats`` (with the sampler's ``accepted`` and
+        ``move``), ``log_evidence = None``, ``rhat`` and ``bulk_ess`` (the worst over the scalar
+        summaries) and an :class:`MHInfo`; ``rhat`` / ``low_ess`` warnings when chains have not mixed.
 
     >>> import torch, pyro, ppl_lm
     >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
@@ -491,7 +552,7 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
         # multi-process chains would fork the process, and hang with the default context).
         mcmc = MCMC(kernel, num_samples=int(num_samples), warmup_steps=int(warmup_steps), num_chains=1,
                     disable_progbar=not progress)
-        mcmc.run(*args, **kwargs)
+        mcmc.run(*args, **dict(model_kwargs or {}))
     C, S = int(num_chains), int(num_samples)
     draws = mcmc.get_samples(group_by_chain=True)  # [1, S, C, ...]
 
@@ -504,36 +565,31 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
     def stack(get) -> torch.Tensor:
         return chain_major(torch.stack([get(h) for h in hist])[None])
 
+    values = {kernel.site: samples, **{k: stack(lambda h, k=k: h["values"][k]) for k in kernel.others}}
     scores = Scores(
-        stack(lambda h: h["log_prior"]), stack(lambda h: h["log_likelihood"]), {kernel.site: samples},
+        stack(lambda h: h["log_prior"]), stack(lambda h: h["log_likelihood"]), values,
         {k: stack(lambda h, k=k: h["rewards"][k]) for k in hist[0]["rewards"]},
         {k: stack(lambda h, k=k: h["constraints"][k]) for k in hist[0]["constraints"]},
     )
     stats = stats_from_scores(scores, kernel.site, kernel.eos)
-    rhat, ess_by_stat = _scalar_diagnostics(stats, C, S)
+    by_chain = {k: v.reshape(C, S) for k, v in stats.items() if not k.startswith("ok:")}
+    rhat, ess_by_stat = mcmc_diagnostics(by_chain)
     if ess_by_stat:
-        ess = min(ess_by_stat.values())
+        bulk_ess = min(ess_by_stat.values())
     else:  # every summary constant (a point-mass posterior) or too few draws to tell
-        ess = float(C * S) if S >= 4 else float("nan")
-    info = {
-        "acceptance": kernel.acceptance(),
-        "acceptance_overall": float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
-        "rhat": rhat,
-        "ess_by_stat": ess_by_stat,
-        "ess": ess,
-        "ess_sequences": sequence_ess(samples, C),
-        "num_chains": C,
-        "num_samples": S,
-        "warmup_steps": int(warmup_steps),
-        "thin": int(thin),
-        "moves": {m: float(kernel.move_probs[i]) for m, i in _IDX.items()},
-        "sample_stats": {
-            "accepted": chain_major(draws["accepted"]).bool(),
-            "move": chain_major(draws["move"]).long(),
-        },
-        "move_names": list(MOVES),
-    }
-    return Posterior(
+        bulk_ess = float(C * S) if S >= 4 else float("nan")
+    stats["accepted"] = chain_major(draws["accepted"]).bool()
+    stats["move"] = chain_major(draws["move"]).long()
+    info = MHInfo(
+        acceptance=kernel.acceptance(),
+        acceptance_overall=float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
+        rhat_by_stat=rhat, ess_by_stat=ess_by_stat, ess_sequences=sequence_ess(samples, C),
+        num_chains=C, num_samples=S, warmup_steps=int(warmup_steps), thin=int(thin),
+        moves={m: float(kernel.move_probs[i]) for m, i in _IDX.items()},
+        random_walk_scale=dict(kernel.rw_scale),
+        random_walk_acceptance={k: a / n if n else float("nan") for k, (n, a) in kernel.rw_counts.items()},
+    )
+    post = Posterior(
         samples=samples,
         log_weights=normalise(torch.zeros(C * S)),
         log_evidence=None,
@@ -543,5 +599,8 @@ def run(model, *args, seed: int = 0, num_samples: int = 500, num_chains: int = 4
         stats=stats,
         chain=torch.arange(C).repeat_interleave(S),
         info=info,
-        values={kernel.site: samples},
+        values=values,
+        rhat=max(rhat.values()) if rhat else None,
+        bulk_ess=bulk_ess,
     )
+    return finish(post)

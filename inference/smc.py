@@ -7,7 +7,7 @@ KV cache when particles are resampled).
 Target and weights. At step ``t`` a live particle holds a prefix ``x_{1:t}``; its intermediate
 target is π(x_{1:t})·exp(ψ_t(x_{1:t})), where the twist ψ_t is the sum of the model's factor
 log-probs when the model is re-run on the prefix (padded with EOS) inside
-``ppl_lm.conditions.prefix_length(t)``, so ``ppl_lm.is_partial()`` is True: rewards may score the
+``ppl_lm.conditions.partial_prefix(t)``, so ``ppl_lm.is_partial()`` is True: rewards may score the
 prefix, hard constraints declared ``prefix_closed`` prune it, others are deferred. When a particle
 emits EOS (or reaches ``max_new_tokens``) it is finished: the model is run once more, not partial,
 and that full score replaces the twist. Each step multiplies the weight by
@@ -22,7 +22,7 @@ so particles never die on a hard token constraint.
 
 Resampling when the ESS falls below ``ess_threshold · num_particles`` (multinomial or systematic).
 ``log_evidence`` is the product over resampling epochs of the mean incremental weights
-(unbiased for Z). Its standard error and the effective sample size ``info["n_eff"]`` come from the
+(unbiased for Z). Its standard error and the effective count ``info.n_eff_genealogy`` come from the
 particles' genealogy (Lee & Whiteley, 2018; Chan & Lai, 2013: the weights grouped by each
 particle's time-0 ancestor, its "Eve"), or, with ``num_replicates >= 2``, from the spread of
 independent replicate runs, batched together.
@@ -42,19 +42,24 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
-from ppl_lm.conditions import TokenMask, prefix_length
+from ppl_lm.conditions import TokenMask, partial_prefix
+from ppl_lm.diagnostics.warnings import InferenceWarning
 from ppl_lm.distribution import SequenceDistribution
+from ppl_lm.inference._runtime import (
+    cat_scores, finish, latent_sites, make_posterior, run_model, single_sequence_site,
+)
 from ppl_lm.lm import LanguageModel
-from ppl_lm.posterior import Posterior, ess_of, normalise
-from ppl_lm.inference._runtime import cat_scores, make_posterior
-from ppl_lm.inference._runtime import latent_sites, run_model
+from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.tokens import categorical
 
-__all__ = ["RESAMPLING", "default_chunk_size", "genealogy_diagnostics", "resample_indices", "run", "sweep_plan"]
+__all__ = ["RESAMPLING", "SMCInfo", "default_chunk_size", "genealogy_diagnostics", "resample_indices", "run",
+           "sweep_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +71,42 @@ TOKENS_PER_SWEEP = 1 << 16
 LOGITS_PER_SWEEP = 1 << 26
 
 
-def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: float = 0.5,
-        resampling: str = "multinomial", num_replicates: int = 1, chunk_size: int | None = None,
-        guide=None, progress: bool = True, **kwargs) -> Posterior:
+@dataclass(frozen=True)
+class SMCInfo(Info):
+    """Facts of an SMC run (options, genealogy, resampling).
+
+    ``n_eff_genealogy`` is SMC's own effective count: the number of independent exact draws whose
+    empirical law has the same expected TV error as these particles, from their genealogy
+    (:func:`genealogy_diagnostics`); ``Posterior.ess`` stays Kish's ESS of the final weights.
+    """
+
+    num_particles: int = 0
+    num_replicates: int = 1
+    resampling: str = "multinomial"
+    ess_threshold: float = 0.5
+    proposal: str = "lm"
+    token_masks: int = 0
+    chunk_size: int = 0
+    num_sweeps: int = 1
+    num_islands: int = 1
+    log_evidence_se_genealogy: float = float("nan")
+    log_evidence_replicates: list = field(default_factory=list)
+    log_evidence_islands: list = field(default_factory=list)
+    n_eff_genealogy: float = float("nan")
+    num_eves: int = 0
+    num_resampling: list = field(default_factory=list)
+    ess_history: list = field(default_factory=list)
+    num_steps: int = 0
+
+
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: int = 256,
+        ess_threshold: float = 0.5, resampling: str = "multinomial", num_replicates: int = 1,
+        chunk_size: int | None = None, guide=None, progress: bool = True) -> Posterior:
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
         model: a vectorised Pyro model with exactly one latent site, an ``lm.sequence(...)``
-            with a shared prompt; ``*args`` and ``**kwargs`` are its arguments.
+            with a shared prompt; ``*args`` and ``model_kwargs`` are its arguments.
         seed: same seed, same samples (on CPU).
         num_particles: particles per replicate (at least 2).
         ess_threshold: resample when ESS < ``ess_threshold · num_particles`` (0 never, 1 at
@@ -96,11 +129,10 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
         progress: show a progress bar over tokens.
 
     Returns:
-        A :class:`Posterior` of the final particles (``log_weights`` pooled over replicates).
-        ``info`` holds ``log_evidence_se``, ``n_eff`` (see :func:`genealogy_diagnostics`),
-        ``final_ess``, ``num_eves``, ``num_resampling`` (per island: one per replicate unless
-        islands were needed), ``ess_history`` (mean ESS per token, of the first sweep),
-        ``num_sweeps``, ``num_islands`` and the options.
+        A :class:`Posterior` of the final particles (``log_weights`` pooled over replicates),
+        ``log_evidence_se`` and an :class:`SMCInfo` (genealogy effective count ``n_eff_genealogy``,
+        ``num_eves``, ``num_resampling`` per island, ``ess_history`` of the first sweep, options);
+        a ``path_degeneracy`` warning when the final particles descend from too few ancestors.
 
     Raises:
         ValueError: bad options, an unsupported model, or every particle of a replicate died.
@@ -115,9 +147,12 @@ def run(model, *args, seed: int = 0, num_particles: int = 256, ess_threshold: fl
     True
     """
     _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size)
+    kwargs = dict(model_kwargs or {})
     with _random.seeded(seed), torch.no_grad():
         sites = latent_sites(model, args, kwargs, placeholder=True)
-        name, d = _sequence_site(sites)
+        name, d = single_sequence_site(sites, "smc")
+        if d.prompt.dim() != 1:
+            raise ValueError(f"SMC needs one prompt shared by all particles; site {name!r} has per-particle prompts")
         if chunk_size is None:
             chunk_size = default_chunk_size(d)
         qlm = _proposal_lm(guide, d.lm)
@@ -182,19 +217,6 @@ def _check_options(num_particles, ess_threshold, resampling, num_replicates, chu
         raise ValueError(f"chunk_size must be an integer >= 2 or None, got {chunk_size!r}")
 
 
-def _sequence_site(sites: dict) -> tuple[str, SequenceDistribution]:
-    if len(sites) != 1 or not isinstance(next(iter(sites.values())), SequenceDistribution):
-        raise ValueError(
-            "SMC runs over the tokens of exactly one latent site, an lm.sequence(...); this model has "
-            f"latent sites {list(sites)}. Condition the others (poutine.condition) or use "
-            "method='importance' or 'mh'"
-        )
-    name, d = next(iter(sites.items()))
-    if d.prompt.dim() != 1:
-        raise ValueError(f"SMC needs one prompt shared by all particles; site {name!r} has per-particle prompts")
-    return name, d
-
-
 def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
     if guide is None:
         return None
@@ -215,7 +237,7 @@ def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
 def _token_masks(model, args, kwargs, name: str, T: int, eos: int, device) -> list[TokenMask]:
     """The TokenMasks of the model's token-level constraints, from one partial run on the empty prefix."""
     empty = torch.full((1, T), eos, dtype=torch.long, device=device)
-    with prefix_length(0):
+    with partial_prefix(0):
         scores = run_model(model, args, kwargs, 1, data={name: empty}, score_latent=False)
     masks = []
     for site in scores.trace.nodes.values():
@@ -223,12 +245,6 @@ def _token_masks(model, args, kwargs, name: str, T: int, eos: int, device) -> li
         if isinstance(meta.get("mask"), TokenMask):
             masks.append(meta["mask"])
     return masks
-
-
-def _categorical(logits: torch.Tensor, generator) -> torch.Tensor:
-    """One draw per row from softmax(logits) by the exponential race (rows may be unnormalised)."""
-    e = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(generator=generator)
-    return e.log_().neg_().add_(logits).argmax(-1)  # logits - log(e), in place: one [rows, vocab] buffer
 
 
 def resample_indices(weights: torch.Tensor, scheme: str, generator=None) -> torch.Tensor:
@@ -291,7 +307,7 @@ class _Sweep:
         stuck = ~torch.isfinite(log_mass)  # no allowed token has proposal mass: the particle dies
         if bool(stuck.any()):
             logq_m = torch.where(stuck[:, None], torch.zeros_like(logq_m), logq_m)
-        tok = _categorical(logq_m, gen)
+        tok = categorical(logq_m, gen)
         done = self.done.to(tok.device)
         tok = torch.where(done, torch.full_like(tok, self.eos), tok)
         lp = logp.gather(-1, tok[:, None])[:, 0].double()
@@ -311,7 +327,7 @@ class _Sweep:
         if t is None:
             scores = run_model(self.model, self.args, self.kwargs, len(rows), data=data, score_latent=False)
         else:
-            with prefix_length(t):
+            with partial_prefix(t):
                 scores = run_model(self.model, self.args, self.kwargs, len(rows), data=data, score_latent=False)
         return scores.log_likelihood.double().cpu()
 
@@ -466,38 +482,28 @@ def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, op
         se = se_eve
     tokens = torch.cat([p["tokens"] for p in parts])
     diag = genealogy_diagnostics(tokens, torch.cat(eves), W)
+    found = []
     if diag["num_eves"] < MIN_EVES:
-        warnings.warn(
-            f"SMC: the {len(W)} final particles descend from only {diag['num_eves']} initial particle(s) "
-            "(path degeneracy), so log_evidence_se and n_eff are unreliable. Use more particles, a "
-            "lower ess_threshold, or num_replicates >= 10 for an error bar from independent runs.",
-            stacklevel=3,
-        )
+        found.append(InferenceWarning(
+            "path_degeneracy",
+            f"the {len(W)} final particles descend from only {diag['num_eves']} initial particle(s), so the "
+            "genealogy standard error of log Z and the effective count are unreliable.",
+            "use more particles, a lower ess_threshold, or num_replicates >= 10 for an error bar from "
+            "independent runs."))
     scores = cat_scores([p["scores"] for p in parts]) if len(parts) > 1 else parts[0]["scores"]
     num_islands = len(log_z_u) // R
-    info = {
-        "num_particles": N,
-        "num_replicates": R,
-        **options,
-        "chunk_size": chunk_size,
-        "num_sweeps": len(parts),
-        "num_islands": num_islands,
-        "log_evidence_se": se,
-        "log_evidence_se_eve": se_eve,
-        "log_evidence_replicates": log_z_r.tolist(),
-        "n_eff": diag["n_eff"],
-        "n_eff_genealogy": diag["n_eff_genealogy"],
-        "num_eves": diag["num_eves"],
-        "final_ess": ess_of(torch.log(W)),
-        "num_resampling": torch.cat([p["num_resampling"] for p in parts]).tolist(),
-        "ess_history": parts[0]["ess_history"],
-        "num_steps": max(p["steps"] for p in parts),
-    }
-    if num_islands > 1:
-        info["log_evidence_islands"] = log_z_u.tolist()
+    info = SMCInfo(
+        num_particles=N, num_replicates=R, **options, chunk_size=chunk_size, num_sweeps=len(parts),
+        num_islands=num_islands, log_evidence_se_genealogy=se_eve, log_evidence_replicates=log_z_r.tolist(),
+        log_evidence_islands=log_z_u.tolist() if num_islands > 1 else [],
+        n_eff_genealogy=diag["n_eff"], num_eves=diag["num_eves"],
+        num_resampling=torch.cat([p["num_resampling"] for p in parts]).tolist(),
+        ess_history=parts[0]["ess_history"], num_steps=max(p["steps"] for p in parts),
+    )
     log.info("smc: %d x %d particles (%d island(s) each), log Z=%.4f ± %.4f, n_eff=%.1f", R, N, num_islands,
              log_z, se, diag["n_eff"])
-    return make_posterior("smc", scores, final, sites, log_evidence=log_z, info=info)
+    post = make_posterior("smc", scores, final, sites, log_evidence=log_z, log_evidence_se=se, info=info)
+    return finish(post, found)
 
 
 def genealogy_diagnostics(tokens: torch.Tensor, eve: torch.Tensor, W: torch.Tensor) -> dict:

@@ -6,7 +6,7 @@ conditioning is an inference backend behind :func:`infer`.
 """
 
 from . import rewards, seeding, tokens
-from .conditions import TokenMask, constraint, is_partial, pin, reward, token_constraint
+from .conditions import TokenMask, constraint, is_partial, pin, prefix_length, reward, token_constraint
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
 from .lm import LanguageModel, MarkovLM, ToyVocab, TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
@@ -15,7 +15,7 @@ from .posterior import Posterior
 __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "tiny_transformer", "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
-    "is_partial", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "report",
+    "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "report",
 ]
 
 __version__ = "0.1.0"

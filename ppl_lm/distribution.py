@@ -24,8 +24,11 @@ class SequenceDistribution(TorchDistribution):
     has log-probability ``-inf``. ``sample`` is one batched, KV-cached ancestral sampling call
     for the whole batch shape (so ``pyro.plate`` vectorises particles).
 
-    ``prompt`` may be text, a list of ids, a LongTensor ``[P]``, or a LongTensor
-    ``[*batch_shape, P]`` (one prompt per batch element, as when a prompt is itself a sample).
+    ``prompt`` may be text, a list of ids, a LongTensor ``[P]``, or a batch of prompts aligned
+    with the batch (particle) dimension: a LongTensor ``[*batch_shape, P]`` taken token for token
+    (as when a prompt is itself a sample, ``lm.sequence(x1[..., :k])``), or a list of N strings or
+    N token-id lists (``lm.sequence([preambles[i] for i in w.tolist()])``). Ragged prompts are
+    grouped by length, each group one batched LM call, so log-probs equal unbatched scoring.
 
     >>> import torch, ppl_lm
     >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
@@ -42,7 +45,18 @@ class SequenceDistribution(TorchDistribution):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         self.lm = lm
-        self.prompt = as_prompt_tensor(prompt, lm)
+        self.prompt_lengths: torch.Tensor | None = None  # [N] for ragged prompts (right-padded)
+        if _is_prompt_batch(prompt):
+            rows = [as_prompt_tensor(p, lm) for p in prompt]
+            lens = torch.tensor([len(r) for r in rows])
+            P = int(lens.max()) if len(rows) else 0
+            self.prompt = torch.full((len(rows), P), lm.eos_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                self.prompt[i, : len(r)] = r
+            if len(rows) and bool((lens != P).any()):
+                self.prompt_lengths = lens
+        else:
+            self.prompt = as_prompt_tensor(prompt, lm)
         self.max_new_tokens = max_new_tokens
         lm.check_context(self.prompt.shape[-1], max_new_tokens)
         if self.prompt.numel() and (self.prompt.min() < 0 or self.prompt.max() >= lm.vocab_size):
@@ -60,8 +74,16 @@ class SequenceDistribution(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         new = SequenceDistribution(self.lm, self.prompt, self.max_new_tokens, batch_shape,
                                    validate_args=False)
+        new.prompt_lengths = self.prompt_lengths
         new._validate_args = self._validate_args
         return new
+
+    def _groups(self, n: int, prompts: torch.Tensor):
+        """``(rows, prompt [k, P_k])`` per distinct prompt length (one group unless ragged)."""
+        if self.prompt_lengths is None:
+            return [(None, prompts)]
+        lens = self.prompt_lengths.expand(*self.batch_shape).reshape(n) if self.batch_shape else self.prompt_lengths
+        return [((lens == L).nonzero()[:, 0], prompts[lens == L][:, : int(L)]) for L in torch.unique(lens)]
 
     def _flat_prompt(self, n: int) -> torch.Tensor:
         if self.prompt.dim() == 1:
@@ -73,8 +95,16 @@ class SequenceDistribution(TorchDistribution):
         n = math.prod(shape)
         if self.prompt.dim() > 1 and len(sample_shape):
             raise NotImplementedError("sample_shape with per-element prompts; use expand instead")
-        tokens, lps = self.lm.sample(self._flat_prompt(n), n, self.max_new_tokens,
-                                     generator=_random.generator(self.lm.device))
+        gen = _random.generator(self.lm.device)
+        groups = self._groups(n, self._flat_prompt(n))
+        if len(groups) == 1:
+            tokens, lps = self.lm.sample(groups[0][1], n, self.max_new_tokens, generator=gen)
+        else:
+            tokens = torch.full((n, self.max_new_tokens), self.lm.eos_id, dtype=torch.long, device=self.lm.device)
+            lps = torch.zeros(n, self.max_new_tokens, device=self.lm.device)
+            for rows, prompts in groups:
+                tok, lp = self.lm.sample(prompts, len(rows), self.max_new_tokens, generator=gen)
+                tokens[rows.to(tokens.device)], lps[rows.to(lps.device)] = tok, lp.to(lps.dtype)
         value = tokens.reshape(*shape, self.max_new_tokens)
         # Pyro scores the value it just sampled: keep the sampler's log-probs for that call.
         self._cache = (value, lps.sum(-1).reshape(shape))
@@ -86,8 +116,15 @@ class SequenceDistribution(TorchDistribution):
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         n = math.prod(shape)
         flat = value.expand(*shape, self.max_new_tokens).reshape(n, self.max_new_tokens).long()
-        lp = self.lm.token_logprobs(self._flat_prompt(n) if self.prompt.dim() == 1 else
-                                    self.prompt.expand(*shape, self.prompt.shape[-1]).reshape(n, -1), flat)
+        prompts = self.prompt if self.prompt.dim() == 1 else self.prompt.expand(*shape, self.prompt.shape[-1]).reshape(n, -1)
+        groups = self._groups(n, prompts)
+        if len(groups) == 1:
+            lp = self.lm.token_logprobs(groups[0][1], flat)
+        else:
+            lp = torch.zeros(n, self.max_new_tokens, device=flat.device)
+            for rows, p in groups:
+                r = rows.to(flat.device)
+                lp = lp.index_put((r,), self.lm.token_logprobs(p, flat[r]).to(lp.dtype))
         return lp.reshape(*shape, self.max_new_tokens)
 
     def log_prob(self, value):
@@ -112,3 +149,10 @@ class SequenceDistribution(TorchDistribution):
         eos = self.lm.eos_id
         bad = after_eos_mask(value, eos) & (value != eos)
         return ~bad.any(-1)
+
+
+def _is_prompt_batch(prompt: Any) -> bool:
+    """A list of prompts (strings, id lists or 1-D tensors), not one prompt given as a list of ids."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    return all(isinstance(p, (str, list, tuple)) or (isinstance(p, torch.Tensor) and p.dim() == 1) for p in prompt)

@@ -1,34 +1,62 @@
-"""One entry point for every backend: ``ppl_lm.infer(model, *args, method=..., seed=...)``."""
+"""One entry point for every backend: ``ppl_lm.infer(model, *args, method=..., seed=..., **options)``."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import time
 from typing import Callable
 
 from .posterior import Posterior
 
-__all__ = ["infer", "METHODS"]
+__all__ = ["infer", "METHODS", "backend", "backend_options"]
 
 METHODS = ("exact", "importance", "smc", "mh", "svi")
+
+# Parameters of a backend's ``run`` that are not options.
+_NOT_OPTIONS = ("model", "args", "seed", "model_kwargs")
 
 
 def backend(method: str):
     """The module ``ppl_lm.inference.<method>``; a clear error for unknown names."""
     if method not in METHODS:
-        raise ValueError(f"unknown inference method {method!r}; choose one of {', '.join(METHODS)}")
+        near = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown inference method {method!r}{hint} Choose one of {', '.join(METHODS)}")
     return importlib.import_module(f"ppl_lm.inference.{method}")
 
 
-def infer(model: Callable, *args, method: str = "importance", seed: int = 0, **options) -> Posterior:
+def backend_options(method: str) -> dict[str, inspect.Parameter]:
+    """The named options of a backend (the keyword parameters of its ``run``, with defaults)."""
+    params = inspect.signature(backend(method).run).parameters
+    return {k: p for k, p in params.items() if k not in _NOT_OPTIONS and p.kind is p.KEYWORD_ONLY}
+
+
+def check_options(method: str, options: dict) -> None:
+    """Raise a clear error naming any option ``method`` does not have, with the nearest valid one."""
+    valid = backend_options(method)
+    for key in options:
+        if key not in valid:
+            near = difflib.get_close_matches(key, list(valid), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(
+                f"unknown option {key!r} for method={method!r}{hint} Valid options: {', '.join(valid)}. "
+                "Arguments of the model itself go in model_kwargs={...}")
+
+
+def infer(model: Callable, *args, method: str = "importance", seed: int = 0, model_kwargs: dict | None = None,
+          **options) -> Posterior:
     """Condition ``model`` by the chosen backend and return a :class:`Posterior`.
 
     Args:
-        model: a vectorised Pyro model (see DESIGN: one ``lm.sequence`` site plus factors).
-        *args: the model's arguments (its context, e.g. the prompt).
+        model: a vectorised Pyro model (``lm.sequence`` sites plus factors; see DESIGN).
+        *args: the model's positional arguments (its context, e.g. the prompt).
         method: ``"exact"``, ``"importance"``, ``"smc"``, ``"mh"`` or ``"svi"``.
         seed: same seed, same samples (on CPU).
-        **options: backend options (``num_samples``, ``num_particles``, ``num_chains``...).
+        model_kwargs: the model's keyword arguments (e.g. ``{"beta": 0.5}``).
+        **options: the backend's named options (``num_samples``, ``num_particles``, ``num_chains``...);
+            an unknown option is a clear error naming the nearest valid one.
 
     >>> import torch, pyro, ppl_lm
     >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
@@ -37,10 +65,26 @@ def infer(model: Callable, *args, method: str = "importance", seed: int = 0, **o
     ...     ppl_lm.constraint("starts_b", x[..., 0] == 1)
     >>> round(ppl_lm.infer(model, method="exact").log_evidence, 4)  # log(1/3)
     -1.0986
+    >>> ppl_lm.infer(model, method="importance", num_sampels=10)
+    Traceback (most recent call last):
+    ...
+    TypeError: unknown option 'num_sampels' for method='importance'; did you mean 'num_samples'? ...
     """
+    from .seeding import check_seed
+
     mod = backend(method)
+    check_options(method, options)
+    check_seed(seed)
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise TypeError(f"model_kwargs must be a dict of the model's keyword arguments, got {type(model_kwargs).__name__}")
+    if not callable(model):
+        raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+    if "model_kwargs" in inspect.signature(mod.run).parameters:
+        options["model_kwargs"] = model_kwargs
+    elif model_kwargs:
+        raise TypeError(f"method={method!r} does not take model_kwargs yet; bind them with functools.partial(model, ...)")
     t0 = time.perf_counter()
     post = mod.run(model, *args, seed=seed, **options)
-    post.info.setdefault("wall_time", time.perf_counter() - t0)
-    post.info.setdefault("seed", seed)
+    post.seed = seed
+    post.wall_time = time.perf_counter() - t0
     return post

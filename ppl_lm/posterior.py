@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Posterior", "normalise", "ess_of"]
+from .diagnostics.estimators import kish_ess
+
+__all__ = ["Posterior", "Info", "normalise", "ess_of"]
 
 
 def normalise(log_w: torch.Tensor) -> torch.Tensor:
@@ -28,10 +31,43 @@ def normalise(log_w: torch.Tensor) -> torch.Tensor:
     return (log_w - z).float()
 
 
-def ess_of(log_w: torch.Tensor) -> float:
-    """Kish effective sample size of normalised log-weights."""
-    w = torch.exp(log_w.double())
-    return float(w.sum() ** 2 / (w**2).sum())
+ess_of = kish_ess  # the one Kish ESS (ppl_lm.diagnostics.estimators)
+
+
+@dataclass(frozen=True)
+class Info:
+    """Base of each backend's run facts (a frozen dataclass per backend, e.g. ``SMCInfo``).
+
+    Typed fields are the interface. A read-only mapping view (``info["name"]``, ``info.get``,
+    ``"name" in info``) is kept for notebooks written against the earlier dict.
+    """
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self))
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(f"{type(self).__name__} has no field {key!r}; fields: {', '.join(self._names())}")
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self._names() else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names()
+
+    def keys(self) -> tuple[str, ...]:
+        return self._names()
+
+    def items(self):
+        return self.as_dict().items()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, for JSON and report settings."""
+        return {k: getattr(self, k) for k in self._names()}
 
 
 @dataclass
@@ -46,8 +82,13 @@ class Posterior:
         lm: the language model of the main site (for ``texts``).
         stats: per-sample arrays (``log_prior``, ``log_likelihood``, ``length``, ``reward:NAME``...).
         chain: ``[N]`` chain index of each sample (MCMC), else zeros.
-        info: run-level facts (seed, wall time, k-hat, acceptance, ELBO trace, ...).
-        values: every latent site's samples.
+        info: the backend's typed run facts (a frozen :class:`Info` dataclass, e.g. ``SMCInfo``).
+        values: every latent site's samples, aligned with ``log_weights``.
+        log_evidence_se: standard error of ``log_evidence`` (``None`` where not defined).
+        khat: PSIS k-hat of the importance weights (``None`` for exact and MCMC).
+        rhat: the largest split R-hat over the scalar summaries (MCMC with 2+ chains, else ``None``).
+        bulk_ess: the smallest ArviZ bulk ESS over the scalar summaries (MCMC, else ``None``).
+        seed, wall_time: the run's seed and seconds.
         guide: the trained guide (SVI) or ``None``.
         warnings: typed diagnoses of the run (:class:`~ppl_lm.diagnostics.InferenceWarning`),
             empty when every check passed.
@@ -61,15 +102,30 @@ class Posterior:
     site: str = "x"
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     chain: torch.Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: Any = field(default_factory=Info)
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     guide: Any = None
     warnings: list = field(default_factory=list)
+    log_evidence_se: float | None = None
+    khat: float | None = None
+    rhat: float | None = None
+    bulk_ess: float | None = None
+    seed: int | None = None
+    wall_time: float | None = None
 
     def __post_init__(self):
         self.samples = self.samples.long()
         if self.chain is None:
             self.chain = torch.zeros(len(self.samples), dtype=torch.long)
+        if isinstance(self.info, dict):  # a backend still reporting a plain dict
+            for name in ("log_evidence_se", "khat"):
+                if getattr(self, name) is None and self.info.get(name) is not None:
+                    setattr(self, name, self.info[name])
+        for name in ("log_evidence_se", "khat", "rhat", "bulk_ess"):
+            v = getattr(self, name)
+            if v is not None:
+                v = float(v)
+                setattr(self, name, None if math.isnan(v) else v)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,10 +141,22 @@ class Posterior:
 
     @property
     def ess(self) -> float:
-        """Effective sample size: Kish's for weighted samples, ArviZ's bulk ESS for MCMC."""
-        if "ess" in self.info:
-            return float(self.info["ess"])
-        return ess_of(self.log_weights)
+        """Effective sample size: ArviZ's bulk ESS for MCMC (the smallest over the scalar summaries),
+        Kish's for weighted samples."""
+        if self.bulk_ess is None and self.method == "mh" and self.stats:
+            from .diagnostics.estimators import mcmc_diagnostics
+            from .diagnostics.inference_data import chain_draws
+
+            _, by_stat = mcmc_diagnostics(chain_draws(self))
+            self.bulk_ess = min(by_stat.values()) if by_stat else None
+        if self.bulk_ess is not None:
+            return self.bulk_ess
+        return kish_ess(self.log_weights)
+
+    @property
+    def is_mcmc(self) -> bool:
+        """True for Markov-chain output (uniform weights, chain × draw layout)."""
+        return self.bulk_ess is not None or self.method == "mh"
 
     @property
     def texts(self) -> list[str]:
@@ -126,7 +194,3 @@ class Posterior:
 
     def summary_stats(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.stats.items()}
-
-    def log_evidence_se(self) -> float | None:
-        se = self.info.get("log_evidence_se")
-        return None if se is None or (isinstance(se, float) and math.isnan(se)) else float(se)

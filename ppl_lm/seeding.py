@@ -1,72 +1,94 @@
 """Explicit randomness: every entry point seeds a generator; samplers draw from it.
 
-Pyro calls ``dist.sample()`` with no generator argument, so the active generator is held
-here, set by :func:`seeded` around an inference run. Outside ``seeded`` the global torch RNG
-is used (``generator`` returns ``None``).
+Pyro calls ``dist.sample()`` with no generator argument, so the active generator is held here
+(a :class:`contextvars.ContextVar`, so threads and tasks each see their own), set by
+:func:`seeded` around an inference run. Outside ``seeded`` the global torch RNG is used
+(``generator`` returns ``None``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import random as _pyrandom
 
 import numpy as np
 import torch
 
-__all__ = ["seeded", "generator", "current_seed"]
+__all__ = ["seeded", "generator", "current_seed", "check_seed", "MAX_SEED"]
 
-_stack: list[dict] = []
+#: Seeds are 63-bit non-negative integers (torch generators take 64-bit seeds; we keep a margin
+#: for the per-device offsets of :func:`generator`).
+MAX_SEED = 2**63 - 1 - 7919 * 64
+
+_active: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ppl_lm_seeding", default=None)
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, or a clear error: an integer in ``[0, MAX_SEED]`` (or ``None`` for a fresh one)."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, ()).item())
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer (or None for a fresh random seed), got {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer between 0 and {MAX_SEED} (2**63 minus a margin), got {seed}")
+    return seed
+
+
+def _devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
 
 
 @contextlib.contextmanager
 def seeded(seed: int | None):
     """Run a block with reproducible randomness: same seed, same samples (on CPU).
 
-    Seeds a private ``torch.Generator`` per device for ppl-lm's samplers and Pyro's global
-    RNG (torch, numpy, random) for everything else; restores the previous generators after.
+    Seeds a private ``torch.Generator`` per device for ppl-lm's samplers and Pyro's global RNGs
+    (torch, numpy, random) for everything else, and restores every one of them after, CUDA's
+    included (``torch.random.fork_rng``).
     """
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    if not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)
-    saved = (torch.get_rng_state(), np.random.get_state(), _pyrandom.getstate())
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    _pyrandom.seed(seed)
-    _stack.append({"seed": seed, "gens": {}})
+    seed = check_seed(seed)
+    np_state, py_state = np.random.get_state(), _pyrandom.getstate()
+    token = _active.set({"seed": seed, "gens": {}})
     try:
-        yield seed
+        with torch.random.fork_rng(devices=_devices()):
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            _pyrandom.seed(seed)
+            yield seed
     finally:
-        _stack.pop()
-        torch.set_rng_state(saved[0])
-        np.random.set_state(saved[1])
-        _pyrandom.setstate(saved[2])
+        _active.reset(token)
+        np.random.set_state(np_state)
+        _pyrandom.setstate(py_state)
 
 
 def generator(device: torch.device | str = "cpu") -> torch.Generator | None:
     """The active generator for ``device`` (``None`` outside :func:`seeded`)."""
-    if not _stack:
+    active = _active.get()
+    if active is None:
         return None
     device = torch.device(device)
     key = (device.type, device.index)
-    gens = _stack[-1]["gens"]
+    gens = active["gens"]
     if key not in gens:
         g = torch.Generator(device=device)
-        g.manual_seed(_stack[-1]["seed"] + 7919 * len(gens))
+        g.manual_seed(active["seed"] + 7919 * len(gens))
         gens[key] = g
     return gens[key]
 
 
 def current_seed() -> int | None:
-    return _stack[-1]["seed"] if _stack else None
+    active = _active.get()
+    return None if active is None else active["seed"]
 
 
 def state() -> dict:
     """The active generators' states (for checkpoints)."""
-    if not _stack:
+    active = _active.get()
+    if active is None:
         return {}
-    return {k: g.get_state() for k, g in _stack[-1]["gens"].items()}
+    return {k: g.get_state() for k, g in active["gens"].items()}
 
 
 def set_state(states: dict) -> None:

@@ -107,7 +107,7 @@ def test_run_user_script_end_to_end(tmp_path, capsys):
     ns = {}
     exec(compile(TOY_SCRIPT, path, "exec"), ns)
     post = ppl_lm.infer(ns["build"](lm), "Hi", method="importance", seed=3, num_samples=32, progress=False)
-    assert f"log Z {post.log_evidence:.4f} ± {post.log_evidence_se():.4f}" in stdout
+    assert f"log Z {post.log_evidence:.4f} ± {post.log_evidence_se:.4f}" in stdout
     assert "method importance, samples 32" in stdout and f"ESS {post.ess:.1f}" in stdout
     assert "top samples" in stdout
     rows = json.loads((out / "summary.json").read_text())["rows"]

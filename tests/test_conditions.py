@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.conditions import prefix_length
+from ppl_lm.conditions import partial_prefix
 
 
 def _trace(fn):
@@ -58,7 +58,7 @@ def test_constraint_needs_bool():
 
 def test_constraint_on_prefix_is_deferred_unless_prefix_closed():
     ok = torch.tensor([True, False, True])
-    with prefix_length(2):
+    with partial_prefix(2):
         assert ppl_lm.is_partial()
         deferred = _trace(lambda: ppl_lm.constraint("c", ok))
         pruned = _trace(lambda: ppl_lm.constraint("c", ok, prefix_closed=True))
@@ -77,7 +77,7 @@ def test_pin_hard_and_on_prefixes():
     x = torch.tensor([[1, 2, 3], [1, 0, 0], [2, 2, 3]])
     tr = _trace(lambda: ppl_lm.pin("p", x, {0: 1, 2: 3}))
     assert tr.nodes["p"]["fn"].log_prob(tr.nodes["p"]["value"]).tolist() == [0.0, -math.inf, -math.inf]
-    with prefix_length(1):  # only position 0 exists yet: row 1 is still admissible
+    with partial_prefix(1):  # only position 0 exists yet: row 1 is still admissible
         tr = _trace(lambda: ppl_lm.pin("p", x, {0: 1, 2: 3}))
     assert tr.nodes["p"]["fn"].log_prob(tr.nodes["p"]["value"]).tolist() == [0.0, 0.0, -math.inf]
 
@@ -124,8 +124,8 @@ def test_token_constraint_on_a_prefix_checks_only_the_generated_tokens():
         tr = _trace(lambda: ppl_lm.token_constraint("t", x, mask))
         return tr.nodes["t"]["fn"].log_prob(tr.nodes["t"]["value"]).tolist()
 
-    with prefix_length(1):
+    with partial_prefix(1):
         assert log_factor() == [0.0, 0.0, 0.0]
-    with prefix_length(2):
+    with partial_prefix(2):
         assert log_factor() == [-math.inf, -math.inf, 0.0]
     assert log_factor() == [-math.inf, -math.inf, 0.0]

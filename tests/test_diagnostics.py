@@ -87,8 +87,8 @@ def check_weighted_layout(post: Posterior, idata):
     assert idata.attrs["ess"] == pytest.approx(post.ess)
     if post.log_evidence is not None:
         assert idata.attrs["log_evidence"] == pytest.approx(post.log_evidence)
-    if post.log_evidence_se() is not None:
-        assert idata.attrs["log_evidence_se"] == pytest.approx(post.log_evidence_se())
+    if post.log_evidence_se is not None:
+        assert idata.attrs["log_evidence_se"] == pytest.approx(post.log_evidence_se)
 
 
 # -- exact --------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_inference_data_writes_to_netcdf(exact, tmp_path):
 
 # -- hand-made posteriors: MCMC layout, SVI trace -----------------------------------------------
 
-def mcmc_posterior(values: np.ndarray, order: str = "chain-major", sample_stats_in_info: bool = False):
+def mcmc_posterior(values: np.ndarray, order: str = "chain-major"):
     """A hand-made MH Posterior whose stat ``v`` is ``values[c, d]`` at chain c, draw d."""
     C, S = values.shape
     chain = np.repeat(np.arange(C), S)
@@ -140,21 +140,17 @@ def mcmc_posterior(values: np.ndarray, order: str = "chain-major", sample_stats_
     stats = {"v": v.float(), "log_prior": -v.float().abs(), "log_likelihood": torch.zeros(n)}
     info = {"seed": 3, "wall_time": 1.0, "acceptance": {"suffix": 0.25, "insert": 0.5},
             "move_names": ["suffix", "insert"]}
-    if sample_stats_in_info:
-        info["sample_stats"] = {"accepted": accepted, "move": move}
-    else:
-        stats.update(accepted=accepted.float(), move=move.float())
+    stats.update(accepted=accepted.float(), move=move.float())
     post = Posterior(torch.zeros(n, 3, dtype=torch.long), normalise(torch.zeros(n)), None, "mh",
                      stats=stats, chain=torch.tensor(chain), info=info)
     return post, accepted.numpy(), move.numpy(), chain, draw
 
 
 @pytest.mark.parametrize("order", ["chain-major", "interleaved"])
-@pytest.mark.parametrize("in_info", [False, True])
-def test_mcmc_layout_is_chain_by_draw(order, in_info):
+def test_mcmc_layout_is_chain_by_draw(order):
     C, S = 3, 7
     values = np.arange(C)[:, None] * 100.0 + np.arange(S)[None, :]
-    post, accepted, move, chain, draw = mcmc_posterior(values, order, in_info)
+    post, accepted, move, chain, draw = mcmc_posterior(values, order)
     idata = post.to_inference_data()
     assert dict(idata.posterior.sizes) == {"chain": C, "draw": S}
     np.testing.assert_array_equal(idata.posterior["v"].values, values)
@@ -197,10 +193,9 @@ def test_rhat_and_ess_tell_mixing_from_not():
     check_arviz_works(good.to_inference_data())
 
 
-def test_backend_rhat_wins_over_computed():
+def test_backend_rhat_and_ess_win_over_computed():
     post, *_ = mcmc_posterior(np.random.default_rng(1).normal(size=(2, 50)))
-    post.info["rhat"] = {"v": 1.5, "log_prior": 1.1}
-    post.info["ess"] = 12.0
+    post.rhat, post.bulk_ess = 1.5, 12.0
     s = D.summary(post)
     assert s["rhat"] == 1.5 and s["ess"] == 12.0
 
@@ -255,7 +250,7 @@ def test_psis_khat_separates_light_and_heavy_tails():
     heavy = post_with(-0.8 * np.log(g.uniform(size=n)))
     assert D.psis_khat(light) < 0.3
     assert 0.65 < D.psis_khat(heavy) < 0.95
-    light.info["khat"] = 0.42  # the backend's own estimate wins
+    light.khat = 0.42  # the backend's own estimate wins
     assert D.psis_khat(light) == 0.42
 
 

@@ -42,10 +42,10 @@ def test_chunking_agrees_within_standard_error(soft):
     one = _run(model, *args, num_samples=6000, chunk_size=6000, seed=0)
     many = _run(model, *args, num_samples=6000, chunk_size=700, seed=0)  # 9 chunks, the last one short
     assert len(many) == 6000
-    se = math.hypot(one.info["log_evidence_se"], many.info["log_evidence_se"])
+    se = math.hypot(one.log_evidence_se, many.log_evidence_se)
     assert abs(one.log_evidence - many.log_evidence) <= 4 * se
     for post in (one, many):
-        assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.info["log_evidence_se"]
+        assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.log_evidence_se
         assert tv_distance(post, exact) <= tv_tolerance(exact, post.ess)
 
 
@@ -80,7 +80,7 @@ def test_hundred_thousand_samples_in_bounded_chunks():
     assert max(batch) <= 8192 and sum(batch) == 100_000
     assert post.samples.shape == (100_000, 4)
     assert set(post.values) == {"x"} and all(v.dim() == 1 for v in post.stats.values())
-    se = post.info["log_evidence_se"]
+    se = post.log_evidence_se
     assert se < 0.02  # about 3.2 / sqrt(N) on this problem
     assert abs(post.log_evidence - exact.log_evidence) <= 4 * se
 
@@ -126,7 +126,7 @@ def test_guide_proposal_matches_exact(soft):
     q = ppl_lm.MarkovLM(lm.init_logits * 0.5, lm.trans_logits * 0.5 + 0.3, eos_id=0)
     post = _run(model, *args, num_samples=8000, guide=_MarkovGuide(q, 4), seed=0)
     assert post.info["proposal"] == "guide"
-    assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.info["log_evidence_se"]
+    assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.log_evidence_se
     assert tv_distance(post, exact) <= tv_tolerance(exact, post.ess)
     assert torch.allclose(post.stats["log_prior"], lm.score([], post.samples), atol=1e-5)
 
@@ -140,9 +140,9 @@ def test_heavy_tailed_weights_warn():
         pyro.sample("x", lm.sequence([], max_new_tokens=T))
 
     q = ppl_lm.MarkovLM(lm.init_logits * 3.0, lm.trans_logits * 3.0, eos_id=0)
-    with pytest.warns(UserWarning, match=r"k-hat = .* > 0\.7.*unreliable"):
+    with pytest.warns(UserWarning, match=r"\[khat\] Pareto k-hat is .* > 0\.7.*unreliable"):
         post = _run(model, num_samples=4000, guide=_MarkovGuide(q, T), seed=0)
-    assert post.info["khat"] > 0.7
+    assert post.khat > 0.7
 
 
 def test_bounded_weights_do_not_warn(soft):
@@ -151,7 +151,7 @@ def test_bounded_weights_do_not_warn(soft):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         post = _run(model, *args, num_samples=2000, seed=0)
-    assert post.info["khat"] == -math.inf
+    assert post.khat == -math.inf
 
 
 def test_all_zero_weights_is_a_clear_error(soft):
@@ -188,7 +188,7 @@ def test_svi_guide_object_is_a_proposal(soft):
     _, model, args, exact = soft
     post = _run(model, *args, num_samples=4000, guide=make_guide(model, *args, kind="full"), seed=0)
     assert post.info["proposal"] == "guide"
-    assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.info["log_evidence_se"]
+    assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.log_evidence_se
     assert tv_distance(post, exact) <= tv_tolerance(exact, post.ess)
 
 
@@ -253,7 +253,7 @@ def test_smollm_hard_pin_evidence_matches_lm_score():
     log_pi_y = float(lm.score(prompt, torch.tensor([y])))
     assert log_pi_y < -10  # the prior alone would essentially never hit y
     post = _run(model, prompt, num_samples=64, guide=guide, seed=0)
-    se = post.info["log_evidence_se"]
+    se = post.log_evidence_se
     assert 0.05 < se < 0.5  # binomial noise from the prior half of the proposal
     assert abs(post.log_evidence - log_pi_y) <= 4 * se
     assert all(row[:3] == y for row in post.samples[post.log_weights > -math.inf].tolist())

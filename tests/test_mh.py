@@ -128,7 +128,7 @@ def test_boundary_moves_without_a_reverse_are_never_accepted():
     init = torch.tensor([[1, 2, 3, 4], [2, 0, 0, 0], [0, 0, 0, 0], [3, 3, 3, 0]])
     for moves in ({"insert": 1.0}, {"delete": 1.0}):
         post = _run(model, args, num_chains=4, num_samples=5, warmup_steps=0, moves=moves, initial_samples=init)
-        assert not bool(post.info["sample_stats"]["accepted"].any())
+        assert not bool(post.stats["accepted"].any())
         assert torch.equal(post.samples.reshape(4, 5, T), init[:, None].expand(4, 5, T))
 
 
@@ -151,16 +151,17 @@ def test_mh_is_a_pyro_kernel_with_int64_chain_major_output_and_consistent_stats(
     assert torch.allclose(post.stats["log_likelihood"], sc.log_likelihood.float())
     assert torch.equal(post.stats["length"], ppl_lm.tokens.lengths(post.samples, 0).float())
     # acceptance: every move reported, and (thin=1) equal to the per-sample statistics
-    acc, ss = post.info["acceptance"], post.info["sample_stats"]
+    acc, ss = post.info["acceptance"], post.stats
     assert set(acc) == set(mh.DEFAULT_MOVES)
     for name, rate in acc.items():
         sel = ss["move"] == mh.MOVES.index(name)
         if sel.any():
             assert rate == pytest.approx(float(ss["accepted"][sel].double().mean()))
     assert post.info["acceptance_overall"] == pytest.approx(float(ss["accepted"].double().mean()))
-    for key in ("rhat", "ess_by_stat"):
+    for key in ("rhat_by_stat", "ess_by_stat"):
         assert set(post.info[key]) == {"log_prior", "length"}  # the constraint summary is constant
-    assert post.ess == post.info["ess"] == min(post.info["ess_by_stat"].values())
+    assert post.ess == post.bulk_ess == min(post.info.ess_by_stat.values())
+    assert post.rhat == max(post.info.rhat_by_stat.values())
 
 
 def test_same_seed_same_samples():
@@ -170,7 +171,7 @@ def test_same_seed_same_samples():
     b = _run(model, args, seed=4, **kw)
     c = _run(model, args, seed=5, **kw)
     assert torch.equal(a.samples, b.samples)
-    assert torch.equal(a.info["sample_stats"]["move"], b.info["sample_stats"]["move"])
+    assert torch.equal(a.stats["move"], b.stats["move"])
     assert not torch.equal(a.samples, c.samples)
 
 
@@ -179,18 +180,37 @@ def test_rhat_near_one_on_a_converged_toy():
     exact = _exact_post("markov", "hard_constraint")
     post = _run(model, args, seed=0, num_samples=500, num_chains=8, warmup_steps=100, thin=2)
     assert post.info["thin"] == 2 and len(post) == 4000
-    assert max(post.info["rhat"].values()) < 1.02, post.info["rhat"]
+    # Converged chains of 500 draws: split R-hat fluctuates by ~0.005 around 1, so 1.05 is far out.
+    assert max(post.info.rhat_by_stat.values()) < 1.05, post.info.rhat_by_stat
     assert post.ess > 500
     assert tv_distance(post, exact) <= tv_tolerance(exact, post.info["ess_sequences"])
     assert all(0.1 < r < 0.9 for r in post.info["acceptance"].values()), post.info["acceptance"]
 
 
-def test_rhat_flags_chains_that_have_not_mixed():
-    """Without warm-up, prior-initialised chains on a slowly mixing target disagree."""
-    model, args = PROBLEMS["soft_reward"](_lm("markov"))
-    post = _run(model, args, seed=0, num_samples=15, num_chains=8, warmup_steps=0,
-                moves={"substitute_uniform": 1.0})
-    assert max(post.info["rhat"].values()) > 1.05, post.info["rhat"]
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rhat_flags_chains_stuck_in_different_modes(seed):
+    """Two modes the moves cannot cross: all-'a' and all-'b' texts of 2+ tokens (one substitution,
+    insertion or deletion between them breaks the condition). Chains started in different modes
+    never meet, so R-hat is far above 1.01 and the run says so, at every seed."""
+    lm = _lm("markov")
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=4))
+        n = ppl_lm.tokens.lengths(x, 0) - (x[..., -1] == 0).long()  # tokens before EOS
+        content = x != 0
+        all_a = ((x == 1) | ~content).all(-1)
+        all_b = ((x == 2) | ~content).all(-1)
+        ppl_lm.constraint("one_letter", (all_a | all_b) & (n >= 2))
+        ppl_lm.reward("a_count", (x == 1).float().sum(-1), beta=2.0)
+
+    start = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [2, 2, 0, 0], [2, 2, 2, 0]])
+    with pytest.warns(UserWarning, match=r"\[rhat\]"):
+        post = _run(model, (), seed=seed, num_samples=60, num_chains=4, warmup_steps=0, initial_samples=start,
+                    moves={"substitute": 0.4, "insert": 0.3, "delete": 0.3})
+    firsts = post.samples[:, 0].reshape(4, 60)
+    assert bool((firsts[:2] == 1).all() and (firsts[2:] == 2).all())  # the chains never left their mode
+    assert post.rhat > 1.5
+    assert [w.code for w in post.warnings].count("rhat") == 1
 
 
 def test_sequence_ess_matches_iid_draws():
@@ -226,7 +246,7 @@ def test_bad_input_gets_clear_errors():
         pyro.sample("p", lm.sequence([], max_new_tokens=2))
         pyro.sample("x", lm.sequence([], max_new_tokens=T))
 
-    with pytest.raises(ValueError, match="exactly one latent site"):
+    with pytest.raises(ValueError, match="edits exactly one lm.sequence"):
         _run(two_sites)
 
 

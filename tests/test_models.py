@@ -18,7 +18,7 @@ import torch
 
 import ppl_lm
 import ppl_lm.models as models
-from ppl_lm.conditions import prefix_length
+from ppl_lm.conditions import partial_prefix
 from ppl_lm.inference._runtime import run_model
 
 NAMES = models.names()
@@ -53,7 +53,7 @@ def score(model, args, x, partial: int | None = None):
     """Run ``model(*args)`` with the sequence site fixed to ``x`` (optionally as a prefix)."""
     if partial is None:
         return run_model(model, args, {}, len(x), data={"x": x})
-    with prefix_length(partial):
+    with partial_prefix(partial):
         return run_model(model, args, {}, len(x), data={"x": x})
 
 
@@ -89,8 +89,7 @@ def smoke(mod, lm, **kw):
     model = mod.build(lm, **kw)
     args = models.model_args(mod, toy=True)
     try:
-        post = ppl_lm.infer(model, *args, method="importance", num_samples=32, seed=0, progress=False,
-                           warn=False)
+        post = ppl_lm.infer(model, *args, method="importance", num_samples=32, seed=0, progress=False)
     except ValueError as err:
         # A hard condition a random LM never meets: the backend must say so clearly.
         assert "no sample satisfies" in str(err)

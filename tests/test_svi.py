@@ -396,7 +396,7 @@ def test_hard_condition_is_corrected_exactly_and_guide_is_a_proposal():
                         progress=False, seed=0)
     assert post.method == "svi" and post.guide is not None
     assert post.info["trace"]["ok:no_c"][-20:].mean() > 0.95  # the relaxed training learned the condition
-    se = post.info["log_evidence_se"]
+    se = post.log_evidence_se
     assert 0 < se < 0.05
     assert abs(post.log_evidence - exact.log_evidence) < 4 * se
     assert post.ess > 0.8 * len(post)
@@ -405,9 +405,9 @@ def test_hard_condition_is_corrected_exactly_and_guide_is_a_proposal():
 
     again = ppl_lm.infer(model, *args, method="importance", guide=post.guide, num_samples=2000, seed=5,
                          progress=False)
-    assert abs(again.log_evidence - exact.log_evidence) < 4 * again.info["log_evidence_se"]
+    assert abs(again.log_evidence - exact.log_evidence) < 4 * again.log_evidence_se
     smc = ppl_lm.infer(model, *args, method="smc", guide=post.guide, num_particles=2000, seed=5, progress=False)
-    assert abs(smc.log_evidence - exact.log_evidence) < 4 * smc.info["log_evidence_se"] + 1e-6
+    assert abs(smc.log_evidence - exact.log_evidence) < 4 * smc.log_evidence_se + 1e-6
 
 
 def test_contexts_train_one_amortised_guide():

@@ -32,7 +32,7 @@ def test_a_sound_run_has_no_warnings():
         post = ppl_lm.infer(model, *args, method="svi", objective=objective, num_steps=150, num_particles=64,
                             num_samples=500, progress=False, seed=1)
         assert post.warnings == [], [str(w) for w in post.warnings]
-        cross = post.info["svi"].crosscheck
+        cross = post.info.crosscheck
         exact = ppl_lm.infer(model, *args, method="exact")
         # the cross-check's KL(q‖π′) is near zero once trained, and KL(π‖π′) is the exact one
         assert cross.kl_reverse < cross.kl_at_prior
@@ -107,7 +107,7 @@ def test_nan_gradients_are_skipped_and_reported(monkeypatch):
                         crosscheck_samples=0, progress=False, seed=0)
     nan = [w for w in post.warnings if w.code == "svi_nan"]
     assert nan and "10 of 30 steps" in nan[0].message
-    assert post.info["svi"].skipped_steps == 10
+    assert post.info.skipped_steps == 10
     assert all(torch.isfinite(p).all() for p in post.guide.module.parameters())
 
 

@@ -14,7 +14,7 @@ trained on one of two objectives (:mod:`ppl_lm.inference.svi.elbo`):
 One training loop (:mod:`~ppl_lm.inference.svi.training`; the data-parallel runner uses the
 same one): Adam, the gradient's global norm clipped, the step size decaying geometrically,
 non-finite steps skipped. Every run estimates both KL directions over training from its own
-draws (``post.info["svi"].kl_trace`` and ``post.info["trace"]``), and after training cross-
+draws (``post.info.kl_trace`` and ``post.info["trace"]``), and after training cross-
 checks the guide against prior importance sampling (``crosscheck_samples``): log Ẑ from the
 prior minus the ELBO of the guide's draws estimates KL(q‖π′) with its standard error.
 
@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,9 +58,10 @@ from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 
 import ppl_lm
 from ppl_lm import seeding
-from ppl_lm.diagnostics.warnings import emit
+from ppl_lm.diagnostics.warnings import PplLmWarning
+from ppl_lm.inference._runtime import finish
 from ppl_lm.lm import PositionalMarkovLM, TransformersLM
-from ppl_lm.posterior import Posterior
+from ppl_lm.posterior import Info, Posterior
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -107,25 +109,28 @@ class Crosscheck:
 
 
 @dataclass(frozen=True)
-class SVIInfo:
-    """What an SVI run reports about its training (``post.info["svi"]``)."""
+class SVIInfo(Info):
+    """What an SVI run reports about its training (``post.info``); ``info["trace"]`` etc. still read."""
 
-    objective: str
-    proposal: str
-    guide: str
-    num_steps: int
-    start_step: int
-    num_particles: int
-    lr: float
-    lr_decay: float
-    clip_norm: float | None
-    train_time: float
-    seconds_per_step: float
-    step_seconds: np.ndarray
-    skipped_steps: int
-    kl_trace: KLTrace
+    objective: str = "reverse"
+    proposal: str = "guide"
+    guide: str = ""
+    num_steps: int = 0
+    start_step: int = 0
+    num_particles: int = 0
+    lr: float = math.nan
+    lr_decay: float = 1.0
+    clip_norm: float | None = None
+    relax_penalty: float | None = None
+    train_time: float = 0.0
+    seconds_per_step: float = math.nan
+    step_seconds: np.ndarray | None = None  # this session's steps (the first warms up)
+    skipped_steps: int = 0
+    elbo: float | None = None  # mean ELBO estimate of the last 20 steps
+    trace: dict = field(default_factory=dict)  # per-step arrays (see run)
+    kl_trace: KLTrace | None = None
     crosscheck: Crosscheck | None = None
-    trace: dict = field(default_factory=dict)
+    correction: Info | None = None  # the importance correction's facts (num_samples, chunk_size...)
 
 
 class SVIError(ValueError):
@@ -181,7 +186,7 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     Returns:
         A :class:`Posterior` of ``num_samples`` importance-weighted guide draws, with
         ``log_evidence`` and ``info["log_evidence_se"]`` from importance sampling, the trained
-        guide at ``post.guide``, typed training facts at ``post.info["svi"]`` (:class:`SVIInfo`:
+        guide at ``post.guide``, typed training facts at ``post.info`` (:class:`SVIInfo`:
         the KL trace in both directions, the cross-check) and ``info["trace"]``: per-step arrays
         ``elbo``, ``kl_prior`` (KL(q‖π)), ``reward:NAME`` (E_q[r], raw), ``ok:NAME``,
         ``grad_norm`` (before clipping), ``seconds``, and ``kl_reverse``/``kl_forward`` (± ``_se``)
@@ -224,23 +229,19 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
         trace[k] = getattr(kt, k)
     if log_evidence_ref is not None and "elbo" in trace:
         trace["kl_posterior"] = float(log_evidence_ref) - trace["elbo"]
-    steps_run = res.steps_run
-    legacy = {
-        "trace": trace, "num_steps": num_steps, "num_particles": num_particles, "lr": lr, "guide": g.kind,
-        "objective": objective, "proposal": proposal, "relax_penalty": relax_penalty, "start_step": res.start_step,
-        "seconds_per_step": res.train_time / steps_run if steps_run else float("nan"),
-        "step_seconds": res.step_seconds,  # this session's steps (the first warms up)
-        "train_time": res.train_time,
-    }
+    seconds_per_step = res.train_time / res.steps_run if res.steps_run else math.nan
+    elbo = None
     if len(trace.get("elbo", ())):
-        legacy["elbo"] = float(np.nanmean(trace["elbo"][-max(1, min(20, len(trace["elbo"]))):]))
-    log.info("svi: %d steps (from %d), %.3f s/step, final ELBO %s", num_steps, res.start_step,
-             legacy["seconds_per_step"], legacy.get("elbo"))
+        elbo = float(np.nanmean(trace["elbo"][-max(1, min(20, len(trace["elbo"]))):]))
+    log.info("svi: %d steps (from %d), %.3f s/step, final ELBO %s", num_steps, res.start_step, seconds_per_step, elbo)
 
-    def info_with(cross=None):
-        return SVIInfo(objective, proposal, g.kind, num_steps, res.start_step, num_particles, lr, lr_decay,
-                       clip_norm, res.train_time, legacy["seconds_per_step"], res.step_seconds, res.nonfinite_steps,
-                       kt, cross, trace)
+    def info_with(cross=None, correction=None):
+        return SVIInfo(objective=objective, proposal=proposal, guide=g.kind, num_steps=num_steps,
+                       start_step=res.start_step, num_particles=num_particles, lr=lr, lr_decay=lr_decay,
+                       clip_norm=clip_norm, relax_penalty=relax_penalty, train_time=res.train_time,
+                       seconds_per_step=seconds_per_step, step_seconds=res.step_seconds,
+                       skipped_steps=res.nonfinite_steps, elbo=elbo, trace=trace, kl_trace=kt, crosscheck=cross,
+                       correction=correction)
 
     found = checks.nonfinite(res.nonfinite_steps, len(trace.get("elbo", ())))
     # Divergence is judged on the ELBO where the ELBO is what is maximised (reverse, and the
@@ -256,8 +257,10 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     # A seed distinct from training's, so the correction's draws are independent of the random
     # numbers that shaped the guide.
     try:
-        post = ppl_lm.infer(model, *args, method="importance", guide=g, num_samples=num_samples,
-                            seed=_correction_seed(seed), progress=progress, warn=False, **kwargs)
+        with warnings.catch_warnings():  # its diagnoses are re-made (and raised) as the svi run's, below
+            warnings.simplefilter("ignore", PplLmWarning)
+            post = ppl_lm.infer(model, *args, method="importance", guide=g, num_samples=num_samples,
+                                seed=_correction_seed(seed), progress=progress, model_kwargs=kwargs)
     except ValueError as err:
         if "every weight is zero" not in str(err):
             raise
@@ -266,17 +269,14 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     if crosscheck_samples:
         cross = _crosscheck(model, args, kwargs, g, post, crosscheck_samples, seed, progress)
         found += checks.crosscheck(cross.kl_reverse, cross.kl_reverse_se, cross.kl_at_prior, cross.kl_at_prior_se,
-                                   float(post.log_evidence), float(post.info["log_evidence_se"]),
+                                   float(post.log_evidence), float(post.log_evidence_se or 0.0),
                                    cross.log_evidence, cross.log_evidence_se)
     post.method = "svi"
     post.guide = g
-    post.info.update(legacy)
-    post.info["svi"] = info_with(cross)
-    post.info["seed"] = seed
-    post.info["wall_time"] = time.perf_counter() - t_start
-    post.warnings = list(post.warnings) + found
-    emit(found, "svi", stacklevel=3)  # the user's line, through ppl_lm.infer
-    return post
+    post.info = info_with(cross, post.info)
+    post.seed = seed
+    post.wall_time = time.perf_counter() - t_start
+    return finish(post, found)  # the SVI checks first, then the weights' (k-hat, few distinct)
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -332,9 +332,11 @@ def _reward_range(rewards: dict) -> float | None:
 
 def _crosscheck(model, args, kwargs, g, post, n, seed, progress) -> Crosscheck:
     """Prior importance sampling against the guide: both KLs and the evidence, with se."""
-    prior = ppl_lm.infer(model, *args, method="importance", num_samples=n, seed=_correction_seed(seed + 1),
-                         progress=progress, warn=False, **kwargs)
-    log_z, log_z_se = float(prior.log_evidence), float(prior.info["log_evidence_se"])
+    with warnings.catch_warnings():  # a reference run: its own diagnoses are not the user's
+        warnings.simplefilter("ignore", PplLmWarning)
+        prior = ppl_lm.infer(model, *args, method="importance", num_samples=n, seed=_correction_seed(seed + 1),
+                             progress=progress, model_kwargs=kwargs)
+    log_z, log_z_se = float(prior.log_evidence), float(prior.log_evidence_se or 0.0)
     # the correction's raw log-weights are f = log p − log q of its guide draws
     f = (post.log_weights.double() + float(post.log_evidence) + math.log(len(post))).double()
     elbo = float(f.mean()) if torch.isfinite(f).all() else -math.inf

@@ -7,6 +7,7 @@ Every condition is a ``pyro.factor``-style site (a ``Unit`` distribution, observ
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Mapping
 
@@ -16,9 +17,11 @@ import torch
 
 from .masks import TokenMask
 
-__all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "partial_mode", "prefix_length"]
+__all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "prefix_length", "partial_prefix"]
 
-_PARTIAL = [False]
+# The number of generated tokens being scored while a backend (SMC) re-runs the model on a prefix;
+# None while it scores finished sequences. A ContextVar: each thread and task sees its own.
+_PREFIX: contextvars.ContextVar[int | None] = contextvars.ContextVar("ppl_lm_prefix_length", default=None)
 
 
 def is_partial() -> bool:
@@ -26,16 +29,29 @@ def is_partial() -> bool:
 
     Rewards may read it to give a prefix score (a twist); the final weight is exact anyway.
     """
-    return _PARTIAL[-1]
+    return _PREFIX.get() is not None
+
+
+def prefix_length() -> int | None:
+    """How many generated tokens of ``x`` are real while the model is scored on a prefix (the rest
+    is EOS padding); ``None`` when it scores finished sequences.
+
+    >>> import ppl_lm
+    >>> ppl_lm.prefix_length() is None
+    True
+    """
+    return _PREFIX.get()
 
 
 @contextlib.contextmanager
-def partial_mode(flag: bool = True):
-    _PARTIAL.append(flag)
+def partial_prefix(n: int):
+    """Score the model on prefixes of ``n`` generated tokens (used by SMC): ``is_partial()`` is True
+    and ``prefix_length()`` is ``n`` inside the block."""
+    token = _PREFIX.set(int(n))
     try:
         yield
     finally:
-        _PARTIAL.pop()
+        _PREFIX.reset(token)
 
 
 def _factor(name: str, log_factor: torch.Tensor, meta: dict) -> None:
@@ -126,22 +142,9 @@ def pin(name: str, x: torch.Tensor, tokens: Mapping[int, int], lam: float | None
     reward(name, hits.float().sum(-1) * float(lam), beta=1.0)
 
 
-_PARTIAL_LEN: list[int] = []
-
-
 def _partial_length(x: torch.Tensor) -> int:
-    return _PARTIAL_LEN[-1] if _PARTIAL_LEN else x.shape[-1]
-
-
-@contextlib.contextmanager
-def prefix_length(n: int):
-    """Set the number of generated tokens while the model is re-scored on prefixes."""
-    _PARTIAL_LEN.append(n)
-    with partial_mode(True):
-        try:
-            yield
-        finally:
-            _PARTIAL_LEN.pop()
+    n = _PREFIX.get()
+    return x.shape[-1] if n is None else n
 
 
 def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:

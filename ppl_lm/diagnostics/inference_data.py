@@ -28,12 +28,16 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..posterior import Posterior, ess_of
+from .. import posterior as _posterior
+from .estimators import _arviz, kish_ess, mcmc_diagnostics, pareto_khat
+
+if TYPE_CHECKING:
+    from ..posterior import Posterior
 
 __all__ = [
     "to_inference_data",
@@ -48,7 +52,8 @@ __all__ = [
     "top_samples",
     "sample_text",
     "stat_names",
-    "kish_ess",
+    "weights_kish_ess",
+    "chain_draws",
     "SAMPLE_STAT_KEYS",
 ]
 
@@ -58,17 +63,8 @@ log = logging.getLogger(__name__)
 SAMPLE_STAT_KEYS = ("accepted", "move")
 
 
-def _arviz():
-    # ArviZ 0.23 announces its refactor with a FutureWarning on import; it says nothing to users.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz
-
-    return arviz
-
-
 def _check(post: Any) -> Posterior:
-    if not isinstance(post, Posterior):
+    if not isinstance(post, _posterior.Posterior):
         raise TypeError(f"expected a ppl_lm.Posterior, got {type(post).__name__}")
     if len(post) == 0:
         raise ValueError("this Posterior has no samples")
@@ -90,13 +86,8 @@ def _per_sample(post: Posterior, name: str, value: Any) -> np.ndarray | None:
 
 
 def _sampler_stats(post: Posterior) -> dict[str, Any]:
-    """Per-sample sampler statistics (``accepted``, ``move``): from ``stats`` or ``info["sample_stats"]``."""
-    out = {}
-    extra = post.info.get("sample_stats")
-    if isinstance(extra, dict):
-        out.update(extra)
-    out.update({k: post.stats[k] for k in SAMPLE_STAT_KEYS if k in post.stats})
-    return out
+    """Per-sample sampler statistics (``accepted``, ``move``) in ``post.stats``."""
+    return {k: post.stats[k] for k in SAMPLE_STAT_KEYS if k in post.stats}
 
 
 def stat_names(post: Posterior) -> list[str]:
@@ -110,7 +101,7 @@ def is_mcmc(post: Posterior) -> bool:
     A weighted posterior whose ``chain`` marks groups (e.g. independent replicates) stays one
     chain of weighted draws.
     """
-    if post.method == "mh" or "accepted" in _sampler_stats(post):
+    if post.is_mcmc or "accepted" in _sampler_stats(post):
         return True
     if post.num_chains > 1:
         lw = post.log_weights.detach().double()
@@ -135,7 +126,7 @@ def _layout(post: Posterior) -> tuple[np.ndarray, int, int]:
     return np.stack([r[:draws] for r in rows]), len(ids), draws
 
 
-def _scalar_attrs(info: dict) -> dict[str, Any]:
+def _scalar_attrs(info: Any) -> dict[str, Any]:
     """Run-level facts as netCDF-friendly attrs (numbers and strings; dicts flattened one level)."""
     out: dict[str, Any] = {}
 
@@ -149,7 +140,8 @@ def _scalar_attrs(info: dict) -> dict[str, Any]:
         elif isinstance(v, (int, float, str)):
             out[key] = v
 
-    for k, v in info.items():
+    items = info.as_dict().items() if isinstance(info, _posterior.Info) else dict(info).items()
+    for k, v in items:
         if k == "trace":
             continue
         if isinstance(v, dict):
@@ -224,12 +216,11 @@ def to_inference_data(post: Posterior):
     attrs = _scalar_attrs(post.info)
     attrs.update(method=str(post.method), num_samples=len(post), num_chains=num_chains,
                  num_draws=num_draws, weighted=int(not is_mcmc(post)), ess=float(post.ess))
-    attrs.pop("sample_stats", None)
-    if post.log_evidence is not None:
-        attrs["log_evidence"] = float(post.log_evidence)
-    se = post.log_evidence_se()
-    if se is not None:
-        attrs["log_evidence_se"] = se
+    for key in ("seed", "wall_time", "log_evidence", "log_evidence_se", "rhat"):
+        if getattr(post, key) is not None:
+            attrs[key] = getattr(post, key)
+    if post.warnings:
+        attrs["warnings"] = "; ".join(w.code for w in post.warnings)
     k = psis_khat(post)
     if k is not None:
         attrs["khat"] = k
@@ -246,12 +237,6 @@ def to_inference_data(post: Posterior):
         idata = az.from_dict(posterior=dict(posterior), sample_stats=dict(sample_stats), attrs=attrs)
     for group in ("posterior", "sample_stats"):  # also on the groups, for code that reads only one
         idata[group].attrs.update(attrs)
-    if is_mcmc(post) and "ess" not in post.info:
-        e = _min_bulk_ess(idata)
-        if e is not None:
-            idata.attrs["ess"] = e
-            for group in ("posterior", "sample_stats"):
-                idata[group].attrs["ess"] = e
     trace = post.info.get("trace")
     if isinstance(trace, dict) and trace:
         ds = _trace_dataset(trace)
@@ -295,110 +280,68 @@ def weighted_stats(post: Posterior, values: Any) -> dict[str, float]:
 
 
 def psis_khat(post: Posterior) -> float | None:
-    """Pareto k-hat of the importance weights: the backend's ``info["khat"]``, else PSIS's.
+    """Pareto k-hat of the importance weights: ``post.khat``, else :func:`pareto_khat` of the weights.
 
-    ``None`` for exact and MCMC posteriors (no importance weights to diagnose) and when too few
-    samples have positive weight to fit the tail.
+    ``None`` for exact and MCMC posteriors (no importance weights to diagnose) and where the tail
+    fit is undefined (too few samples).
     """
-    k = post.info.get("khat")
-    if k is not None:
-        k = float(k.item() if isinstance(k, torch.Tensor) else k)
-        return None if math.isnan(k) else k  # ±inf is the backend's verdict: keep it
+    if post.khat is not None:
+        return post.khat
     if post.method == "exact" or is_mcmc(post):
         return None
-    lw = post.log_weights.detach().cpu().double().numpy()
-    lw = lw[np.isfinite(lw)]
-    if len(lw) < 20 or np.ptp(lw) < 1e-12:
-        return None
-    az = _arviz()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, k = az.psislw(lw.copy())
-    k = float(k)
-    return k if math.isfinite(k) else None
+    k = pareto_khat(post.log_weights)
+    return None if math.isnan(k) else k
+
+
+def chain_draws(post: Posterior) -> dict[str, np.ndarray]:
+    """Each scalar summary laid out ``[chains, draws]`` (one chain for weighted posteriors)."""
+    index, _, _ = _layout(post)
+    out = {}
+    for name in stat_names(post):
+        arr = _per_sample(post, name, post.stats[name])
+        if arr is not None:
+            out[name] = arr[index]
+    return out
 
 
 def rhat(post: Posterior) -> dict[str, float] | None:
-    """Rank-normalised split R-hat per summary (``None`` for a single chain or no chains).
-
-    The backend's ``info["rhat"]`` wins when present (a float is reported as ``{"max": r}``).
-    """
-    r = post.info.get("rhat")
-    if r is not None:
-        if isinstance(r, dict):
-            return {k: float(v) for k, v in r.items()}
-        return {"max": float(r.item() if isinstance(r, torch.Tensor) else r)}
+    """Rank-normalised split R-hat per scalar summary (``None`` for a single chain or no chains)."""
+    by_stat = post.info.get("rhat_by_stat")
+    if by_stat:
+        return dict(by_stat)
     if not is_mcmc(post) or post.num_chains < 2:
         return None
-    az = _arviz()
-    idata = to_inference_data(post)
-    if idata.posterior.sizes.get("draw", 0) < 4:
-        return None
-    out = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = az.rhat(idata)
-    for k in ds.data_vars:
-        v = float(ds[k])
-        if math.isfinite(v):
-            out[k] = v
-    return out or None
+    r, _ = mcmc_diagnostics(chain_draws(post))
+    return r or None
 
 
 def acceptance(post: Posterior) -> dict | None:
-    """``{"overall": rate, "moves": {move: rate}}`` for MH, else ``None``.
-
-    The overall rate is the backend's ``info["acceptance_overall"]``, else the mean of the
-    per-sample ``accepted`` statistic.
-    """
+    """``{"overall": rate, "moves": {move: rate}}`` for MH, else ``None``."""
     moves = post.info.get("acceptance")
     overall = post.info.get("acceptance_overall")
     accepted = _sampler_stats(post).get("accepted")
     if overall is None and accepted is not None:
         overall = float(torch.as_tensor(accepted).double().mean())
-    if isinstance(moves, dict):
-        moves = {str(k): float(v) for k, v in moves.items()}
-    elif moves is not None:
-        overall = float(moves) if overall is None else overall
-        moves = {}
     if overall is None and not moves:
         return None
+    moves = {str(k): float(v) for k, v in (moves or {}).items()}
     if overall is None:
         overall = float(np.mean(list(moves.values())))
-    return {"overall": float(overall), "moves": moves or {}}
-
-
-def _min_bulk_ess(idata) -> float | None:
-    if idata.posterior.sizes.get("draw", 0) < 4:
-        return None
-    az = _arviz()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = az.ess(idata, method="bulk")
-    vals = [float(ds[k]) for k in ds.data_vars if math.isfinite(float(ds[k]))]
-    return min(vals) if vals else None
+    return {"overall": float(overall), "moves": moves}
 
 
 def ess(post: Posterior) -> float:
-    """The ESS a report shows: the backend's ``info["ess"]``, else its ``info["n_eff"]`` (SMC: the
-    genealogy-aware count of independent draws); for MCMC without one, the smallest ArviZ bulk
-    ESS over the scalar summaries; else Kish's ESS of the weights."""
-    for key in ("ess", "n_eff"):
-        if post.info.get(key) is not None:
-            return float(post.info[key])
-    if is_mcmc(post):
-        e = _min_bulk_ess(to_inference_data(post))
-        if e is not None:
-            return e
+    """The one ESS: ``post.ess`` (ArviZ bulk ESS for MCMC, Kish's for weighted samples)."""
     return float(post.ess)
 
 
 def summary(post: Posterior) -> dict[str, Any]:
     """The numbers of a report table: one flat dict per posterior.
 
-    Keys: method, num_samples, num_chains, log_evidence, log_evidence_se, ess, khat, rhat (the
-    largest R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves, means
-    (weighted mean of each reward, constraint and the length), wall_time, seed.
+    Keys: method, num_samples, num_chains, log_evidence, log_evidence_se, ess, n_eff_genealogy
+    (SMC's genealogy-based count of independent draws, else ``None``), khat, rhat (the largest
+    R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves, means (weighted
+    mean of each reward, constraint and the length), wall_time, seed, warnings.
     """
     _check(post)
     r = rhat(post)
@@ -410,21 +353,22 @@ def summary(post: Posterior) -> dict[str, Any]:
                 means[name] = weighted_mean(post, post.stats[name])
             except ValueError:
                 continue
-    wall = post.info.get("wall_time")
     return {
         "method": post.method,
         "num_samples": len(post),
         "num_chains": post.num_chains if is_mcmc(post) else 1,
         "log_evidence": None if post.log_evidence is None else float(post.log_evidence),
-        "log_evidence_se": post.log_evidence_se(),
+        "log_evidence_se": post.log_evidence_se,
         "ess": ess(post),
+        "n_eff_genealogy": post.info.get("n_eff_genealogy"),
         "khat": psis_khat(post),
-        "rhat": None if not r else max(r.values()),
+        "rhat": post.rhat if post.rhat is not None else (None if not r else max(r.values())),
         "acceptance": None if acc is None else acc["overall"],
         "acceptance_moves": {} if acc is None else acc["moves"],
         "means": means,
-        "wall_time": None if wall is None else float(wall),
-        "seed": post.info.get("seed"),
+        "wall_time": post.wall_time,
+        "seed": post.seed,
+        "warnings": list(post.warnings),
     }
 
 
@@ -470,6 +414,6 @@ def top_samples(post: Posterior, k: int = 10) -> list[dict[str, Any]]:
     return out
 
 
-def kish_ess(post: Posterior) -> float:
+def weights_kish_ess(post: Posterior) -> float:
     """Kish's ESS of the weights, whatever the backend reports as ``post.ess``."""
-    return ess_of(post.log_weights)
+    return kish_ess(post.log_weights)

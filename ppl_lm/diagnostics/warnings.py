@@ -8,10 +8,23 @@ script sees it at the user's own line.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["InferenceWarning", "PplLmWarning", "emit"]
+import torch
+
+from .estimators import KHAT_THRESHOLD, RHAT_THRESHOLD
+
+if TYPE_CHECKING:
+    from ..posterior import Posterior
+
+__all__ = ["InferenceWarning", "PplLmWarning", "emit", "diagnose", "user_stacklevel", "MIN_BULK_ESS"]
+
+#: Bulk ESS below which MCMC estimates are too noisy to report (ArviZ: 100 per chain, 400 in all).
+MIN_BULK_ESS = 100
 
 
 class PplLmWarning(UserWarning):
@@ -37,7 +50,59 @@ class InferenceWarning:
         return f"[{self.code}] {self.message} Fix: {self.fix}"
 
 
-def emit(items: list[InferenceWarning], method: str, stacklevel: int = 2) -> None:
-    """Raise each warning with :func:`warnings.warn`, attributed to the caller's frame."""
+def _library_dirs() -> tuple[str, ...]:
+    import ppl_lm
+    import ppl_lm.inference
+    import ppl_lm.models
+
+    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (ppl_lm, ppl_lm.inference, ppl_lm.models))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes :func:`warnings.warn`, called by the caller of this function,
+    point at the first frame outside ppl-lm (the user's line)."""
+    lib = _library_dirs()
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(lib):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def emit(items: list[InferenceWarning], method: str) -> None:
+    """Raise each warning with :func:`warnings.warn`, attributed to the user's line."""
     for w in items:
-        warnings.warn(f"{method}: {w}", PplLmWarning, stacklevel=stacklevel + 1)
+        warnings.warn(f"{method}: {w}", PplLmWarning, stacklevel=user_stacklevel())
+
+
+def diagnose(post: Posterior) -> list[InferenceWarning]:
+    """The checks every posterior gets, from its typed fields: heavy-tailed weights (k-hat),
+    collapse onto few distinct sequences, unmixed chains (R-hat) and too few effective draws.
+
+    Backend-specific checks (SMC path degeneracy, SVI divergence) are added by their backends.
+    """
+    out: list[InferenceWarning] = []
+    if post.method == "exact":
+        return out
+    if post.khat is not None and post.khat > KHAT_THRESHOLD:
+        out.append(InferenceWarning(
+            "khat", f"Pareto k-hat is {post.khat:.2f} > {KHAT_THRESHOLD}: the importance weights are heavy-tailed "
+            "(or few samples carry weight), so estimates, log Z and their standard errors are unreliable.",
+            "use more samples, method='smc', or a better proposal (a guide trained with method='svi')."))
+    n = len(post)
+    alive = post.samples[torch.isfinite(post.log_weights) & (post.log_weights > -1e30)]
+    distinct = len(torch.unique(alive, dim=0)) if len(alive) else 0
+    if n >= 10 and distinct <= max(1, n // 100):
+        out.append(InferenceWarning(
+            "few_distinct", f"only {distinct} distinct sequence(s) among {n} samples carry weight: the sampler "
+            "may have collapsed onto a mode, and every estimate rests on those few sequences.",
+            "check the guide or proposal (a collapsed SVI guide needs a smaller lr or a restart), or use more samples."))
+    if post.rhat is not None and post.rhat > RHAT_THRESHOLD:
+        out.append(InferenceWarning(
+            "rhat", f"split R-hat is {post.rhat:.3f} > {RHAT_THRESHOLD}: the chains have not mixed (they disagree).",
+            "run more warm-up and more draws, more chains, or start chains from better states."))
+    if post.bulk_ess is not None and post.bulk_ess < MIN_BULK_ESS:
+        out.append(InferenceWarning(
+            "low_ess", f"bulk ESS is {post.bulk_ess:.0f} < {MIN_BULK_ESS}: too few effective draws for stable estimates.",
+            "run more draws per chain (num_samples) or more chains."))
+    return out

@@ -136,14 +136,14 @@ is_pin = ppl_lm.infer(pinned(toy, c_ids, T_toy), method="importance", num_sample
 print(f"pinned: exact log Z = {post_pin.log_evidence:.6f} (log π(c) = {log_pi_c:.6f}); "
       f"TV of y[P:] to lm.sequence(c) = {tv_pin:.2e}")
 print(f"IS from the unprompted LM, N={N_toy}: ESS/N = {is_pin.ess / N_toy:.4f} vs π(c) = {math.exp(log_pi_c):.4f}; "
-      f"log Ẑ = {is_pin.log_evidence:.4f} ± {is_pin.log_evidence_se():.4f}")
+      f"log Ẑ = {is_pin.log_evidence:.4f} ± {is_pin.log_evidence_se:.4f}")
 
 # %%
 assert abs(post_pin.log_evidence - log_pi_c) < 1e-5 and tv_pin < 1e-6
 # Hard condition, prior proposal: the weights are 0/1, so ESS = number of hits ~ Binomial(N, π(c)).
 p_c = math.exp(log_pi_c)
 assert abs(is_pin.ess / N_toy - p_c) < 4 * math.sqrt(p_c * (1 - p_c) / N_toy)
-assert abs(is_pin.log_evidence - log_pi_c) < 4 * is_pin.log_evidence_se()
+assert abs(is_pin.log_evidence - log_pi_c) < 4 * is_pin.log_evidence_se
 
 # %% [markdown]
 # ## 2. On SmolLM2: IS of the conditioned model returns $\log \pi(c)$
@@ -168,7 +168,7 @@ model_c = poutine.condition(chained(lm, len(c_ids), T), data={"prompt": c_ids})
 post_is = ppl_lm.infer(model_c, method="importance", num_samples=N, seed=0, progress=False)
 log_pi_c = lm.score([], c_ids[None]).item()  # an empty prompt means "after BOS"
 print(f"prompt c = {prompt_text!r} ({len(c_ids)} tokens)")
-print(f"IS log Ẑ = {post_is.log_evidence:.4f} ± {post_is.log_evidence_se():.1e},  "
+print(f"IS log Ẑ = {post_is.log_evidence:.4f} ± {post_is.log_evidence_se:.1e},  "
       f"lm.score(c) = log π(c) = {log_pi_c:.4f},  ESS = {post_is.ess:.1f} of {N}")
 for t in post_is.texts[:4]:
     print("   ", repr(prompt_text + t))
@@ -239,10 +239,10 @@ for name in ("IS", "SMC", "MH"):
         rows.append((name, float("nan"), float("nan"), float("nan"), results[name + "_time"], 0.0, 0))
         continue
     lz = float("nan") if post.log_evidence is None else post.log_evidence
-    se = post.log_evidence_se() if post.log_evidence is not None else None
+    se = post.log_evidence_se if post.log_evidence is not None else None
     ok = post.expectation(rewards.contains(lm, post.samples, word).float())
     # ESS: Kish's for IS; SMC's genealogy-based n_eff; MH's ArviZ bulk ESS (autocorrelation).
-    ess = post.info.get("n_eff", post.ess)
+    ess = post.info.get("n_eff_genealogy", post.ess)
     distinct = len({tuple(x) for x, w in zip(post.samples.tolist(), post.weights.tolist()) if w > 0})
     rows.append((name, lz, float("nan") if se is None else se, ess, results[name + "_time"], ok, distinct))
 print(f"condition: contains {word!r} within {T2} tokens after {prompt_text!r}")
@@ -291,7 +291,7 @@ for name in ("IS", "SMC", "MH"):
 # IS and SMC estimate the same log Z (both unbiased for Z): consistent within 4 combined se.
 if results["IS"] is not None and results["SMC"] is not None:
     a, b = results["IS"], results["SMC"]
-    se = math.hypot(a.log_evidence_se() or 0.0, b.log_evidence_se() or 0.0)
+    se = math.hypot(a.log_evidence_se or 0.0, b.log_evidence_se or 0.0)
     print(f"|log Ẑ_IS - log Ẑ_SMC| = {abs(a.log_evidence - b.log_evidence):.3f}, 4 se = {4 * se:.3f}")
     assert abs(a.log_evidence - b.log_evidence) < 4 * se + 0.5
 

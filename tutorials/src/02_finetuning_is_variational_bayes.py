@@ -172,12 +172,12 @@ post_svi = ppl_lm.infer(toy_model, method="svi", num_steps=steps, num_particles=
                         clip_norm=None, num_samples=1000, log_evidence_ref=log_Z, seed=0, progress=False)
 kl_backend = exact_terms(post_svi.guide)["kl_post"]
 print(f"method='svi': exact KL(q‖π') of its guide = {kl_backend:.4f}; "
-      f"log Ẑ = {post_svi.log_evidence:.4f} ± {post_svi.log_evidence_se():.4f} (exact {log_Z:.4f}); "
+      f"log Ẑ = {post_svi.log_evidence:.4f} ± {post_svi.log_evidence_se:.4f} (exact {log_Z:.4f}); "
       f"ESS = {post_svi.ess:.0f} of 1000")
 
 # %%
 assert kl_backend < 0.1 * kl_start
-assert abs(post_svi.log_evidence - log_Z) < 4 * post_svi.log_evidence_se() + 1e-3
+assert abs(post_svi.log_evidence - log_Z) < 4 * post_svi.log_evidence_se + 1e-3
 
 # %% [markdown]
 # ## 3. Forward or reverse KL: a posterior with two modes
@@ -284,7 +284,7 @@ prior_post = ppl_lm.infer(model, prompt, method="importance", num_samples=N, see
 t_prior = time.perf_counter() - t0
 r_prior = prior_post.stats["reward:sentiment"]
 print(f"prior: E_π[r] = {r_prior.mean():.3f} ± {r_prior.std() / math.sqrt(N):.3f};  "
-      f"log Ẑ (IS, prior proposal) = {prior_post.log_evidence:.3f} ± {prior_post.log_evidence_se():.3f}; "
+      f"log Ẑ (IS, prior proposal) = {prior_post.log_evidence:.3f} ± {prior_post.log_evidence_se:.3f}; "
       f"{t_prior:.0f} s")
 
 posts = {}
@@ -293,7 +293,7 @@ for objective in ("reverse", "forward"):
     posts[objective] = ppl_lm.infer(model, prompt, method="svi", objective=objective, guide="lora",
                                     num_steps=n_steps, num_particles=n_particles, lr=lr, num_samples=N,
                                     log_evidence_ref=prior_post.log_evidence, seed=0, progress=False)
-    info = posts[objective].info["svi"]
+    info = posts[objective].info
     c = info.crosscheck
     print(f"SVI, {objective} KL: {n_steps} steps × {n_particles} particles in {info.train_time:.0f} s "
           f"({info.seconds_per_step:.1f} s/step); total {time.perf_counter() - t0:.0f} s. Cross-check with "
@@ -347,8 +347,8 @@ f = log_p + r_q / beta_s - log_q
 elbo_hat, elbo_se = float(f.mean()), float(f.std() / math.sqrt(len(f)))
 kl_prior_hat = float((log_q - log_p).mean())
 rows = {
-    "log Ẑ, prior proposal": (prior_post.log_evidence, prior_post.log_evidence_se()),
-    "log Ẑ, guide proposal": (post.log_evidence, post.log_evidence_se()),
+    "log Ẑ, prior proposal": (prior_post.log_evidence, prior_post.log_evidence_se),
+    "log Ẑ, guide proposal": (post.log_evidence, post.log_evidence_se),
     "ELBO (guide draws)": (elbo_hat, elbo_se),
 }
 for k, (v, s) in rows.items():
@@ -357,7 +357,7 @@ for k, (v, s) in rows.items():
 lz = np.array([prior_post.log_evidence, post.log_evidence])
 wz = np.exp(lz - lz.max()) / np.exp(lz - lz.max()).sum()
 log_z = float(np.logaddexp(*lz) - math.log(2))
-log_z_se = float(np.hypot(*(wz * np.array([prior_post.log_evidence_se(), post.log_evidence_se()]))))
+log_z_se = float(np.hypot(*(wz * np.array([prior_post.log_evidence_se, post.log_evidence_se]))))
 print(f"{'log Ẑ, pooled':24} {log_z:8.4f} ± {log_z_se:.4f}")
 kl_post_hat = log_z - elbo_hat
 kl_post_se = math.hypot(log_z_se, elbo_se)
@@ -374,7 +374,7 @@ print(f"ELBO gained by training        = {elbo_hat - elbo_start:+.4f} ± {math.h
 
 # %%
 # Both log Z estimators target the same number; KL(q‖π') is non-negative up to its error.
-se_z = math.hypot(prior_post.log_evidence_se(), post.log_evidence_se())
+se_z = math.hypot(prior_post.log_evidence_se, post.log_evidence_se)
 assert abs(prior_post.log_evidence - post.log_evidence) < 4 * se_z + 0.05
 assert kl_post_hat > -4 * kl_post_se - 0.02
 

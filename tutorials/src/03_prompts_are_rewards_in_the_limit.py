@@ -189,9 +189,9 @@ for k in (1, 2):
     for lam in lams_lm:
         soft = ppl_lm.infer(pin_model(lm, prompt, pins, float(lam), T), method="importance", num_samples=N,
                             seed=0, progress=False)
-        rows.append((soft.log_evidence, soft.log_evidence_se()))
+        rows.append((soft.log_evidence, soft.log_evidence_se))
     lz, se = map(np.array, zip(*rows))
-    est[k] = dict(log_z_hard=hard.log_evidence, se_hard=hard.log_evidence_se(), lz=lz, se=se,
+    est[k] = dict(log_z_hard=hard.log_evidence, se_hard=hard.log_evidence_se, lz=lz, se=se,
                   kl=lz - k * lams_lm - hard.log_evidence)
 print(f"{2 * (len(lams_lm) + 1)} importance runs of N={N} in {time.perf_counter() - t0:.0f} s")
 for k in (1, 2):

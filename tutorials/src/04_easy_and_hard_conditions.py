@@ -81,7 +81,7 @@ def pinned(lm, prompt, pins, T, as_mask=False):
 def ess(post):
     """Effective sample size: Kish's for IS; for SMC its genealogy-based n_eff (after resampling,
     the Kish ESS of the final weights overstates how many independent draws the particles are worth)."""
-    return post.info.get("n_eff", post.ess)
+    return post.info.get("n_eff_genealogy", post.ess)
 
 
 def plot_ess(ax, p, e, floor, marker, label, **kw):
@@ -158,7 +158,7 @@ for k in ks:
                smc=0.0 if smc_post is None else ess(smc_post) / N_smc,
                mask=0.0 if mask_post is None else ess(mask_post) / N_smc,
                lz_mask=None if mask_post is None else mask_post.log_evidence, svi={},
-               lz_smc=None if smc_post is None else (smc_post.log_evidence, smc_post.log_evidence_se()))
+               lz_smc=None if smc_post is None else (smc_post.log_evidence, smc_post.log_evidence_se))
     for kk, how in svi_cases:
         if kk != k:
             continue
@@ -171,7 +171,7 @@ for k in ks:
         # The trained guide as the proposal for the hard condition (importance-corrected).
         g_post, _ = run(m, "importance", guide=trained.guide, num_samples=N_is, seed=1)
         row["svi"][how] = (0.0, None) if g_post is None else (
-            g_post.ess / N_is, (g_post.log_evidence, g_post.log_evidence_se()))
+            g_post.ess / N_is, (g_post.log_evidence, g_post.log_evidence_se))
     toy_rows.append(row)
     lz_s = "" if row["lz_smc"] is None else f" (log Ẑ {row['lz_smc'][0]:.2f} ± {row['lz_smc'][1]:.2f} vs {math.log(p):.2f})"
     print(f"k={k}  p={p:.2e}  ESS/N: IS {row['is_']:.4f}  SMC {row['smc']:.3f}{lz_s}  SMC+mask {row['mask']:.3f}"
@@ -255,7 +255,7 @@ for k in range(1, len(y) + 1):
     row = dict(k=k, p=p, is_=0.0 if is_post is None else is_post.ess / N_lm,
                smc=0.0 if smc_post is None else ess(smc_post) / N_smc_lm,
                mask=0.0 if mask_post is None else ess(mask_post) / N_smc_lm,
-               lz_smc=None if smc_post is None else (smc_post.log_evidence, smc_post.log_evidence_se()),
+               lz_smc=None if smc_post is None else (smc_post.log_evidence, smc_post.log_evidence_se),
                lz_mask=None if mask_post is None else mask_post.log_evidence,
                t_is=t_is, t_smc=t_smc, t_mask=t_mask)
     lm_rows.append(row)

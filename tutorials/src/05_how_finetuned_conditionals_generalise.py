@@ -105,7 +105,7 @@ def evaluate(ctx, seed):
     lz = np.array([prior.log_evidence, gpost.log_evidence])
     wz = np.exp(lz - lz.max()) / np.exp(lz - lz.max()).sum()
     log_z = float(np.logaddexp(*lz) - math.log(2))
-    log_z_se = float(np.hypot(*(wz * np.array([prior.log_evidence_se(), gpost.log_evidence_se()]))))
+    log_z_se = float(np.hypot(*(wz * np.array([prior.log_evidence_se, gpost.log_evidence_se]))))
     return dict(
         r_prior=float(r_p.mean()), r_prior_se=float(r_p.std() / math.sqrt(N)),
         r_guide=float(r_q.mean()), r_guide_se=float(r_q.std() / math.sqrt(N)),
@@ -117,7 +117,7 @@ def evaluate(ctx, seed):
         kl_post_se=math.hypot(log_z_se, float(f.std() / math.sqrt(N))),
         elbo_gain=float(f.mean()) - float(r_p.mean()) / beta,
         elbo_gain_se=math.hypot(float(f.std()), float(r_p.std()) / beta) / math.sqrt(N),
-        log_z=(prior.log_evidence, prior.log_evidence_se()), log_z_guide=(gpost.log_evidence, gpost.log_evidence_se()),
+        log_z=(prior.log_evidence, prior.log_evidence_se), log_z_guide=(gpost.log_evidence, gpost.log_evidence_se),
         example=ctx + gpost.texts[int(torch.argmax(r_q))],
     )
 

@@ -1,0 +1,119 @@
+"""Every diagnostic quantity, defined once: Kish ESS, the log-evidence standard error, PSIS
+k-hat, and ArviZ's split R-hat and bulk ESS.
+
+Backends, ``Posterior``, InferenceData, the report and the CLI all call these functions; none
+computes its own variant.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+__all__ = ["kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "KHAT_THRESHOLD", "RHAT_THRESHOLD"]
+
+#: Pareto k-hat above which importance weights are too heavy-tailed to trust (Vehtari et al., 2024).
+KHAT_THRESHOLD = 0.7
+#: Split R-hat above which chains have not mixed (Vehtari et al., 2021).
+RHAT_THRESHOLD = 1.01
+
+
+def _arviz():
+    # ArviZ 0.23 announces its refactor with a FutureWarning on import; it says nothing to users.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
+def _normalised(log_w: torch.Tensor) -> torch.Tensor:
+    log_w = log_w.detach().double()
+    return log_w - torch.logsumexp(log_w, 0)
+
+
+def kish_ess(log_w: torch.Tensor) -> float:
+    """Kish's effective sample size (Σw)²/Σw² of log-weights ``[N]`` (normalised or not).
+
+    >>> import torch
+    >>> kish_ess(torch.zeros(10))
+    10.0
+    """
+    w = torch.exp(_normalised(log_w))
+    return float(w.sum() ** 2 / (w**2).sum())
+
+
+def log_evidence_se(log_w: torch.Tensor) -> float:
+    """Delta-method standard error of log Ẑ = log mean(w): sqrt(var(w)/N) / mean(w).
+
+    With normalised weights ``W``, var(w)/mean(w)² = N/(N-1)·(N·ΣW² − 1). Zero for equal
+    weights, ``nan`` for a single sample. ``log_w`` holds unnormalised log-weights ``[N]``.
+    """
+    n = log_w.numel()
+    if n < 2:
+        return float("nan")
+    W = torch.exp(_normalised(log_w))
+    rel_var = n / (n - 1) * (n * float((W**2).sum()) - 1.0)
+    return math.sqrt(rel_var / n) if rel_var > 1e-12 else 0.0  # equal weights: exactly 0, not rounding noise
+
+
+def pareto_khat(log_w: torch.Tensor) -> float:
+    """PSIS k-hat of importance log-weights (``arviz.psislw``), robust to ties and zero weights.
+
+    Zero weights (-inf) count as samples but never enter the tail. Degenerate cases:
+    too few samples for a tail fit (fewer than ~25) gives ``nan``; a tail made of tied weights
+    (bounded weights with an atom at their maximum, e.g. a hard constraint with the prior as
+    proposal) gives ``-inf`` (no heavy tail); four or fewer non-zero weights among many
+    samples gives ``inf`` (unreliable); at most four weights above tied ones gives ``inf`` when
+    they carry most of the weight, else ``nan`` (undefined).
+    """
+    x = log_w.detach().double().cpu().numpy()
+    n = x.size
+    finite = np.isfinite(x)
+    m = int(np.ceil(min(n / 5.0, 3.0 * math.sqrt(n))))  # arviz's tail length (reff = 1)
+    if m <= 4:
+        return float("nan")
+    if finite.sum() <= 4:
+        return float("inf")
+    x = np.where(finite, x - x[finite].max(), -1e300)  # -inf as a huge finite: no inf - inf
+    cutoff = max(np.sort(x)[-m - 1], np.log(np.finfo(float).tiny))
+    tail = x[x > cutoff]
+    if tail.size == 0 or (tail.size > 4 and tail.max() - tail.min() < 1e-12):
+        return float("-inf")
+    if tail.size <= 4:
+        # A handful of weights above tied ones: no tail fit. Unreliable if they dominate.
+        share = np.exp(tail).sum() / np.exp(x).sum()
+        return float("inf") if share > 0.5 else float("nan")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, k = _arviz().psislw(x)
+    k = float(k)
+    return k if math.isfinite(k) else float("inf")
+
+
+def mcmc_diagnostics(draws: dict[str, np.ndarray | torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
+    """Rank-normalised split R-hat and bulk ESS (ArviZ) of each non-constant scalar, ``[chains, draws]``.
+
+    Constant summaries carry no information about mixing and are left out (a constraint's
+    ``ok`` is 1 on the whole posterior support). Fewer than 4 draws per chain: nothing.
+
+    Returns:
+        ``(rhat, ess)``: dicts name -> value.
+    """
+    rhat, ess = {}, {}
+    az = _arviz()
+    for name, v in draws.items():
+        a = v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float64)
+        if a.ndim != 2 or a.shape[1] < 4 or np.ptp(a) == 0 or not np.isfinite(a).all():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            e, r = float(az.ess(a, method="bulk")), float(az.rhat(a))
+        if math.isfinite(e):
+            ess[name] = e
+        if math.isfinite(r) and a.shape[0] >= 2:
+            rhat[name] = r
+    return rhat, ess
