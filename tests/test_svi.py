@@ -228,7 +228,7 @@ def test_trace_reports_the_identity_per_step():
     post = ppl_lm.infer(model, *args, method="svi", num_steps=30, num_particles=16, num_samples=200,
                         log_evidence_ref=exact.log_evidence, progress=False, seed=0)
     tr = post.info["trace"]
-    assert set(tr) == {"elbo", "kl_prior", "reward:r", "kl_posterior", "grad_norm", "skipped", "seconds",
+    assert set(tr) == {"elbo", "kl_prior", "reward:r", "kl_posterior", "grad_norm", "skipped", "seconds", "cpu_seconds",
                        "reward_min:r", "reward_max:r", "kl_reverse", "kl_reverse_se", "kl_forward", "kl_forward_se"}
     assert all(len(v) == 30 for v in tr.values())
     torch.testing.assert_close(torch.tensor(0.5 * tr["elbo"]), torch.tensor(tr["reward:r"] - 0.5 * tr["kl_prior"]),

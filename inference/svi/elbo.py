@@ -37,9 +37,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pyro
 import torch
-from ppl_lm.inference._runtime import PARTICLE_PLATE, run_model
+from ppl_lm.inference._runtime import (
+    fixed_values,
+    run_model,
+    site_log_prob,
+    trace_model,
+)
 from pyro import poutine
 from pyro.infer import ELBO
 
@@ -87,14 +91,10 @@ class ParticleTerms:
 
 def _relaxed(scores, n: int, penalty: float) -> torch.Tensor:
     """The condition factors again, each ``-inf`` one replaced by ``-penalty`` (per site)."""
-    from ppl_lm.inference._runtime import (
-        _per_particle,  # the runtime's one per-particle rule
-    )
-
     total = torch.zeros(n)
-    for site in scores.trace.nodes.values():
+    for name, site in scores.trace.nodes.items():
         if site["type"] == "sample" and site["is_observed"]:
-            lp = _per_particle(site["fn"].log_prob(site["value"]), n).float()
+            lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n).float()
             total = total + torch.where(lp == -math.inf, torch.full_like(lp, -float(penalty)), lp)
     return total
 
@@ -120,16 +120,14 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
             prior = run_model(model, args, kwargs, n)
         values = prior.values
         log_proposal = prior.log_prior.float()
-    g = guide if values is None else _fix(guide, values)
-    with pyro.plate(PARTICLE_PLATE, n, dim=-1):
-        guide_tr = poutine.trace(g).get_trace(*args, **kwargs)
+    g = guide if values is None else poutine.replay(guide, trace=fixed_values(values))
+    guide_tr = trace_model(g, args, kwargs, n)
     log_q = torch.zeros(n)
     guide_latent = []
     for name, site in guide_tr.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:
             guide_latent.append(name)
-            lp = site["fn"].log_prob(site["value"])
-            log_q = log_q + (lp.reshape(n, -1).sum(-1) if lp.dim() else lp.expand(n)).float()
+            log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n).float()
     if not guide_latent:
         raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
     with torch.no_grad():
@@ -154,12 +152,6 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
     if torch.isnan(out.log_prior).any() or torch.isnan(out.log_likelihood).any() or torch.isnan(log_q).any():
         raise FloatingPointError("NaN in the objective's terms: the LM, the guide or a reward produced NaN")
     return out
-
-
-def _fix(guide, values):
-    from ppl_lm.inference._runtime import _fix_latent
-
-    return _fix_latent(guide, values)
 
 
 def summarise(terms: ParticleTerms) -> dict[str, float]:
