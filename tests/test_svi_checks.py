@@ -213,3 +213,15 @@ def test_cli_checkpoint_dir_and_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(base[:-2] + ["--resume"])
     assert e.value.code == 2 and "--checkpoint-dir" in capsys.readouterr().err
+
+
+def test_info_is_typed_and_reads_as_before():
+    lm = LMS["markov"]()
+    model, args = soft_reward(lm)
+    post = ppl_lm.infer(model, *args, method="svi", num_steps=25, num_particles=8, num_samples=20,
+                        crosscheck_samples=0, progress=False, seed=0)
+    info = post.info
+    assert isinstance(info, svi.SVIInfo) and info["trace"] is info.trace
+    assert isinstance(info.elbo, float) and info.elbo == pytest.approx(float(info.trace["elbo"][-20:].mean()))
+    assert len(info.kl_trace.kl_reverse) == 25 and info.crosscheck is None
+    assert info.correction["num_samples"] == 20

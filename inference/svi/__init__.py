@@ -250,8 +250,8 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     # rose in a sound run on the two-mode toy), so forward runs are judged by the KL bound and
     # the cross-check against prior draws instead.
     if objective != "forward":
-        elbo = trace.get("elbo", np.zeros(0))
-        found += checks.divergence(elbo[num_steps // 2:] if objective in SCHEDULES else elbo)
+        elbo_trace = trace.get("elbo", np.zeros(0))
+        found += checks.divergence(elbo_trace[num_steps // 2:] if objective in SCHEDULES else elbo_trace)
     found += checks.kl_beyond_posterior(trace.get("kl_prior", np.zeros(0)), _reward_range(res.rewards))
 
     # A seed distinct from training's, so the correction's draws are independent of the random
