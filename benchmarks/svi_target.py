@@ -63,7 +63,7 @@ class Yardstick:
         self.r = ref.stats["reward:sentiment"].double()
         self.log_prior = lm.score(prompt, self.x).double()
         self.log_z = float(ref.log_evidence)
-        self.log_z_se = float(ref.info["log_evidence_se"])
+        self.log_z_se = float(ref.log_evidence_se)
         w = torch.softmax(self.r / beta, 0)
         self.kl_at_prior = (self.log_z - float(self.r.mean()) / beta,
                             math.hypot(self.log_z_se, float(self.r.std()) / math.sqrt(len(self.r)) / beta))
