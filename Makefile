@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ppl-lm-installed
 
-.PHONY: install demo test test-fast bench-deps clean
+.PHONY: install demo lint test test-fast bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m ppl_lm.demo
 
-test: $(STAMP)
+# ruff (config in pyproject.toml), then pytest: tests/ plus the doctests of ppl_lm/ and inference/
+lint: $(STAMP)
+	$(BIN)/ruff check ppl_lm inference models tests benchmarks conftest.py
+
+test: lint
 	HF_HUB_OFFLINE=1 PPL_LM_SMOKE=1 $(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: lint
 	HF_HUB_OFFLINE=1 PPL_LM_SMOKE=1 $(BIN)/python -m pytest -q -m "not integration"
 
 bench-deps: $(STAMP)

@@ -75,7 +75,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     ...     x = pyro.sample("x", lm.sequence([], max_new_tokens=2))
     ...     ppl_lm.constraint("starts_b", x[..., 0] == 1)
     >>> post = ppl_lm.infer(model, method="importance", num_samples=4000, progress=False)
-    >>> abs(post.log_evidence - (-1.0986)) < 0.05
+    >>> abs(post.log_evidence - (-1.0986)) < 0.1  # log(1/3); 0.1 is 4.5 standard errors at N=4000
     True
     """
     if not isinstance(num_samples, int) or num_samples < 1:

@@ -176,6 +176,46 @@ class Posterior:
             out[tuple(row)] += wi
         return dict(out)
 
+    def marginal(self, name: str) -> dict:
+        """The weighted distribution of a discrete latent site: ``{value: (probability, se)}``.
+
+        The standard error is the self-normalised importance-sampling one,
+        sqrt(Σ_i W_i² (1[v_i = k] − p_k)²), for weighted samples; for MCMC it is
+        sqrt(p_k (1 − p_k) / ESS) with the run's bulk ESS; 0 for the exact backend.
+
+        >>> import torch, pyro, ppl_lm
+        >>> import pyro.distributions as dist
+        >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
+        >>> def model():
+        ...     w = pyro.sample("w", dist.Bernoulli(torch.tensor(0.5)))
+        ...     x = pyro.sample("x", lm.sequence([], max_new_tokens=1))
+        ...     ppl_lm.constraint("match", (x[..., 0] == 1) == w.bool())
+        >>> {k: round(p, 3) for k, (p, se) in ppl_lm.infer(model, method="exact").marginal("w").items()}
+        {0.0: 0.667, 1.0: 0.333}
+        """
+        if name not in self.values:
+            raise KeyError(f"no latent site {name!r} in this posterior; sites: {', '.join(self.values)}")
+        v = self.values[name]
+        if v.dim() != 1 and not (v.dim() == 2 and v.shape[1] == 1):
+            raise ValueError(f"site {name!r} is not a scalar site (values of shape {tuple(v.shape)}); marginal() "
+                             "is for discrete scalar latents")
+        v = v.reshape(-1)
+        if v.dtype.is_floating_point and not bool((v == v.round()).all()):
+            raise ValueError(f"site {name!r} holds non-integer values: marginal() is for discrete latents")
+        W = self.weights
+        out = {}
+        for k in torch.unique(v).tolist():
+            hit = (v == k).double()
+            p = float((W * hit).sum())
+            if self.method == "exact":
+                se = 0.0
+            elif self.is_mcmc:
+                se = math.sqrt(max(p * (1 - p), 0.0) / max(self.ess, 1.0))
+            else:
+                se = math.sqrt(float((W**2 * (hit - p) ** 2).sum()))
+            out[k.item() if hasattr(k, "item") else k] = (p, se)
+        return dict(sorted(out.items()))
+
     def expectation(self, values: torch.Tensor) -> float:
         """Weighted mean of a per-sample quantity."""
         return float((self.weights * values.double()).sum())

@@ -184,7 +184,7 @@ def test_compare_goes_on_when_one_method_fails(tmp_path, capsys):
     # exact cannot enumerate a 96-token vocabulary: it fails with a clear error, importance still runs.
     err = fails(["compare", path, "--methods", "exact,importance", "--lm", "tiny", "--num-samples", "8",
                  "--quiet", "--report", str(out)], capsys)
-    assert "exact failed: ValueError: the support has" in err and "exact failed (see above)" in err
+    assert "exact failed: ValueError: the joint support has" in err and "exact failed (see above)" in err
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["importance"]
 

@@ -1,4 +1,4 @@
-"""Conformance of every LanguageModel: normalisation, sampling law, sample/score agreement."""
+"""Every LanguageModel runs the conformance mixin (tests/lm_conformance.py); LM-specific checks after."""
 
 from __future__ import annotations
 
@@ -9,108 +9,172 @@ import torch
 from scipy.stats import chisquare
 
 import ppl_lm
-from ppl_lm.inference.exact import enumerate_sequences
+from lm_conformance import LMConformance
+from ppl_lm.lm import LMState, LoraLM, PositionalMarkovLM
+from ppl_lm.lm.lora import full_transformer
+from ppl_lm.tokens import as_prompt_tensor
 
-LMS = {
-    "markov": lambda: ppl_lm.MarkovLM.random(4, eos_id=0, seed=0, scale=1.5),
-    "transformer": lambda: ppl_lm.tiny_transformer(4, eos_id=0, seed=0, scale=0.15),
-    "transformer_static": lambda: ppl_lm.tiny_transformer(4, eos_id=0, seed=0, scale=0.15).with_kv_cache("static"),
-    "char_transformer": lambda: ppl_lm.tiny_char_transformer(seed=0),
+# Dynamo traces the compiled decode step as one graph; the eager backend skips Inductor's codegen
+# (CPU-cheap). tests/test_lm_static.py compares the static paths with the dynamic cache.
+EAGER_GRAPH = {"backend": "eager", "fullgraph": True}
+
+
+def _perturb(module: torch.nn.Module, seed: int, scale: float) -> None:
+    """Move a guide's weights off the prior's, so the guide is a different LM."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _tiny(**kw):
+    return ppl_lm.tiny_transformer(4, eos_id=0, seed=0, scale=0.15, **kw)
+
+
+class TransformerPrompts:
+    prompts = ([], [3, 1, 2])
+    rows = ([1, 2, 3], [3, 3, 1], [2, 1, 1], [1, 1, 2])
+    text = "cab"
+
+
+class TestMarkovLM(LMConformance):
+    prompts = ([], [2, 1])
+    rows = ([1, 2], [3, 3], [2, 1], [1, 1])
+    text = "bca"
+
+    def make_lm(self):
+        return ppl_lm.MarkovLM.random(4, eos_id=0, seed=0, scale=1.5)
+
+
+class TestTinyTransformer(TransformerPrompts, LMConformance):
+    def make_lm(self):
+        return _tiny()
+
+
+class TestTinyTransformerStaticCache(TransformerPrompts, LMConformance):
+    def make_lm(self):
+        return _tiny().with_kv_cache("static")
+
+
+class TestTinyTransformerCompiled(TransformerPrompts, LMConformance):
+    def make_lm(self):
+        return _tiny().with_kv_cache("compiled", EAGER_GRAPH)
+
+
+class TestTinyCharTransformer(LMConformance):
+    prompts = ("Hi", "")
+    rows = ("ab", "Hi", "\n\n", "zz")
+    text = "Hello, world!\n"
+    num_samples = 256  # EOS has probability ~1% a step: ~18 samples end early (the padding checks need some)
+    max_new_tokens = 8
+    enum_tokens = 2  # 9,121 sequences
+
+    def make_lm(self):
+        return ppl_lm.tiny_char_transformer(seed=0)
+
+
+class TestPositionalMarkovLM(LMConformance):
+    prompts = ([], [2, 1])
+    rows = ([1, 2], [3, 3], [2, 1], [1, 1])
+    text = "bca"
+    max_new_tokens = 5
+
+    def make_lm(self):
+        lm = PositionalMarkovLM(ppl_lm.MarkovLM.random(4, eos_id=0, seed=0, scale=1.5), max_new_tokens=6)
+        _perturb(lm.module, seed=1, scale=1.0)
+        return lm
+
+
+class TestLoraLM(TransformerPrompts, LMConformance):
+    def make_lm(self):
+        lm = LoraLM(_tiny(), r=4, target_modules=["q_proj", "v_proj", "o_proj"])
+        _perturb(lm.module, seed=1, scale=0.5)
+        return lm
+
+    def test_differs_from_the_prior_which_stays_intact(self, lm):
+        tokens, _ = lm.sample([3, 1, 2], 16, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            guide, prior, fresh = (m.score([3, 1, 2], tokens) for m in (lm, lm.base, _tiny()))
+        assert (guide - prior).abs().max() > 0.1  # the adapter changes the LM...
+        torch.testing.assert_close(prior, fresh, atol=1e-6, rtol=0)  # ...and only inside its calls
+
+
+class TestFullTransformerCopy(TransformerPrompts, LMConformance):
+    def make_lm(self):
+        lm = full_transformer(_tiny())
+        _perturb(lm.module, seed=1, scale=0.05)
+        return lm
+
+    def test_differs_from_the_prior(self, lm):
+        tokens, _ = lm.sample([3, 1, 2], 16, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (lm.score([3, 1, 2], tokens) - _tiny().score([3, 1, 2], tokens)).abs().max() > 0.1
+
+
+# -- the mixin fails on planted bugs ---------------------------------------------------------------
+def _reorder_logprobs_only(self, state, index):
+    return LMState(state.logprobs[index.to(state.logprobs.device)], state.data, state.length)
+
+
+def _eos_not_scored(tokens, eos_id):
+    return torch.cumsum((tokens == eos_id).long(), -1) > 0  # masks the first EOS too
+
+
+def _plant_prompt_off_by_one(monkeypatch):
+    one_pass = ppl_lm.TransformersLM.token_logprobs
+    monkeypatch.setattr(ppl_lm.TransformersLM, "token_logprobs",
+                        lambda self, prompt, tokens: one_pass(self, as_prompt_tensor(prompt, self)[..., :-1], tokens))
+
+
+def _plant_sampler(monkeypatch, change):
+    sampler = ppl_lm.lm.base.categorical
+    monkeypatch.setattr(ppl_lm.lm.base, "categorical", lambda logp, generator: change(sampler, logp, generator))
+
+
+def _plant_first_row_prompt(monkeypatch):
+    start = ppl_lm.MarkovLM.start
+
+    def first_row(self, prompt, batch_size):
+        prompt = torch.as_tensor(prompt, dtype=torch.long)
+        return start(self, prompt[0] if prompt.dim() == 2 else prompt, batch_size)
+
+    monkeypatch.setattr(ppl_lm.MarkovLM, "start", first_row)
+
+
+PLANTED = {
+    # bug: (a conformance class, the check that must fail, how to plant it)
+    "reorder forgets the KV cache (dynamic)": (
+        TestTinyTransformer, "test_reorder_follows_rows",
+        lambda mp: mp.setattr(ppl_lm.TransformersLM, "reorder", _reorder_logprobs_only)),
+    "reorder forgets the KV cache (static)": (
+        TestTinyTransformerStaticCache, "test_reorder_follows_rows",
+        lambda mp: mp.setattr(ppl_lm.TransformersLM, "reorder", _reorder_logprobs_only)),
+    "one-pass scoring drops the first EOS": (
+        TestTinyTransformer, "test_sample_logprobs_equal_fresh_scoring",
+        lambda mp: mp.setattr(ppl_lm.lm.hf, "after_eos_mask", _eos_not_scored)),
+    "EOS not scored breaks normalisation": (
+        TestTinyTransformer, "test_sequences_sum_to_one",
+        lambda mp: mp.setattr(ppl_lm.lm.hf, "after_eos_mask", _eos_not_scored)),
+    "one-pass scoring reads the prompt one token short": (
+        TestTinyTransformer, "test_incremental_state_equals_one_pass_scoring", _plant_prompt_off_by_one),
+    "sampler at temperature 2/3, reporting the model's log-probs": (
+        TestMarkovLM, "test_sampled_frequencies_match_the_law",
+        lambda mp: _plant_sampler(mp, lambda f, logp, g: f(torch.log_softmax(1.5 * logp, -1), g))),
+    "sampler ignores the generator": (
+        TestMarkovLM, "test_generator_seed_fixes_the_samples",
+        lambda mp: _plant_sampler(mp, lambda f, logp, g: f(logp, None))),
+    "per-row prompts read as the first row's": (
+        TestMarkovLM, "test_shared_and_per_row_prompts_agree", _plant_first_row_prompt),
 }
-PROMPTS = {"markov": [[], [2, 1]], "transformer": [[], [3, 1, 2]], "transformer_static": [[], [3, 1, 2]],
-           "char_transformer": ["Hi", ""]}
 
 
-@pytest.fixture(params=list(LMS))
-def lm_case(request):
-    return request.param, LMS[request.param]()
-
-
-def _prompts(name, lm):
-    return PROMPTS[name]
-
-
-def test_normalises_to_one_over_the_support(lm_case):
-    name, lm = lm_case
-    if lm.vocab_size > 10:
-        pytest.skip("support too large to enumerate")
-    for prompt in _prompts(name, lm):
-        seqs = enumerate_sequences(lm.vocab_size, lm.eos_id, 4)
-        total = lm.score(prompt, seqs).double().exp().sum().item()
-        assert total == pytest.approx(1.0, abs=1e-5)
-
-
-def test_sample_logprobs_equal_fresh_scoring(lm_case):
-    name, lm = lm_case
-    for prompt in _prompts(name, lm):
-        g = torch.Generator().manual_seed(1)
-        tokens, lps = lm.sample(prompt, 64, 6, generator=g)
-        assert tokens.dtype == torch.int64 and tokens.shape == (64, 6)
-        scored = lm.token_logprobs(prompt, tokens)
-        assert torch.allclose(lps, scored, atol=1e-4), (lps - scored).abs().max()
-        # canonical padding: after the first EOS, only EOS, with log-prob 0
-        after = ppl_lm.tokens.after_eos_mask(tokens, lm.eos_id)
-        assert (tokens[after] == lm.eos_id).all() and (lps[after] == 0).all()
-
-
-def test_incremental_score_equals_single_pass(lm_case):
-    name, lm = lm_case
-    prompt = _prompts(name, lm)[-1]
-    tokens, _ = lm.sample(prompt, 16, 5, generator=torch.Generator().manual_seed(2))
-    generic = ppl_lm.LanguageModel.token_logprobs(lm, prompt, tokens)
-    assert torch.allclose(generic, lm.token_logprobs(prompt, tokens), atol=1e-4)
-
-
-def test_batch_equals_unbatched(lm_case):
-    name, lm = lm_case
-    prompt = _prompts(name, lm)[-1]
-    tokens, _ = lm.sample(prompt, 8, 5, generator=torch.Generator().manual_seed(3))
-    batched = lm.score(prompt, tokens)
-    single = torch.stack([lm.score(prompt, tokens[i : i + 1])[0] for i in range(8)])
-    assert torch.allclose(batched, single, atol=1e-4)
-
-
-def test_same_seed_same_samples(lm_case):
-    name, lm = lm_case
-    a = lm.sample(_prompts(name, lm)[0], 32, 5, generator=torch.Generator().manual_seed(7))[0]
-    b = lm.sample(_prompts(name, lm)[0], 32, 5, generator=torch.Generator().manual_seed(7))[0]
-    assert torch.equal(a, b)
-
-
-def test_reorder_follows_rows(lm_case):
-    name, lm = lm_case
-    prompt = _prompts(name, lm)[-1]
-    tokens, _ = lm.sample(prompt, 4, 3, generator=torch.Generator().manual_seed(4))
-    state = lm.start(ppl_lm.tokens.as_prompt_tensor(prompt, lm), 4)
-    state = lm.extend(state, tokens[:, 0])
-    idx = torch.tensor([2, 2, 0, 1])
-    state = lm.reorder(state, idx)
-    state = lm.extend(state, tokens[idx, 1])
-    fresh = lm.start(ppl_lm.tokens.as_prompt_tensor(prompt, lm), 4)
-    fresh = lm.extend(lm.extend(fresh, tokens[idx, 0]), tokens[idx, 1])
-    assert torch.allclose(state.logprobs, fresh.logprobs, atol=1e-4)
-
-
-@pytest.mark.parametrize("name", ["markov", "transformer"])
-def test_sampled_frequencies_match_exact_probabilities(name):
-    """Chi-square goodness of fit of 20k samples against the enumerated law (fixed seed)."""
-    lm = LMS[name]()
-    T = 3
-    seqs = enumerate_sequences(lm.vocab_size, lm.eos_id, T)
-    probs = lm.score([], seqs).double().exp()
-    tokens, _ = lm.sample([], 20_000, T, generator=torch.Generator().manual_seed(0))
-    index = {tuple(r): i for i, r in enumerate(seqs.tolist())}
-    counts = torch.zeros(len(seqs), dtype=torch.float64)
-    for row in tokens.tolist():
-        counts[index[tuple(row)]] += 1
-    expected = probs / probs.sum() * 20_000  # renormalise away float rounding
-    keep = expected >= 5  # the chi-square approximation needs expected counts >= 5
-    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    pvalue = chisquare(obs.numpy(), exp.numpy()).pvalue
-    assert pvalue > 1e-3, pvalue
+@pytest.mark.parametrize("bug", list(PLANTED))
+def test_planted_bug_fails_the_conformance_mixin(bug, monkeypatch):
+    case, check, plant = PLANTED[bug]
+    plant(monkeypatch)
+    lm = case().make_lm()
+    with pytest.raises(AssertionError):
+        getattr(case(), check)(lm)
 
 
 def test_markov_lm_prompt_uses_last_token():

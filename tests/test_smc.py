@@ -69,10 +69,13 @@ def test_resampling_schemes_are_unbiased(soft, scheme):
     assert abs(post.log_evidence - exact.log_evidence) <= 4 * post.log_evidence_se
 
 
-def test_genealogy_standard_error_matches_replicate_spread(soft):
-    """Lee–Whiteley (Eve) variance estimate vs the spread of 2000 independent runs, multinomial."""
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_genealogy_standard_error_matches_replicate_spread(soft, seed):
+    """Lee–Whiteley (Eve) variance estimate vs the spread of 2000 independent runs, multinomial.
+    Over seeds 1-6 the ratio was 0.96-1.005; both sides have ~3-5% sampling error, so the band
+    is several standard errors wide at any seed."""
     _, model, args, _ = soft
-    post = _run(model, *args, num_particles=20, num_replicates=2000, resampling="multinomial", seed=1)
+    post = _run(model, *args, num_particles=20, num_replicates=2000, resampling="multinomial", seed=seed)
     ratio = post.info.log_evidence_se_genealogy / post.log_evidence_se
     assert 0.85 < ratio < 1.15, ratio
 
@@ -239,13 +242,9 @@ def test_bad_options_models_and_guides(soft):
             _run(model, *args, **bad)
     with pytest.raises(TypeError, match=r"\.lm"):
         _run(model, *args, guide=lambda *a: None)
-
-    def two_sites():
-        pyro.sample("a", lm.sequence([], max_new_tokens=2))
-        pyro.sample("b", lm.sequence([], max_new_tokens=2))
-
-    with pytest.raises(ValueError, match="exactly one latent site"):
-        _run(two_sites)
+    # Several sequence sites are supported (tests/test_composition.py); none is a clear error.
+    with pytest.raises(ValueError, match="no latent sequence site"):
+        _run(lambda: pyro.sample("w", pyro.distributions.Bernoulli(0.5)))
 
 
 def test_resample_indices():

@@ -31,13 +31,8 @@ from pyro import poutine
 from torch import nn
 
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.lm import (
-    LanguageModel,
-    LoraLM,
-    MarkovLM,
-    PositionalMarkovLM,
-    TransformersLM,
-)
+from ppl_lm.inference._runtime import first_latent_site, sequence_base
+from ppl_lm.lm import LanguageModel, LoraLM, MarkovLM, PositionalMarkovLM, TransformersLM
 from ppl_lm.lm.lora import full_transformer
 
 __all__ = ["GUIDE_KINDS", "SequenceGuide", "make_guide", "model_site"]
@@ -48,57 +43,26 @@ _names = itertools.count()
 
 
 # -- finding the model's sequence site ---------------------------------------------------------
-class _Found(Exception):
-    def __init__(self, name, fn):
-        super().__init__(name)
-        self.name, self.fn = name, fn
-
-
-class _SiteCapture(poutine.messenger.Messenger):
-    """Stops the model at its sequence site and reports the site's distribution."""
-
-    def __init__(self, site: str | None):
-        super().__init__()
-        self.site = site
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"]:
-            return
-        base = _base(msg["fn"])
-        if (self.site is None and base is not None) or msg["name"] == self.site:
-            if base is None:
-                raise TypeError(f"site {msg['name']!r} is not an lm.sequence(...) site; a sequence guide cannot sample it")
-            raise _Found(msg["name"], base)
-        raise ValueError(
-            f"the model samples the latent site {msg['name']!r} before its sequence site; a sequence "
-            "guide covers one lm.sequence(...) site only. Condition the other sites (poutine.condition) "
-            "or pass them as arguments"
-        )
-
-
-def _base(fn):
-    while not isinstance(fn, SequenceDistribution) and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn if isinstance(fn, SequenceDistribution) else None
-
-
 def model_site(model: Callable, args: tuple = (), kwargs: dict | None = None,
                site: str | None = None) -> tuple[str, SequenceDistribution]:
     """The name and distribution of ``model``'s sequence site for these arguments.
 
-    Runs the model only up to that site (nothing is sampled, no LM call is made), hidden from
-    any enclosing Pyro handler.
+    Runs the model only up to that site (``poutine.escape``: nothing is sampled, no LM call is
+    made), hidden from any enclosing Pyro handler.
     """
-    kwargs = kwargs or {}
-    with poutine.block():
-        try:
-            with _SiteCapture(site):
-                model(*args, **kwargs)
-        except _Found as found:
-            return found.name, found.fn
-    what = "a latent lm.sequence(...) site" if site is None else f"the latent site {site!r}"
-    raise ValueError(f"the model has no {what}")
-
+    msg = first_latent_site(model, args, kwargs or {}, site)
+    if msg is None:
+        what = "a latent lm.sequence(...) site" if site is None else f"the latent site {site!r}"
+        raise ValueError(f"the model has no {what}")
+    base = sequence_base(msg["fn"])
+    if base is None:
+        if site is not None:
+            raise TypeError(f"site {msg['name']!r} is not an lm.sequence(...) site; a sequence guide cannot sample it")
+        raise ValueError(
+            f"the model samples the latent site {msg['name']!r} before its sequence site; a sequence "
+            "guide covers one lm.sequence(...) site only. Condition the other sites (poutine.condition) "
+            "or pass them as arguments")
+    return msg["name"], base
 
 
 # -- the guide ---------------------------------------------------------------------------------
