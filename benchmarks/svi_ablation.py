@@ -65,8 +65,7 @@ def variants(base_steps, base_n):
         def coefficients(self, a):
             return torch.softmax(a, -1)
 
-    rev = lambda n: RLOO_ELBO(n)
-    fwd = lambda n: ForwardKL(n)
+    rev, fwd = RLOO_ELBO, ForwardKL  # each called with the draws per step
     out = {}
     for name, mk in (("reverse", rev), ("forward", fwd)):
         out[f"{name}: base"] = dict(loss=mk)
@@ -113,8 +112,9 @@ def main(argv=None):
             for rep in range(args.repeats):
                 g = make_guide(model, *margs)
                 first, then = v["loss"](n), (v["then"](n) if "then" in v else None)
-                loss = (lambda s, first=first, then=then, steps=steps:
-                        first if then is None or s < steps // 2 else then)
+                def loss(s, first=first, then=then, steps=steps):
+                    return first if then is None or s < steps // 2 else then
+
                 opt = dict(lr=lr, lr_decay=v.get("lr_decay", 0.1), clip_norm=v.get("clip_norm", 1.0))
                 if "elementwise" in v:
                     opt["elementwise_clip"] = v["elementwise"]

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.inference.svi import elbo as elbo_mod
 from ppl_lm.inference.svi.elbo import ForwardKL, RLOO_ELBO, particle_terms
 from ppl_lm.inference.svi.kl import kl_estimates
 from ppl_lm.inference.svi.guides import make_guide

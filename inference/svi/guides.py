@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 
 import pyro
 import torch
-from pyro import poutine
 from torch import nn
 
 from ppl_lm.distribution import SequenceDistribution
