@@ -25,6 +25,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.runtime import NonlocalExit
 
+from ppl_lm.conditions.factors import trial_run
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
@@ -175,7 +176,12 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, *, placeholder: boo
         placeholder: give latent sequence sites an all-EOS value instead of sampling them (no
             LM call), for backends that need only the sites' names and distributions.
     """
-    tr = trace_model(_EosSequences()(model) if placeholder else model, args, kwargs, 1)
+    # On placeholders, rewards defer their finiteness checks to the real batch (trial_run). The
+    # placeholder handler sits outside the particle plate, so it sees the plate's batch shape and
+    # x is [1, T] as in every other run (inside the plate it would be [T]).
+    ctx = (_EosSequences(), trial_run()) if placeholder else (contextlib.nullcontext(),) * 2
+    with ctx[0], ctx[1]:
+        tr = trace_model(model, args, kwargs, 1)
     out = {}
     for name, site in tr.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.diagnostics.estimators import mcmc_diagnostics
@@ -136,8 +137,10 @@ class EditKernel(MCMCKernel):
     """
 
     def __init__(self, model, *, num_chains: int = 4, moves: Mapping[str, float] | None = None,
-                 thin: int = 1, initial_samples: torch.Tensor | None = None, init_budget: int | None = None):
+                 thin: int = 1, initial_samples: torch.Tensor | None = None, init_budget: int | None = None,
+                 progress: bool = False):
         self.model = model
+        self.progress = progress
         self.num_chains = num_chains
         self.move_probs = _check_moves(moves)
         self.thin = thin
@@ -303,13 +306,20 @@ class EditKernel(MCMCKernel):
             return x0, {}
         found, found_vals, draws = [], [], 0
         batch = max(64, 4 * C)
-        while sum(len(f) for f in found) < C and draws < self.init_budget:
-            with torch.no_grad():
-                sc = run_model(self.model, self.args, self.kwargs, batch)
-            draws += batch
-            ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
-            found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
-            found_vals.append({k: sc.values[k][ok].cpu() for k in self.others})
+        # Prior draws until every chain has an admissible start: seconds on a real LM, so say so.
+        bar = tqdm(total=C, desc="mh: starting states", unit="chain", leave=False, disable=not self.progress)
+        try:
+            while sum(len(f) for f in found) < C and draws < self.init_budget:
+                bar.set_postfix(prior_draws=draws + batch)
+                with torch.no_grad():
+                    sc = run_model(self.model, self.args, self.kwargs, batch)
+                draws += batch
+                ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
+                found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
+                found_vals.append({k: sc.values[k][ok].cpu() for k in self.others})
+                bar.update(min(C, sum(len(f) for f in found)) - bar.n)
+        finally:
+            bar.close()
         pool = torch.cat(found) if found else torch.zeros(0, T, dtype=torch.long)
         pool_vals = {k: torch.cat([f[k] for f in found_vals]) for k in self.others}
         if len(pool) == 0:
@@ -546,7 +556,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     if init_budget is not None and (not isinstance(init_budget, int) or init_budget < 1):
         raise ValueError(f"init_budget must be a positive integer, got {init_budget!r}")
     kernel = EditKernel(model, num_chains=int(num_chains), moves=moves, thin=int(thin),
-                        initial_samples=initial_samples, init_budget=init_budget)
+                        initial_samples=initial_samples, init_budget=init_budget, progress=progress)
     with _random.seeded(seed):
         # num_chains=1 at the driver: the chains are a batch inside the kernel (Pyro's
         # multi-process chains would fork the process, and hang with the default context).

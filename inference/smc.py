@@ -398,9 +398,9 @@ class _Sweep:
         gen = _random.generator(self.device)
         self.state = self.lm.start(self.prompt, self.B)
         self.qstate = None if self.qlm is None else self.qlm.start(self.prompt, self.B)
-        bar = tqdm(range(self.T), desc="smc", unit="token", disable=not progress)
+        bar = tqdm(total=self.T, desc="smc", unit="token", disable=not progress)
         try:
-            for t in bar:
+            for t in range(self.T):
                 self.steps = t + 1
                 active = ~self.done
                 alive = torch.isfinite(self.log_w)
@@ -437,9 +437,11 @@ class _Sweep:
                         "proposes only allowed tokens), or use a trained guide (method='svi')"
                     )
                 self._resample(t)
+                bar.update(1)
                 if progress:
                     bar.set_postfix(ess=f"{self.ess_history[-1]:.1f}")
                 if bool(self.done.all()):
+                    bar.total = t + 1  # every particle has ended: the bar ends full, at the steps run
                     break
         finally:
             bar.close()

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -37,6 +40,9 @@ log = logging.getLogger("ppl_lm.cli")
 
 #: The backends ``compare`` runs when neither ``--methods`` nor the script's ``methods`` says.
 DEFAULT_COMPARE = ("importance", "smc", "mh", "svi")
+
+#: What a model script must define (models/README.md says so too).
+REQUIRED_SCRIPT_ATTRS = ("build", "context")
 
 #: Command-line flags that map to backend options (flag dest -> option name).
 OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size",
@@ -98,16 +104,19 @@ def load_script(model: str) -> ModuleType:
             raise _locate(exc, [path]) from exc
     else:
         known = models.names()
+        model = models.ALIASES.get(model, model)
         if model not in known:
+            near = difflib.get_close_matches(model, known + list(models.ALIASES), n=1)
             raise CLIError(
-                f"unknown model {model!r}. Available models: {', '.join(known)} "
-                "(`ppl-lm list` describes them), or give the path to a .py script")
+                f"unknown model {model!r}" + (f"; did you mean {near[0]!r}?" if near else ".")
+                + f" Available models: {', '.join(known)} (`ppl-lm list` describes them), or give the path "
+                "to a .py script")
         file = os.path.join(os.path.dirname(models.__file__), f"{model}.py")
         try:
             module = models.load(model)
         except Exception as exc:
             raise _locate(exc, [file]) from exc
-    for attr in ("build", "context"):
+    for attr in REQUIRED_SCRIPT_ATTRS:
         if not hasattr(module, attr):
             raise CLIError(
                 f"{_where(module)} does not define `{attr}`: a model script defines build(lm, **kw) -> model "
@@ -161,7 +170,7 @@ def load_language_model(spec: str, device: str | None):
     if spec == "tiny":
         lm = ppl_lm.tiny_char_transformer(seed=0)
         if device not in (None, "cpu"):
-            lm.model.to(device)
+            lm.model.to(ppl_lm.lm.hf.check_device(device))
         return lm
     kw = {} if device is None else {"device": device}
     if spec in ("smollm2", "default"):
@@ -245,12 +254,55 @@ def _check_resume(checkpoint_dir: str | None, resume: bool) -> None:
 def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[str]):
     import ppl_lm
 
+    from .diagnostics.warnings import PplLmWarning
+
     try:
-        return ppl_lm.infer(model, *ctx, method=method, seed=seed, **opts)
+        with warnings.catch_warnings():
+            # The CLI prints each typed warning itself, once, before the results (_print_warnings).
+            warnings.simplefilter("ignore", PplLmWarning)
+            return ppl_lm.infer(model, *ctx, method=method, seed=seed, **opts)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         raise _locate(exc, files) from exc
+
+
+def _check_build_kwargs(module: ModuleType, kwargs: dict[str, Any]) -> None:
+    """Every ``--set`` key is a parameter of the script's ``build`` (unless it takes ``**kw``)."""
+    try:
+        params = list(inspect.signature(module.build).parameters.values())[1:]  # after `lm`
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            raise CLIError(
+                f"--set {key}: {_where(module)}'s build() has no option {key!r}"
+                + (f"; did you mean {near[0]!r}?" if near else ".")
+                + (f" Valid keys: {', '.join(valid)}" if valid else " It takes no options"))
+
+
+def _check_device(device: str | None) -> None:
+    from .lm.hf import check_device
+
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as err:
+            raise CLIError(f"--device {device}: {err}") from None
+
+
+def _check_report_dir(path: str | None) -> None:
+    from .reporting import check_out_dir
+
+    if path is not None:
+        try:
+            check_out_dir(path)
+        except ValueError as err:
+            raise CLIError(f"--report {path}: {err}") from None
 
 
 def _prepare(args, module: ModuleType | None = None):
@@ -258,6 +310,10 @@ def _prepare(args, module: ModuleType | None = None):
     files = [getattr(module, "__file__", "")]
     toy = args.lm == "tiny"
     kwargs = _build_kwargs(args.set)
+    # Cheap checks first: a typo costs nothing, not an LM load and a run.
+    _check_build_kwargs(module, kwargs)
+    _check_device(args.device)
+    _check_report_dir(args.report)
     lm = load_language_model(args.lm, args.device)
     try:
         model = module.build(lm, **kwargs)
@@ -273,6 +329,20 @@ def _short(text: str, n: int = 100) -> str:
     return repr(text if len(text) <= n else text[:n] + "…")
 
 
+def _error_text(err: BaseException) -> str:
+    """``Type: message``, without the trace-shape table Pyro appends to errors raised in a model."""
+    return f"{type(err).__name__}: {str(err).split(chr(10) + 'Trace Shapes:')[0]}"
+
+
+def _print_warnings(items, out=None) -> None:
+    """Typed warnings, ``(backend, InferenceWarning)`` pairs, as a block that comes first."""
+    out = out or sys.stdout
+    for backend, w in items:
+        print(f"WARNING [{w.code}] {backend}: {w.message}\n    what to do: {w.fix}", file=out)
+    if items:
+        print(file=out)
+
+
 def _print_run(name: str, post, top_k: int, out=None) -> None:
     from . import diagnostics as D
 
@@ -284,6 +354,8 @@ def _print_run(name: str, post, top_k: int, out=None) -> None:
     parts = [f"method {post.method}", f"samples {s['num_samples']}"
              + (f" ({s['num_chains']} chains)" if s["num_chains"] > 1 else ""),
              f"log Z {lz}", f"ESS {s['ess']:.1f}"]
+    if s["n_eff_genealogy"] is not None and math.isfinite(s["n_eff_genealogy"]):
+        parts.append(f"SMC genealogy n_eff {s['n_eff_genealogy']:.1f}")
     if s["khat"] is not None:
         parts.append(f"k-hat {s['khat']:.2f}")
     if s["rhat"] is not None:
@@ -296,9 +368,14 @@ def _print_run(name: str, post, top_k: int, out=None) -> None:
     if s["means"]:
         print("  " + ", ".join(f"E[{k}] = {v:.4g}" for k, v in s["means"].items()), file=out)
     if top_k > 0:
+        from .reporting.render import admissible_top, rejected_note
+
+        top, rejected = admissible_top(post, top_k)
         print("  top samples (weight, count, text):", file=out)
-        for t in D.top_samples(post, top_k):
+        for t in top:
             print(f"    {t['weight']:.4f}  ×{t['count']:<4d} {_short(t['text'])}", file=out)
+        if rejected:
+            print(f"    ({rejected_note(rejected, len(post))})", file=out)
 
 
 def _describe(module: ModuleType, ctx: tuple, lm_spec: str) -> str:
@@ -313,6 +390,7 @@ def cmd_run(args) -> int:
     opts = _options(method, module, args, strict=True)
     log.info("running %s on %s with %s", method, args.model, opts)
     post = _infer(model, ctx, method, args.seed, opts, files)
+    _print_warnings([(method, w) for w in post.warnings])
     _print_run(args.model, post, args.top)
     if args.report:
         from .reporting import report
@@ -325,7 +403,7 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     module = load_script(args.model)
-    if args.methods:
+    if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
         defaults = getattr(module, "methods", None)
@@ -335,7 +413,7 @@ def cmd_compare(args) -> int:
     for m in methods:
         _check_method(m)
     module, files, model, ctx = _prepare(args, module)
-    posts, exact, failed = {}, None, []
+    posts, exact, failed = {}, None, {}
     for m in methods:
         opts = _options(m, module, args, strict=False)
         if not args.quiet:
@@ -348,21 +426,28 @@ def cmd_compare(args) -> int:
             if args.traceback:
                 raise
             # One backend that cannot run this model (exact on a real LM, say) spoils no other.
-            print(f"ppl-lm: {m} failed: {type(err).__name__}: {err}", file=sys.stderr)
-            failed.append(m)
+            print(f"ppl-lm: {m} failed: {_error_text(err)}", file=sys.stderr)
+            failed[m] = _error_text(err)
             continue
         if m == "exact":
             exact = post
         else:
             posts[m] = post
-        _print_run(m, post, args.top)
-    if args.report and (posts or exact is not None):
+    from .reporting.render import report_warnings
+
+    shown = posts or ({"exact": exact} if exact is not None else {})
+    reference = exact if posts else None
+    # What went wrong comes first: the backends' disagreement, the failures, each run's warnings.
+    _print_warnings(report_warnings(shown, reference, failed))
+    for m in methods:
+        if m not in failed:
+            _print_run(m, exact if m == "exact" else posts[m], args.top)
+    if args.report and shown:
         from .reporting import report
 
-        shown = posts or {"exact": exact}
-        done = [m for m in methods if m not in failed]
-        path = report(shown, args.report, title=f"{args.model}: " + ", ".join(done),
-                      exact=exact if posts else None, top_k=max(args.top, 10),
+        # The title names every method asked for: a failed one is listed among the warnings.
+        path = report(shown, args.report, title=f"{args.model}: " + ", ".join(methods),
+                      exact=reference, top_k=max(args.top, 10), failed=failed,
                       description=_describe(module, ctx, args.lm))
         print(f"report: {path}")
     if failed:

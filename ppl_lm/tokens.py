@@ -43,9 +43,14 @@ def as_prompt_tensor(prompt: Any, lm: "LanguageModel") -> torch.Tensor:
         return prompt.long()
     if prompt is None:
         return torch.zeros(0, dtype=torch.long)
-    ids = list(prompt)
+    bad = TypeError(f"a prompt must be text, a list of token ids or a LongTensor; got {prompt!r} "
+                    f"({type(prompt).__name__}). Write lm.sequence('text') or lm.sequence([ids...])")
+    try:
+        ids = list(prompt)
+    except TypeError:
+        raise bad from None
     if not all(isinstance(i, int) or (isinstance(i, torch.Tensor) and i.dim() == 0) for i in ids):
-        raise TypeError("a prompt must be a string, a list of token ids or a LongTensor")
+        raise bad
     return torch.tensor([int(i) for i in ids], dtype=torch.long)
 
 

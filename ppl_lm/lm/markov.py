@@ -69,8 +69,16 @@ class MarkovLM(LanguageModel):
             )
         if not (0 <= eos_id < V):
             raise ValueError(f"eos_id={eos_id} is outside the vocabulary of size {V}")
+        for what, logits in (("init_logits", init_logits), ("trans_logits", trans_logits)):
+            bad = (logits.isnan() | logits.isposinf()).nonzero()
+            if len(bad):
+                at = tuple(bad[0].tolist())
+                raise ValueError(
+                    f"MarkovLM: {what}[{', '.join(map(str, at))}] is {logits[at].item()} ({len(bad)} NaN or +inf "
+                    f"entries in {what}); logits must be real numbers, or -inf for a token of probability 0")
         if not (torch.isfinite(init_logits).any() and torch.isfinite(trans_logits).any(-1).all()):
-            raise ValueError("every row of logits needs at least one finite entry")
+            raise ValueError("MarkovLM: every row of logits needs at least one finite entry (a row of -inf is "
+                             "not a distribution)")
         self.init_logits = init_logits
         self.trans_logits = trans_logits
         self.vocab_size = V

@@ -30,10 +30,13 @@ import numpy as np
 
 from ..posterior import Posterior
 from .figures import FIGURES, _figure_specs, _png
-from .render import CSS, _html_samples, _html_table, _md_samples, _md_table, _settings, _table, summary_rows
+from .render import (
+    CSS, _html_samples, _html_table, _html_warnings, _md_samples, _md_table, _md_warnings, _settings, _table,
+    report_warnings, summary_rows,
+)
 
 
-__all__ = ["report", "summary_rows", "FIGURES"]
+__all__ = ["report", "summary_rows", "check_out_dir", "FIGURES"]
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +55,35 @@ def _check_inputs(posteriors, out_dir, exact) -> dict[str, Posterior]:
         raise TypeError(f"report(): exact must be a Posterior (method='exact'), got {type(exact).__name__}")
     if exact is not None and exact.log_evidence is None:
         raise ValueError("report(): the exact posterior has no log_evidence")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"report(): {out} exists and is not a folder")
+    try:
+        check_out_dir(out_dir)
+    except ValueError as err:
+        raise ValueError(f"report(): {err}") from None
     return {str(n): p for n, p in posteriors.items()}
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path if a report can be written there, else a ValueError saying why.
+
+    Cheap, so the CLI calls it before a run: a bad ``--report`` path costs nothing.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; give a new or existing folder for the report")
+    probe = out
+    while not probe.exists():  # the nearest folder that exists is where the report's folders get made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{probe} is not a folder, so {out} cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"no permission to write in {probe}; give a folder you can write to")
+    return out
 
 
 def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.PathLike, *,
            title: str | None = None, exact: Posterior | None = None, top_k: int = 10,
-           max_text_chars: int = 400, description: str | None = None) -> Path:
+           max_text_chars: int = 400, description: str | None = None,
+           failed: Mapping[str, str] | None = None) -> Path:
     """Write an HTML report comparing posteriors; returns the path of ``report.html``.
 
     Args:
@@ -72,6 +95,8 @@ def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.Pa
         top_k: how many distinct top-weighted samples to list per posterior.
         max_text_chars: longer sample texts are cut.
         description: a paragraph under the title (the model, its condition, the context).
+        failed: backends that were asked for but failed, name -> error text: listed first,
+            among the warnings, so a failed run never just disappears.
 
     The table's numbers come from :func:`ppl_lm.diagnostics.summary`; ``summary.json`` holds
     them unformatted.
@@ -82,7 +107,7 @@ def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        files = _build(posteriors, exact, tmp, title, top_k, max_text_chars, description)
+        files = _build(posteriors, exact, tmp, title, top_k, max_text_chars, description, failed or {})
         _publish(tmp, out, files)
     finally:
         if tmp.exists():
@@ -92,13 +117,14 @@ def report(posteriors: Mapping[str, Posterior] | Posterior, out_dir: str | os.Pa
 
 
 def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
-           description: str | None = None) -> list[str]:
+           description: str | None = None, failed: Mapping[str, str] | None = None) -> list[str]:
     """Write every file of the report into ``tmp``; returns their names, ``report.html`` last."""
     from .. import __version__
 
     rows = summary_rows(posteriors, exact)
     head, cells = _table(rows, exact is not None)
     settings = [[n, p.method, _settings(p)] for n, p in posteriors.items()]
+    warned = report_warnings(posteriors, exact, failed)
 
     figures = []  # (file, section, caption, base64)
     for fname, section, caption, draw in _figure_specs(posteriors, exact):
@@ -122,11 +148,14 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">ppl-lm {html.escape(__version__)} · {now}</p>',
         f'<p class="desc">{html.escape(description)}</p>' if description else "",
+        f"<h2>Warnings ({len(warned)})</h2>" if warned else "<h2>Warnings</h2>", _html_warnings(warned),
         "<h2>Summary</h2>", _html_table(head, cells),
-        '<p class="note">ESS in brackets: ESS / N. Means E[·] are posterior (weighted) means. k-hat: Pareto '
-        "shape of the importance weights (&lt; 0.5 good, &gt; 0.7 unreliable). R-hat: largest split R-hat "
-        "over the chains' summaries (&lt; 1.01 good).</p>",
-        "<h3>Run settings</h3>", _html_table(["backend", "method", "settings"], settings),
+        '<p class="note">ESS: Kish\'s effective sample size of the weights (weighted samples) or ArviZ\'s bulk '
+        "ESS (MCMC); in brackets ESS / N. SMC genealogy n_eff: how many independent draws SMC's particles are "
+        "worth given their shared ancestors. Means E[·] are posterior (weighted) means. k-hat: Pareto shape of "
+        "the importance weights (&lt; 0.5 good, &gt; 0.7 unreliable). R-hat: largest split R-hat over the "
+        "chains' summaries (&lt; 1.01 good). ⚠ marks a value past its threshold.</p>",
+        "<h3>Run settings</h3>", _html_table(["backend", "method", "settings"], settings, numbers=False),
     ]
     for sec, heading in (("distributions", "Reward distributions"), ("weights", "Weight diagnostics")):
         figs = [f for f in figures if f[1] == sec]
@@ -147,7 +176,8 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
     parts.append("</body></html>")
     (tmp / "report.html").write_text("\n".join(parts), encoding="utf-8")
 
-    md = [f"# {title}", ""] + ([description, ""] if description else []) + [_md_table(head, cells), "", "## Run settings", "",
+    md = [f"# {title}", ""] + ([description, ""] if description else []) + [
+          "## Warnings", "", _md_warnings(warned), "", "## Summary", "", _md_table(head, cells), "", "## Run settings", "",
           _md_table(["backend", "method", "settings"], settings), ""]
     for fname, _, caption, _ in figures:
         md += [f"![{caption}]({fname})", ""]
@@ -158,7 +188,9 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
 
     names = [f[0] for f in figures] + ["summary.md", "summary.json", "report.html"]
     (tmp / "summary.json").write_text(json.dumps(
-        _json_safe({"title": title, "rows": rows, "files": names}), indent=2, default=_json_default,
+        _json_safe({"title": title, "rows": rows, "files": names,
+                    "warnings": [{"backend": n, "code": w.code, "message": w.message, "fix": w.fix}
+                                 for n, w in warned]}), indent=2, default=_json_default,
         allow_nan=False), encoding="utf-8")
     return names
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from .. import diagnostics as D
 from ..diagnostics.inference_data import _arviz
-from ..posterior import Posterior
 from .render import _fmt
+from ..posterior import Posterior
 
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,32 @@ def _weighted_quantiles(v: np.ndarray, w: np.ndarray, q) -> np.ndarray:
     return v[order][idx]
 
 
+def _series(posteriors: Mapping[str, Posterior], exact: Posterior | None) -> dict[str, Posterior]:
+    return {"exact": exact, **posteriors} if exact is not None else dict(posteriors)
+
+
+def constant_quantities(posteriors: Mapping[str, Posterior], exact: Posterior | None = None) -> dict[str, float]:
+    """Quantities with one value in every sample of every posterior (no panel: the caption says it)."""
+    out = {}
+    for q in _quantities(posteriors):
+        vals = [_finite_weighted(p, q)[0] for p in _series(posteriors, exact).values() if q in p.stats]
+        uniq = np.unique(np.concatenate(vals)) if vals else np.array([])
+        if len(uniq) == 1:
+            out[q] = float(uniq[0])
+    return out
+
+
 def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = None):
-    """Weighted distributions of each reward, the length and the log prior, backends side by side."""
-    qs = _quantities(posteriors)
+    """Weighted distributions of each reward, the length and the log prior, backends side by side.
+
+    A quantity with one value everywhere gets no panel (:func:`constant_quantities`); integer
+    quantities (counts, lengths) are bars, real-valued ones (log prior, soft rewards) histograms.
+    """
+    constant = constant_quantities(posteriors, exact)
+    qs = [q for q in _quantities(posteriors) if q not in constant]
     if not qs:
         return None
-    series = dict(posteriors)
-    if exact is not None:
-        series = {"exact": exact, **series}
+    series = _series(posteriors, exact)
     colors = _colors(posteriors)
     colors["exact"] = EXACT_COLOR
     ncols = min(3, len(qs))
@@ -80,7 +98,10 @@ def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
             continue
         pooled = np.concatenate([v for v, _ in data.values()])
         uniq = np.unique(pooled)
-        if len(uniq) <= 10:
+        # Bars only for integer values: a real-valued quantity with few distinct values (few
+        # samples) is still continuous, and as categories its labels overlap and mislead.
+        integer = bool(np.all(uniq == np.round(uniq)))
+        if integer and len(uniq) <= 10:
             # Few distinct values: grouped bars, one per backend, so nothing hides behind anything.
             width = 0.8 / len(data)
             pos = np.arange(len(uniq))
@@ -91,7 +112,7 @@ def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
                     kw = dict(fill=False, edgecolor=EXACT_COLOR, hatch="///", label=n)
                 ax.bar(pos - 0.4 + width * (j + 0.5), probs, width, **kw)
             ax.set_xticks(pos, [f"{u:.4g}" for u in uniq])
-        elif len(uniq) <= 60:
+        elif integer and len(uniq) <= 60:
             # A probability mass function: markers on the exact law's bars.
             for n, (v, w) in data.items():
                 probs = np.array([w[v == u].sum() for u in uniq])
@@ -132,35 +153,55 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
     colors = _colors(posteriors)
     fig = _figure(11, 3.6)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[2, 1])
+    ax1.axhline(1.0, color="grey", ls=":", lw=1, zorder=1, label="uniform weights")
+    lo = hi = 1.0
     for n, p in weighted.items():
         w = np.sort(p.weights.detach().cpu().numpy())[::-1] * len(p)
         x = (np.arange(len(w)) + 1) / len(w)
         pos = w > 0
         k = D.psis_khat(p)
-        label = f"{n}: ESS/N {p.ess / len(p):.2f}" + ("" if k is None else f", k-hat {k:.2f}")
-        ax1.step(x[pos], w[pos], where="post", color=colors[n], lw=1.6, label=label)
-    ax1.axhline(1.0, color="grey", ls=":", lw=1, label="uniform weights")
+        label = f"{n}: ESS/N {p.ess / len(p):.2f}" + ("" if k is None else f", k-hat {_fmt(k, 2)}")
+        if np.ptp(w[pos]) <= 1e-6 * w[pos].max():
+            label += " (equal weights)"  # e.g. SMC after its final resampling: on the uniform line
+        if (~pos).any():
+            label += f"; {int((~pos).sum())} at weight 0"
+        # Markers where there are few samples, so a line lying on the uniform one stays visible.
+        ax1.step(x[pos], w[pos], where="post", color=colors[n], lw=1.8, zorder=3, label=label,
+                 marker="o" if pos.sum() <= 40 else None, ms=3)
+        lo, hi = min(lo, float(w[pos].min())), max(hi, float(w[pos].max()))
     ax1.set_yscale("log")
+    # At least a decade on each side of 1: with equal weights the axis would otherwise span one
+    # value, and matplotlib labels every tick of it "10 × 10⁻¹".
+    ax1.set_ylim(min(lo / 2, 0.1), max(hi * 2, 10))
+    ax1.set_xlim(0, 1.02)
     ax1.set_xlabel("rank / N (largest weight first)")
     ax1.set_ylabel("N · normalised weight")
     ax1.set_title("sorted importance weights")
     ax1.grid(alpha=0.3, which="both")
     ax1.legend(fontsize=8)
+
     names = list(weighted)
     ks = [D.psis_khat(weighted[n]) for n in names]
     ess = [weighted[n].ess / len(weighted[n]) for n in names]
     pos = np.arange(len(names))
-    # An infinite k-hat (too few distinct weights) is drawn at the top of the axis, labelled ∞.
-    shown = [np.nan if k is None else (float(np.clip(k, -1.0, 1.5)) if math.isinf(k) else k) for k in ks]
-    ax2.bar(pos - 0.2, shown, 0.4, color=[colors[n] for n in names])
+    finite = [k is not None and math.isfinite(k) for k in ks]
+    # Only a finite k-hat is a bar; an infinite one (too few distinct weights to fit a tail) or
+    # a missing one (SMC's resampled particles have no importance weights to fit) is named
+    # under its backend instead of drawn as a bar to the edge of the axis.
+    ax2.bar(pos[finite] - 0.2, [k for k, f in zip(ks, finite) if f], 0.4,
+            color=[colors[n] for n, f in zip(names, finite) if f])
     ax2.bar(pos + 0.2, ess, 0.4, color=[colors[n] for n in names], alpha=0.4, hatch="..")
     ax2.axhline(0.5, color="#b22222", ls=":", lw=1, label="k-hat 0.5 (good below)")
     ax2.axhline(0.7, color="#b22222", ls="--", lw=1, label="k-hat 0.7 (unreliable above)")
     ax2.legend(fontsize=7)
-    for i, (k, y) in enumerate(zip(ks, shown)):
-        ax2.text(i - 0.2, 0.02 if k is None else max(y, 0) + 0.02,
-                 "n/a" if k is None else _fmt(k, 2), ha="center", fontsize=7)
-    ax2.set_xticks(pos, names)
+    for i, (k, f) in enumerate(zip(ks, finite)):
+        if f:
+            ax2.text(i - 0.2, max(k, 0) + 0.02, _fmt(k, 2), ha="center", fontsize=7)
+    ticks = [n if f else f"{n}\n(k-hat {'none' if k is None else _fmt(k, 2)})"
+             for n, k, f in zip(names, ks, finite)]
+    ax2.set_xticks(pos, ticks)
+    low = min([0.0] + [k for k, f in zip(ks, finite) if f])
+    ax2.set_ylim(low - 0.05 if low < 0 else 0, max([1.05] + [k + 0.1 for k, f in zip(ks, finite) if f]))
     ax2.set_title("k-hat (solid) and ESS / N (hatched)")
     ax2.grid(alpha=0.3, axis="y")
     return fig
@@ -324,12 +365,18 @@ def fig_smc(name: str, post: Posterior):
     return fig
 
 
+def _constants_caption(posteriors, exact) -> str:
+    const = constant_quantities(posteriors, exact)
+    return (" The same in every sample, so not drawn: " + ", ".join(f"{q} = {v:.4g}" for q, v in const.items())
+            + ".") if const else ""
+
+
 def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], Any]]]:
     """(file name, section, caption, draw) for every figure of the report, in order."""
     mod = sys.modules[__name__]  # look functions up at call time (tests replace them)
     specs = [
         ("rewards.png", "distributions", "Weighted posterior distributions of each reward, the length "
-         "and the log prior (bars: discrete values; lines: histograms).",
+         "and the log prior (bars: integer values; lines: histograms)." + _constants_caption(posteriors, exact),
          lambda: mod.fig_rewards(posteriors, exact)),
         ("weights.png", "weights", "Importance weights: sorted N·w (flat at 1 is ideal) and Pareto k-hat "
          "(above 0.7 the estimates are unreliable).", lambda: mod.fig_weights(posteriors, exact)),

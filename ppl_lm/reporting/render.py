@@ -5,11 +5,13 @@ from __future__ import annotations
 import html
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .. import diagnostics as D
+from ..diagnostics.compare import disagreeing_backends
+from ..diagnostics.warnings import InferenceWarning
 from ..posterior import Posterior
 
 
@@ -54,12 +56,34 @@ def summary_rows(posteriors: Mapping[str, Posterior], exact: Posterior | None = 
     items = ([("exact", exact)] if exact is not None else []) + list(posteriors.items())
     for name, post in items:
         row = {"name": name, **D.summary(post)}
+        row.pop("warnings", None)  # shown in their own section (report_warnings)
         if exact is not None:
             row["tv_to_exact"] = _tv(post, exact)
             row["log_evidence_error"] = (None if post.log_evidence is None
                                          else post.log_evidence - exact.log_evidence)
         rows.append(row)
     return rows
+
+
+def _info(post: Posterior, key: str):
+    """A run-level fact of ``post`` by name (``info`` as a dict or as a typed Info record)."""
+    info = post.info
+    return info.get(key) if isinstance(info, Mapping) else getattr(info, key, None)
+
+
+def _genealogy(row: dict) -> float | None:
+    v = row.get("n_eff_genealogy")
+    return None if v is None or math.isnan(float(v)) else float(v)
+
+
+#: Above these a diagnostic is marked in the table (the thresholds of the warnings' detectors).
+RHAT_MAX = 1.01
+KHAT_MAX = 0.7
+FLAG = " ⚠"
+
+
+def _flagged(text: str, bad: bool) -> str:
+    return text + FLAG if bad else text
 
 
 def _mean_columns(rows: list[dict]) -> list[str]:
@@ -75,7 +99,12 @@ def _mean_columns(rows: list[dict]) -> list[str]:
 def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the summary table (shared by HTML and Markdown)."""
     means = _mean_columns(rows)
-    head = ["backend", "method", "samples", "log Z ± se", "ESS", "k-hat", "R-hat", "acceptance"]
+    # One ESS on the page (Posterior.ess); SMC's genealogy-based count is another quantity, in its
+    # own column, named.
+    lineages = any(_genealogy(r) is not None for r in rows)
+    head = ["backend", "method", "samples", "log Z ± se", "ESS (ESS / N)"]
+    head += ["SMC genealogy n_eff"] if lineages else []
+    head += ["k-hat", "R-hat", "acceptance"]
     head += [f"E[{m}]" for m in means]
     if exact:
         head += ["TV to exact", "log Z error"]
@@ -91,9 +120,13 @@ def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
         acc = _fmt(r["acceptance"])
         if r["acceptance_moves"]:
             acc += "\n" + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in r["acceptance_moves"].items())
+        khat, rhat = r["khat"], r["rhat"]
         row = [r["name"], r["method"], samples, lz,
-               f"{_fmt(r['ess'], 1)} ({_fmt(r['ess'] / r['num_samples'], 2)})",
-               _fmt(r["khat"], 2), _fmt(r["rhat"]), acc]
+               f"{_fmt(r['ess'], 1)} ({_fmt(r['ess'] / r['num_samples'], 2)})"]
+        if lineages:
+            row += [_fmt(_genealogy(r), 1)]
+        row += [_flagged(_fmt(khat, 2), khat is not None and khat > KHAT_MAX),
+                _flagged(_fmt(rhat), rhat is not None and not rhat <= RHAT_MAX), acc]
         row += [_fmt(r["means"].get(m)) for m in means]
         if exact:
             row += [_fmt(r["tv_to_exact"]), _fmt(r["log_evidence_error"], 4)]
@@ -116,6 +149,9 @@ th,td{border:1px solid #ddd;padding:.3em .6em;vertical-align:top}
 th{background:#f3f3f3;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr:nth-child(even) td{background:#fafafa}
+td.bad,tr:nth-child(even) td.bad{background:#fde8e8;color:#8b0000;font-weight:600}
+.warnings table{border-left:4px solid #c0392b}.warnings td{background:#fff8f6}
+.ok{color:#1e7b34}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.88em}
 .text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;max-width:760px;word-break:break-word}
@@ -151,13 +187,16 @@ def _is_num(cell: str) -> bool:
 def _html_cell(c: str, numeric: bool) -> str:
     first, *rest = c.split("\n")
     body = html.escape(first) + "".join(f'<br><span class="sub">{html.escape(r)}</span>' for r in rest)
-    return f'<td class="num">{body}</td>' if numeric else f"<td>{body}</td>"
+    cls = " ".join(k for k, on in (("num", numeric), ("bad", first.endswith(FLAG))) if on)
+    return f'<td class="{cls}">{body}</td>' if cls else f"<td>{body}</td>"
 
 
-def _html_table(head: list[str], rows: list[list[str]]) -> str:
+def _html_table(head: list[str], rows: list[list[str]], numbers: bool = True) -> str:
+    """An HTML table; with ``numbers``, cells after the first two that read as numbers are right-aligned."""
     out = ['<div class="wide"><table>', "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
-        out.append("<tr>" + "".join(_html_cell(c, i > 1 and _is_num(c)) for i, c in enumerate(r)) + "</tr>")
+        out.append("<tr>" + "".join(_html_cell(c, numbers and i > 1 and _is_num(c)) for i, c in enumerate(r))
+                   + "</tr>")
     out.append("</table></div>")
     return "\n".join(out)
 
@@ -169,8 +208,21 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def admissible_top(post: Posterior, k: int) -> tuple[list[dict], int]:
+    """The ``k`` distinct samples of largest total weight among those of positive weight, and
+    how many samples (with repeats) have weight 0 (a hard condition fails): those are not shown."""
+    rejected = int((post.weights <= 0).sum())
+    top = D.top_samples(post, len(post)) if rejected else D.top_samples(post, k)
+    return [t for t in top if t["weight"] > 0][: max(k, 0)], rejected
+
+
+def rejected_note(rejected: int, n: int) -> str:
+    return (f"{rejected:,} of {n:,} samples have weight 0 (a hard condition fails) and are not listed."
+            if rejected else "")
+
+
 def _samples_rows(post: Posterior, k: int) -> tuple[list[str], list[dict]]:
-    top = D.top_samples(post, k)
+    top, _ = admissible_top(post, k)
     cols = [c for c in D.stat_names(post) if c.startswith("reward:")]
     # A constraint column only where it varies among the samples shown (usually it is all 1).
     cols += [c for c in D.stat_names(post) if c.startswith("ok:")
@@ -189,7 +241,8 @@ def _html_samples(post: Posterior, k: int, limit: int) -> str:
             f'<td class="num">{s["count"]}</td>'
             + "".join(f'<td class="num">{html.escape(_fmt(s["stats"].get(c)))}</td>' for c in cols)
             + f'<td class="text">{_html_text(s["text"], limit)}</td></tr>')
-    return "<table>" + head + "".join(body) + "</table>"
+    note = rejected_note(int((post.weights <= 0).sum()), len(post))
+    return "<table>" + head + "".join(body) + "</table>" + (f'<p class="note">{html.escape(note)}</p>' if note else "")
 
 
 def _md_samples(post: Posterior, k: int, limit: int) -> str:
@@ -199,27 +252,97 @@ def _md_samples(post: Posterior, k: int, limit: int) -> str:
             + [_md_text(s["text"], limit)] for i, s in enumerate(top, 1)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    note = rejected_note(int((post.weights <= 0).sum()), len(post))
+    return "\n".join(lines + (["", note] if note else []))
 
 
-_NOT_SETTINGS = {"trace", "wall_time", "acceptance", "acceptance_overall", "rhat", "khat", "ess", "ess_by_stat",
-                 "log_evidence_se", "sample_stats", "move_names", "elbo", "num_nonzero"}
+def _n(v) -> str:
+    return _fmt(int(v)) if isinstance(v, (int, np.integer)) or float(v).is_integer() else _fmt(v)
+
+
+def _moves(v) -> str:
+    return "moves " + ", ".join(f"{m.replace('_', ' ')} {float(p):.0%}" for m, p in v.items())
+
+
+#: The run settings a report shows, in words, in this order (key -> phrase; anything else a
+#: backend records is a diagnostic or an internal detail and stays out of this line).
+SETTING_WORDS: dict[str, Callable[[Any], str]] = {
+    "num_particles": lambda v: f"{_n(v)} particles",
+    "num_replicates": lambda v: f"{_n(v)} independent replicate" + ("s" if v != 1 else ""),
+    "num_chains": lambda v: f"{_n(v)} chains",
+    "num_samples": lambda v: f"{_n(v)} samples",
+    "warmup_steps": lambda v: f"{_n(v)} warm-up steps per chain",
+    "thin": lambda v: "every draw kept" if v == 1 else f"every {_n(v)}th draw kept",
+    "moves": _moves,
+    "num_steps": lambda v: f"{_n(v)} optimisation steps",  # SVI only (SMC's is its token count)
+    "guide": lambda v: f"{v} guide",
+    "objective": lambda v: f"{v} objective",
+    "lr": lambda v: f"learning rate {_fmt(v)}",
+    "proposal": lambda v: f"proposal: {v}",
+    "resampling": lambda v: f"{v} resampling",
+    "ess_threshold": lambda v: f"resampling when ESS / N < {_fmt(v, 2)}",
+    "chunk_size": lambda v: f"{_n(v)} particles in memory at once",
+}
+
+
+def _svi_draws(v) -> str:
+    return f"{_n(v)} guide draws per step"
 
 
 def _settings(post: Posterior) -> str:
-    """The run's settings and facts from ``info`` (scalars, and dicts of scalars), as ``k=v`` text."""
+    """The run's settings in words, e.g. ``64 particles, multinomial resampling when ESS / N < 0.50, seed 0``."""
     out = []
-    for k, v in post.info.items():
-        if k in _NOT_SETTINGS:
+    size = _info(post, "num_particles") if post.method == "smc" else _info(post, "num_samples")
+    for key, words in SETTING_WORDS.items():
+        if key == "num_steps" and post.method != "svi":
             continue
-        if isinstance(v, dict) and v and all(isinstance(x, (int, float, str)) for x in v.values()):
-            v = "{" + ", ".join(f"{a}: {_fmt(b, 2) if isinstance(b, float) else b}" for a, b in v.items()) + "}"
-        elif isinstance(v, float):
-            v = _fmt(v)
-        elif not isinstance(v, (int, str, bool)):
+        v = _info(post, key)
+        if key == "chunk_size" and isinstance(size, int) and isinstance(v, int) and v >= size:
+            continue  # every particle fits at once: nothing to say
+        if key == "num_particles" and post.method == "svi":
+            words = _svi_draws
+        if v is None or isinstance(v, float) and not math.isfinite(v):
             continue
-        out.append(f"{k}={v}")
+        try:
+            out.append(words(v))
+        except (TypeError, ValueError, AttributeError):  # a value of another shape than expected
+            log.debug("setting %s=%r left out of the report", key, v)
+    if post.seed is not None:
+        out.append(f"seed {post.seed}")
     return ", ".join(out)
+
+
+# -- warnings -----------------------------------------------------------------------------------
+
+def report_warnings(posteriors: Mapping[str, Posterior], exact: Posterior | None = None,
+                    failed: Mapping[str, str] | None = None) -> list[tuple[str, InferenceWarning]]:
+    """``(backend, warning)`` pairs a report shows first: the backends' disagreement, the runs
+    that failed, then each posterior's own warnings."""
+    both = {**({"exact": exact} if exact is not None else {}), **posteriors}
+    out = [("all", w) for w in disagreeing_backends(both)]
+    out += [(n, InferenceWarning("failed", f"The run failed: {err}",
+                                 "this backend has no result below; the error says what to change."))
+            for n, err in (failed or {}).items()]
+    for n, p in both.items():
+        out += [(n, w) for w in p.warnings]
+    return out
+
+
+def _html_warnings(items: list[tuple[str, InferenceWarning]]) -> str:
+    if not items:
+        return '<p class="ok">No warnings: no check on these runs found a problem.</p>'
+    rows = "".join(
+        f'<tr><td>{html.escape(n)}</td><td><code>{html.escape(w.code)}</code></td>'
+        f"<td>{html.escape(w.message)}</td><td>{html.escape(w.fix)}</td></tr>" for n, w in items)
+    return ('<div class="warnings"><table><tr><th>backend</th><th>warning</th><th>what it means</th>'
+            f"<th>what to do</th></tr>{rows}</table></div>")
+
+
+def _md_warnings(items: list[tuple[str, InferenceWarning]]) -> str:
+    if not items:
+        return "No warnings: no check on these runs found a problem."
+    return _md_table(["backend", "warning", "what it means", "what to do"],
+                     [[n, w.code, w.message, w.fix] for n, w in items])
 
 
 # -- the report ---------------------------------------------------------------------------------
