@@ -16,6 +16,7 @@ the fix. Every backend applies this rule, so a model one backend accepts, all ac
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -231,7 +232,8 @@ def prior_values(model: Callable, args: tuple, kwargs: dict, n: int, names: list
     """Prior draws ``[n, ...]`` of the latent sites ``names`` (sampled before ``site`` in program
     order), with every sequence site an empty placeholder (no LM call), and the distribution of
     ``site`` those draws imply (its prompt rows may depend on them)."""
-    tr = trace_model(_EosSequences()(model), args, kwargs, n)
+    with _EosSequences(), trial_run():  # outside the plate, as in latent_sites: x is [n, T]
+        tr = trace_model(model, args, kwargs, n)
     values = {k: tr.nodes[k]["value"].detach().cpu() for k in names}
     return values, sequence_base(tr.nodes[site]["fn"])
 

@@ -47,15 +47,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from ppl_lm.inference._runtime import (
+    Scores,
+    finish,
+    latent_sites,
+    run_model,
+    sequence_base,
+    sequence_sites,
+    stats_from_scores,
+)
 from pyro.infer.mcmc import MCMC
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.diagnostics.estimators import mcmc_diagnostics
-from ppl_lm.inference._runtime import (
-    Scores, finish, latent_sites, run_model, sequence_base, sequence_sites, stats_from_scores,
-)
+from ppl_lm.lm.base import start_rows
 from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.tokens import after_eos_mask, categorical
 
@@ -170,8 +177,6 @@ class EditKernel(MCMCKernel):
         self.rw_counts = {k: [0, 0] for k in self.rw_scale}
         self.dist = d
         self.lm = d.lm
-        if d.prompt_lengths is not None:
-            raise ValueError("method='mh' needs prompts of one length (a [N, P] tensor); this model's prompts are ragged")
         self.T = d.max_new_tokens
         self.eos = d.lm.eos_id
         self.values: dict[str, torch.Tensor] = {}
@@ -239,8 +244,7 @@ class EditKernel(MCMCKernel):
                              dict(scores.rewards), dict(scores.constraints))
         self.log_target = self.scores.log_prior + self.scores.log_likelihood
         if scores.trace is not None:  # the prompt may depend on the other sites' values
-            prompt = sequence_base(scores.trace.nodes[self.site]["fn"]).prompt
-            self.prompt = prompt if prompt.dim() == 1 else prompt.reshape(len(x), -1)
+            self.prompt, self.prompt_lengths = sequence_base(scores.trace.nodes[self.site]["fn"]).prompt_rows(len(x))
 
     def _prompt_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt of each chain ``[C, P]`` (or the shared ``[P]``), for LM proposals."""
@@ -352,10 +356,12 @@ class EditKernel(MCMCKernel):
         seld = sel.to(dev)
         ys, ks = xd[seld].clone(), k.to(dev)[seld]
         m = len(sel)
-        prompt = self._prompt_rows()
+        prompt, lengths = self._prompt_rows(), self.prompt_lengths
         if prompt.dim() > 1:
             prompt = torch.cat([prompt, prompt[sel]])
-        state = lm.start(prompt.to(dev), C + m)
+        if lengths is not None:
+            lengths = torch.cat([lengths, lengths[sel]])
+        state = start_rows(lm, prompt.to(dev), C + m, lengths)
         tok_lp_x = torch.zeros(C, T, dtype=torch.float64, device=dev)
         ys_lp = torch.zeros(m, T, dtype=torch.float64, device=dev)
         at_pos = torch.zeros(C, lm.vocab_size, dtype=torch.float32, device=dev)

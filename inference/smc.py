@@ -16,7 +16,9 @@ and that full score replaces the twist. Each step multiplies the weight by
 
 Proposal. The LM itself, or ``guide.lm`` (a LanguageModel over the same vocabulary, e.g. the
 trained SVI guide). Token-level constraints (``ppl_lm.token_constraint``: sites carrying a
-``TokenMask``) restrict it to allowed tokens, renormalised; the weight is multiplied by the
+``TokenMask``, whose per-particle ``MaskState`` is advanced with each token and reordered on
+resampling; at the last position a grammar mask allows only tokens that complete the text)
+restrict it to allowed tokens, renormalised; the weight is multiplied by the
 proposal mass of the allowed tokens (for the LM proposal, exactly the LM mass of the allowed set),
 so particles never die on a hard token constraint.
 
@@ -45,16 +47,23 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from ppl_lm.inference._runtime import (
+    cat_scores,
+    finish,
+    latent_sites,
+    make_posterior,
+    prior_values,
+    run_model,
+    sequence_sites,
+)
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.conditions import TokenMask, partial_prefix
 from ppl_lm.diagnostics.warnings import InferenceWarning
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.inference._runtime import (
-    cat_scores, finish, latent_sites, make_posterior, prior_values, run_model, sequence_sites,
-)
 from ppl_lm.lm import LanguageModel
+from ppl_lm.lm.base import start_rows
 from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.tokens import categorical
 
@@ -288,6 +297,7 @@ class _Sweep:
         self.before, self.after = list(before), list(after)
         self.fixed: dict[str, torch.Tensor] = {}
         self.lm, self.prompt, self.T = d.lm, d.prompt, d.max_new_tokens
+        self.prompt_lengths = None  # [B] when the per-particle prompts are ragged
         R = len(replicates)
         self.N, self.R, self.B, self.replicates = N, R, N * R, replicates
         self.ess_threshold, self.resampling, self.qlm = ess_threshold, resampling, qlm
@@ -298,9 +308,7 @@ class _Sweep:
         if self.before:  # their prior draws, and the sequence's prompt rows they imply
             values, seq_fn = prior_values(model, args, kwargs, B, self.before, name)
             self.fixed.update(values)
-            if seq_fn.prompt_lengths is not None:
-                raise ValueError(f"SMC needs the prompts of site {name!r} to have one length; they are ragged here")
-            self.prompt = seq_fn.prompt if seq_fn.prompt.dim() == 1 else seq_fn.prompt.reshape(B, -1)
+            self.prompt, self.prompt_lengths = seq_fn.prompt_rows(B)
         elif self.prompt.dim() != 1:
             raise ValueError(f"SMC needs one prompt shared by all particles; site {name!r} has per-particle prompts")
         self.tokens = torch.full((B, self.T), self.eos, dtype=torch.long, device=self.device)
@@ -321,10 +329,10 @@ class _Sweep:
         logq = logp if qstate is None else qstate.logprobs
         logq_m = logq
         if self.masks:
-            prefix = self.tokens[:, :t]
-            allowed = self.masks[0].allowed(prefix)
-            for m in self.masks[1:]:
-                allowed = allowed & m.allowed(prefix)
+            last = t + 1 == self.T  # only tokens that complete the text (grammar masks)
+            allowed = self.mask_states[0].allowed(last)
+            for m in self.mask_states[1:]:
+                allowed = allowed & m.allowed(last)
             if allowed.shape != logq.shape:
                 raise ValueError(f"a TokenMask returned shape {tuple(allowed.shape)}, expected {tuple(logq.shape)}")
             logq_m = logq.masked_fill(~allowed.to(logq.device), -math.inf)
@@ -387,17 +395,22 @@ class _Sweep:
         self.fixed = {k: v[index] for k, v in self.fixed.items()}
         if self.prompt.dim() > 1:
             self.prompt = self.prompt[index.to(self.prompt.device)]
+        if self.prompt_lengths is not None:
+            self.prompt_lengths = self.prompt_lengths[index.to(self.prompt_lengths.device)]
         dev_index = index.to(self.device)
         self.tokens = self.tokens[dev_index]
         self.state = self.lm.reorder(self.state, dev_index)
+        for m in self.mask_states:  # a grammar mask's parser state travels with its particle
+            m.reorder(index)
         if self.qstate is not None:
             self.qstate = self.qlm.reorder(self.qstate, dev_index)
         log.debug("smc: token %d, resampled %d replicate(s), ESS %.1f", t + 1, int(need.sum()), float(ess.mean()))
 
     def run(self, progress: bool) -> None:
         gen = _random.generator(self.device)
-        self.state = self.lm.start(self.prompt, self.B)
-        self.qstate = None if self.qlm is None else self.qlm.start(self.prompt, self.B)
+        self.state = start_rows(self.lm, self.prompt, self.B, self.prompt_lengths)
+        self.qstate = None if self.qlm is None else start_rows(self.qlm, self.prompt, self.B, self.prompt_lengths)
+        self.mask_states = [m.start(self.B) for m in self.masks]
         bar = tqdm(total=self.T, desc="smc", unit="token", disable=not progress)
         try:
             for t in range(self.T):
@@ -406,6 +419,8 @@ class _Sweep:
                 alive = torch.isfinite(self.log_w)
                 tok, lp, inc = self._propose(self.state, self.qstate, t, gen)
                 self.tokens[:, t] = tok
+                for m in self.mask_states:
+                    m.advance(tok.cpu())
                 self.log_p += lp
                 finished = active & ((tok.cpu() == self.eos) | (t + 1 == self.T))
                 self.done = self.done | finished

@@ -5,17 +5,27 @@ the movetext of the prompt followed by the generated text, and asks python-chess
 game go on for at least ``min_moves`` more legal half-moves:
 π(x | c) ∝ π(x | prompt)·1[opening + x has ≥ n_opening + min_moves legal half-moves].
 Hard: a small LM soon writes an illegal move (SmolLM2-135M adds a legal move to this
-opening about one time in four), so each extra half-move makes the condition rarer. Not
-prefix-closed as written (a prefix may still be completed legally), so SMC defers it to the
-end. A prompt without "1." makes the condition read the generated text alone.
+opening about one time in four), so each extra half-move makes the condition rarer.
 
+``mode="prefix"`` (the default) states the same condition so that SMC can act on it as the
+text grows: (1) a PGN movetext grammar mask (``rewards.regex_mask`` of :func:`movetext`: the
+text starts with ``min_moves`` SAN moves, move numbers optional, one space apart; anything may
+follow them after whitespace) makes SMC propose only tokens that keep that shape; (2) the
+legality of each of those moves, once *finished* (whitespace follows it, or the text ends), is a
+prefix-closed constraint, so a particle dies as soon as the token completing an illegal move is
+drawn, instead of at the end; (3) that ``min_moves`` legal half-moves were made is checked on
+the finished text. It differs from the deferred condition only in asking for single spaces
+between the first ``min_moves`` moves.
+
+``mode="hard"`` is the deferred version (the count, read by python-chess up to the first
+illegal move, checked only on the finished text; SMC cannot prune on it).
 ``mode="soft"`` rewards the number of new legal half-moves instead (capped at ``min_moves``):
 π(x)·exp(n(x)/β), a graded reward that also makes a smoke run on a random LM possible.
+A prompt without "1." makes the condition read the generated text alone.
 """
 
 import re
 import sys
-
 
 import pyro
 import torch
@@ -28,17 +38,74 @@ context = '[Event "Casual game"]\n[Result "1-0"]\n\n1. e4 e5 2. Nf3 Nc6 3.'
 methods = {"smc": {"num_particles": 128}, "importance": {"num_samples": 512}}
 
 
-def build(lm, min_moves: int = 2, mode: str = "hard", beta: float = 0.5, max_new_tokens: int = 24):
+# One SAN move (castling, piece moves, pawn moves and promotions, check marks) and a move number.
+SAN = r"(O-O(-O)?|[KQRBN][a-h]?[1-8]?x?[a-h][1-8]|[a-h](x[a-h])?[1-8](=[QRBN])?)[+#]?"
+NUM = r"[1-9][0-9]*\.(\.\.)?"
+RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
+
+
+def movetext(min_moves: int) -> str:
+    """Regex of a text starting with ``min_moves`` SAN moves (move numbers optional, one space
+    apart, an optional leading space); after the last of them, whitespace and then anything."""
+    move = rf"({NUM} )?{SAN}"
+    return rf" ?({move} ){{{min_moves - 1}}}{move}(\s[\s\S]*)?"
+
+
+def legal_prefix(text: str, complete: bool, limit: int | None = None) -> tuple[bool, int]:
+    """Whether the finished moves of the movetext ``text`` are legal, and how many half-moves it has.
+
+    A move is finished when whitespace follows it or, if ``complete``, at the end of the text; an
+    unfinished last move may still grow ("Nf" -> "Nf3") and is not judged. Move numbers are
+    skipped; a result ends the game. With ``limit``, only the first ``limit`` half-moves are
+    judged (what follows them is free).
+    """
+    import chess
+
+    items = text.split()
+    if not complete and text and not text[-1].isspace():
+        items = items[:-1]
+    board = chess.Board()
+    n = 0
+    for item in items:
+        if limit is not None and n >= limit:
+            break
+        item = re.sub(r"^\d+\.(\.\.)?", "", item)  # "3.Bb5" -> "Bb5"
+        if not item:
+            continue
+        if item in RESULTS:
+            break
+        try:
+            board.push_san(item)
+        except ValueError:
+            return False, n
+        n += 1
+    return True, n
+
+
+@rewards.text_reward
+def _legal_so_far(text: str, partial: bool, limit: int) -> bool:
+    return legal_prefix(text, complete=not partial, limit=limit)[0]
+
+
+@rewards.text_reward
+def _half_moves(text: str, limit: int) -> float:
+    return float(legal_prefix(text, complete=True, limit=limit)[1])
+
+
+def build(lm, min_moves: int = 2, mode: str = "prefix", beta: float = 0.5, max_new_tokens: int = 24):
     """The prompted LM conditioned on continuing the game with ``min_moves`` legal half-moves.
 
     Args:
-        mode: ``"hard"`` (constraint) or ``"soft"`` (reward = new legal half-moves, capped at
+        mode: ``"prefix"`` (movetext mask + legality as a prefix-closed constraint), ``"hard"``
+            (the deferred constraint) or ``"soft"`` (reward = new legal half-moves, capped at
             ``min_moves``).
     """
-    if mode not in ("hard", "soft"):
-        raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    if mode not in ("prefix", "hard", "soft"):
+        raise ValueError(f"mode must be 'prefix', 'hard' or 'soft', got {mode!r}")
     if not isinstance(min_moves, int) or min_moves < 1:
         raise ValueError(f"min_moves must be a positive integer, got {min_moves!r}")
+
+    mask = rewards.regex_mask(lm, movetext(min_moves)) if mode == "prefix" else None  # built once
 
     def model(prompt: str):
         x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
@@ -47,7 +114,13 @@ def build(lm, min_moves: int = 2, mode: str = "hard", beta: float = 0.5, max_new
         opening = torch.tensor(lm.encode(prompt[m.start():]) if m else [], dtype=torch.long, device=x.device)
         n0 = int(rewards.chess_moves(lm, opening[None])[0]) if m else 0
         game = torch.cat([opening.expand(*x.shape[:-1], -1), x], -1)
-        if mode == "hard":
+        if mode == "prefix":
+            ppl_lm.token_constraint("movetext", x, mask)
+            # The prompt's movetext ends with a move number ("3."): the opening is read with it.
+            k = n0 + min_moves
+            ppl_lm.constraint("legal_so_far", _legal_so_far(lm, game, ppl_lm.is_partial(), k), prefix_closed=True)
+            ppl_lm.constraint("legal_game", _half_moves(lm, game, k) >= k)
+        elif mode == "hard":
             ppl_lm.constraint("legal_game", rewards.chess_game(lm, game, n0 + min_moves))
         else:
             n = torch.clamp(rewards.chess_moves(lm, game) - n0, 0, min_moves)

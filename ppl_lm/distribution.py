@@ -78,11 +78,24 @@ class SequenceDistribution(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
+    def _flat_lengths(self, n: int) -> torch.Tensor | None:
+        if self.prompt_lengths is None:
+            return None
+        return self.prompt_lengths.expand(*self.batch_shape).reshape(n) if self.batch_shape else self.prompt_lengths
+
+    def prompt_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What ``lm.start(prompt, n, lengths)`` reads for ``n`` flattened rows of the batch.
+
+        ``(prompt, None)`` when every row has one length (``prompt`` ``[P]`` shared or ``[n, P]``),
+        ``(prompt [n, P] right-padded, lengths [n])`` when the prompts are ragged.
+        """
+        return self._flat_prompt(n), self._flat_lengths(n)
+
     def _groups(self, n: int, prompts: torch.Tensor):
         """``(rows, prompt [k, P_k])`` per distinct prompt length (one group unless ragged)."""
-        if self.prompt_lengths is None:
+        lens = self._flat_lengths(n)
+        if lens is None:
             return [(None, prompts)]
-        lens = self.prompt_lengths.expand(*self.batch_shape).reshape(n) if self.batch_shape else self.prompt_lengths
         return [((lens == L).nonzero()[:, 0], prompts[lens == L][:, : int(L)]) for L in torch.unique(lens)]
 
     def _flat_prompt(self, n: int) -> torch.Tensor:

@@ -350,7 +350,7 @@ def test_equal_weights_get_a_readable_log_axis(toy):
     ax = fig.axes[0]
     lo, hi = ax.get_ylim()
     assert lo <= 0.1 and hi >= 10  # at least one decade on each side of the uniform weight 1
-    line = [l for l in ax.get_lines() if l.get_label().startswith("smc")][0]
+    line = [ln for ln in ax.get_lines() if ln.get_label().startswith("smc")][0]
     assert "(equal weights)" in line.get_label() and line.get_marker() == "o"
 
 

@@ -202,6 +202,10 @@ def _partial_length(x: torch.Tensor) -> int:
 def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:
     """Hard token-level condition: every token of ``x`` is allowed by ``mask``.
 
+    For a grammar mask (``rewards.regex_mask``, ``grammar_mask``, ``json_mask``): the decoded
+    text of ``x``, up to EOS or ``max_new_tokens``, is a sentence of the language; on a prefix
+    (SMC), that some continuation is.
+
     Equivalent to ``constraint(name, mask.check(x), prefix_closed=True)`` for every backend;
     SMC also reads the mask and samples only allowed tokens (a locally constrained proposal,
     with the exact weight correction).
@@ -212,7 +216,8 @@ def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:
         # On a prefix only the generated positions are checked (the rest is EOS padding), so a
         # mask that forbids EOS somewhere (e.g. pinned positions) does not prune every prefix.
         n = _partial_length(x)
-        ok = mask.check(x[..., :n]) if n > 0 else torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        ok = (mask.check(x[..., :n], complete=False) if n > 0
+              else torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device))
     else:
         ok = mask.check(x)
     meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": True, "mask": mask}

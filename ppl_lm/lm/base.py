@@ -16,7 +16,7 @@ import torch
 
 from ..tokens import after_eos_mask, as_prompt_tensor, categorical
 
-__all__ = ["LanguageModel", "LMState"]
+__all__ = ["LanguageModel", "LMState", "ragged_rows", "start_rows"]
 
 
 @dataclass
@@ -26,6 +26,27 @@ class LMState:
     logprobs: torch.Tensor  # [B, V] float32, log-probabilities of the next token
     data: Any = None  # backend-specific (last token, KV cache, ...)
     length: int = 0  # number of tokens seen so far (prompt included)
+
+
+def ragged_rows(prompt: torch.Tensor, batch_size: int, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a ragged batch for ``start``: ``(prompt [B, P], lengths [B])`` on the prompt's device."""
+    prompt = torch.as_tensor(prompt, dtype=torch.long)
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=prompt.device)
+    if prompt.dim() != 2 or prompt.shape[0] != batch_size or lengths.shape != (batch_size,):
+        raise ValueError(
+            f"ragged prompts need prompt [B, P] and lengths [B] with B = batch size {batch_size}; got "
+            f"prompt {tuple(prompt.shape)} and lengths {tuple(lengths.shape)}")
+    if batch_size and (int(lengths.min()) < 0 or int(lengths.max()) > prompt.shape[-1]):
+        raise ValueError(f"prompt lengths must lie in [0, {prompt.shape[-1]}] (the padded width)")
+    return prompt, lengths
+
+
+def start_rows(lm: LanguageModel, prompt: torch.Tensor, batch_size: int, lengths=None) -> LMState:
+    """``lm.start(prompt, batch_size, lengths)``, without ``lengths`` when the rows are not ragged,
+    so an LM written to the two-argument ``start`` keeps working for prompts of one length."""
+    if lengths is None:
+        return lm.start(prompt, batch_size)
+    return lm.start(prompt, batch_size, lengths)
 
 
 class LanguageModel:
@@ -60,8 +81,13 @@ class LanguageModel:
         return [self.decode_token(t) for t in range(self.vocab_size)]
 
     # -- incremental state --------------------------------------------------------------
-    def start(self, prompt: torch.Tensor, batch_size: int) -> LMState:
-        """State after reading ``prompt`` (``[P]`` or ``[B, P]``), for ``batch_size`` rows."""
+    def start(self, prompt: torch.Tensor, batch_size: int, lengths: torch.Tensor | None = None) -> LMState:
+        """State after reading ``prompt`` (``[P]`` or ``[B, P]``), for ``batch_size`` rows.
+
+        ``lengths`` (``[B]``) makes the rows ragged: row ``i`` reads ``prompt[i, :lengths[i]]``
+        (``prompt`` is right-padded, as ``SequenceDistribution`` stores ragged prompts); every
+        row's next-token log-probs then equal those of its own prompt read alone.
+        """
         raise NotImplementedError
 
     def extend(self, state: LMState, tokens: torch.Tensor) -> LMState:

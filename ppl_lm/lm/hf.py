@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..tokens import after_eos_mask, as_prompt_tensor
-from .base import LanguageModel, LMState
+from .base import LanguageModel, LMState, ragged_rows
 from .markov import ToyVocab
 
 __all__ = ["TransformersLM", "load_lm", "check_device", "cache_dir", "embedded_model_dir", "EMBEDDED_GGUF",
@@ -55,6 +55,19 @@ class _StaticKV:
     def __init__(self, cache, capacity: int):
         self.cache = cache
         self.capacity = capacity
+
+
+class _Padded:
+    """State data of ragged prompts: rows are left-padded, so their ends line up.
+
+    ``mask`` (``[B, L]``, 1 at real tokens) hides the padding from attention; ``next_pos``
+    (``[B]``) is each row's next position id, so rotary positions count real tokens only.
+    """
+
+    __slots__ = ("cache", "mask", "next_pos")
+
+    def __init__(self, cache, mask: torch.Tensor, next_pos: torch.Tensor):
+        self.cache, self.mask, self.next_pos = cache, mask, next_pos
 
 
 class TransformersLM(LanguageModel):
@@ -193,7 +206,43 @@ class TransformersLM(LanguageModel):
         out = self.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True)
         return out.logits, cache
 
-    def start(self, prompt, batch_size):
+    def _start_ragged(self, prompt: torch.Tensor, batch_size: int, lengths: torch.Tensor) -> LMState:
+        """Read right-padded ``prompt [B, P]`` of ``lengths [B]`` as left-padded rows plus a mask."""
+        if self.kv_cache != "dynamic":
+            raise ValueError(f"prompts of different lengths need kv_cache='dynamic' (this LM has "
+                             f"kv_cache={self.kv_cache!r}); use lm.with_kv_cache('dynamic')")
+        prompt, lengths = prompt.to(self.device), lengths.to(self.device)
+        empty = lengths == 0
+        if bool(empty.any()):  # an empty prompt reads BOS, as in the unbatched path
+            prompt = torch.cat([prompt, prompt[:, :1]], -1) if prompt.shape[-1] == 0 else prompt.clone()
+            prompt[empty, 0] = self.bos_id
+            lengths = lengths.clamp_min(1)
+        P = int(lengths.max())
+        src = torch.arange(P, device=self.device)[None] - (P - lengths)[:, None]
+        mask = src >= 0
+        ids = prompt.gather(-1, src.clamp_min(0)).masked_fill(~mask, self.bos_id)
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                            **{self._cache_kw: cache}, use_cache=True).logits
+        return LMState(torch.log_softmax(logits[:, -1].float(), -1), _Padded(cache, mask.long(), lengths), P)
+
+    def _extend_ragged(self, state: LMState, tokens: torch.Tensor) -> LMState:
+        d = state.data
+        mask = torch.cat([d.mask, torch.ones_like(d.mask[:, :1])], -1)
+        logits = self.model(input_ids=tokens.to(self.device)[:, None], attention_mask=mask,
+                            position_ids=d.next_pos[:, None], **{self._cache_kw: d.cache}, use_cache=True).logits
+        return LMState(torch.log_softmax(logits[:, -1].float(), -1), _Padded(d.cache, mask, d.next_pos + 1),
+                       state.length + 1)
+
+    def start(self, prompt, batch_size, lengths=None):
+        if lengths is not None:
+            prompt, lengths = ragged_rows(prompt, batch_size, lengths)
+            if bool((lengths != lengths[:1]).any()):
+                return self._start_ragged(prompt, batch_size, lengths)
+            prompt = prompt[:, : int(lengths[0])] if batch_size else prompt  # one length after all
         prompt = self._prompt_rows(torch.as_tensor(prompt, dtype=torch.long), batch_size)
         # Rows with a shared prompt compute it once, then the cache is repeated.
         shared = prompt.shape[0] > 1 and bool((prompt == prompt[:1]).all())
@@ -213,6 +262,8 @@ class TransformersLM(LanguageModel):
     def extend(self, state, tokens):
         if isinstance(state.data, _StaticKV):
             return self._extend_static(state, tokens)
+        if isinstance(state.data, _Padded):
+            return self._extend_ragged(state, tokens)
         logits, cache = self._forward(tokens.to(self.device)[:, None], state.data)
         return LMState(torch.log_softmax(logits[:, -1].float(), -1), cache, state.length + 1)
 
@@ -225,6 +276,10 @@ class TransformersLM(LanguageModel):
             for layer in state.data.cache.layers:
                 layer.keys[:, :, :n] = layer.keys[:, :, :n].index_select(0, index)
                 layer.values[:, :, :n] = layer.values[:, :, :n].index_select(0, index)
+        elif isinstance(state.data, _Padded):
+            d = state.data
+            d.cache.reorder_cache(index)
+            return LMState(state.logprobs[index], _Padded(d.cache, d.mask[index], d.next_pos[index]), state.length)
         else:
             state.data.reorder_cache(index)
         return LMState(state.logprobs[index], state.data, state.length)

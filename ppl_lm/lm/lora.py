@@ -103,9 +103,9 @@ class LoraLM(LanguageModel):
     def token_texts(self):
         return self.base.token_texts()
 
-    def start(self, prompt, batch_size):
+    def start(self, prompt, batch_size, lengths=None):
         with self.active():
-            return self.base.start(prompt, batch_size)
+            return self.base.start(prompt, batch_size, lengths)
 
     def extend(self, state, tokens):
         with self.active():

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .base import LanguageModel, LMState
+from .base import LanguageModel, LMState, ragged_rows
 
 __all__ = ["MarkovLM", "ToyVocab"]
 
@@ -111,7 +111,13 @@ class MarkovLM(LanguageModel):
             return torch.log_softmax(self.init_logits, -1).expand(B, -1)
         return torch.log_softmax(self.trans_logits[last], -1)
 
-    def start(self, prompt, batch_size):
+    def start(self, prompt, batch_size, lengths=None):
+        if lengths is not None and prompt.shape[-1]:  # only each row's last prompt token matters
+            prompt, lengths = ragged_rows(prompt, batch_size, lengths)
+            last = prompt.gather(-1, (lengths - 1).clamp_min(0)[:, None])[:, 0]
+            logprobs = self._row(last, batch_size)
+            logprobs = torch.where((lengths == 0)[:, None], self._row(None, batch_size), logprobs)
+            return LMState(logprobs, last, prompt.shape[-1])
         prompt = torch.as_tensor(prompt, dtype=torch.long)
         if prompt.shape[-1] == 0:
             return LMState(self._row(None, batch_size), None, 0)

@@ -6,11 +6,10 @@ over (position, previous token, token) is representable.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from .base import LanguageModel, LMState
+from .base import LanguageModel, LMState, ragged_rows
 from .markov import MarkovLM
 
 __all__ = ["PositionalMarkovLM"]
@@ -57,7 +56,13 @@ class PositionalMarkovLM(LanguageModel):
             return torch.log_softmax(self.module.init_logits, -1).expand(B, -1)
         return torch.log_softmax(self.module.trans_logits[pos][last], -1)
 
-    def start(self, prompt, batch_size):
+    def start(self, prompt, batch_size, lengths=None):
+        if lengths is not None and prompt.shape[-1]:  # only each row's last prompt token matters
+            prompt, lengths = ragged_rows(prompt, batch_size, lengths)
+            last = prompt.gather(-1, (lengths - 1).clamp_min(0)[:, None])[:, 0]
+            logprobs = torch.where((lengths == 0)[:, None], self._row(0, None, batch_size),
+                                   self._row(0, last, batch_size))
+            return LMState(logprobs, (last, 0), prompt.shape[-1])
         prompt = torch.as_tensor(prompt, dtype=torch.long)
         if prompt.shape[-1] == 0:
             return LMState(self._row(0, None, batch_size), (None, 0), 0)

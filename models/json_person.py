@@ -1,0 +1,52 @@
+"""A JSON record of a person: the LM answers a chat-style request with a JSON object.
+
+π(x | c) ∝ π(x | chat prompt)·1[the text of x is a JSON object {"name": <string>, "age":
+<integer>} valid under the schema below], as an exact token constraint
+(``rewards.json_mask``: llguidance's JSON-schema grammar, fixed layout ``", "`` / ``": "``).
+SMC proposes only tokens that keep the text a prefix of a valid object (EOS only once it is
+complete, and at the last position only tokens that complete it), with the exact weight
+correction, so the posterior is π conditioned on the schema, not a greedy constrained decode.
+``mode="soft"``: a reward of 1 for a valid object instead, π(x)·exp(1[valid]/β).
+"""
+
+import sys
+
+import pyro
+
+import ppl_lm
+from ppl_lm import rewards
+
+description = "A JSON object with a string name and an integer age after a chat prompt (JSON-schema token mask)."
+context = ("<|im_start|>user\nGive a JSON object with a person's name and age.<|im_end|>\n"
+           "<|im_start|>assistant\n")
+toy_context = "Person: "
+methods = {"smc": {"num_particles": 32}, "importance": {"num_samples": 512}}
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def build(lm, mode: str = "hard", beta: float = 0.5, max_new_tokens: int = 24):
+    """The prompted LM conditioned on answering with a JSON object of :data:`SCHEMA`."""
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    mask = rewards.json_mask(lm, SCHEMA)  # built once: the grammar and the tokenizer's trie
+
+    def model(prompt: str):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
+        if mode == "hard":
+            ppl_lm.token_constraint("json", x, mask)
+        else:
+            ppl_lm.reward("json", mask.check(x).float(), beta=beta)
+        return x
+
+    return model
+
+
+if __name__ == "__main__":
+    from ppl_lm.cli import main
+
+    main(["run", __file__, *sys.argv[1:]])

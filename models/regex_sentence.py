@@ -1,0 +1,45 @@
+"""A sentence of a fixed shape: "<Name> is <n> years old." as a regular expression.
+
+π(x | c) ∝ π(x | prompt)·1[the text of x fully matches ``[A-Z][a-z]+ is [1-9][0-9]? years
+old\\.``] (Python ``re.fullmatch`` semantics), as an exact token constraint
+(``rewards.regex_mask``). Every tokenisation of a matching text counts. SMC proposes only
+tokens that keep the text a prefix of a match (EOS only after the final "."), with the exact
+weight correction; importance sampling and MH check the finished text with the same mask.
+``mode="soft"``: a reward of 1 for a match instead, π(x)·exp(1[match]/β). The CLI name is
+``regex`` (the module is ``regex_sentence``: a module named ``regex`` would shadow the package).
+"""
+
+import sys
+
+import pyro
+
+import ppl_lm
+from ppl_lm import rewards
+
+description = 'A sentence "<Name> is <n> years old." (regular expression as an exact token mask).'
+context = "Write one short sentence giving a person's name and age.\n"
+methods = {"smc": {"num_particles": 32}, "importance": {"num_samples": 512}}
+PATTERN = r"[A-Z][a-z]+ is [1-9][0-9]? years old\."
+
+
+def build(lm, pattern: str = PATTERN, mode: str = "hard", beta: float = 0.5, max_new_tokens: int = 16):
+    """The prompted LM conditioned on its text fully matching ``pattern``."""
+    if mode not in ("hard", "soft"):
+        raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    mask = rewards.regex_mask(lm, pattern)  # built once
+
+    def model(prompt: str):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
+        if mode == "hard":
+            ppl_lm.token_constraint("regex", x, mask)
+        else:
+            ppl_lm.reward("regex", mask.check(x).float(), beta=beta)
+        return x
+
+    return model
+
+
+if __name__ == "__main__":
+    from ppl_lm.cli import main
+
+    main(["run", __file__, *sys.argv[1:]])

@@ -1,0 +1,301 @@
+# %% [markdown]
+# # 6. A world behind the text
+#
+# **Claim.** A positive-sentiment condition can be explained in more than one way, and the
+# Bayesian answer to "how should the conditional generalise?" is a posterior over those
+# explanations. We write the explanations as a latent *world* $w$ that the LM reads as a preamble:
+#
+# - `plain`: no preamble, the LM as it is;
+# - `kinder`: "People are kinder than most stories suggest: ...": good things *happen* more;
+# - `restricted`: "Only pleasant things get written down here; ...": what gets *recorded* is filtered.
+#
+# The model (`ppl_lm.models.worlds`) is $p(w)\,\pi(x \mid \text{preamble}_w + c)\,e^{r(x)/\beta}$ with
+# $r$ the VADER sentiment and $\beta = 0.25$. The posterior $p(w \mid \text{positive})$ says which world
+# explains the reward; its predictive on *new* contexts, $\sum_w p(w \mid \text{positive})\,\pi(x \mid
+# \text{preamble}_w + c')$, is how this Bayesian model generalises. We compute $p(w \mid \text{positive})$
+# exactly on a toy, then by importance sampling, SMC and MH on SmolLM2 (the three preambles have
+# different token lengths: the backends read ragged prompts), and compare the predictive shift on the
+# probe pairs of notebook 5 with what the fine-tuned guide of notebook 5 did.
+
+# %%
+import contextlib
+import io
+import math
+import os
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="IProgress not found")
+warnings.filterwarnings("ignore", category=UserWarning, module="ppl_lm")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import ppl_lm
+from ppl_lm import rewards
+from ppl_lm.models import worlds
+
+%matplotlib inline
+# One thread by default: on a shared CPU, two threads per process spin-wait on each other and run
+# many times slower. Set PPL_LM_THREADS on a machine of your own.
+torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
+SMOKE = os.environ.get("PPL_LM_SMOKE") == "1"
+print("mode:", "smoke (tiny LMs)" if SMOKE else "real (SmolLM2-135M-Instruct)")
+BETA = 0.25
+
+# %% [markdown]
+# ## The toy: an exact answer
+#
+# A Markov LM over six word tokens. The world is the last prompt token (a Markov LM reads only
+# that): `plain` reads no prompt, `kinder` reads " kind", after which " good" is likely, and
+# `restricted` reads " rule", after which " bad" is nearly never written but everything else keeps
+# the plain odds. Sequences have at most 3 tokens, so the exact backend enumerates every $(w, x)$.
+
+# %%
+toy_words = ["", " good", " bad", " day", " kind", " rule"]
+init = torch.tensor([-1.0, 0.0, 0.0, 0.5, -9.0, -9.0])  # after no prompt: the plain world
+trans = torch.tensor([
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],     # (after EOS: unused)
+    [0.5, -1.0, -1.0, 0.5, -9.0, -9.0],  # after " good"
+    [0.5, -1.0, -1.0, 0.5, -9.0, -9.0],  # after " bad"
+    [1.0, 0.0, 0.0, -1.0, -9.0, -9.0],   # after " day"
+    [-1.0, 1.5, -0.5, 0.5, -9.0, -9.0],  # after " kind": good things happen
+    [-1.0, 0.0, -6.0, 0.5, -9.0, -9.0],  # after " rule": bad things are not written
+])
+toy = ppl_lm.MarkovLM(init, trans, eos_id=0, token_strings=toy_words)
+toy_model = worlds.build(toy, beta=BETA, max_new_tokens=3, preambles=["", " kind", " rule"])
+print("sentiment of ' good day', ' bad day', ' day':",
+      [round(rewards.sentiment(toy, torch.tensor([toy.encode(t) + [0]]))[0].item(), 3) for t in (" good day", " bad day", " day")])
+
+exact = ppl_lm.infer(toy_model, "", method="exact")
+p_exact = {worlds.WORLDS[int(k)]: p for k, (p, _) in exact.marginal("w").items()}
+print("prior      :", dict(zip(worlds.WORLDS, worlds.PRIOR)))
+print("exact p(w | positive):", {k: round(v, 4) for k, v in p_exact.items()})
+print("p(w | positive) / p(w):", {k: round(p_exact[k] / q, 3) for k, q in zip(worlds.WORLDS, worlds.PRIOR)})
+
+# %% [markdown]
+# The backends on the toy, against that exact answer. The tolerance comes from the problem, not
+# from the estimators: prior importance sampling with $N$ draws has the effective sample size
+# $N f$ with $f = (\mathbb{E}_p w)^2 / \mathbb{E}_p w^2$ computed exactly by enumeration, so a probability $p$
+# is off by about $\sqrt{p(1-p)/(N f)}$; we allow four of those.
+
+# %%
+lp, ll = exact.stats["log_prior"].double(), exact.stats["log_likelihood"].double()
+f_exact = float(torch.exp(2 * torch.logsumexp(lp + ll, 0) - torch.logsumexp(lp + 2 * ll, 0)))
+N_toy = 2_000 if SMOKE else 8_000
+toy_runs = {
+    "importance": ppl_lm.infer(toy_model, "", method="importance", num_samples=N_toy, seed=0, progress=False),
+    "smc": ppl_lm.infer(toy_model, "", method="smc", num_particles=N_toy, seed=0, progress=False),
+}
+print(f"exact prior-IS ESS fraction f = {f_exact:.3f}")
+print(f"{'world':11} {'exact':>7} " + " ".join(f"{m:>18}" for m in toy_runs))
+for k, name in enumerate(worlds.WORLDS):
+    cells = []
+    for m, post in toy_runs.items():
+        p, se = post.marginal("w").get(k, (0.0, 0.0))
+        tol = 4 * math.sqrt(p_exact[name] * (1 - p_exact[name]) / (N_toy * f_exact))
+        assert abs(p - p_exact[name]) <= tol, (m, name, p, p_exact[name], tol)
+        cells.append(f"{p:.4f} ± {se:.4f}")
+    print(f"{name:11} {p_exact[name]:7.4f} " + " ".join(f"{c:>18}" for c in cells))
+
+# %% [markdown]
+# On the toy the ratio $p(w \mid \text{positive}) / p(w)$ (how much better world $w$ explains the reward
+# than the average world) is largest for `kinder`: after " kind" the good event is likely, so the
+# reward is likely. The `restricted` world removes the bad event, which the reward punishes, but
+# does not add good ones, so it explains less. The backends agree with the exact answer within
+# the error the problem sets.
+#
+# ## SmolLM2: p(w | positive) by IS, SMC and MH
+
+# %%
+if SMOKE:
+    lm = ppl_lm.tiny_char_transformer(seed=0)
+    context, T = worlds.toy_context, 6
+    sizes = dict(is_n=32, smc_n=16, mh=dict(num_samples=4, num_chains=2, warmup_steps=2))
+else:
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF conversion progress bars
+        lm = ppl_lm.load_lm()
+    print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
+    context, T = worlds.context, 12
+    sizes = dict(is_n=192, smc_n=128, mh=dict(num_samples=15, num_chains=4, warmup_steps=5))
+model = worlds.build(lm, beta=BETA, max_new_tokens=T)
+print("context:", repr(context))
+print("prompt lengths (tokens) per world:", dict(zip(worlds.WORLDS, map(len, worlds.prompts(lm, context)))))
+
+runs, seconds = {}, {}
+for method, opts in (("importance", dict(num_samples=sizes["is_n"])), ("smc", dict(num_particles=sizes["smc_n"])),
+                     ("mh", sizes["mh"])):
+    t0 = time.perf_counter()
+    runs[method] = ppl_lm.infer(model, context, method=method, seed=1, progress=False, **opts)
+    seconds[method] = time.perf_counter() - t0
+    print(f"{method:10} {seconds[method]:6.0f} s  ESS {runs[method].ess:7.1f}  options {opts}")
+
+# %%
+print(f"{'world':11} {'prior':>6} " + " ".join(f"{m:>16}" for m in runs))
+table = {}
+for k, name in enumerate(worlds.WORLDS):
+    table[name] = {m: post.marginal("w").get(k, (0.0, 0.0)) for m, post in runs.items()}
+    print(f"{name:11} {worlds.PRIOR[k]:6.2f} " + " ".join(f"{p:.3f} ± {se:.3f}".rjust(16) for p, se in table[name].values()))
+# Agreement: for each pair of backends and each world, the gap in standard errors of the difference.
+z = {}
+for a in runs:
+    for b in runs:
+        if a < b:
+            z[(a, b)] = max(abs(table[n][a][0] - table[n][b][0]) / max(math.hypot(table[n][a][1], table[n][b][1]), 1e-12)
+                            for n in worlds.WORLDS)
+for (a, b), v in z.items():
+    print(f"{a} vs {b}: largest gap {v:.1f} standard errors ({'agree' if v < 3 else 'DISAGREE'} at 3 se)")
+for name in worlds.WORLDS:
+    assert all(0 <= p <= 1 for p, _ in table[name].values())
+assert all(abs(sum(p for p, _ in post.marginal("w").values()) - 1) < 1e-6 for post in runs.values())
+print("\nexamples (IS, heaviest weights):")
+w_is = runs["importance"].values["w"]
+for i in torch.argsort(runs["importance"].log_weights, descending=True)[:3].tolist():
+    print(f"  [{worlds.WORLDS[int(w_is[i])]}] {runs['importance'].texts[i]!r}")
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3.4))
+xs = np.arange(len(worlds.WORLDS))
+ax.bar(xs - 0.3, worlds.PRIOR, 0.15, color="lightgrey", label="prior p(w)")
+for i, m in enumerate(runs):
+    ax.errorbar(xs - 0.1 + 0.15 * i, [table[n][m][0] for n in worlds.WORLDS],
+                yerr=[2 * table[n][m][1] for n in worlds.WORLDS], fmt="os^"[i], capsize=4, label=f"{m} (±2 se)")
+ax.set_xticks(xs, worlds.WORLDS)
+ax.set_ylabel("p(w | positive)")
+ax.set_title("which world explains a positive continuation")
+ax.legend(fontsize=8)
+fig.tight_layout()
+
+# %% [markdown]
+# ## How the Bayesian model generalises: the probe pairs of notebook 5
+#
+# Notebook 5 probed its fine-tuned guide with pairs of complete continuations of a new, neutral
+# context ("Here is what happened today:"): *wording* pairs (same event, positive vs negative words)
+# and *world* pairs (good vs bad event, neutral words, equal VADER score). Here the same probes go
+# through the world model's posterior predictive. No reward applies at the probe: the reward was
+# evidence about $w$, and only what it taught about $w$ carries over,
+# $$\Delta(a) = \log \sum_w p(w \mid \text{positive})\,\pi(a \mid \text{pre}_w + c') - \log \sum_w p(w)\,\pi(a \mid \text{pre}_w + c').$$
+# For a pair, $\Delta(a) - \Delta(b)$ is the predictive shift of the good text over the bad one.
+
+# %%
+probe_context = "Here is what happened today:"
+wording_pairs = [
+    (" The weather was lovely.", " The weather was awful."),
+    (" The staff were friendly and helpful.", " The staff were rude and useless."),
+    (" It was a great day.", " It was a terrible day."),
+    (" The meal was delicious.", " The meal was disgusting."),
+    (" We had a wonderful time.", " We had a horrible time."),
+    (" The show was brilliant.", " The show was boring."),
+    (" Everyone was happy.", " Everyone was sad."),
+    (" The trip was fantastic.", " The trip was a disaster."),
+]
+world_pairs = [
+    (" The bridge was opened to traffic.", " The bridge was closed to traffic."),
+    (" All the passengers reached the station.", " None of the passengers reached the station."),
+    (" The river level went down overnight.", " The river level went up overnight."),
+    (" Prices at the market went down.", " Prices at the market went up."),
+    (" The school stayed open all week.", " The school stayed shut all week."),
+    (" The factory hired two hundred workers.", " The factory let go of two hundred workers."),
+    (" The patient went home on Monday.", " The patient stayed in the ward on Monday."),
+    (" The train arrived on time.", " The train arrived two hours late."),
+]
+
+
+def world_scores(texts):
+    """log π(text | preamble_w + probe context) for every world: [len(texts), 3]."""
+    ids = [lm.encode(t) + [lm.eos_id] for t in texts]
+    L = max(len(i) for i in ids)
+    x = torch.tensor([i + [lm.eos_id] * (L - len(i)) for i in ids])
+    with torch.no_grad():
+        return torch.stack([lm.score(p, x).double() for p in worlds.prompts(lm, probe_context)], -1)
+
+
+log_prior_w = torch.tensor(worlds.PRIOR, dtype=torch.float64).log()
+
+
+def shifts(pairs, p_w):
+    log_post_w = torch.tensor([max(p_w[n], 1e-300) for n in worlds.WORLDS], dtype=torch.float64).log()
+    out = []
+    for side in (0, 1):
+        L = world_scores([pair[side] for pair in pairs])
+        out.append(torch.logsumexp(log_post_w + L, -1) - torch.logsumexp(log_prior_w + L, -1))
+    return (out[0] - out[1]).numpy()
+
+
+bayes = {}
+for m in runs:
+    p_w = {n: table[n][m][0] for n in worlds.WORLDS}
+    bayes[m] = {"wording": shifts(wording_pairs, p_w), "world": shifts(world_pairs, p_w)}
+# How far the worlds themselves pull the pairs apart: the largest possible shift puts all mass on one world.
+extreme = {n: {"wording": shifts(wording_pairs, {k: float(k == n) for k in worlds.WORLDS}).mean(),
+               "world": shifts(world_pairs, {k: float(k == n) for k in worlds.WORLDS}).mean()} for n in worlds.WORLDS}
+# Notebook 5's fine-tuned LoRA guide (60 SVI steps, SmolLM2, beta = 0.25), from its committed run:
+# mean Δ(a)−Δ(b) with 95% bootstrap intervals. Not recomputed here (training takes many CPU minutes).
+finetuned = {"wording": (1.25, 0.95, 1.54), "world": (0.11, -0.28, 0.48)}
+print(f"{'pairs':8} " + " ".join(f"{'Bayes/' + m:>15}" for m in bayes) + f" {'fine-tuned (nb 5)':>24} {'exact tilt (r gap/β)':>21}")
+gap = {}
+for kind, pairs in (("wording", wording_pairs), ("world", world_pairs)):
+    xa = [lm.encode(a) + [lm.eos_id] for a, _ in pairs]
+    xb = [lm.encode(b) + [lm.eos_id] for _, b in pairs]
+    ra = np.array([rewards.sentiment(lm, torch.tensor([i]))[0].item() for i in xa])
+    rb = np.array([rewards.sentiment(lm, torch.tensor([i]))[0].item() for i in xb])
+    gap[kind] = float((ra - rb).mean()) / BETA
+    ft = finetuned[kind]
+    print(f"{kind:8} " + " ".join(f"{bayes[m][kind].mean():+15.3f}" for m in bayes)
+          + f" {ft[0]:+9.2f} [{ft[1]:+.2f}, {ft[2]:+.2f}]" + f" {gap[kind]:+21.2f}")
+print("\nall mass on one world (the largest shift this model can make):")
+for n, e in extreme.items():
+    print(f"  {n:11} wording {e['wording']:+.3f}  world {e['world']:+.3f}")
+for m in bayes:
+    assert all(np.isfinite(v).all() for v in bayes[m].values())
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3.4))
+kinds = ["wording", "world"]
+xs = np.arange(2)
+for i, m in enumerate(bayes):
+    ax.bar(xs - 0.3 + 0.15 * i, [bayes[m][k].mean() for k in kinds], 0.15, label=f"Bayes, p(w) from {m}")
+ax.errorbar(xs + 0.2, [finetuned[k][0] for k in kinds],
+            yerr=np.array([[finetuned[k][0] - finetuned[k][1], finetuned[k][2] - finetuned[k][0]] for k in kinds]).T,
+            fmt="D", color="k", capsize=5, label="fine-tuned guide (notebook 5, 95% CI)")
+ax.axhline(0, color="grey", lw=0.5)
+ax.set_xticks(xs, [f"{k} pairs" for k in kinds])
+ax.set_ylabel("mean Δ(a) − Δ(b) (nats)")
+ax.set_title("predictive shift of good over bad texts in a new context")
+ax.legend(fontsize=8)
+fig.tight_layout()
+
+# %% [markdown]
+# ## Reading the committed run (SmolLM2)
+#
+# - *The toy is exact, and the backends match it.* Exact enumeration gives p(w | positive) = 0.390 /
+#   0.356 / 0.254 for plain / kinder / restricted (prior 0.5 / 0.25 / 0.25): the kinder world explains
+#   the reward 1.42 times better than the average world, the restricted one 1.02 times, the plain
+#   one 0.78 times. Importance sampling (0.377, 0.354, 0.269) and SMC (0.373, 0.377, 0.250) with
+#   8000 draws are within the four-standard-error band that the exact prior-IS ESS (f = 0.37) sets.
+# - *On SmolLM2 the worlds are hard to tell apart, and the budget shows.* Importance sampling (192
+#   draws, ESS 81) gives 0.54 ± 0.06 / 0.17 ± 0.04 / 0.29 ± 0.05; SMC (128 particles, ESS 84) gives
+#   0.58 ± 0.05 / 0.30 ± 0.05 / 0.12 ± 0.04. They agree on the plain world and on "near the prior",
+#   but disagree on kinder vs restricted by 2.7 standard errors: at these sizes the standard errors
+#   (themselves estimates, from about 80 effective draws) understate the error, and no backend can
+#   yet say which of the two non-plain worlds explains a positive continuation better. MH (4 chains,
+#   15 draws after 5 warm-up steps, 285 s) has not mixed (R-hat 2.3, ESS 8, its own warnings say so)
+#   and disagrees with SMC by 4.2 standard errors: its numbers are shown, not trusted. Each MH step
+#   costs one LM pass plus one scoring pass per world (the exact Gibbs step on w); on this CPU that
+#   is about 14 s per step for 4 chains, so a mixed MH run is out of this notebook's budget.
+# - *How this Bayesian model generalises.* Putting all mass on one world bounds what the model can
+#   do on notebook 5's probes: the kinder preamble shifts wording pairs by +1.93 nats and world pairs
+#   by +0.55 (good events become likelier even in neutral words: the "kinder world" reading), the
+#   restricted preamble shifts them by −1.01 and −0.46 (SmolLM2 does not read "only pleasant things
+#   get written down" as "write pleasantly"), plain by −1.41 and +0.12. With the posteriors above
+#   the predictive shifts are small: wording −0.21 (IS) / +0.10 (SMC), world −0.02 / +0.07 nats,
+#   because p(w | positive) stays near the prior. The fine-tuned guide of notebook 5 moved wording
+#   pairs by +1.25 [0.95, 1.54] and world pairs by +0.11 [−0.28, +0.48]: it learned the reward's
+#   wording ("restricted text" in notebook 5's sense), while this world model can only move
+#   probability along the directions its three preambles span, and the evidence barely moves it.
+# - *What the numbers cannot say.* One context, 12 new tokens, a hand-written set of three
+#   preambles and a few hundred draws: the posterior over worlds is weakly identified here, and
+#   the comparison with the fine-tune says more about how differently the two generalise (through
+#   the preambles' meaning vs through the reward's words) than about which is right.
