@@ -3,35 +3,37 @@
 The same problem on both sides: SmolLM2-135M, prompt "I watched the new movie last night
 and", 12 new tokens, reward r = VADER compound sentiment of the continuation, β = 0.25,
 objective J(q) = E_q[r] − β·KL(q‖π) (π: the frozen LM), LoRA r=8, α=16 on q_proj/v_proj, 8
-particles (completions) per step, Adam at the same step size, constant, 30 steps.
+completions per step, 30 steps, Adam at the same peak step size (``--lr``, 2e-3) and the same
+global gradient-norm clip (1.0), each side with its own default schedule: ours decays the step
+size geometrically by ``--lr-decay`` (0.1) over the run, TRL uses transformers' default linear
+decay (``--trl-scheduler``).
 
-- ours: ``ppl_lm.infer(model, prompt, method="svi", guide="lora", num_particles=8, ...)``; the
-  model is ``ppl_lm.reward("sentiment", r, beta=β)`` so the ELBO is J/β. Per-step J estimates:
-  ``trace["reward:sentiment"] − β·trace["kl_prior"]``.
+- ours: ``ppl_lm.infer(model, prompt, method="svi", objective="reverse", guide="lora", ...)``;
+  the model is ``ppl_lm.reward("sentiment", r, beta=β)`` so the ELBO is J/β.
 - TRL: ``RLOOTrainer`` with ``RLOOConfig(beta=β, num_generations=8, per_device_train_batch_size=8,
   max_completion_length=12, num_iterations=1, top_k=0, top_p=1, temperature=1,
-  lr_scheduler_type="constant", max_grad_norm=0.0, gradient_checkpointing=False, bf16=False,
-  use_cpu=True)``. Its reward is r − β·Σ_t log(q/π) (sequence KL), its advantage the same RLOO
-  leave-one-out baseline, so its gradient is β × ours (Adam is scale-free). Per-step J
-  estimates: ``reward − β·kl·mean_length`` from its logs (``kl`` is the per-token mean).
+  max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, use_cpu=True)``. Its reward is
+  r − β·Σ_t log(q/π) (sequence KL), its advantage the same RLOO leave-one-out baseline, so its
+  gradient is β × ours (Adam is scale-free).
+
+Time is the training thread's CPU time (``time.thread_time``; one torch thread), not wall time:
+the machine is shared, and wall time would count other processes.
 
 Measuring J: every ``--eval-every`` steps (and at step 0) each policy is evaluated off the
 training clock on ``--eval-samples`` fresh samples, J = mean(r − β·(log q − log π)), with the
 same sampling noise at every evaluation (common random numbers; at step 0 both policies are
-the LM itself, so both curves start at the same value). Ours is run as one ``method="svi"``
-run in segments through its checkpoints (a resumed run continues exactly as an uninterrupted
-one: weights, Adam state, random states); TRL evaluates in a ``TrainerCallback``. "Time to
-target" is the training time at which each evaluated curve first reaches the target
-J0 + 0.8·(J* − J0), J* the lower of the two best evaluated J's and J0 the LM's own J (linear
-interpolation between evaluations; undefined when neither improves on J0). The noisy
-per-step training-batch estimates (ours: ``reward:sentiment − β·kl_prior`` from the trace;
-TRL: ``reward − β·kl·mean_length`` from its logs, ``kl`` being a per-token mean) go to the CSV.
+the LM itself, so both curves start at the same value). Ours evaluates in the ``callback`` of
+``method="svi"``, TRL in a ``TrainerCallback``. Two yardsticks that one noisy evaluation does
+not decide (:func:`yardsticks`): the mean J over the second half of the shorter run's training
+time, for both at equal time; and the time each method's running mean (3 evaluations) takes to
+reach TRL's final level (the mean of its last 3 evaluations), whose ratio is the speed-up at
+equal J. Per-step training-batch estimates go to the CSV too.
 
-Runs alternate ours / TRL / TRL / ours ... over ``--repeats`` (seeds differ per repeat).
+Runs alternate ours / TRL / TRL / ours ... over ``--repeats`` (3; seeds differ per repeat).
 Curves go to benchmarks/out/svi_vs_trl.csv and .png.
 
-    python benchmarks/svi_vs_trl.py            # 30 steps, 2 repeats (about 10 minutes on 2 cores)
-    python benchmarks/svi_vs_trl.py --smoke    # tiny: 3 steps on SmolLM2, 1 repeat
+    python benchmarks/svi_vs_trl.py --threads 1    # 30 steps, 3 repeats
+    python benchmarks/svi_vs_trl.py --smoke        # tiny: 3 steps on SmolLM2, 1 repeat
 """
 
 from __future__ import annotations
@@ -101,21 +103,23 @@ def run_ours(lm, args, seed):
         return x
 
     pyro.clear_param_store()
-    ckpt = tempfile.mkdtemp(prefix="svi_")
     curve = [(0, 0.0, evaluate(lm, lm, beta, T, args.eval_samples, EVAL_SEED))]
-    train_s, wall0 = 0.0, time.perf_counter()
-    for upto in list(range(args.eval_every, args.steps, args.eval_every)) + [args.steps]:
-        post = ppl_lm.infer(model, PROMPT, method="svi", guide="lora", num_steps=upto,
-                            num_particles=args.particles, lr=args.lr, lora_r=8, lora_alpha=16,
-                            checkpoint_dir=ckpt, checkpoint_every=args.eval_every, num_samples=2,
-                            seed=seed, progress=False)
-        train_s += post.info["train_time"]
-        curve.append((upto, train_s, evaluate(post.guide.lm, lm, beta, T, args.eval_samples, EVAL_SEED)))
+    wall0 = time.perf_counter()
+
+    def on_step(step, guide, stats):  # off the training clock
+        if step % args.eval_every == 0 or step == args.steps:
+            curve.append((step, stats["cpu_seconds"], evaluate(guide.lm, lm, beta, T, args.eval_samples, EVAL_SEED)))
+
+    post = ppl_lm.infer(model, PROMPT, method="svi", objective="reverse", guide="lora", num_steps=args.steps,
+                        num_particles=args.particles, lr=args.lr, lr_decay=args.lr_decay, clip_norm=args.clip_norm,
+                        lora_r=8, lora_alpha=16, num_samples=2, crosscheck_samples=0, seed=seed, progress=False,
+                        callback=on_step)
     tr = post.info["trace"]
+    train_s = float(tr["cpu_seconds"][-1])
     J = np.asarray(tr["reward:sentiment"]) - beta * np.asarray(tr["kl_prior"])
     return {"J": J, "reward": np.asarray(tr["reward:sentiment"]), "kl": np.asarray(tr["kl_prior"]),
             "curve": curve, "train_s": train_s,
-            "other_s": time.perf_counter() - wall0 - train_s}  # segments' setup, checkpoints, evals
+            "other_s": time.perf_counter() - wall0 - train_s}  # setup, evaluations, the correction
 
 
 def run_trl(base_model, tokenizer, args, seed):
@@ -134,20 +138,20 @@ def run_trl(base_model, tokenizer, args, seed):
     curve = [(0, 0.0, evaluate(base_lm, base_lm, args.beta, args.tokens, args.eval_samples, EVAL_SEED))]
     clock = {"t0": None, "paused": 0.0}
 
-    def now():
-        return time.perf_counter() - clock["t0"] - clock["paused"]
+    def now():  # CPU time of the training thread (the machine is shared), evaluations excluded
+        return time.thread_time() - clock["t0"] - clock["paused"]
 
     class EvalClock(TrainerCallback):
         """Evaluates the policy every ``eval_every`` steps, off the training clock."""
 
         def on_train_begin(self, a, state, control, **kw):
-            clock["t0"] = time.perf_counter()
+            clock["t0"] = time.thread_time()
 
         def on_step_end(self, a, state, control, model=None, **kw):
             if state.global_step % args.eval_every and state.global_step != args.steps:
                 return
             t = now()
-            p0 = time.perf_counter()
+            p0 = time.thread_time()
             peft_model = trainer.model
             was_training = peft_model.training
             peft_model.eval()
@@ -156,7 +160,7 @@ def run_trl(base_model, tokenizer, args, seed):
                           EVAL_SEED)
             peft_model.train(was_training)
             curve.append((state.global_step, t, ev))
-            clock["paused"] += time.perf_counter() - p0
+            clock["paused"] += time.thread_time() - p0
 
     def sentiment_reward(completions, **kw):
         return vader(completions)
@@ -166,7 +170,7 @@ def run_trl(base_model, tokenizer, args, seed):
         output_dir=out, beta=args.beta, num_generations=args.particles,
         per_device_train_batch_size=args.particles, max_completion_length=args.tokens,
         num_iterations=1, temperature=1.0, top_k=0, top_p=1.0, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+        lr_scheduler_type=args.trl_scheduler, warmup_steps=0, weight_decay=0.0, max_grad_norm=args.clip_norm,
         max_steps=args.steps, logging_steps=1, save_strategy="no", report_to="none",
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, seed=seed,
         disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=False,
@@ -225,6 +229,43 @@ def plain_copy(model):
     return plain.eval()
 
 
+def smoothed(curve, k=3):
+    """(time, J) of the evaluated curve, J a running mean over the last ``k`` evaluations."""
+    ts = [c[1] for c in curve]
+    js = [c[2]["J"] for c in curve]
+    return ts, [float(np.mean(js[max(0, i - k + 1): i + 1])) for i in range(len(js))]
+
+
+def yardsticks(o, t):
+    """Noise-robust comparisons of two evaluated curves (common random numbers in every evaluation).
+
+    - Equal training time T = the shorter run's: the mean J over the evaluations in [T/2, T]
+      (several evaluations of 128 samples each: its se is the se of that mean).
+    - Equal J: J* = TRL's final level (the mean of its last 3 evaluations); the time at which
+      each method's running mean over 3 evaluations first reaches J*; the speed-up is the ratio.
+    """
+    T = min(o["train_s"], t["train_s"])
+
+    def half(r):
+        pts = [c[2] for c in r["curve"] if T / 2 <= c[1] <= T + 1e-9]
+        js = np.array([p["J"] for p in pts])
+        se = math.sqrt(sum(p["J_se"] ** 2 for p in pts)) / len(pts) if pts else float("nan")
+        return (float(js.mean()) if len(js) else float("nan")), se
+
+    target = float(np.mean([c[2]["J"] for c in t["curve"][-3:]]))
+    to = time_to_smoothed(o["curve"], target)
+    tt = time_to_smoothed(t["curve"], target)
+    (oj, ojs), (tj, tjs) = half(o), half(t)
+    return {"equal_time": T, "ours_J_half": oj, "ours_J_half_se": ojs, "trl_J_half": tj, "trl_J_half_se": tjs,
+            "target_J": target, "ours_time_to_target": to, "trl_time_to_target": tt,
+            "speedup_time_to_target": tt / to if to > 0 else float("nan")}
+
+
+def time_to_smoothed(curve, target):
+    ts, js = smoothed(curve)
+    return time_to([(0, a, {"J": b}) for a, b in zip(ts, js)], target)
+
+
 def time_to(curve, target):
     """First training time at which the evaluated curve reaches ``target`` (linear interpolation)."""
     ts = [c[1] for c in curve]
@@ -246,15 +287,16 @@ def main(argv=None):
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--tokens", type=int, default=12)
     p.add_argument("--beta", type=float, default=0.25)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam step size, both sides")
+    p.add_argument("--lr-decay", type=float, default=0.1, help="ours: the step size shrinks by this over the run")
+    p.add_argument("--trl-scheduler", default="linear", help="TRL's lr_scheduler_type (transformers' default: linear)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip, both sides")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 5)")
     p.add_argument("--eval-samples", type=int, default=None, help="fresh samples per evaluation (default 128)")
-    p.add_argument("--target-frac", type=float, default=0.8,
-                   help="target J = J0 + frac·(lower of the two best J's − J0)")
     args = p.parse_args(argv)
     _bench.setup(args)
     args.steps = args.steps or (3 if args.smoke else 30)
-    args.repeats = args.repeats or (1 if args.smoke else 2)
+    args.repeats = args.repeats or (1 if args.smoke else 3)
     args.eval_samples = args.eval_samples or (8 if args.smoke else 128)
     args.eval_every = args.eval_every or (2 if args.smoke else 5)
 
@@ -286,21 +328,21 @@ def main(argv=None):
     rows = []
     for rep in range(args.repeats):
         o, t = runs["ours"][rep], runs["trl"][rep]
-        # a level both reach: J0 + frac·(the lower of the two best evaluated J's − J0)
-        j0 = o["curve"][0][2]["J"]
-        best = min(max(c[2]["J"] for c in o["curve"][1:]), max(c[2]["J"] for c in t["curve"][1:]))
-        target = j0 + args.target_frac * (best - j0) if best > j0 else float("nan")
-        to, tt = time_to(o["curve"], target), time_to(t["curve"], target)
-        rows.append({"rep": rep, "target_J": target, "ours_time_to_target": to, "trl_time_to_target": tt,
-                     "speedup_time_to_target": tt / to if to > 0 else float("nan"),
+        y = yardsticks(o, t)
+        rows.append({"rep": rep, **y,
                      "ours_s_per_step": o["train_s"] / args.steps, "trl_s_per_step": t["train_s"] / args.steps,
                      "speedup_per_step": t["train_s"] / o["train_s"],
                      "ours_curve": [(c[0], c[1], c[2]) for c in o["curve"]],
                      "trl_curve": [(c[0], c[1], c[2]) for c in t["curve"]]})
-        print(f"rep {rep}: target J {target:+.3f} reached after {to:.1f}s (ours) vs {tt:.1f}s (TRL) of training")
+        print(f"rep {rep}: at equal training time ({y['equal_time']:.0f} s), mean J over its second half: ours "
+              f"{y['ours_J_half']:+.3f} ± {y['ours_J_half_se']:.3f}, TRL {y['trl_J_half']:+.3f} ± "
+              f"{y['trl_J_half_se']:.3f}; TRL's final level J* {y['target_J']:+.3f} reached after "
+              f"{y['ours_time_to_target']:.0f} s (ours) vs {y['trl_time_to_target']:.0f} s (TRL) -> "
+              f"{y['speedup_time_to_target']:.2f}x", flush=True)
     med = lambda k: statistics.median(r[k] for r in rows)  # noqa: E731
     summary = {"speedup_per_step": med("speedup_per_step"),
                "speedup_time_to_target": med("speedup_time_to_target"),
+               "ours_J_half": med("ours_J_half"), "trl_J_half": med("trl_J_half"),
                "ours_s_per_step": med("ours_s_per_step"), "trl_s_per_step": med("trl_s_per_step")}
     print(f"per-step time: ours {summary['ours_s_per_step']:.2f}s, TRL {summary['trl_s_per_step']:.2f}s -> "
           f"ours {summary['speedup_per_step']:.2f}x faster per step; time to the common target J: "

@@ -45,7 +45,9 @@ DEFAULT_COMPARE = ("importance", "smc", "mh", "svi")
 REQUIRED_SCRIPT_ATTRS = ("build", "context")
 
 #: Command-line flags that map to backend options (flag dest -> option name).
-OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size")
+OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size",
+                "objective", "checkpoint_dir")
+SVI_FLAGS = ("guide", "objective", "checkpoint_dir")  # flags of --method svi only
 
 
 class CLIError(Exception):
@@ -212,13 +214,13 @@ def _options(method: str, module: ModuleType, args, strict: bool) -> dict[str, A
         value = getattr(args, flag, None)
         if value is None:
             continue
-        if flag == "guide" and method != "svi":
+        if flag in SVI_FLAGS and method != "svi":
             if strict:
-                raise CLIError("--guide applies to --method svi only")
+                raise CLIError(f"--{flag.replace('_', '-')} applies to --method svi only")
             continue
         if flag not in named:
             if strict:
-                takes = sorted(set(OPTION_FLAGS) & named - ({"guide"} if method != "svi" else set()))
+                takes = sorted(set(OPTION_FLAGS) & named - (set(SVI_FLAGS) if method != "svi" else set()))
                 raise CLIError(
                     f"method {method!r} does not take --{flag.replace('_', '-')}"
                     + (f"; it takes {', '.join('--' + t.replace('_', '-') for t in takes)}" if takes else ""))
@@ -226,7 +228,27 @@ def _options(method: str, module: ModuleType, args, strict: bool) -> dict[str, A
         opts[flag] = value
     if "progress" in named:
         opts["progress"] = not args.quiet
+    if method == "svi":
+        _check_resume(opts.get("checkpoint_dir"), getattr(args, "resume", False))
     return opts
+
+
+def _check_resume(checkpoint_dir: str | None, resume: bool) -> None:
+    """A checkpoint is continued only when asked (``--resume``), never found and resumed silently."""
+    import os
+
+    from ppl_lm.inference.svi.checkpoint import CHECKPOINT_FILE
+
+    if checkpoint_dir is None:
+        if resume:
+            raise CLIError("--resume needs --checkpoint-dir DIR (the folder of the run to continue)")
+        return
+    exists = os.path.exists(os.path.join(checkpoint_dir, CHECKPOINT_FILE))
+    if exists and not resume:
+        raise CLIError(f"{checkpoint_dir} already holds an svi checkpoint; pass --resume to continue that run "
+                       "(same model, context, --set values and options), or choose another --checkpoint-dir")
+    if resume and not exists:
+        raise CLIError(f"--resume: {checkpoint_dir} holds no svi checkpoint ({CHECKPOINT_FILE}) to continue")
 
 
 def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[str]):
@@ -473,7 +495,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-chains", type=_positive_int, help="chains (mh)")
     p.add_argument("--warmup-steps", type=_nonneg_int, help="warm-up transitions per chain (mh)")
     p.add_argument("--num-steps", type=_positive_int, help="optimisation steps (svi)")
-    p.add_argument("--guide", help="svi guide: full or lora")
+    p.add_argument("--guide", help="svi guide: lora (default for transformer LMs) or full")
+    p.add_argument("--objective", choices=["reverse", "forward", "forward_then_reverse"],
+                   help="svi objective: reverse (the ELBO, default) or forward (distribution matching)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="svi: write checkpoints to DIR (a killed run can be continued with --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="svi: continue the run checkpointed in --checkpoint-dir (refused if the model, context, "
+                        "--set values, LM or options differ)")
     p.add_argument("--chunk-size", type=_positive_int,
                    help="particles held in memory at once (importance, smc; default: from the model size)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import ppl_lm
 from ppl_lm import seeding as _random
-from ppl_lm.inference.svi.distributed import DistributedRLOO_ELBO, block_seed, train
+from ppl_lm.inference.svi.distributed import DistributedLoss, block_seed, train
 from ppl_lm.inference.svi.elbo import particle_terms
 from ppl_lm.inference.svi.guides import make_guide
 
@@ -41,7 +41,7 @@ def one_step_grads(model, blocks: int | None):
     pyro.clear_param_store()
     with _random.seeded(SEED):
         guide = make_guide(model, (), kind="full")
-    elbo = DistributedRLOO_ELBO(N, SEED, num_blocks=blocks)
+    elbo = DistributedLoss(N, SEED, num_blocks=blocks)
     elbo.loss_and_grads(model, guide, ())
     grads = {k: p.grad.detach().clone() for k, p in guide.module.named_parameters()}
     values = torch.cat([v["x"] for v in elbo.last_values])
@@ -122,7 +122,7 @@ def test_local_baseline_with_contexts_is_per_block_rloo():
     pyro.clear_param_store()
     with _random.seeded(SEED):
         guide = make_guide(model, (), kind="full")
-    elbo = DistributedRLOO_ELBO(N, SEED, num_blocks=2, contexts=contexts)
+    elbo = DistributedLoss(N, SEED, num_blocks=2, contexts=contexts)
     assert elbo.baseline == "local"
     elbo.loss_and_grads(model, guide)
     got = {k: p.grad.detach().clone() for k, p in guide.module.named_parameters()}
@@ -145,10 +145,80 @@ def test_local_baseline_with_contexts_is_per_block_rloo():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="divisible"):
-        DistributedRLOO_ELBO(9, 0, num_blocks=2)
+        DistributedLoss(9, 0, num_blocks=2)
     with pytest.raises(ValueError, match="baseline"):
-        DistributedRLOO_ELBO(8, 0, baseline="median")
+        DistributedLoss(8, 0, baseline="median")
     with pytest.raises(ValueError, match="at least 2 particles per block"):
-        DistributedRLOO_ELBO(4, 0, num_blocks=4, baseline="local")
+        DistributedLoss(4, 0, num_blocks=4, baseline="local")
     with pytest.raises(ValueError, match="num_particles"):
         train(toy(), (), num_particles=1, guide="full")
+
+
+def test_seed_reaches_the_lora_initialisation():
+    """The runner builds its guide under the user's seed (it used to build every LoRA guide
+    from seed 0): two seeds give two initialisations, one seed the same one."""
+    lm = ppl_lm.tiny_transformer(5, eos_id=0, seed=1, scale=0.15)
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt) or [1], max_new_tokens=3))
+        ppl_lm.reward("r", (x == 2).float().sum(-1), beta=1.0)
+        return x
+
+    a = {k: v for k, v in train(model, (), num_steps=0, seed=1, progress=False).guide.state_dict().items()
+         if "lora_A" in k}
+    b = {k: v for k, v in train(model, (), num_steps=0, seed=2, progress=False).guide.state_dict().items()
+         if "lora_A" in k}
+    c = {k: v for k, v in train(model, (), num_steps=0, seed=1, progress=False).guide.state_dict().items()
+         if "lora_A" in k}
+    assert a and any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_same_defaults_as_method_svi():
+    """One loop, one set of defaults: guide kind, step size, its decay and the norm clip."""
+    import inspect
+
+    from ppl_lm.inference import svi
+
+    run, tr = inspect.signature(svi.run).parameters, inspect.signature(train).parameters
+    for name in ("guide", "objective", "lr", "lr_decay", "clip_norm", "relax_penalty", "num_particles",
+                 "lora_r", "lora_alpha", "checkpoint_every"):
+        assert run[name].default == tr[name].default, name
+    lm = ppl_lm.tiny_transformer(5, eos_id=0, seed=1, scale=0.15)
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt) or [1], max_new_tokens=3))
+        ppl_lm.reward("r", (x == 2).float().sum(-1), beta=1.0)
+        return x
+
+    res = train(model, (), num_steps=2, num_particles=4, progress=False)
+    assert res.guide.kind == "lora" and res.info["lr"] == svi.DEFAULT_LR["lora"]
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
+    model = toy()
+    pyro.clear_param_store()
+    straight = train(model, (), num_steps=STEPS, num_particles=N, guide="full", seed=SEED, progress=False)
+    pyro.clear_param_store()
+    with pytest.raises(_Stop):  # killed after step 3; the checkpoint holds step 2
+        train(model, (), num_steps=STEPS, num_particles=N, guide="full", seed=SEED, progress=False,
+              checkpoint_dir=str(tmp_path), checkpoint_every=2, callback=_stop_after(3))
+    pyro.clear_param_store()
+    resumed = train(model, (), num_steps=STEPS, num_particles=N, guide="full", seed=SEED, progress=False,
+                    checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    assert resumed.info["start_step"] == 2
+    for k, v in straight.guide.state_dict().items():
+        assert torch.equal(resumed.guide.state_dict()[k], v), k
+    assert (resumed.trace["elbo"] == straight.trace["elbo"]).all()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(n):
+    def cb(step, stats):
+        if step + 1 >= n:
+            raise _Stop
+
+    return cb

@@ -11,11 +11,7 @@ import ppl_lm
 from ppl_lm.infer import METHODS
 from ppl_lm.posterior import Info
 
-# svi gains model_kwargs and a typed SVIInfo on the issue-15 branch: drop the mark when it is merged
-# (strict: the run then reports XPASS as a failure, so the mark cannot be forgotten).
-_SVI_PENDING = pytest.mark.xfail(reason="svi: model_kwargs and SVIInfo arrive with issue 15", strict=True)
-MODULES = [pytest.param(f"ppl_lm.inference.{m}", marks=_SVI_PENDING) if m == "svi" else f"ppl_lm.inference.{m}"
-           for m in METHODS] + ["ppl_lm.inference.TEMPLATE"]
+MODULES = [f"ppl_lm.inference.{m}" for m in METHODS] + ["ppl_lm.inference.TEMPLATE"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,21 +1,36 @@
 """Stochastic variational inference: fine-tuning the LM toward a reward is SVI on the model.
 
-The model "prior π, likelihood exp(r/β)" has the posterior π'(x) ∝ π(x)·exp(r(x)/β). A guide q
-(the LM with trainable weights, see :mod:`ppl_lm.inference.svi.guides`) is trained with Pyro's ``SVI`` on
-the ELBO ``E_q[log π + r/β − log q] = (E_q[r] − β·KL(q‖π))/β``, which is the KL-regularised RL
-objective; ``log Z − ELBO = KL(q‖π')``. The estimator is :class:`ppl_lm.inference.svi.elbo.RLOO_ELBO`
-(score function, leave-one-out baseline, particles vectorised in one plate).
+The model "prior π, likelihood exp(r/β)" has the posterior π′(x) ∝ π(x)·exp(r(x)/β). A guide q
+(the LM with trainable weights, :mod:`ppl_lm.inference.svi.guides`; LoRA on a transformer) is
+trained on one of two objectives (:mod:`ppl_lm.inference.svi.elbo`):
 
-Hard conditions: while q violates one the reverse KL is infinite, so training uses a relaxed
-penalty (each ``-inf`` factor becomes ``-relax_penalty``), and the result is corrected: the
-returned :class:`Posterior` holds ``num_samples`` guide draws importance-weighted against the
-exact target (``method="importance"`` with the trained guide as proposal), so weights, samples
-and ``log_evidence`` are those of the exact conditional whatever the guide's quality.
+- ``objective="reverse"``: the ELBO ``E_q[log π + r/β − log q] = (E_q[r] − β·KL(q‖π))/β``, the
+  KL-regularised RL objective; ``log Z − ELBO = KL(q‖π′)`` (mode-seeking);
+- ``objective="forward"``: KL(π′‖q), self-normalised importance-weighted maximum likelihood on
+  the guide's own draws (``proposal="guide"``) or the prior's (``proposal="prior"``)
+  (distribution matching: mass-covering);
+- ``objective="forward_then_reverse"``: forward for the first half of the steps, then reverse.
 
-Checkpoints (``checkpoint_dir``) hold the guide's weights, the optimiser state, the step, the
-per-step trace and every random state, written atomically; a run killed at any point and
-restarted with the same arguments resumes from the last checkpoint and ends with the same
-result as an uninterrupted run.
+One training loop (:mod:`~ppl_lm.inference.svi.training`; the data-parallel runner uses the
+same one): Adam, the gradient's global norm clipped, the step size decaying geometrically,
+non-finite steps skipped. Every run estimates both KL directions over training from its own
+draws (``post.info.kl_trace`` and ``post.info["trace"]``), and after training cross-
+checks the guide against prior importance sampling (``crosscheck_samples``): log Ẑ from the
+prior minus the ELBO of the guide's draws estimates KL(q‖π′) with its standard error.
+
+Hard conditions: while q violates one the reverse KL is infinite, so reverse training uses a
+relaxed penalty (each ``-inf`` factor becomes ``-relax_penalty``); forward training needs none.
+The result is corrected either way: the returned :class:`Posterior` holds ``num_samples`` guide
+draws importance-weighted against the exact target (``method="importance"`` with the trained
+guide as proposal), so weights, samples and ``log_evidence`` are those of the exact conditional
+whatever the guide's quality. Failure detectors (:mod:`~ppl_lm.inference.svi.checks`) attach
+typed warnings to ``post.warnings``.
+
+Checkpoints (``checkpoint_dir``, :mod:`~ppl_lm.inference.svi.checkpoint`) hold the guide's
+weights, the optimiser state, the step, the trace and every random state, written atomically,
+with a fingerprint of the model, its arguments and kwargs, the LM and the options: a run killed
+at any point and restarted with the same arguments resumes and ends with the same result as an
+uninterrupted run; a checkpoint of another run is refused with the list of what differs.
 """
 
 from __future__ import annotations
@@ -23,157 +38,345 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random as _pyrandom
 import time
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
-import pyro
 import torch
-from pyro.infer import SVI
-from pyro.optim import ClippedAdam
-from tqdm.auto import tqdm
+from ppl_lm.inference.svi import checkpoint as _ckpt
+from ppl_lm.inference.svi import checks
+from ppl_lm.inference.svi.elbo import OBJECTIVES, PROPOSALS, make_loss, particle_terms
+from ppl_lm.inference.svi.guides import (
+    GUIDE_KINDS,
+    SequenceGuide,
+    make_guide,
+    model_site,
+)
+from ppl_lm.inference.svi.kl import kl_estimates
+from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 
 import ppl_lm
-from ppl_lm import seeding as _random
-from ppl_lm.inference.svi.elbo import RLOO_ELBO
-from ppl_lm.inference.svi.guides import GUIDE_KINDS, SequenceGuide, make_guide
-from ppl_lm.posterior import Posterior
+from ppl_lm import seeding
+from ppl_lm.diagnostics.warnings import PplLmWarning
+from ppl_lm.inference._runtime import finish
+from ppl_lm.lm import PositionalMarkovLM, TransformersLM
+from ppl_lm.posterior import Info, Posterior
 
-__all__ = ["run", "DEFAULT_LR", "CHECKPOINT_FILE"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "DEFAULT_LR",
+    "SCHEDULES",
+    "Crosscheck",
+    "SVIError",
+    "SVIInfo",
+    "build_guide",
+    "default_guide",
+    "default_lr",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "svi_checkpoint.pt"
-#: Adam step sizes that converge at the default particle count: LoRA on a real LM needs small
-#: steps; the toy guides (a Markov table, a tiny transformer) take large ones.
-DEFAULT_LR = {"lora": 1e-3, "full_markov": 0.1, "full_transformer": 0.01}
-_FORMAT = 1
+CHECKPOINT_FILE = _ckpt.CHECKPOINT_FILE
+#: Adam step sizes at the start of the run (they decay by ``lr_decay`` over it): LoRA on a real
+#: LM needs small steps; the toy guides (a Markov table, a tiny transformer) take large ones.
+DEFAULT_LR = {"lora": 2e-3, "full_markov": 0.1, "full_transformer": 0.01}
+#: Objectives that switch estimators during the run.
+SCHEDULES = ("forward_then_reverse",)
 
 
-def run(model, *args, seed: int = 0, num_steps: int = 200, num_particles: int = 8, lr: float | None = None,
-        guide="full", num_samples: int = 1000, contexts=None, checkpoint_dir: str | None = None,
-        checkpoint_every: int = 50, relax_penalty: float | None = 10.0, log_evidence_ref: float | None = None,
-        progress: bool = True, lora_r: int = 8, lora_alpha: float = 16, lora_targets=None,
-        lr_decay: float = 1.0, clip_norm: float = 10.0) -> Posterior:
+@dataclass(frozen=True)
+class Crosscheck:
+    """The trained guide against prior importance sampling (independent draws), nats ± se.
+
+    ``kl_reverse = log Ẑ_prior − ELBO`` (the ELBO of the correction's guide draws) estimates
+    KL(q‖π′); ``kl_at_prior = log Ẑ_prior − E_π[log L]`` is KL(π‖π′), where training started;
+    ``kl_forward`` is KL(π′‖q) on the prior's draws (weights e^{log L}).
+    """
+
+    num_samples: int
+    log_evidence: float
+    log_evidence_se: float
+    elbo: float
+    elbo_se: float
+    kl_reverse: float
+    kl_reverse_se: float
+    kl_forward: float
+    kl_forward_se: float
+    kl_at_prior: float
+    kl_at_prior_se: float
+
+
+@dataclass(frozen=True)
+class SVIInfo(Info):
+    """What an SVI run reports about its training (``post.info``); ``info["trace"]`` etc. still read."""
+
+    objective: str = "reverse"
+    proposal: str = "guide"
+    guide: str = ""
+    num_steps: int = 0
+    start_step: int = 0
+    num_particles: int = 0
+    lr: float = math.nan
+    lr_decay: float = 1.0
+    clip_norm: float | None = None
+    relax_penalty: float | None = None
+    train_time: float = 0.0
+    seconds_per_step: float = math.nan
+    step_seconds: np.ndarray | None = None  # this session's steps (the first warms up)
+    skipped_steps: int = 0
+    elbo: float | None = None  # mean ELBO estimate of the last 20 steps
+    trace: dict = field(default_factory=dict)  # per-step arrays (see run)
+    kl_trace: KLTrace | None = None
+    crosscheck: Crosscheck | None = None
+    correction: Info | None = None  # the importance correction's facts (num_samples, chunk_size...)
+
+
+class SVIError(ValueError):
+    """SVI trained a guide but could not give a posterior; the guide is kept (``err.guide``)."""
+
+    def __init__(self, message: str, guide=None, info: SVIInfo | None = None):
+        super().__init__(message)
+        self.guide, self.info = guide, info
+
+
+def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str = "guide", num_steps: int = 200,
+        num_particles: int = 8, lr: float | None = None, guide=None, num_samples: int = 1000, contexts=None,
+        checkpoint_dir: str | None = None, checkpoint_every: int = 50, relax_penalty: float | None = 10.0,
+        log_evidence_ref: float | None = None, progress: bool = True, lora_r: int = 8, lora_alpha: float = 16,
+        lora_targets=None, lr_decay: float = 0.1, clip_norm: float | None = 1.0,
+        crosscheck_samples: int | None = None, callback=None, model_kwargs: dict | None = None) -> Posterior:
     """Train a guide by SVI, then importance-weight its draws against the exact target.
 
     Args:
         model: a vectorised Pyro model with one ``lm.sequence(...)`` latent site.
         *args: the model's arguments (the context the returned posterior is for).
         seed: same seed, same training and samples (on CPU).
+        objective: ``"reverse"`` (the ELBO, KL(q‖π′)), ``"forward"`` (KL(π′‖q)) or
+            ``"forward_then_reverse"`` (forward for the first half of the steps).
+        proposal: where the forward objective's draws come from: ``"guide"`` or ``"prior"``.
         num_steps: optimisation steps (a resumed run counts the steps already done).
-        num_particles: guide draws per step (>= 2), in one vectorised plate.
-        lr: Adam step size; default by guide: LoRA 1e-3, full Markov table 0.1, full
-            transformer 0.01 (:data:`DEFAULT_LR`).
-        guide: ``"full"``, ``"lora"`` or a guide object (a :class:`~ppl_lm.inference.svi.guides.SequenceGuide`,
-            e.g. ``post.guide`` of an earlier run, trained further).
+        num_particles: draws per step (>= 2), in one vectorised plate.
+        lr: Adam step size at the start; default by guide (:data:`DEFAULT_LR`): LoRA 2e-3,
+            full Markov table 0.1, full transformer 0.01.
+        guide: ``"lora"``, ``"full"`` or a guide object (a
+            :class:`~ppl_lm.inference.svi.guides.SequenceGuide`, e.g. ``post.guide`` of an
+            earlier run, trained further). Default: ``"lora"`` for a transformer LM, else ``"full"``.
         num_samples: guide draws importance-weighted against the exact target at the end.
         contexts: optional list of contexts to train the (amortised) guide on: each step picks
             one with the seeded generator. A context is the tuple of the model's arguments, or
             one argument that is not a tuple.
-        checkpoint_dir: folder for the checkpoint; an existing checkpoint of the same run is resumed.
+        checkpoint_dir: folder for the checkpoint; an existing checkpoint of the same run is
+            resumed, one of another run is an error.
         checkpoint_every: steps between checkpoints (a killed run loses fewer steps than this).
-        relax_penalty: training replaces each ``-inf`` condition factor by ``-relax_penalty``
-            (nats); ``None`` keeps hard conditions hard (the run fails if the guide violates one).
+        relax_penalty: reverse training replaces each ``-inf`` condition factor by
+            ``-relax_penalty`` (nats); ``None`` keeps hard conditions hard.
         log_evidence_ref: a known log Z (exact backend, or a reference importance run): the
-            trace then reports ``kl_posterior`` = log Z − ELBO = KL(q‖π'). (While a hard
-            condition is relaxed the ELBO is the relaxed target's, and this is
-            KL(q‖π'_relaxed) − log(Z_relaxed/Z), slightly less.)
-        progress: tqdm progress bar.
+            trace then reports ``kl_posterior`` = log Z − ELBO = KL(q‖π′) per step.
+        progress: tqdm progress bars.
         lora_r, lora_alpha, lora_targets: LoRA settings for ``guide="lora"``.
-        lr_decay: the step size is multiplied by this over the whole run (geometrically).
-        clip_norm: each gradient entry is clipped to ``[-clip_norm, clip_norm]`` (ClippedAdam).
+        lr_decay: the step size shrinks by this factor over the run (geometrically).
+        clip_norm: the gradient's global L2 norm is clipped to this (``None``: not clipped).
+        crosscheck_samples: prior importance draws for the guide-vs-prior cross-check after
+            training (default ``min(num_samples, 256)``; 0 skips it).
+        callback: ``callback(step, guide, stats)`` after each step, off the training clock.
+        model_kwargs: keyword arguments of the model.
 
     Returns:
         A :class:`Posterior` of ``num_samples`` importance-weighted guide draws, with
         ``log_evidence`` and ``info["log_evidence_se"]`` from importance sampling, the trained
-        guide at ``post.guide``, and ``info["trace"]``: per-step arrays ``elbo``, ``kl_prior``
-        (KL(q‖π)), ``reward:NAME`` (E_q[r], raw), ``ok:NAME`` (constraint satisfaction) and,
-        given ``log_evidence_ref``, ``kl_posterior``. With one reward site and no constraint,
-        ``β·elbo = reward − β·kl_prior``.
-    """
-    _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, lr_decay, clip_norm,
-                   log_evidence_ref, contexts)
-    contexts = None if contexts is None else [c if isinstance(c, tuple) else (c,) for c in contexts]
-    t_start = time.perf_counter()
-    with _random.seeded(seed):
-        g = _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets, seed)
-        kind = g.kind
-        if lr is None:
-            lr = _default_lr(g)
-        elbo = RLOO_ELBO(num_particles, relax_penalty=relax_penalty)
-        lrd = float(lr_decay) ** (1.0 / max(num_steps, 1))
-        optim = ClippedAdam({"lr": lr, "clip_norm": clip_norm, "lrd": lrd})
-        svi = SVI(model, g, optim, loss=elbo)
-        fingerprint = {"seed": seed, "num_particles": num_particles, "lr": lr, "guide": kind,
-                       "relax_penalty": relax_penalty, "lr_decay": lr_decay, "clip_norm": clip_norm,
-                       "num_contexts": None if contexts is None else len(contexts),
-                       "params": {k: tuple(v.shape) for k, v in _params(g).items()}}
-        trace: dict[str, list[float]] = {}
-        step = 0
-        path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE)
-        if path is not None and os.path.exists(path):
-            step, trace = _load_checkpoint(path, fingerprint, g, optim)
-            log.info("svi: resuming from step %d (%s)", step, path)
-        start_step = step
-        bar = tqdm(total=num_steps, initial=min(step, num_steps), desc="svi", unit="step", disable=not progress)
-        t_train = time.perf_counter()
-        step_seconds = []
-        try:
-            while step < num_steps:
-                t_step = time.perf_counter()
-                ctx = args
-                if contexts is not None:
-                    i = int(torch.randint(len(contexts), (1,), generator=_random.generator("cpu")))
-                    ctx = contexts[i]
-                svi.step(*ctx)
-                stats = dict(elbo.last)
-                for k, v in stats.items():
-                    trace.setdefault(k, []).append(v)
-                step += 1
-                step_seconds.append(time.perf_counter() - t_step)
-                bar.update(1)
-                if progress:
-                    bar.set_postfix(elbo=f"{stats['elbo']:.3f}", kl=f"{stats['kl_prior']:.3f}")
-                if path is not None and (step % checkpoint_every == 0 or step == num_steps):
-                    _save_checkpoint(path, fingerprint, step, g, optim, trace)
-        finally:
-            bar.close()
-            _release_params(g)
-        train_time = time.perf_counter() - t_train
-        steps_run = step - start_step
+        guide at ``post.guide``, typed training facts at ``post.info`` (:class:`SVIInfo`:
+        the KL trace in both directions, the cross-check) and ``info["trace"]``: per-step arrays
+        ``elbo``, ``kl_prior`` (KL(q‖π)), ``reward:NAME`` (E_q[r], raw), ``ok:NAME``,
+        ``grad_norm`` (before clipping), ``seconds``, and ``kl_reverse``/``kl_forward`` (± ``_se``)
+        over a trailing window of steps; given ``log_evidence_ref``, ``kl_posterior``.
 
-    trace_arrays = {k: np.asarray(v, dtype=np.float64) for k, v in trace.items()}
-    if log_evidence_ref is not None and trace:
-        trace_arrays["kl_posterior"] = float(log_evidence_ref) - trace_arrays["elbo"]
-    info = {
-        "trace": trace_arrays,
-        "num_steps": num_steps, "num_particles": num_particles, "lr": lr, "guide": kind,
-        "relax_penalty": relax_penalty, "start_step": start_step,
-        "seconds_per_step": train_time / steps_run if steps_run else float("nan"),
-        "step_seconds": np.asarray(step_seconds, dtype=np.float64),  # this session's steps (the first warms up)
-        "train_time": train_time,
-    }
-    if trace:
-        info["elbo"] = float(np.mean(trace["elbo"][-max(1, min(20, len(trace["elbo"]))):]))
-    log.info("svi: %d steps (from %d), %.3f s/step, final ELBO %s", num_steps, start_step,
-             info["seconds_per_step"], info.get("elbo"))
+    Raises:
+        SVIError: no guide draw satisfies a hard condition after training (the guide is kept).
+    """
+    kwargs = dict(model_kwargs or {})
+    _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, lr_decay, clip_norm,
+                   log_evidence_ref, contexts, objective, proposal, crosscheck_samples)
+    contexts = None if contexts is None else [c if isinstance(c, tuple) else (c,) for c in contexts]
+    if crosscheck_samples is None:
+        crosscheck_samples = min(num_samples, 256)
+    t_start = time.perf_counter()
+    with seeding.seeded(seed):
+        g = build_guide(model, args, kwargs, guide, lora_r, lora_alpha, lora_targets, seed)
+        if lr is None:
+            lr = default_lr(g)
+        losses = _losses(objective, proposal, num_particles, relax_penalty)
+        schedule = _schedule(losses, num_steps)
+        path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE)
+        fp = None
+        if path is not None:
+            _, d = model_site(model, args, kwargs, g.site)
+            fp = _ckpt.fingerprint(model, args, kwargs, d.lm, {
+                "seed": seed, "objective": objective, "proposal": proposal, "num_particles": num_particles,
+                "lr": lr, "guide": g.kind, "relax_penalty": relax_penalty, "lr_decay": lr_decay,
+                "clip_norm": clip_norm, "contexts": contexts,
+                # the step-size schedule depends on the run's length, unless it is constant
+                "num_steps": num_steps if lr_decay != 1 or objective in SCHEDULES else None,
+                "params": {k: tuple(v.shape) for k, v in g.parameters().items()}})
+        res = train(model, args, kwargs, g, schedule, num_steps=num_steps, lr=lr, lr_decay=lr_decay,
+                    clip_norm=clip_norm, contexts=contexts, checkpoint_path=path, checkpoint_every=checkpoint_every,
+                    fingerprint=fp, progress=progress, callback=callback)
+
+    trace = dict(res.trace)
+    kt = kl_trace(res.draws, trace.get("seconds"))
+    for k in ("kl_reverse", "kl_reverse_se", "kl_forward", "kl_forward_se"):
+        trace[k] = getattr(kt, k)
+    if log_evidence_ref is not None and "elbo" in trace:
+        trace["kl_posterior"] = float(log_evidence_ref) - trace["elbo"]
+    seconds_per_step = res.train_time / res.steps_run if res.steps_run else math.nan
+    elbo = None
+    if len(trace.get("elbo", ())):
+        elbo = float(np.nanmean(trace["elbo"][-max(1, min(20, len(trace["elbo"]))):]))
+    log.info("svi: %d steps (from %d), %.3f s/step, final ELBO %s", num_steps, res.start_step, seconds_per_step, elbo)
+
+    def info_with(cross=None, correction=None):
+        return SVIInfo(objective=objective, proposal=proposal, guide=g.kind, num_steps=num_steps,
+                       start_step=res.start_step, num_particles=num_particles, lr=lr, lr_decay=lr_decay,
+                       clip_norm=clip_norm, relax_penalty=relax_penalty, train_time=res.train_time,
+                       seconds_per_step=seconds_per_step, step_seconds=res.step_seconds,
+                       skipped_steps=res.nonfinite_steps, elbo=elbo, trace=trace, kl_trace=kt, crosscheck=cross,
+                       correction=correction)
+
+    found = checks.nonfinite(res.nonfinite_steps, len(trace.get("elbo", ())))
+    # Divergence is judged on the ELBO where the ELBO is what is maximised (reverse, and the
+    # reverse half of a schedule). Forward training may lower the ELBO as it covers more mass, and
+    # its own KL(π′‖q) estimate from guide draws cannot see mass the guide has not found yet (it
+    # rose in a sound run on the two-mode toy), so forward runs are judged by the KL bound and
+    # the cross-check against prior draws instead.
+    if objective != "forward":
+        elbo_trace = trace.get("elbo", np.zeros(0))
+        found += checks.divergence(elbo_trace[num_steps // 2:] if objective in SCHEDULES else elbo_trace)
+    found += checks.kl_beyond_posterior(trace.get("kl_prior", np.zeros(0)), _reward_range(res.rewards))
 
     # A seed distinct from training's, so the correction's draws are independent of the random
     # numbers that shaped the guide.
-    post = ppl_lm.infer(model, *args, method="importance", guide=g, num_samples=num_samples,
-                        seed=_correction_seed(seed), progress=progress)
+    try:
+        with warnings.catch_warnings():  # its diagnoses are re-made (and raised) as the svi run's, below
+            warnings.simplefilter("ignore", PplLmWarning)
+            post = ppl_lm.infer(model, *args, method="importance", guide=g, num_samples=num_samples,
+                                seed=_correction_seed(seed), progress=progress, model_kwargs=kwargs)
+    except ValueError as err:
+        if "every weight is zero" not in str(err):
+            raise
+        raise SVIError(_no_admissible_message(trace, num_samples), guide=g, info=info_with()) from err
+    cross = None
+    if crosscheck_samples:
+        cross = _crosscheck(model, args, kwargs, g, post, crosscheck_samples, seed, progress)
+        found += checks.crosscheck(cross.kl_reverse, cross.kl_reverse_se, cross.kl_at_prior, cross.kl_at_prior_se,
+                                   float(post.log_evidence), float(post.log_evidence_se or 0.0),
+                                   cross.log_evidence, cross.log_evidence_se)
     post.method = "svi"
     post.guide = g
-    post.info = {**post.info.as_dict(), **info}
+    post.info = info_with(cross, post.info)
     post.seed = seed
     post.wall_time = time.perf_counter() - t_start
-    return post
+    return finish(post, found)  # the SVI checks first, then the weights' (k-hat, few distinct)
 
 
-# -- helpers -----------------------------------------------------------------------------------
+# -- pieces ------------------------------------------------------------------------------------
+def default_guide(model, args: tuple, kwargs: dict | None = None) -> str:
+    """``"lora"`` for a transformer LM (one copy of the weights), ``"full"`` otherwise."""
+    _, d = model_site(model, args, kwargs or {})
+    return "lora" if isinstance(d.lm, TransformersLM) else "full"
+
+
+def build_guide(model, args, kwargs, guide, lora_r=8, lora_alpha=16, lora_targets=None, seed=0) -> SequenceGuide:
+    """The guide of a run: a new one of kind ``guide`` (seeded), or the given guide object."""
+    if guide is None:
+        guide = default_guide(model, args, kwargs)
+    if isinstance(guide, str):
+        if guide not in GUIDE_KINDS:
+            raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDE_KINDS)} or pass a guide object")
+        return make_guide(model, *args, kind=guide, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                          seed=seed, **kwargs)
+    if not callable(guide):
+        raise TypeError(f"guide must be 'full', 'lora' or a callable guide, got {type(guide).__name__}")
+    if not isinstance(guide, SequenceGuide):
+        raise TypeError("a guide object must be a ppl_lm.inference.svi.guides.SequenceGuide (e.g. post.guide of an "
+                        "svi run; build one with ppl_lm.inference.svi.guides.make_guide)")
+    return guide
+
+
+def default_lr(g) -> float:
+    """:data:`DEFAULT_LR` for the guide's kind."""
+    if g.kind == "lora":
+        return DEFAULT_LR["lora"]
+    return DEFAULT_LR["full_markov" if isinstance(g.lm, PositionalMarkovLM) else "full_transformer"]
+
+
+def _losses(objective, proposal, num_particles, relax_penalty):
+    if objective == "forward_then_reverse":
+        return (make_loss("forward", num_particles, proposal=proposal),
+                make_loss("reverse", num_particles, relax_penalty=relax_penalty))
+    return (make_loss(objective, num_particles, proposal=proposal, relax_penalty=relax_penalty),)
+
+
+def _schedule(losses, num_steps):
+    if len(losses) == 1:
+        return lambda step: losses[0]
+    return lambda step: losses[0] if step < num_steps // 2 else losses[1]
+
+
+def _reward_range(rewards: dict) -> float | None:
+    """Σ over reward sites of (r_max − r_min)/β seen in training (None without reward sites)."""
+    if not rewards:
+        return None
+    return float(sum((hi - lo) / beta for lo, hi, beta in rewards.values()))
+
+
+def _crosscheck(model, args, kwargs, g, post, n, seed, progress) -> Crosscheck:
+    """Prior importance sampling against the guide: both KLs and the evidence, with se."""
+    with warnings.catch_warnings():  # a reference run: its own diagnoses are not the user's
+        warnings.simplefilter("ignore", PplLmWarning)
+        prior = ppl_lm.infer(model, *args, method="importance", num_samples=n, seed=_correction_seed(seed + 1),
+                             progress=progress, model_kwargs=kwargs)
+    log_z, log_z_se = float(prior.log_evidence), float(prior.log_evidence_se or 0.0)
+    # the correction's raw log-weights are f = log p − log q of its guide draws
+    f = (post.log_weights.double() + float(post.log_evidence) + math.log(len(post))).double()
+    elbo = float(f.mean()) if torch.isfinite(f).all() else -math.inf
+    elbo_se = float(f.std() / math.sqrt(len(f))) if math.isfinite(elbo) else math.nan
+    lik = prior.stats["log_likelihood"].double()
+    e_lik = float(lik.mean()) if torch.isfinite(lik).all() else -math.inf
+    kl_at_prior = log_z - e_lik
+    kl_at_prior_se = math.hypot(log_z_se, float(lik.std() / math.sqrt(len(lik)))) if math.isfinite(e_lik) else math.nan
+    with torch.no_grad(), seeding.seeded(seed):
+        t = particle_terms(model, g, args, kwargs, len(prior), values={g.site: prior.samples})
+    fwd = kl_estimates(t.log_q, t.log_prior, t.log_likelihood, log_proposal=t.log_prior)
+    return Crosscheck(n, log_z, log_z_se, elbo, elbo_se, log_z - elbo, math.hypot(log_z_se, elbo_se),
+                      fwd.kl_forward, fwd.kl_forward_se, kl_at_prior, kl_at_prior_se)
+
+
+def _no_admissible_message(trace, num_samples) -> str:
+    oks = {k[3:]: v for k, v in trace.items() if k.startswith("ok:")}
+    seen = {k: float(np.nanmax(v)) if len(v) else 0.0 for k, v in oks.items()}
+    never = [k for k, v in seen.items() if not v > 0]
+    if never:
+        what = (f"no draw of the guide, in training (from the prior onwards) or in the {num_samples} final "
+                f"draws, satisfied the hard condition(s) {', '.join(never)}: the condition may be impossible "
+                "under this LM and max_new_tokens, or too rare to be found by sampling. Check the condition "
+                "(evaluate it on a text that should pass), make it a token mask "
+                "(ppl_lm.token_constraint) so that method='smc' proposes only allowed tokens, or turn it "
+                "into a reward")
+    else:
+        what = (f"training drew texts satisfying the hard condition(s) (at most "
+                f"{', '.join(f'{k}: {v:.0%}' for k, v in seen.items())} of a step's draws), but none of the "
+                f"{num_samples} final guide draws did. Use more num_samples, more num_steps, or "
+                "objective='forward'")
+    return f"svi: {what}. The trained guide is kept at err.guide."
+
+
+def _correction_seed(seed: int) -> int:
+    return (int(seed) * 1_000_003 + 12_345) % (2**62)
+
+
 def _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, lr_decay, clip_norm,
-                   log_evidence_ref, contexts):
+                   log_evidence_ref, contexts, objective, proposal, crosscheck_samples):
     def pos_int(name, v, zero_ok=False):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
             raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
@@ -181,8 +384,10 @@ def _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, 
     pos_int("num_steps", num_steps, zero_ok=True)
     pos_int("num_samples", num_samples)
     pos_int("checkpoint_every", checkpoint_every)
+    if crosscheck_samples is not None:
+        pos_int("crosscheck_samples", crosscheck_samples, zero_ok=True)
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-        raise ValueError(f"num_particles must be an integer >= 2 (the leave-one-out baseline needs two), "
+        raise ValueError(f"num_particles must be an integer >= 2 (the baseline needs two draws), "
                          f"got {num_particles!r}")
     for name, v in (("lr", lr), ("lr_decay", lr_decay), ("clip_norm", clip_norm)):
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -193,109 +398,9 @@ def _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, 
     if contexts is not None and (isinstance(contexts, (str, bytes)) or not hasattr(contexts, "__len__")
                                  or len(contexts) == 0):
         raise ValueError("contexts must be a non-empty list of model arguments (one entry per context)")
-
-
-def _build_guide(model, args, guide, lora_r, lora_alpha, lora_targets, seed):
-    if isinstance(guide, str):
-        if guide not in GUIDE_KINDS:
-            raise ValueError(f"unknown guide {guide!r}; choose one of {', '.join(GUIDE_KINDS)} or pass a guide object")
-        return make_guide(model, *args, kind=guide, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                          seed=seed)
-    if not callable(guide):
-        raise TypeError(f"guide must be 'full', 'lora' or a callable guide, got {type(guide).__name__}")
-    if not isinstance(guide, SequenceGuide):
-        raise TypeError("a guide object must be a ppl_lm.inference.svi.guides.SequenceGuide (e.g. post.guide of an svi run; "
-                        "build one with ppl_lm.inference.svi.guides.make_guide)")
-    return guide
-
-
-def _default_lr(g) -> float:
-    from ppl_lm.lm import PositionalMarkovLM
-
-    if g.kind == "lora":
-        return DEFAULT_LR["lora"]
-    return DEFAULT_LR["full_markov" if isinstance(g.lm, PositionalMarkovLM) else "full_transformer"]
-
-
-def _params(g) -> dict[str, torch.Tensor]:
-    return g.parameters()
-
-
-def _release_params(g) -> None:
-    """Take the guide's entries out of Pyro's global param store (the guide keeps its tensors)."""
-    store = pyro.get_param_store()
-    prefix = g.name + "$$$"
-    for name in [n for n in store.keys() if n.startswith(prefix)]:  # noqa: SIM118 (ParamStoreDict)
-        del store[name]
-
-
-def _correction_seed(seed: int) -> int:
-    return (int(seed) * 1_000_003 + 12_345) % (2**62)
-
-
-def _optim_state(optim, g) -> dict:
-    """Optimiser state keyed by parameter name relative to the guide (stable across processes)."""
-    prefix = g.name + "$$$"
-    return {k[len(prefix):]: v for k, v in optim.get_state().items() if k.startswith(prefix)}
-
-
-def _numpy_state() -> dict:
-    # As tensors and plain numbers, so the checkpoint loads with weights_only=True (no pickle code).
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _set_numpy_state(st: dict) -> None:
-    np.random.set_state((st["name"], st["keys"].numpy().astype(np.uint32), st["pos"], st["has_gauss"],
-                         st["cached"]))
-
-
-def _save_checkpoint(path, fingerprint, step, g, optim, trace) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    state = {
-        "format": _FORMAT,
-        "fingerprint": fingerprint,
-        "step": step,
-        "guide": g.state_dict(),
-        "optim": _optim_state(optim, g),
-        "rng": {
-            "ppl_lm": {f"{k[0]}:{'' if k[1] is None else k[1]}": v for k, v in _random.state().items()},
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_state(),
-            "python": list(_pyrandom.getstate()),
-        },
-        "trace": trace,
-    }
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic: a kill leaves either the old or the new checkpoint
-    log.debug("svi: checkpoint at step %d -> %s", step, path)
-
-
-def _load_checkpoint(path, fingerprint, g, optim):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not an svi checkpoint of this version; delete it or use another checkpoint_dir")
-    saved = state["fingerprint"]
-    if saved != fingerprint:
-        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        raise ValueError(
-            f"{path} holds a checkpoint of a different run (differs in {', '.join(diff)}); restart with the "
-            "same arguments to resume, or delete it / choose another checkpoint_dir")
-    g.load_state_dict(state["guide"])
-    prefix = g.name + "$$$"
-    optim.set_state({prefix + k: v for k, v in state["optim"].items()})
-    rng = state["rng"]
-    states = {}
-    for key, st in rng["ppl_lm"].items():
-        dev, idx = key.split(":")
-        states[(dev, int(idx) if idx else None)] = st
-    _random.set_state(states)
-    torch.set_rng_state(rng["torch"])
-    _set_numpy_state(rng["numpy"])
-    _pyrandom.setstate(tuple(rng["python"]))
-    return int(state["step"]), {k: list(v) for k, v in state["trace"].items()}
+    if objective not in OBJECTIVES + SCHEDULES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES + SCHEDULES)}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"unknown proposal {proposal!r}; choose one of {', '.join(PROPOSALS)}")
+    if objective == "reverse" and proposal != "guide":
+        raise ValueError("objective='reverse' draws from the guide; proposal='prior' is for objective='forward'")

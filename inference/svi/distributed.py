@@ -7,15 +7,20 @@ run in K processes or one after another in a single process (``num_blocks=K``, w
 a distributed run and its single-process counterpart give the same ELBO trace and, up to
 floating-point summation order, the same gradients and parameters.
 
-Gradient: the RLOO score-function estimator of :mod:`ppl_lm.inference.svi.elbo`. With one context (the
-default ``baseline="global"``) every particle's leave-one-out baseline is the mean of the
-other N − 1 particles' ``f`` across all processes (one ``all_gather`` of N scalars), which is
-exactly ``RLOO_ELBO(N)`` on the pooled particles. With ``contexts`` each block draws its own
+Gradient: the estimator of the chosen objective (:mod:`ppl_lm.inference.svi.elbo`: reverse KL
+with the RLOO baseline, or forward KL with self-normalised weights). With one context (the
+default ``baseline="global"``) its coefficients are computed from all N draws of the step
+across processes (one ``all_gather`` of N scalars), which is exactly the single-process
+estimator on the pooled draws. With ``contexts`` each block draws its own
 context and uses the baseline of its own block (``baseline="local"``). Each process
 back-propagates its share of the surrogate and the gradients of the guide's parameters are
 summed across processes (one ``all_reduce`` of the flattened gradients per step: what
 ``DistributedDataParallel`` does, without wrapping a module whose ``forward`` the guide does not
 call), so every replica applies the same Adam update and the replicas stay identical.
+
+Training is the one loop of ``method="svi"`` (:func:`ppl_lm.inference.svi.training.train`):
+the same defaults (LoRA for a transformer LM, step-size decay, global-norm clipping), seeded
+guide construction, and checkpoints (rank 0 writes, every rank resumes).
 
 Launch (``gloo`` on CPU, ``nccl`` on GPU)::
 
@@ -28,23 +33,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyro
 import torch
 import torch.distributed as dist
-from pyro.infer import SVI
-from pyro.optim import ClippedAdam
-from tqdm.auto import tqdm
+from pyro.infer import ELBO
 
 from ppl_lm import seeding as _random
-from .elbo import RLOO_ELBO, particle_terms, summarise
-from .guides import SequenceGuide, make_guide
 
-__all__ = ["DistributedRLOO_ELBO", "TrainResult", "train", "block_seed", "world", "init", "main"]
+from . import checkpoint as _ckpt
+from . import training
+from .elbo import make_loss, summarise
+from .guides import SequenceGuide, model_site
+
+__all__ = ["DistributedLoss", "TrainResult", "block_seed", "init", "main", "train", "world"]
 
 log = logging.getLogger(__name__)
 
@@ -87,29 +93,32 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-class DistributedRLOO_ELBO(RLOO_ELBO):
-    """:class:`~ppl_lm.inference.svi.elbo.RLOO_ELBO` with the particles of each step split into seeded blocks.
+class DistributedLoss(ELBO):
+    """An SVI estimator (:func:`~ppl_lm.inference.svi.elbo.make_loss`) with each step's draws in seeded blocks.
 
-    Usable in place of ``RLOO_ELBO`` in Pyro's ``SVI``; in a process group each process runs
-    its blocks and the gradients are summed across processes.
+    Usable in place of the single-process estimator in the shared training loop (or Pyro's
+    ``SVI``); in a process group each process runs its blocks, the per-draw quantities the
+    coefficient rule reads are gathered (N scalars), and the gradients are summed across
+    processes.
 
     Args:
-        num_particles: particles per step, all processes together.
+        num_particles: draws per step, all processes together.
         seed: base seed of the blocks (see :func:`block_seed`).
+        objective, proposal, relax_penalty: as in ``method="svi"``.
         num_blocks: blocks per step (default: the world size); a multiple of the world size
             that divides ``num_particles``.
-        baseline: ``"global"`` (leave-one-out over all particles of the step; one context) or
-            ``"local"`` (over the particles of the block; needed when blocks have different
+        baseline: ``"global"`` (the coefficients use all draws of the step; one context) or
+            ``"local"`` (the draws of the block; needed when blocks have different
             contexts). Default: global without ``contexts``, local with.
         contexts: optional list of contexts (tuples of model arguments); each block picks one
-            with its own seeded generator, and the arguments given to ``SVI.step`` are ignored.
-        relax_penalty: as in :class:`~ppl_lm.inference.svi.elbo.RLOO_ELBO`.
+            with its own seeded generator, and the arguments given to the step are ignored.
     """
 
-    def __init__(self, num_particles: int = 8, seed: int = 0, *, num_blocks: int | None = None,
-                 baseline: str | None = None, contexts: Sequence[tuple] | None = None,
+    def __init__(self, num_particles: int = 8, seed: int = 0, *, objective: str = "reverse", proposal: str = "guide",
+                 num_blocks: int | None = None, baseline: str | None = None, contexts: Sequence[tuple] | None = None,
                  relax_penalty: float | None = None):
-        super().__init__(num_particles, relax_penalty=relax_penalty)
+        self.base = make_loss(objective, num_particles, proposal=proposal, relax_penalty=relax_penalty)
+        super().__init__(num_particles=num_particles, max_plate_nesting=1, vectorize_particles=False)
         rank, size = world()
         num_blocks = size if num_blocks is None else num_blocks
         if not isinstance(num_blocks, int) or num_blocks < 1 or num_blocks % size:
@@ -131,7 +140,14 @@ class DistributedRLOO_ELBO(RLOO_ELBO):
         self.block_size = num_particles // num_blocks
         self.rank, self.world_size = rank, size
         self.step = 0
+        self.last: dict[str, float] = {}
         self.last_values: list[dict[str, torch.Tensor]] = []
+        self.last_draws = torch.empty(0, 4)
+        self.last_betas: dict[str, float] = {}
+        self.last_reward_range: dict[str, tuple[float, float]] = {}
+
+    def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO's abstract hook
+        raise NotImplementedError("the draws are vectorised in blocks; there are no per-particle traces")
 
     @property
     def blocks(self) -> list[int]:
@@ -147,29 +163,32 @@ class DistributedRLOO_ELBO(RLOO_ELBO):
                 if self.contexts is not None:
                     i = int(torch.randint(len(self.contexts), (1,), generator=_random.generator("cpu")))
                     ctx = self.contexts[i]
-                out.append(particle_terms(model, guide, ctx, kwargs, self.block_size,
-                                          relax_penalty=self.relax_penalty))
+                out.append(self.base.terms(model, guide, ctx, kwargs, self.block_size))
         return out
 
     def _surrogate_and_stats(self, model, guide, args, kwargs):
         terms = self._block_terms(model, guide, args, kwargs)
         self.last_values = [t.values for t in terms]
-        f_local = torch.cat([t.f.double() for t in terms])
+        a_local = torch.cat([self.base.log_weights(t) for t in terms])
         log_q = torch.cat([t.log_q for t in terms])
-        N, n = self.num_particles, self.block_size
         if self.baseline == "global":
-            f_all = _all_gather(f_local)
-            baseline = (f_all.sum() - f_local) / (N - 1)
+            a_all = _all_gather(a_local)
+            c_all = self.base.coefficients(a_all.unsqueeze(0))[0]
+            per = len(a_local)
+            c = c_all[self.rank * per:(self.rank + 1) * per]
         else:
-            fb = f_local.reshape(len(terms), n)
-            baseline = ((fb.sum(-1, keepdim=True) - fb) / (n - 1)).reshape(-1)
-        # This process's share of −mean_i[(f_i − b_i)·log q(x_i)] over all N particles.
-        surrogate = -((f_local - baseline).float() * log_q).sum() / N
+            # each block's own coefficients; the step's surrogate is the mean over blocks
+            c = self.base.coefficients(a_local.reshape(len(terms), self.block_size)).reshape(-1) / self.num_blocks
+        surrogate = -(c.float() * log_q).sum()
         stats = [summarise(t) for t in terms]
         keys = sorted(stats[0])
         local = torch.tensor([[s[k] for k in keys] for s in stats], dtype=torch.float64).sum(0)
         mean = _all_reduce(local) / self.num_blocks  # blocks have equal sizes
         self.last = dict(zip(keys, mean.tolist()))
+        self.last_draws = _all_gather(torch.cat([t.draws() for t in terms]).double()).float()
+        self.last_betas = dict(terms[0].betas)
+        self.last_reward_range = {k: (min(float(t.rewards[k].min()) for t in terms),
+                                      max(float(t.rewards[k].max()) for t in terms)) for k in terms[0].rewards}
         return surrogate
 
     def loss(self, model, guide, *args, **kwargs) -> float:
@@ -253,77 +272,84 @@ class TrainResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, guide="lora",
-          lr: float | None = None, seed: int = 0, contexts=None, num_blocks: int | None = None,
-          baseline: str | None = None, relax_penalty: float | None = 10.0, clip_norm: float = 10.0,
-          lora_r: int = 8, lora_alpha: float = 16, lora_targets=None, progress: bool = True,
+def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, guide=None,
+          objective: str = "reverse", proposal: str = "guide", lr: float | None = None, seed: int = 0,
+          contexts=None, num_blocks: int | None = None, baseline: str | None = None,
+          relax_penalty: float | None = 10.0, lr_decay: float = 0.1, clip_norm: float | None = 1.0,
+          lora_r: int = 8, lora_alpha: float = 16, lora_targets=None, checkpoint_dir: str | None = None,
+          checkpoint_every: int = 50, progress: bool = True, model_kwargs: dict | None = None,
           callback: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train a guide by data-parallel SVI (call on every process of the group, or in a single one).
 
     Args:
         model, *args: the vectorised model and its arguments (the training context).
         num_steps: optimisation steps.
-        num_particles: particles per step, all processes together.
-        guide: ``"lora"``, ``"full"`` or a :class:`~ppl_lm.inference.svi.guides.SequenceGuide`.
-        lr: Adam step size (default: ``ppl_lm.inference.svi.DEFAULT_LR`` for the guide kind).
-        seed: base seed; the particles of step s, block b are drawn under ``block_seed(seed, s, b)``.
+        num_particles: draws per step, all processes together.
+        guide: ``"lora"``, ``"full"`` or a :class:`~ppl_lm.inference.svi.guides.SequenceGuide`;
+            default as in ``method="svi"`` (LoRA for a transformer LM).
+        objective, proposal, lr, lr_decay, clip_norm, relax_penalty, lora_r, lora_alpha,
+            lora_targets, checkpoint_dir, checkpoint_every, model_kwargs: as in ``method="svi"``
+            (``lr`` default: :data:`ppl_lm.inference.svi.DEFAULT_LR`).
+        seed: seeds the guide's construction (LoRA initialisation) and the draws: step s, block b
+            is drawn under ``block_seed(seed, s, b)``.
         contexts: optional list of contexts (amortised guide): each block draws one.
-        num_blocks: particle blocks per step (default: the world size). A single process with
+        num_blocks: draw blocks per step (default: the world size). A single process with
             ``num_blocks=K`` computes what K processes compute.
-        baseline: ``"global"`` or ``"local"`` (see :class:`DistributedRLOO_ELBO`).
-        relax_penalty, clip_norm, lora_r, lora_alpha, lora_targets: as in ``method="svi"``.
+        baseline: ``"global"`` or ``"local"`` (see :class:`DistributedLoss`).
         progress: tqdm bar on rank 0.
         callback: called on every process as ``callback(step, stats)`` after each step.
 
     Returns:
         A :class:`TrainResult`; ``trace`` holds per-step ``elbo``, ``kl_prior``, ``reward:NAME``...
-        averaged over all particles of the step.
+        averaged over all draws of the step, and ``grad_norm``.
     """
-    from ppl_lm.inference.svi import DEFAULT_LR
-    from ppl_lm.lm import PositionalMarkovLM
+    from ppl_lm.inference import svi
 
+    kwargs = dict(model_kwargs or {})
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
     if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 2:
         raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}")
+    if guide is not None and not isinstance(guide, (str, SequenceGuide)):
+        raise TypeError("guide must be 'lora', 'full' or a ppl_lm.inference.svi.guides.SequenceGuide")
     rank, size = world()
     with _random.seeded(seed):  # guide construction (LoRA init) is seeded alike on every process
-        if isinstance(guide, str):
-            g = make_guide(model, *args, kind=guide, lora_r=lora_r, lora_alpha=lora_alpha,
-                           lora_targets=lora_targets)
-        elif isinstance(guide, SequenceGuide):
-            g = guide
-        else:
-            raise TypeError("guide must be 'lora', 'full' or a ppl_lm.inference.svi.guides.SequenceGuide")
+        g = svi.build_guide(model, args, kwargs, guide, lora_r, lora_alpha, lora_targets, seed)
     if lr is None:
-        lr = DEFAULT_LR["lora"] if g.kind == "lora" else (
-            DEFAULT_LR["full_markov"] if isinstance(g.lm, PositionalMarkovLM) else DEFAULT_LR["full_transformer"])
+        lr = svi.default_lr(g)
     params = _guide_params(g)
     _broadcast_params(params)
-    elbo = DistributedRLOO_ELBO(num_particles, seed, num_blocks=num_blocks, baseline=baseline,
-                                contexts=contexts, relax_penalty=relax_penalty)
-    svi = SVI(model, g, ClippedAdam({"lr": lr, "clip_norm": clip_norm}), loss=elbo)
-    trace: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
-    bar = tqdm(total=num_steps, desc=f"svi x{size}", unit="step", disable=not progress or rank != 0)
-    try:
-        for step in range(num_steps):
-            svi.step(*args)
-            for k, v in elbo.last.items():
-                trace.setdefault(k, []).append(v)
-            bar.update(1)
-            if callback is not None:
-                callback(step, dict(elbo.last))
-    finally:
-        bar.close()
-        store = pyro.get_param_store()
-        for name in [n for n in store.keys() if n.startswith(g.name + "$$$")]:
-            del store[name]
-    seconds = time.perf_counter() - t0
-    info = {"world_size": size, "num_blocks": elbo.num_blocks, "num_particles": num_particles,
-            "baseline": elbo.baseline, "lr": lr, "seconds": seconds,
-            "seconds_per_step": seconds / num_steps if num_steps else float("nan")}
-    return TrainResult(g, {k: np.asarray(v) for k, v in trace.items()}, info)
+    loss = DistributedLoss(num_particles, seed, objective=objective, proposal=proposal, num_blocks=num_blocks,
+                           baseline=baseline, contexts=contexts, relax_penalty=relax_penalty)
+    path = fp = None
+    if checkpoint_dir is not None:
+        path = os.path.join(checkpoint_dir, _ckpt.CHECKPOINT_FILE)
+        _, d = model_site(model, args, kwargs, g.site)
+        fp = _ckpt.fingerprint(model, args, kwargs, d.lm, {
+            "seed": seed, "objective": objective, "proposal": proposal, "num_particles": num_particles, "lr": lr,
+            "guide": g.kind, "relax_penalty": relax_penalty, "lr_decay": lr_decay, "clip_norm": clip_norm,
+            "contexts": loss.contexts, "num_blocks": loss.num_blocks, "baseline": loss.baseline,
+            "num_steps": num_steps if lr_decay != 1 else None,
+            "params": {k: tuple(v.shape) for k, v in g.parameters().items()}})
+
+    def at(step):
+        loss.step = step  # the blocks of step s are seeded by s: a resumed run draws what it would have
+        return loss
+
+    def on_step(step, _guide, stats):
+        if callback is not None:
+            callback(step - 1, stats)
+
+    with _random.seeded(seed):
+        res = training.train(model, args, kwargs, g, at, num_steps=num_steps, lr=lr,
+                             lr_decay=lr_decay, clip_norm=clip_norm, checkpoint_path=path,
+                             checkpoint_every=checkpoint_every, fingerprint=fp, write_checkpoints=rank == 0,
+                             progress=progress and rank == 0, desc=f"svi x{size}", callback=on_step)
+    info = {"world_size": size, "num_blocks": loss.num_blocks, "num_particles": num_particles,
+            "baseline": loss.baseline, "objective": objective, "lr": lr, "seconds": res.train_time,
+            "start_step": res.start_step, "skipped_steps": res.nonfinite_steps,
+            "seconds_per_step": res.train_time / res.steps_run if res.steps_run else float("nan")}
+    return TrainResult(g, res.trace, info)
 
 
 def main(argv=None) -> None:
@@ -336,8 +362,10 @@ def main(argv=None) -> None:
     p.add_argument("--context", default=None, help="the prompt (default: the script's context)")
     p.add_argument("--num-steps", type=int, default=100)
     p.add_argument("--num-particles", type=int, default=None, help="all processes together (default 8 per process)")
-    p.add_argument("--guide", default="lora", choices=["lora", "full"])
+    p.add_argument("--guide", default=None, choices=["lora", "full"], help="default: lora for a transformer LM")
+    p.add_argument("--objective", default="reverse", choices=["reverse", "forward"])
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--checkpoint-dir", default=None, help="resume from / write checkpoints here (rank 0 writes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (each process takes cuda:LOCAL_RANK)")
     p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
@@ -365,7 +393,8 @@ def main(argv=None) -> None:
     model = mod.build(lm)
     context = a.context if a.context is not None else mod.context
     n = a.num_particles or 8 * size
-    res = train(model, context, num_steps=a.num_steps, num_particles=n, guide=a.guide, lr=a.lr, seed=a.seed)
+    res = train(model, context, num_steps=a.num_steps, num_particles=n, guide=a.guide, lr=a.lr, seed=a.seed,
+                objective=a.objective, checkpoint_dir=a.checkpoint_dir)
     if rank == 0:
         summary = {k: float(v[-1]) for k, v in res.trace.items()}
         log.info("done: %s; %s", json.dumps(res.info), json.dumps(summary))

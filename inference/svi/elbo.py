@@ -1,25 +1,34 @@
-"""The ELBO of an LM guide: a score-function estimator with a leave-one-out baseline.
+"""Score-function estimators that fit an LM guide to the posterior: reverse KL (the ELBO) and forward KL.
 
-For the model "prior π, likelihood exp(r/β)" and a guide q, per particle
-``f(x) = log p(x, obs) − log q(x) = log π(x) + r(x)/β − log q(x)``, and
-``ELBO = E_q[f] = (E_q[r] − β·KL(q‖π))/β``, ``log Z − ELBO = KL(q‖π')`` with
-``π'(x) ∝ π(x)·exp(r(x)/β)``: maximising the ELBO is KL-regularised reward maximisation.
+For the model "prior π, likelihood L = exp(r/β)" and a guide q, per draw
+``f(x) = log π(x) + log L(x) − log q(x)``; ``ELBO = E_q[f] = (E_q[r] − β·KL(q‖π))/β`` and
+``log Z − ELBO = KL(q‖π′)`` with ``π′ ∝ π·L``: maximising the ELBO is KL-regularised reward
+maximisation (mode-seeking). The other direction, ``KL(π′‖q) = E_π′[log π′ − log q]``, is
+minimised by maximum likelihood of q on draws of π′ (distribution matching, as in DPG): mass-
+covering, and it cannot collapse onto one text, since a text of π′ that q never proposes
+costs it without bound.
 
-The site is discrete and sampled by the LM, so the gradient is the score-function one,
-``∇ELBO = E_q[f(x)·∇log q(x)]``. :class:`RLOO_ELBO` draws ``num_particles`` sequences in one
-vectorised plate and uses, for particle ``i``, the mean of the *other* particles' ``f`` as its
-baseline (RLOO): the surrogate ``−mean_i[(f_i − mean_{j≠i} f_j)·log q(x_i)]`` has exactly the
-gradient ``−∇ELBO`` in expectation, with far less variance than without a baseline.
+The site is discrete, so both gradients are score-function ones, ``Σ_i c_i ∇log q(x_i)``, and
+an estimator is a rule for the coefficients ``c`` of a batch of draws:
+
+- :class:`RLOO_ELBO` (``objective="reverse"``), draws from q: ``c_i = (f_i − mean_{j≠i} f_j)/N``
+  (the leave-one-out baseline: unbiased for ∇ELBO, far less variance than none).
+- :class:`ForwardKL` (``objective="forward"``), self-normalised importance weights of π′:
+  from q's own draws ``c_i = softmax(f)_i − 1/N`` (the ``−1/N`` is a baseline: E_q ∇log q = 0;
+  at q = π′ every c_i is 0, so the estimator has no variance there), or from the prior's
+  draws ``c_i = softmax(log L)_i`` (weights that do not depend on q; no baseline is unbiased
+  there). Consistent, biased by O(1/N) like every self-normalised estimate.
 
 Pyro's own estimators do not fit this site: ``Trace_ELBO`` ignores baselines,
 ``TraceGraph_ELBO`` drops a reward that lost its provenance (text rewards leave torch),
 ``TraceMeanField_ELBO`` / ``RenyiELBO`` assume what an LM site does not give. So this module
-writes ``loss_and_grads`` on ``poutine.trace`` of the guide and ``poutine.replay`` of the model.
+writes ``loss_and_grads`` on ``poutine.trace`` of the guide and the shared model runtime
+(:func:`ppl_lm.inference._runtime.run_model`) replayed on its draws.
 
-Hard conditions make the reverse KL infinite while the guide violates them. With
-``relax_penalty=c`` every ``-inf`` condition factor is replaced by ``-c`` (training only);
-correct the trained guide afterwards by importance sampling against the exact target (as
-``method="svi"`` does).
+Hard conditions make the reverse KL infinite while the guide violates them: with
+``relax_penalty=c`` every ``-inf`` condition factor is replaced by ``-c`` (training only;
+correct the trained guide afterwards by importance sampling, as ``method="svi"`` does). The
+forward estimators need no relaxation: a violating draw has weight zero.
 """
 
 from __future__ import annotations
@@ -28,19 +37,34 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pyro
-import pyro.poutine as poutine
 import torch
+from ppl_lm.inference._runtime import (
+    fixed_values,
+    run_model,
+    site_log_prob,
+    trace_model,
+)
+from pyro import poutine
 from pyro.infer import ELBO
 
-from ppl_lm.inference._runtime import PARTICLE_PLATE
+__all__ = [
+    "OBJECTIVES",
+    "PROPOSALS",
+    "RLOO_ELBO",
+    "ForwardKL",
+    "ParticleTerms",
+    "make_loss",
+    "particle_terms",
+    "summarise",
+]
 
-__all__ = ["RLOO_ELBO", "ParticleTerms", "particle_terms", "summarise"]
+OBJECTIVES = ("reverse", "forward")
+PROPOSALS = ("guide", "prior")
 
 
 @dataclass
 class ParticleTerms:
-    """Per-particle pieces of the ELBO (each ``[N]``)."""
+    """Per-draw pieces of the objectives (each ``[N]``)."""
 
     log_q: torch.Tensor  # guide log-probability (differentiable w.r.t. the guide's parameters)
     log_prior: torch.Tensor  # log π(x) of the latent sites
@@ -49,167 +73,267 @@ class ParticleTerms:
     betas: dict[str, float] = field(default_factory=dict)
     constraints: dict[str, torch.Tensor] = field(default_factory=dict)  # ok per constraint site
     values: dict[str, torch.Tensor] = field(default_factory=dict)
+    log_proposal: torch.Tensor | None = None  # the draws' proposal log-density (None: the guide's)
 
     @property
     def f(self) -> torch.Tensor:
-        """``log p(x, obs) − log q(x)`` per particle, detached."""
+        """``log p(x, obs) − log q(x)`` per draw, detached."""
         return (self.log_prior + self.log_likelihood - self.log_q.detach()).detach()
 
+    @property
+    def proposal_log_prob(self) -> torch.Tensor:
+        return self.log_q.detach() if self.log_proposal is None else self.log_proposal
 
-class _FixLatent(poutine.messenger.Messenger):
-    """Give latent sites fixed values (still latent): evaluation on a given support."""
-
-    def __init__(self, data):
-        super().__init__()
-        self.data = data
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.data and not msg["is_observed"]:
-            msg["value"] = self.data[msg["name"]]
-            msg["done"] = True
+    def draws(self) -> torch.Tensor:
+        """``[N, 4]``: log q, log π, log L, log ρ (the training loop keeps these per step)."""
+        return torch.stack([self.log_q.detach(), self.log_prior, self.log_likelihood, self.proposal_log_prob], -1)
 
 
-def _per_particle(lp, n: int, name: str) -> torch.Tensor:
-    lp = torch.as_tensor(lp)
-    if lp.dim() == 0:
-        return lp.expand(n)
-    if lp.shape[0] != n:
-        raise ValueError(
-            f"site {name!r} has log-prob shape {tuple(lp.shape)}; it must lie inside the particle plate "
-            f"'{PARTICLE_PLATE}' (models are written vectorised: one value per particle)")
-    return lp.reshape(n, -1).sum(-1)
+def _relaxed(scores, n: int, penalty: float) -> torch.Tensor:
+    """The condition factors again, each ``-inf`` one replaced by ``-penalty`` (per site)."""
+    total = torch.zeros(n)
+    for name, site in scores.trace.nodes.items():
+        if site["type"] == "sample" and site["is_observed"]:
+            lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n).float()
+            total = total + torch.where(lp == -math.inf, torch.full_like(lp, -float(penalty)), lp)
+    return total
 
 
-def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int,
-                   *, relax_penalty: float | None = None, values: dict | None = None) -> ParticleTerms:
-    """Run ``guide`` then the model replayed on its draws, ``num_particles`` at once.
+def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int, *,
+                   relax_penalty: float | None = None, values: dict | None = None,
+                   proposal: str = "guide") -> ParticleTerms:
+    """Draw ``num_particles`` sequences and score them under the guide and the model.
 
     Args:
-        relax_penalty: replace each ``-inf`` condition factor by ``-relax_penalty``; ``None``
-            keeps them (and raises if a particle violates a hard condition).
-        values: fix the guide's latent sites to these values ``[num_particles, ...]`` instead
-            of sampling (to evaluate the ELBO exactly on an enumerated support); ``-inf`` terms
-            are then returned as they are.
+        relax_penalty: replace each ``-inf`` condition factor by ``-relax_penalty``.
+        values: fix the latent sites to these values ``[num_particles, ...]`` instead of
+            sampling (to evaluate on an enumerated support).
+        proposal: ``"guide"`` (draw from the guide; the model is replayed on its draws) or
+            ``"prior"`` (draw from the model; the guide scores the draws).
     """
     n = num_particles
-    g = guide if values is None else _FixLatent(values)(guide)
-    with pyro.plate(PARTICLE_PLATE, n, dim=-1):
-        guide_tr = poutine.trace(g).get_trace(*args, **kwargs)
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+    log_proposal = None
+    if proposal == "prior" and values is None:
         with torch.no_grad():
-            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(*args, **kwargs)
-
+            prior = run_model(model, args, kwargs, n)
+        values = prior.values
+        log_proposal = prior.log_prior.float()
+    g = guide if values is None else poutine.replay(guide, trace=fixed_values(values))
+    guide_tr = trace_model(g, args, kwargs, n)
     log_q = torch.zeros(n)
     guide_latent = []
     for name, site in guide_tr.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:
             guide_latent.append(name)
-            log_q = log_q + _per_particle(site["fn"].log_prob(site["value"]), n, name).float()
+            log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n).float()
     if not guide_latent:
         raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
-
-    log_prior, log_lik = torch.zeros(n), torch.zeros(n)
-    out = ParticleTerms(log_q, log_prior, log_lik)
     with torch.no_grad():
-        for name, site in model_tr.nodes.items():
-            if site["type"] != "sample":
-                continue
-            lp = _per_particle(site["fn"].log_prob(site["value"]), n, name).float()
-            if not site["is_observed"]:
-                if name not in guide_latent:
-                    raise ValueError(
-                        f"the model's latent site {name!r} is not sampled by the guide; the guide must "
-                        "cover every latent site of the model")
-                out.values[name] = site["value"]
-                log_prior = log_prior + lp
-                continue
-            meta = site["infer"].get("ppl_lm") or {}
-            if meta.get("kind") == "reward":
-                out.rewards[name] = _per_particle(meta["r"], n, name).float()
-                out.betas[name] = meta["beta"]
-            elif meta.get("kind") == "constraint":
-                out.constraints[name] = _per_particle(meta["ok"], n, name).bool()
-            if relax_penalty is not None:
-                lp = torch.where(lp == -math.inf, torch.full_like(lp, -float(relax_penalty)), lp)
-            log_lik = log_lik + lp
-    missing = set(guide_latent) - set(out.values)
+        scores = run_model(model, args, kwargs, n, guide_trace=guide_tr)
+    missing = [k for k in scores.values if k not in guide_latent]
     if missing:
-        raise ValueError(f"the guide samples site(s) {sorted(missing)} that the model does not have as latent sites")
-    if torch.isnan(log_prior).any() or torch.isnan(log_lik).any() or torch.isnan(log_q).any():
-        raise FloatingPointError("NaN in the ELBO terms: the LM, the guide or a reward produced NaN")
-    if values is None and (log_prior == -math.inf).any():
-        raise ValueError(
-            "the guide drew a sequence the prior gives probability zero: the ELBO is -inf. The guide's "
-            "support must lie inside the prior's")
-    if values is None and (log_lik == -math.inf).any():
-        raise ValueError(
-            "a guide draw violates a hard condition, so the reverse KL (and the ELBO) is -inf. Train on "
-            "the relaxed penalty (relax_penalty=10, the svi default) and correct by importance sampling")
-    out.log_prior, out.log_likelihood = log_prior, log_lik
+        raise ValueError(f"the model's latent site(s) {missing} are not sampled by the guide; the guide must "
+                         "cover every latent site of the model")
+    extra = sorted(set(guide_latent) - set(scores.values))
+    if extra:
+        raise ValueError(f"the guide samples site(s) {extra} that the model does not have as latent sites")
+    log_lik = scores.log_likelihood.float()
+    if relax_penalty is not None and (log_lik == -math.inf).any():
+        log_lik = _relaxed(scores, n, relax_penalty)
+    out = ParticleTerms(log_q, scores.log_prior.float(), log_lik, log_proposal=log_proposal)
+    out.values = scores.values
+    for name, r in scores.rewards.items():
+        out.rewards[name] = r.float()
+        out.betas[name] = scores.trace.nodes[name]["infer"]["ppl_lm"]["beta"]
+    for name, ok in scores.constraints.items():
+        out.constraints[name] = ok.bool()
+    if torch.isnan(out.log_prior).any() or torch.isnan(out.log_likelihood).any() or torch.isnan(log_q).any():
+        raise FloatingPointError("NaN in the objective's terms: the LM, the guide or a reward produced NaN")
     return out
 
 
-class RLOO_ELBO(ELBO):
-    """Score-function ELBO over vectorised particles with a leave-one-out baseline.
+def summarise(terms: ParticleTerms) -> dict[str, float]:
+    """Step estimates under q: ``elbo``, ``kl_prior`` (KL(q‖π)), ``reward:NAME`` (raw r), ``ok:NAME``.
 
-    Usable wherever Pyro takes an ``ELBO``: ``pyro.infer.SVI(model, guide, optim, loss=RLOO_ELBO(8))``.
-    Only the guide is trained (the model's LM is the fixed prior). After each call,
-    :attr:`last` holds the step's estimates: ``elbo``, ``kl_prior`` (KL(q‖π)), ``reward:NAME``
-    (E_q[r], raw r), ``ok:NAME`` (fraction satisfying each constraint).
-
-    Args:
-        num_particles: particles per step (>= 2: the baseline needs another particle).
-        relax_penalty: finite penalty replacing ``-inf`` condition factors during training
-            (``None``: hard conditions stay hard, and a violating draw raises).
+    Plain means over q's draws; over another proposal's draws, self-normalised by q/ρ.
     """
+    log_q = terms.log_q.detach().double()
+    if terms.log_proposal is None:
+        w = torch.full_like(log_q, 1.0 / len(log_q))
+    else:
+        w = torch.softmax(log_q - terms.log_proposal.double(), 0)
 
-    def __init__(self, num_particles: int = 8, relax_penalty: float | None = None):
-        if not isinstance(num_particles, int) or num_particles < 2:
-            raise ValueError(f"num_particles must be an integer >= 2 (a leave-one-out baseline), got {num_particles!r}")
-        if relax_penalty is not None and not (math.isfinite(relax_penalty) and relax_penalty > 0):
-            raise ValueError(f"relax_penalty must be a finite number > 0 or None, got {relax_penalty!r}")
+    def mean(x):
+        x = x.double()
+        return float((w * torch.where(w > 0, x, torch.zeros_like(x))).sum())
+
+    out = {"elbo": mean(terms.f), "kl_prior": mean(log_q - terms.log_prior)}
+    for name, r in terms.rewards.items():
+        out[f"reward:{name}"] = mean(r)
+    for name, ok in terms.constraints.items():
+        out[f"ok:{name}"] = mean(ok)
+    return out
+
+
+# -- coefficient rules: c[b, i] for blocks of draws; the surrogate is −Σ c·log q / num_blocks ----
+def reverse_coefficients(f: torch.Tensor) -> torch.Tensor:
+    """RLOO: ``(f_i − mean_{j≠i} f_j)/n`` within each block (row) of ``f`` ``[B, n]``."""
+    n = f.shape[-1]
+    baseline = (f.sum(-1, keepdim=True) - f) / (n - 1)
+    return (f - baseline) / n
+
+
+def forward_coefficients(log_w: torch.Tensor, baseline: bool) -> torch.Tensor:
+    """Self-normalised weights ``softmax(log_w)`` per block (minus ``1/n`` with ``baseline``);
+    a block whose weights are all zero contributes nothing."""
+    n = log_w.shape[-1]
+    dead = ~torch.isfinite(log_w).any(-1, keepdim=True)
+    w = torch.softmax(torch.where(dead, torch.zeros_like(log_w), log_w), -1)
+    if baseline:
+        w = w - 1.0 / n
+    return torch.where(dead, torch.zeros_like(w), w)
+
+
+class _ScoreFunctionLoss(ELBO):
+    """Shared machinery: draw, score, weight the guide's log-probabilities by a coefficient rule."""
+
+    proposal = "guide"
+    relax_penalty: float | None = None
+
+    def __init__(self, num_particles: int):
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
+            raise ValueError(f"num_particles must be an integer >= 2 (a baseline needs two draws), "
+                             f"got {num_particles!r}")
         super().__init__(num_particles=num_particles, max_plate_nesting=1, vectorize_particles=False)
-        self.relax_penalty = relax_penalty
         self.last: dict[str, float] = {}
+        self.last_draws = torch.empty(0, 4)
+        self.last_betas: dict[str, float] = {}
+        self.last_reward_range: dict[str, tuple[float, float]] = {}
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO's abstract hook
-        raise NotImplementedError("RLOO_ELBO vectorises its particles in one plate; it has no per-particle traces")
+        raise NotImplementedError("this estimator vectorises its draws in one plate; it has no per-particle traces")
 
-    def _surrogate(self, model, guide, args, kwargs):
-        terms = particle_terms(model, guide, args, kwargs, self.num_particles, relax_penalty=self.relax_penalty)
-        f = terms.f.double()
-        n = self.num_particles
-        baseline = (f.sum() - f) / (n - 1)
-        surrogate = -((f - baseline).float() * terms.log_q).mean()
-        self.last = summarise(terms)
-        return surrogate, terms
+    def terms(self, model, guide, args, kwargs, n: int | None = None) -> ParticleTerms:
+        """One batch of draws (``n`` of them, default ``num_particles``), checked for this objective."""
+        t = particle_terms(model, guide, args, kwargs, n or self.num_particles, relax_penalty=self.relax_penalty,
+                           proposal=self.proposal)
+        self.check(t)
+        return t
+
+    def check(self, t: ParticleTerms) -> None:
+        if self.proposal == "guide" and (t.log_prior == -math.inf).any():
+            raise ValueError("the guide drew a sequence the prior gives probability zero; the guide's support "
+                             "must lie inside the prior's")
+
+    def log_weights(self, t: ParticleTerms) -> torch.Tensor:
+        """The per-draw quantity the coefficient rule reads (``[n]``, float64)."""
+        raise NotImplementedError
+
+    def coefficients(self, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def surrogate(self, t: ParticleTerms) -> torch.Tensor:
+        c = self.coefficients(self.log_weights(t).unsqueeze(0))[0]
+        return -(c.float() * t.log_q).sum()
+
+    def _record(self, t: ParticleTerms) -> None:
+        self.last = summarise(t)
+        self.last_draws = t.draws()
+        self.last_betas = dict(t.betas)
+        self.last_reward_range = {k: (float(r.min()), float(r.max())) for k, r in t.rewards.items()}
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """Estimate of −ELBO (no gradients)."""
         with torch.no_grad():
-            terms = particle_terms(model, guide, args, kwargs, self.num_particles, relax_penalty=self.relax_penalty)
-        self.last = summarise(terms)
+            t = self.terms(model, guide, args, kwargs)
+        self._record(t)
         return -self.last["elbo"]
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        """The surrogate loss (its gradient estimates −∇ELBO; its value is not −ELBO)."""
-        return self._surrogate(model, guide, args, kwargs)[0]
+        """The surrogate loss (its gradient estimates the objective's; its value is not the objective)."""
+        t = self.terms(model, guide, args, kwargs)
+        self._record(t)
+        return self.surrogate(t)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """Estimate −ELBO and accumulate the RLOO score-function gradient into the guide's parameters."""
-        surrogate, _ = self._surrogate(model, guide, args, kwargs)
-        if surrogate.requires_grad:
-            surrogate.backward()
+        """Estimate −ELBO and accumulate the surrogate's gradient into the guide's parameters."""
+        s = self.differentiable_loss(model, guide, *args, **kwargs)
+        if s.requires_grad:
+            s.backward()
         return -self.last["elbo"]
 
 
-def summarise(terms: ParticleTerms) -> dict[str, float]:
-    """Step estimates: ``elbo``, ``kl_prior``, ``reward:NAME`` (raw r), ``ok:NAME``."""
-    out = {
-        "elbo": float(terms.f.double().mean()),
-        "kl_prior": float((terms.log_q.detach() - terms.log_prior).double().mean()),
-    }
-    for name, r in terms.rewards.items():
-        out[f"reward:{name}"] = float(r.double().mean())
-    for name, ok in terms.constraints.items():
-        out[f"ok:{name}"] = float(ok.double().mean())
-    return out
+class RLOO_ELBO(_ScoreFunctionLoss):
+    """Reverse KL: the ELBO, score function with a leave-one-out baseline, draws from the guide.
+
+    Usable wherever Pyro takes an ``ELBO``: ``pyro.infer.SVI(model, guide, optim, loss=RLOO_ELBO(8))``.
+    After each call :attr:`last` holds the step's estimates (``elbo``, ``kl_prior``,
+    ``reward:NAME``, ``ok:NAME``) and :attr:`last_draws` the draws' log-densities.
+
+    Args:
+        num_particles: draws per step (>= 2: the baseline needs another draw).
+        relax_penalty: finite penalty replacing ``-inf`` condition factors during training
+            (``None``: hard conditions stay hard, and a violating draw raises).
+    """
+
+    objective = "reverse"
+
+    def __init__(self, num_particles: int = 8, relax_penalty: float | None = None):
+        super().__init__(num_particles)
+        if relax_penalty is not None and not (math.isfinite(relax_penalty) and relax_penalty > 0):
+            raise ValueError(f"relax_penalty must be a finite number > 0 or None, got {relax_penalty!r}")
+        self.relax_penalty = relax_penalty
+
+    def check(self, t):
+        super().check(t)
+        if (t.log_likelihood == -math.inf).any():
+            raise ValueError(
+                "a guide draw violates a hard condition, so the reverse KL (and the ELBO) is -inf. Train on "
+                "the relaxed penalty (relax_penalty=10, the svi default), or with objective='forward' (no "
+                "relaxation needed), and correct by importance sampling")
+
+    def log_weights(self, t):
+        return t.f.double()
+
+    def coefficients(self, a):
+        return reverse_coefficients(a)
+
+
+class ForwardKL(_ScoreFunctionLoss):
+    """Forward KL(π′‖q): self-normalised importance-weighted maximum likelihood of the guide.
+
+    Args:
+        num_particles: draws per step (>= 2).
+        proposal: ``"guide"`` (the guide's own draws, weights π·L/q, with the ``−1/N`` baseline)
+            or ``"prior"`` (the prior's draws, weights L, no baseline).
+    """
+
+    objective = "forward"
+
+    def __init__(self, num_particles: int = 8, proposal: str = "guide"):
+        super().__init__(num_particles)
+        if proposal not in PROPOSALS:
+            raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+        self.proposal = proposal
+
+    def log_weights(self, t):
+        if self.proposal == "prior":
+            return t.log_likelihood.double()
+        return t.f.double()
+
+    def coefficients(self, a):
+        return forward_coefficients(a, baseline=self.proposal == "guide")
+
+
+def make_loss(objective: str, num_particles: int, *, proposal: str = "guide",
+              relax_penalty: float | None = None) -> _ScoreFunctionLoss:
+    """The estimator of ``objective`` ("reverse" or "forward")."""
+    if objective == "reverse":
+        if proposal != "guide":
+            raise ValueError("objective='reverse' draws from the guide; proposal='prior' is for objective='forward'")
+        return RLOO_ELBO(num_particles, relax_penalty=relax_penalty)
+    if objective == "forward":
+        return ForwardKL(num_particles, proposal=proposal)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")

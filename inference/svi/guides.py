@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.lm import LanguageModel, LoraLM, MarkovLM, PositionalMarkovLM, TransformersLM
 from ppl_lm.inference._runtime import first_latent_site, sequence_base
+from ppl_lm.lm import LanguageModel, LoraLM, MarkovLM, PositionalMarkovLM, TransformersLM
 from ppl_lm.lm.lora import full_transformer
 
-__all__ = ["SequenceGuide", "make_guide", "model_site", "GUIDE_KINDS"]
+__all__ = ["GUIDE_KINDS", "SequenceGuide", "make_guide", "model_site"]
 
 GUIDE_KINDS = ("full", "lora")
 
