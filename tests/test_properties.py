@@ -189,7 +189,7 @@ def test_token_constraint_holds_iff_every_token_is_allowed(data, picks):
     x, v, eos = data
     allowed = torch.tensor(picks.draw(st.lists(st.booleans(), min_size=v, max_size=v)))
     allowed[eos] = True  # EOS is always allowed (the padding after it too)
-    mask = TokenMask(None, allowed)
+    mask = TokenMask(ppl_lm.MarkovLM(torch.zeros(v), torch.zeros(v, v), eos_id=eos), allowed)
     lf = _factor_log_prob(lambda: ppl_lm.token_constraint("m", x, mask), "m")
     ok = allowed[x].all(-1)
     assert torch.equal(lf == 0, ok) and torch.equal(torch.isneginf(lf), ~ok)
