@@ -11,10 +11,9 @@ correction, so the posterior is π conditioned on the schema, not a greedy const
 
 import sys
 
-import pyro
 
-import ppl_lm
 from ppl_lm import rewards
+from ppl_lm.models._masked import masked_model
 
 description = "A JSON object with a string name and an integer age after a chat prompt (JSON-schema token mask)."
 context = ("<|im_start|>user\nGive a JSON object with a person's name and age.<|im_end|>\n"
@@ -34,16 +33,7 @@ def build(lm, mode: str = "hard", beta: float = 0.5, max_new_tokens: int = 24):
     if mode not in ("hard", "soft"):
         raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
     mask = rewards.json_mask(lm, SCHEMA)  # built once: the grammar and the tokenizer's trie
-
-    def model(prompt: str):
-        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
-        if mode == "hard":
-            ppl_lm.token_constraint("json", x, mask)
-        else:
-            ppl_lm.reward("json", mask.check(x).float(), beta=beta)
-        return x
-
-    return model
+    return masked_model(lm, mask, "json", mode, beta, max_new_tokens)
 
 
 if __name__ == "__main__":

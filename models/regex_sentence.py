@@ -11,10 +11,9 @@ weight correction; importance sampling and MH check the finished text with the s
 
 import sys
 
-import pyro
 
-import ppl_lm
 from ppl_lm import rewards
+from ppl_lm.models._masked import masked_model
 
 description = 'A sentence "<Name> is <n> years old." (regular expression as an exact token mask).'
 context = "Write one short sentence giving a person's name and age.\n"
@@ -26,17 +25,8 @@ def build(lm, pattern: str = PATTERN, mode: str = "hard", beta: float = 0.5, max
     """The prompted LM conditioned on its text fully matching ``pattern``."""
     if mode not in ("hard", "soft"):
         raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
-    mask = rewards.regex_mask(lm, pattern)  # built once
-
-    def model(prompt: str):
-        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
-        if mode == "hard":
-            ppl_lm.token_constraint("regex", x, mask)
-        else:
-            ppl_lm.reward("regex", mask.check(x).float(), beta=beta)
-        return x
-
-    return model
+    mask = rewards.regex_mask(lm, pattern)  # built once: the grammar and the tokenizer's trie
+    return masked_model(lm, mask, "regex", mode, beta, max_new_tokens)
 
 
 if __name__ == "__main__":
