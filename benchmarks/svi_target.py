@@ -22,6 +22,13 @@ both KLs against training time (benchmarks/out/svi_target.{csv,png}).
 
     python benchmarks/svi_target.py --threads 1                     # reverse and forward, 10 min each
     python benchmarks/svi_target.py --objectives forward --minutes 2
+    python benchmarks/svi_target.py --minutes 2.5 --variants "reverse;reverse:lr=5e-3;reverse:particles=16"
+
+A variant is ``OBJECTIVE[:key=value,...]`` with keys ``lr``, ``lr_decay``, ``particles``,
+``targets`` (LoRA target modules, ``+``-separated or ``all-linear``) and ``clip``: the ablation
+pilots run in one process on one reference. The reference draws are cached in
+``benchmarks/out/`` (keyed by their size, seed, β and length) so pilots in several processes
+share them.
     python benchmarks/svi_target.py --smoke                         # tiny LM, seconds
 """
 
@@ -40,6 +47,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench
 
 EVAL_SEED, REF_SEED = 2024, 7
+VARIANT_KEYS = {"lr": float, "lr_decay": float, "particles": int, "targets": str, "clip": float}
+
+
+def parse_variants(spec: str, particles: int) -> list[tuple[str, str, dict]]:
+    """``"reverse;forward:lr=5e-3,particles=16"`` -> [(label, objective, options)]."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(";"))):
+        objective, _, rest = item.partition(":")
+        opts: dict = {"particles": particles}
+        for kv in filter(None, rest.split(",")):
+            k, _, v = kv.partition("=")
+            if k not in VARIANT_KEYS:
+                raise SystemExit(f"unknown variant key {k!r} in {item!r}; use {', '.join(VARIANT_KEYS)}")
+            opts[k] = VARIANT_KEYS[k](v)
+        out.append((item, objective, opts))
+    return out
 
 
 def _se_mean(x: torch.Tensor) -> tuple[float, float]:
@@ -50,20 +73,30 @@ def _se_mean(x: torch.Tensor) -> tuple[float, float]:
 class Yardstick:
     """Fixed reference draws from the prior and a fixed evaluation seed, for every objective."""
 
-    def __init__(self, ppl_lm, model, lm, prompt, n_ref, n_eval, beta, T, progress):
+    def __init__(self, ppl_lm, model, lm, prompt, n_ref, n_eval, beta, T, progress, cache=None, n_forward=None):
         from ppl_lm.inference.svi.kl import kl_estimates
 
         self.ppl_lm, self.model, self.lm, self.prompt = ppl_lm, model, lm, prompt
         self.n_eval, self.beta, self.T = n_eval, beta, T
         self.kl_estimates = kl_estimates
         t0 = time.perf_counter()
-        ref = ppl_lm.infer(model, prompt, method="importance", num_samples=n_ref, seed=REF_SEED, progress=progress)
+        if cache is not None and os.path.exists(cache):
+            ref = torch.load(cache)
+        else:
+            post = ppl_lm.infer(model, prompt, method="importance", num_samples=n_ref, seed=REF_SEED,
+                                progress=progress)
+            ref = {"x": post.samples, "r": post.stats["reward:sentiment"].double(),
+                   "log_prior": lm.score(prompt, post.samples).double(),
+                   "log_z": float(post.log_evidence), "log_z_se": float(post.log_evidence_se)}
+            if cache is not None:
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
+                torch.save(ref, cache)
         self.seconds = time.perf_counter() - t0
-        self.x = ref.samples
-        self.r = ref.stats["reward:sentiment"].double()
-        self.log_prior = lm.score(prompt, self.x).double()
-        self.log_z = float(ref.log_evidence)
-        self.log_z_se = float(ref.log_evidence_se)
+        self.x, self.r, self.log_prior = ref["x"], ref["r"], ref["log_prior"]
+        self.log_z, self.log_z_se = ref["log_z"], ref["log_z_se"]
+        # KL(π′‖q) on the first n_forward reference draws (a guide pass over each: costly)
+        k = len(self.x) if n_forward is None else min(n_forward, len(self.x))
+        self.fx, self.fr, self.flp = self.x[:k], self.r[:k], self.log_prior[:k]
         w = torch.softmax(self.r / beta, 0)
         self.kl_at_prior = (self.log_z - float(self.r.mean()) / beta,
                             math.hypot(self.log_z_se, float(self.r.std()) / math.sqrt(len(self.r)) / beta))
@@ -87,8 +120,8 @@ class Yardstick:
         nan = float("nan")
         ref = None
         if full:
-            lq_ref = guide_lm.score(self.prompt, self.x).double()
-            ref = self.kl_estimates(lq_ref, self.log_prior, self.r / self.beta, log_proposal=self.log_prior)
+            lq_ref = guide_lm.score(self.prompt, self.fx).double()
+            ref = self.kl_estimates(lq_ref, self.flp, self.fr / self.beta, log_proposal=self.flp)
         return {"elbo": elbo, "elbo_se": elbo_se, "kl_reverse": kl_rev, "kl_reverse_se": kl_rev_se,
                 "kl_reverse_guide_is": own.kl_reverse, "kl_reverse_guide_is_se": own.kl_reverse_se,
                 "kl_forward_guide_is": own.kl_forward, "kl_forward_guide_is_se": own.kl_forward_se,
@@ -100,6 +133,12 @@ class Yardstick:
 def main(argv=None):
     p = _bench.parser(__doc__.split("\n")[0])
     p.add_argument("--objectives", default="reverse,forward", help="comma-separated: reverse, forward, ...")
+    p.add_argument("--variants", default=None,
+                   help="semicolon-separated OBJECTIVE[:key=value,...] (keys: lr, lr_decay, particles, targets, "
+                        "clip); replaces --objectives")
+    p.add_argument("--forward-ref-draws", type=int, default=None,
+                   help="KL(π′‖q) on the first this many reference draws (default all)")
+    p.add_argument("--figure", default=None, help="also save the figure here (e.g. benchmarks/figures/...png)")
     p.add_argument("--minutes", type=float, default=None, help="training time per objective (default 10)")
     p.add_argument("--eval-every", type=float, default=None, help="seconds of training between evaluations")
     p.add_argument("--eval-samples", type=int, default=None)
@@ -124,25 +163,36 @@ def main(argv=None):
     model = sentiment.build(lm, beta=args.beta, max_new_tokens=args.tokens)
     prompt = sentiment.context
     os.system("uptime")
-    ys = Yardstick(ppl_lm, model, lm, prompt, n_ref, n_eval, args.beta, args.tokens, progress=False)
+    cache = None if args.smoke or args.config_only else os.path.join(
+        _bench.OUT_DIR, f"svi_target_ref_{n_ref}_{REF_SEED}_{args.beta}_{args.tokens}.pt")
+    ys = Yardstick(ppl_lm, model, lm, prompt, n_ref, n_eval, args.beta, args.tokens, progress=False, cache=cache,
+                   n_forward=args.forward_ref_draws)
     print(f"reference: prior IS, {n_ref} draws, {ys.seconds:.0f} s: log Ẑ = {ys.log_z:.4f} ± {ys.log_z_se:.4f}, "
           f"ESS {ys.ess:.0f}; KL(π‖π′) = {ys.kl_at_prior[0]:.3f} ± {ys.kl_at_prior[1]:.3f}", flush=True)
 
     rows = []
-    for objective in args.objectives.split(","):
-        opts = dict(objective=objective, guide="lora", num_particles=args.particles, num_samples=n_eval,
+    at_prior = ys(lm)  # the guide starts equal to the prior: one evaluation serves every variant
+    spec = args.variants or ";".join(args.objectives.split(","))
+    for label, objective, v in parse_variants(spec, args.particles):
+        opts = dict(objective=objective, guide="lora", num_particles=v["particles"], num_samples=n_eval,
                     log_evidence_ref=ys.log_z, progress=False, seed=args.seed)
-        if args.lr:
-            opts["lr"] = args.lr
-        if args.lr_decay:
-            opts["lr_decay"] = args.lr_decay
+        lr = v.get("lr", args.lr)
+        if lr:
+            opts["lr"] = lr
+        decay = v.get("lr_decay", args.lr_decay)
+        if decay:
+            opts["lr_decay"] = decay
+        if "targets" in v:
+            opts["lora_targets"] = v["targets"] if v["targets"] == "all-linear" else v["targets"].split("+")
+        if "clip" in v:
+            opts["clip_norm"] = v["clip"]
         # seconds per step from a short probe, so that num_steps (and the lr schedule) fits the budget
         probe = ppl_lm.infer(model, prompt, method="svi", num_steps=3, **{**opts, "num_samples": 2, "crosscheck_samples": 0})
         cpu = np.diff(np.concatenate([[0.0], probe.info["trace"]["cpu_seconds"]]))
         s_step = float(sorted(cpu)[1])  # CPU seconds of one thread per step (the machine is shared)
         num_steps = max(2, int(minutes * 60 / s_step))
-        print(f"[{objective}] {s_step:.2f} CPU s/step in the probe -> {num_steps} steps", flush=True)
-        curve = [(0, 0.0, ys(lm))]
+        print(f"[{label}] {s_step:.2f} CPU s/step in the probe -> {num_steps} steps", flush=True)
+        curve = [(0, 0.0, dict(at_prior))]
         state = {"next": eval_every}
 
         def callback(step, guide, stats, _curve=curve, _state=state, num_steps=num_steps):
@@ -163,14 +213,14 @@ def main(argv=None):
         kt = info.kl_trace
         cpu_total = float(post.info["trace"]["cpu_seconds"][-1])
         hit = next((c[1] for c in curve if c[2]["kl_reverse"] <= 0.2), float("nan"))
-        print(f"[{objective}] {num_steps} steps, training {cpu_total:.0f} CPU s, {info.train_time:.0f} s wall "
+        print(f"[{label}] {num_steps} steps, training {cpu_total:.0f} CPU s, {info.train_time:.0f} s wall "
               f"(wall with evaluations {wall:.0f} s); "
               f"first evaluation with KL(q‖π′) ≤ 0.2 at {hit:.0f} CPU s; warnings: "
               f"{[w.code for w in post.warnings] or 'none'}", flush=True)
         for i in sorted({int(j) for j in np.linspace(0, len(kt.step) - 1, 11)}):
             print(f"    window to step {int(kt.step[i]):4d}: KL(q‖π′) {kt.kl_reverse[i]:.3f} ± {kt.kl_reverse_se[i]:.3f}, "
                   f"KL(π′‖q) {kt.kl_forward[i]:.3f} ± {kt.kl_forward_se[i]:.3f}")
-        rows.append({"objective": objective, "num_steps": num_steps, "train_time": info.train_time,
+        rows.append({"objective": label, "options": v, "num_steps": num_steps, "train_time": info.train_time,
                      "train_cpu_seconds": cpu_total,
                      "seconds_per_step": info.seconds_per_step, "lr": info.lr, "curve": curve,
                      "warnings": [w.code for w in post.warnings], "first_below_0.2_s": hit,
@@ -216,9 +266,12 @@ def main(argv=None):
                      f"{args.particles} draws/step")
         fig.tight_layout()
         fig.savefig(os.path.join(_bench.OUT_DIR, "svi_target.png"), dpi=110)
+        if args.figure:
+            fig.savefig(args.figure, dpi=110)
     except Exception as err:  # the plot is a convenience; the CSV holds the data
         print(f"(no plot: {err})")
     _bench.emit("svi_target", {"args": vars(args), "reference": {"log_z": ys.log_z, "log_z_se": ys.log_z_se,
+                                                               "n": len(ys.x), "n_forward": len(ys.fx),
                                                                "kl_at_prior": ys.kl_at_prior, "ess": ys.ess},
                                "rows": rows})
 
