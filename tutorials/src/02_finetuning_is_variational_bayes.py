@@ -275,7 +275,7 @@ else:
     with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF conversion progress bars
         lm = ppl_lm.load_lm()
     print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
-    T, beta_s, n_steps, n_particles, lr, N = 12, 0.25, 80, 8, None, 128
+    T, beta_s, n_steps, n_particles, lr, N = 12, 0.25, 40, 8, None, 128
 prompt = sentiment.context
 model = sentiment.build(lm, beta=beta_s, max_new_tokens=T)
 
