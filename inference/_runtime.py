@@ -31,7 +31,7 @@ from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
 
-__all__ = ["Scores", "ModelShapeError", "run_model", "trace_model", "score_trace", "site_log_prob", "latent_sites",
+__all__ = ["Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
            "sequence_base", "sequence_sites", "single_sequence_site", "prior_values", "first_latent_site", "fixed_values",
            "PARTICLE_PLATE", "main_site", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
 
@@ -100,14 +100,26 @@ def _clear_shape_error(err: ValueError, n: int) -> ModelShapeError | None:
 
 def trace_model(fn: Callable, args: tuple, kwargs: dict, n: int):
     """``poutine.trace`` of ``fn`` inside the particle plate of size ``n``, with clear shape errors."""
+    return _trace_until(fn, args, kwargs, n, None)[0]
+
+
+def _trace_until(fn: Callable, args: tuple, kwargs: dict, n: int, stop):
+    """:func:`trace_model`, stopped (``poutine.escape``) at the first sample site where ``stop(msg)``
+    holds when ``stop`` is given: ``(trace of the sites before it, its message or None)``."""
+    tracer = poutine.trace(fn if stop is None else poutine.escape(fn, escape_fn=stop))
     try:
         with pyro.plate(PARTICLE_PLATE, n, dim=-1):
-            return poutine.trace(fn).get_trace(*args, **kwargs)
+            tracer(*args, **kwargs)
+    except NonlocalExit as exit_:
+        if stop is None:
+            raise
+        return tracer.msngr.trace, exit_.site
     except ValueError as err:
         clear = _clear_shape_error(err, n)
         if clear is None:
             raise
         raise clear from None
+    return tracer.msngr.trace, None
 
 
 def fixed_values(data: dict[str, torch.Tensor]) -> poutine.Trace:
@@ -138,6 +150,29 @@ def run_model(model: Callable, args: tuple, kwargs: dict, num_particles: int,
         fn = poutine.replay(fn, trace=fixed_values(data))
     tr = trace_model(fn, args, kwargs, num_particles)
     return score_trace(tr, num_particles, score_latent=score_latent)
+
+
+def run_model_until(model: Callable, args: tuple, kwargs: dict, num_particles: int, data: dict[str, torch.Tensor],
+                    *, sequences_only: bool = False) -> tuple[Scores, Any]:
+    """:func:`run_model` (latent sites not scored) up to the first latent site that ``data`` gives no
+    value, where the program stops (``poutine.escape``: nothing after it runs, no LM call).
+
+    Returns the scores of the sites before it (``log_likelihood``: the factors the program has
+    applied by then) and that site's Pyro message (its ``fn`` is the distribution those values
+    imply), or ``None`` when the program ran to its end.
+
+    Args:
+        sequences_only: stop only at an ``lm.sequence(...)`` site; other latent sites without a
+            value are sampled from the model on the way.
+    """
+
+    def stop(msg):
+        return (msg["type"] == "sample" and not msg["is_observed"] and msg["name"] not in data
+                and (not sequences_only or sequence_base(msg["fn"]) is not None))
+
+    fn = poutine.replay(model, trace=fixed_values(data)) if data else model
+    tr, site = _trace_until(fn, args, kwargs, num_particles, stop)
+    return score_trace(tr, num_particles, score_latent=False), site
 
 
 def score_trace(tr, n: int, *, score_latent: bool = True) -> Scores:
