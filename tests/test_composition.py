@@ -131,8 +131,10 @@ def tv_tol(law: dict, n: float) -> float:
 ROWS = {
     # method: (options, reference exact draws for the law and the marginals; None: prior IS's N·f)
     "importance": (dict(num_samples=20_000), None),
-    # SMC is held to prior IS with as many particles: latent sites after the sequence are proposed
-    # from their prior at its end, so on those rows it is importance sampling with resampling.
+    # SMC is held to prior IS with as many particles. It advances every sequence site token by
+    # token (two_sequences: x, then y), but a factor that follows a latent drawn from its prior at
+    # the end (mixture_factor: z) gives no twist before it, so on that row it is importance
+    # sampling with resampling; prior IS's exact ESS is the bound that holds on every row.
     "smc": (dict(num_particles=4_000), None),
     "mh": (dict(num_samples=150, num_chains=64, warmup_steps=100), 1_500.0),
 }

@@ -166,21 +166,21 @@ N_REF = 1000  # the test holds SMC to as many exact draws
 
 
 def later_site_model(lm, condition: str):
-    """x (2 tokens), a reward on x, then y (6 tokens) prompted by x's first token, which must avoid
-    'c' and 'd' (a prefix-closed constraint, or the same as a token mask) and be at least 5 tokens
-    long. Under the prior the condition is rare: prior importance sampling of 32000 draws has an
-    exact ESS below 130 on both LMs (1.5 on MarkovLM), so a y proposed whole from its prior at the
-    end cannot meet the tolerances of N_REF exact draws."""
+    """x (one token), a reward on x, then y (7 tokens) prompted by x, which must avoid 'c' and 'd'
+    (a prefix-closed constraint, or the same as a token mask) and fill all 7 positions. Under the
+    prior the condition is rare: prior importance sampling of 32000 draws has an exact ESS of 49
+    on the tiny transformer and 0.06 on MarkovLM, so a y proposed whole from its prior at the end
+    cannot meet the tolerances of N_REF exact draws."""
 
     def model():
-        x = pyro.sample("x", lm.sequence([], max_new_tokens=2))
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=1))
         ppl_lm.reward("b_in_x", (x == 2).float().sum(-1), beta=1.0)  # before y: the twist across the boundary
-        y = pyro.sample("y", lm.sequence(x[..., :1], max_new_tokens=6))
+        y = pyro.sample("y", lm.sequence(x, max_new_tokens=7))
         if condition == "prefix_closed":
             ppl_lm.constraint("no_cd", ~((y == 3) | (y == 4)).any(-1), prefix_closed=True)
         else:
             ppl_lm.token_constraint("no_cd", y, ppl_lm.rewards.forbid_chars(lm, "cd"))
-        ppl_lm.constraint("long", y[..., 4] != lm.eos_id)
+        ppl_lm.constraint("long", y[..., -1] != lm.eos_id)
 
     return model
 
@@ -196,10 +196,11 @@ def _law(post, site: str) -> dict:
 @pytest.mark.parametrize("lm_name", ["markov", "transformer"])
 def test_later_sequence_site_is_advanced_token_by_token(lm_name, condition):
     """SMC prunes (or masks) the second sequence token by token, so it meets the tolerances of
-    N_REF exact draws where prior block proposal has an exact ESS of at most 130: log Z within
+    N_REF exact draws where prior block proposal has an exact ESS of at most 49: log Z within
     4/sqrt(N_REF) (the relative error of Ẑ from N_REF exact-equivalent draws), the laws of x and
     y within three expected TVs of N_REF exact draws. Dropping ψ from the weight at the stage
-    boundary (the reward on x then counts twice) moves log Z by 0.48 / 1.07 and x's law by TV 0.27."""
+    boundary moves log Z by 1.3 on every case; main's SMC before stages (y drawn whole from its
+    prior) fails every case too."""
     from toys import LMS, expected_tv
 
     lm = LMS[lm_name]()
@@ -208,7 +209,7 @@ def test_later_sequence_site_is_advanced_token_by_token(lm_name, condition):
     lp, ll = exact.stats["log_prior"].double(), exact.stats["log_likelihood"].double()
     n = 32_000
     prior_ess = n * float(torch.exp(2 * torch.logsumexp(lp + ll, 0) - torch.logsumexp(lp + 2 * ll, 0)))
-    assert prior_ess < N_REF / 5  # the problem is one a block proposal of y cannot solve
+    assert prior_ess < N_REF / 20  # the problem is one a block proposal of y cannot solve
 
     post = _run(model, num_particles=n, seed=0)
     assert abs(post.log_evidence - exact.log_evidence) <= 4 / math.sqrt(N_REF), (post.log_evidence, exact.log_evidence)
@@ -224,7 +225,7 @@ def test_later_sequence_site_is_advanced_token_by_token(lm_name, condition):
         assert tv <= 3 * expected_tv(Exact(), N_REF), (site, tv)
     if condition == "token_mask":
         assert post.info["token_masks"] == 1
-        assert torch.isfinite(post.log_weights).sum() > n / 2  # y never dies on its mask, only on its length
+        # Every particle, dead ones too, proposed y from the masked LM: no 'c' or 'd' anywhere.
         assert not ((post.values["y"] == 3) | (post.values["y"] == 4)).any()
 
 
