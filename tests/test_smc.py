@@ -229,6 +229,18 @@ def test_later_sequence_site_is_advanced_token_by_token(lm_name, condition):
         assert not ((post.values["y"] == 3) | (post.values["y"] == 4)).any()
 
 
+def test_token_mask_on_an_unknown_site_with_several_sequences_is_a_clear_error():
+    lm = markov_lm()
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=2))
+        y = pyro.sample("y", lm.sequence(x[..., :1], max_new_tokens=3))
+        ppl_lm.token_constraint("no_c", y[..., :2], ppl_lm.rewards.forbid_chars(lm, "c"))  # a slice: whose tokens?
+
+    with pytest.raises(ValueError, match="cannot tell whose tokens its mask follows"):
+        _run(model, num_particles=10)
+
+
 # -- bounded memory: islands -------------------------------------------------------------
 
 
