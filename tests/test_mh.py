@@ -246,8 +246,12 @@ def test_bad_input_gets_clear_errors():
         pyro.sample("p", lm.sequence([], max_new_tokens=2))
         pyro.sample("x", lm.sequence([], max_new_tokens=T))
 
-    with pytest.raises(ValueError, match="edits exactly one lm.sequence"):
-        _run(two_sites)
+    # Several sequence sites are edited in turn (tests/test_composition.py); initial_samples
+    # gives one site only, and a model needs at least one.
+    with pytest.raises(ValueError, match=r"initial_samples gives only the sequence site.*\['x'\]"):
+        _run(two_sites, num_chains=2, initial_samples=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="no latent sequence site"):
+        _run(lambda: pyro.sample("w", pyro.distributions.Bernoulli(0.5)))
 
 
 @pytest.mark.integration
