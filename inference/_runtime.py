@@ -114,12 +114,24 @@ def _trace_until(fn: Callable, args: tuple, kwargs: dict, n: int, stop):
         if stop is None:
             raise
         return tracer.msngr.trace, exit_.site
-    except ValueError as err:
-        clear = _clear_shape_error(err, n)
-        if clear is None:
+    except (ValueError, RuntimeError) as err:
+        original = _without_trace_shapes(err)
+        clear = _clear_shape_error(original, n) if isinstance(original, ValueError) else None
+        if clear is not None:
+            raise clear from None
+        if original is err:
             raise
-        raise clear from None
+        raise original  # the error as the user's (or our) code raised it, its traceback intact
     return tracer.msngr.trace, None
+
+
+def _without_trace_shapes(err: BaseException) -> BaseException:
+    """The exception before Pyro's trace handlers re-raised it with a "Trace Shapes" table appended
+    (one layer per nested trace): the table is about Pyro's internals, not the user's error."""
+    while ("\nTrace Shapes:" in str(err) and isinstance(err.__cause__, type(err))
+           and str(err).startswith(str(err.__cause__))):
+        err = err.__cause__
+    return err
 
 
 def fixed_values(data: dict[str, torch.Tensor]) -> poutine.Trace:

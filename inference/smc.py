@@ -619,7 +619,8 @@ def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, op
     tokens = torch.cat([p["tokens"] for p in parts])
     diag = genealogy_diagnostics(tokens, torch.cat(eves), W)
     found = []
-    if diag["num_eves"] < MIN_EVES:
+    # Fewer than MIN_EVES particles cannot have MIN_EVES ancestors: a tiny run is judged by half its size.
+    if diag["num_eves"] < min(MIN_EVES, max(2, N // 2)):
         found.append(InferenceWarning(
             "path_degeneracy",
             f"the {len(W)} final particles descend from only {diag['num_eves']} initial particle(s), so the "

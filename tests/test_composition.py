@@ -137,12 +137,16 @@ ROWS = {
     # sampling with resampling; prior IS's exact ESS is the bound that holds on every row.
     "smc": (dict(num_particles=4_000), None),
     "mh": (dict(num_samples=150, num_chains=64, warmup_steps=100), 1_500.0),
+    # SVI's result is its trained guide's draws importance-weighted against the exact target:
+    # held to prior importance sampling with as many draws (a guide worse than the prior fails).
+    "svi": (dict(num_steps=300, num_particles=16, num_samples=4_000), None),
 }
 SUPPORTED = {
     "exact": {"world_prompt", "two_sequences", "mixture_factor"},
     "importance": set(PROBLEMS),
     "smc": set(PROBLEMS),
     "mh": set(PROBLEMS),
+    "svi": set(PROBLEMS),
 }
 
 

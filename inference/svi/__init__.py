@@ -346,7 +346,7 @@ def _crosscheck(model, args, kwargs, g, post, n, seed, progress) -> Crosscheck:
     kl_at_prior = log_z - e_lik
     kl_at_prior_se = math.hypot(log_z_se, float(lik.std() / math.sqrt(len(lik)))) if math.isfinite(e_lik) else math.nan
     with torch.no_grad(), seeding.seeded(seed):
-        t = particle_terms(model, g, args, kwargs, len(prior), values={g.site: prior.samples})
+        t = particle_terms(model, g, args, kwargs, len(prior), values=dict(prior.values))
     fwd = kl_estimates(t.log_q, t.log_prior, t.log_likelihood, log_proposal=t.log_prior)
     return Crosscheck(n, log_z, log_z_se, elbo, elbo_se, log_z - elbo, math.hypot(log_z_se, elbo_se),
                       fwd.kl_forward, fwd.kl_forward_se, kl_at_prior, kl_at_prior_se)
