@@ -254,6 +254,18 @@ def test_bad_input_gets_clear_errors():
         _run(lambda: pyro.sample("w", pyro.distributions.Bernoulli(0.5)))
 
 
+def test_later_site_with_ragged_prompts_from_an_earlier_one():
+    """Story x, summary y prompted by x's content (ragged): MH edits both, and an edit of x
+    rescores y under its new prompt. Held, per site, to half the composition rows' 1,500
+    reference exact draws (each site gets half the edits)."""
+    from test_smc import check_sites_against_exact, summary_model
+
+    model = summary_model(_lm("markov"))
+    exact = ppl_lm.infer(model, method="exact")
+    post = _run(model, num_samples=150, num_chains=64, warmup_steps=100, seed=0)
+    check_sites_against_exact(post, exact, 750.0)
+
+
 @pytest.mark.integration
 def test_mh_on_the_real_model(smollm2):
     lm = smollm2
