@@ -616,7 +616,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         {k: stack(lambda h, k=k: h["rewards"][k]) for k in hist[0]["rewards"]},
         {k: stack(lambda h, k=k: h["constraints"][k]) for k in hist[0]["constraints"]},
     )
-    stats = stats_from_scores(scores, kernel.site, kernel.eos)
+    main_lm = kernel.seq[kernel.site].lm  # kernel.lm is the LM of the site edited last
+    stats = stats_from_scores(scores, kernel.site, main_lm.eos_id)
     by_chain = {k: v.reshape(C, S) for k, v in stats.items() if not k.startswith("ok:")}
     rhat, ess_by_stat = mcmc_diagnostics(by_chain)
     if ess_by_stat:
@@ -640,7 +641,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         log_weights=normalise(torch.zeros(C * S)),
         log_evidence=None,
         method="mh",
-        lm=kernel.lm,
+        lm=main_lm,
         site=kernel.site,
         stats=stats,
         chain=torch.arange(C).repeat_interleave(S),

@@ -266,6 +266,17 @@ def test_later_site_with_ragged_prompts_from_an_earlier_one():
     check_sites_against_exact(post, exact, 750.0)
 
 
+def test_sites_with_different_lms():
+    """Each site is edited with its own LM (vocabulary, EOS); the Posterior reports the first's."""
+    from test_smc import check_sites_against_exact, two_lms_model
+
+    model, lm_x = two_lms_model()
+    exact = ppl_lm.infer(model, method="exact")
+    post = _run(model, num_samples=150, num_chains=64, warmup_steps=100, seed=0)
+    assert post.lm is lm_x and post.stats["length"].max() <= 3
+    check_sites_against_exact(post, exact, 750.0)
+
+
 @pytest.mark.integration
 def test_mh_on_the_real_model(smollm2):
     lm = smollm2

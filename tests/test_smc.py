@@ -264,6 +264,31 @@ def test_later_site_with_ragged_prompts_from_an_earlier_one(lm_name):
     check_sites_against_exact(_run(model, num_particles=n, seed=0), exact, n_ref)
 
 
+def two_lms_model():
+    """x from one LM, y from another (its own vocabulary of 4 and EOS id 3), prompted by nothing,
+    a reward coupling them."""
+    lm_x = ppl_lm.MarkovLM.random(5, eos_id=0, seed=3)
+    lm_y = ppl_lm.MarkovLM.random(4, eos_id=3, seed=5)
+
+    def model():
+        x = pyro.sample("x", lm_x.sequence([], max_new_tokens=3))
+        y = pyro.sample("y", lm_y.sequence([], max_new_tokens=3))
+        ppl_lm.reward("r", (x == 2).float().sum(-1) * (y == 1).float().sum(-1), beta=1.0)
+
+    return model, lm_x
+
+
+def test_sites_with_different_lms():
+    model, lm_x = two_lms_model()
+    exact = ppl_lm.infer(model, method="exact")
+    lp, ll = exact.stats["log_prior"].double(), exact.stats["log_likelihood"].double()
+    n = 4000
+    n_ref = n * float(torch.exp(2 * torch.logsumexp(lp + ll, 0) - torch.logsumexp(lp + 2 * ll, 0)))
+    post = _run(model, num_particles=n, seed=0)
+    assert post.lm is lm_x
+    check_sites_against_exact(post, exact, n_ref)
+
+
 def test_token_mask_on_an_unknown_site_with_several_sequences_is_a_clear_error():
     lm = markov_lm()
 
