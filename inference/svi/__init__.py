@@ -1,7 +1,8 @@
 """Stochastic variational inference: fine-tuning the LM toward a reward is SVI on the model.
 
 The model "prior π, likelihood exp(r/β)" has the posterior π′(x) ∝ π(x)·exp(r(x)/β). A guide q
-(the LM with trainable weights, :mod:`ppl_lm.inference.svi.guides`; LoRA on a transformer) is
+(the LM with trainable weights, :mod:`ppl_lm.inference.svi.guides`; LoRA on a transformer; for a
+model with other latent sites a joint guide over all of them, :mod:`ppl_lm.inference.svi.joint`) is
 trained on one of two objectives (:mod:`ppl_lm.inference.svi.elbo`):
 
 - ``objective="reverse"``: the ELBO ``E_q[log π + r/β − log q] = (E_q[r] − β·KL(q‖π))/β``, the
@@ -150,7 +151,9 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     """Train a guide by SVI, then importance-weight its draws against the exact target.
 
     Args:
-        model: a vectorised Pyro model with one ``lm.sequence(...)`` latent site.
+        model: a vectorised Pyro model with at least one ``lm.sequence(...)`` latent site;
+            other latent sites (discrete, continuous, more sequences) get a joint guide
+            (:mod:`~ppl_lm.inference.svi.joint`), trained on one ELBO over the whole joint.
         *args: the model's arguments (the context the returned posterior is for).
         seed: same seed, same training and samples (on CPU).
         objective: ``"reverse"`` (the ELBO, KL(q‖π′)), ``"forward"`` (KL(π′‖q)) or
