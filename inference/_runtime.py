@@ -305,8 +305,9 @@ def main_site(values: dict[str, torch.Tensor], sites: dict) -> str:
     return seq[0]
 
 
-def stats_from_scores(scores: Scores, site: str, eos_id: int) -> dict[str, torch.Tensor]:
-    """Per-sample scalar summaries: log prior, log likelihood, length, each reward and constraint."""
+def stats_from_scores(scores: Scores, site: str, eos_id: int, sites: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample scalar summaries: log prior, log likelihood, length, every scalar latent, the
+    length of every other sequence site (``length:NAME``, given ``sites``), each reward and constraint."""
     stats = {
         "log_prior": scores.log_prior.float(),
         "log_likelihood": scores.log_likelihood.float(),
@@ -316,6 +317,8 @@ def stats_from_scores(scores: Scores, site: str, eos_id: int) -> dict[str, torch
     for name, v in scores.values.items():  # every scalar latent (a discrete world, a parameter)
         if name != site and v.numel() == n:
             stats[name] = v.reshape(n).float()
+        elif name != site and sites is not None and isinstance(sites.get(name), SequenceDistribution):
+            stats[f"length:{name}"] = lengths(v.reshape(n, -1), sites[name].lm.eos_id).float()
     for name, r in scores.rewards.items():
         stats[f"reward:{name}"] = r.float()
     for name, ok in scores.constraints.items():
@@ -345,7 +348,7 @@ def make_posterior(method: str, scores: Scores, log_w: torch.Tensor, sites: dict
         samples=scores.values[site].reshape(len(log_w), -1),
         log_weights=normalise(log_w),
         method=method, lm=lm, site=site,
-        stats=stats_from_scores(scores, site, lm.eos_id),
+        stats=stats_from_scores(scores, site, lm.eos_id, sites),
         values={k: v for k, v in scores.values.items()},
         **kw,
     )

@@ -34,6 +34,7 @@ import torch
 
 import ppl_lm
 from ppl_lm import rewards
+from ppl_lm.inference.svi.joint import LATENT_SCALE
 from ppl_lm.models import worlds
 
 %matplotlib inline
@@ -112,21 +113,23 @@ for k, name in enumerate(worlds.WORLDS):
 if SMOKE:
     lm = ppl_lm.tiny_char_transformer(seed=0)
     context, T = worlds.toy_context, 6
-    sizes = dict(is_n=32, smc_n=16, mh=dict(num_samples=4, num_chains=2, warmup_steps=2))
+    sizes = dict(is_n=32, smc_n=16, mh=dict(num_samples=4, num_chains=2, warmup_steps=2),
+                 svi=dict(num_steps=3, num_particles=2, num_samples=16))
 else:
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF conversion progress bars
         lm = ppl_lm.load_lm()
     print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
     context, T = worlds.context, 12
-    sizes = dict(is_n=192, smc_n=128, mh=dict(num_samples=15, num_chains=4, warmup_steps=5))
+    sizes = dict(is_n=1024, smc_n=512, mh=dict(num_samples=30, num_chains=4, warmup_steps=10),
+                 svi=dict(num_steps=80, num_particles=8, num_samples=512))
 model = worlds.build(lm, beta=BETA, max_new_tokens=T)
 print("context:", repr(context))
 print("prompt lengths (tokens) per world:", dict(zip(worlds.WORLDS, map(len, worlds.prompts(lm, context)))))
 
 runs, seconds = {}, {}
 for method, opts in (("importance", dict(num_samples=sizes["is_n"])), ("smc", dict(num_particles=sizes["smc_n"])),
-                     ("mh", sizes["mh"])):
+                     ("mh", sizes["mh"]), ("svi", sizes["svi"])):
     t0 = time.perf_counter()
     runs[method] = ppl_lm.infer(model, context, method=method, seed=1, progress=False, **opts)
     seconds[method] = time.perf_counter() - t0
@@ -150,6 +153,11 @@ for (a, b), v in z.items():
 for name in worlds.WORLDS:
     assert all(0 <= p <= 1 for p, _ in table[name].values())
 assert all(abs(sum(p for p, _ in post.marginal("w").values()) - 1) < 1e-6 for post in runs.values())
+# SVI's joint guide learned q(w) (a categorical, trained with the LoRA adapter on the sequence);
+# its importance-corrected p(w | positive) is in the table above.
+q_w = torch.softmax(getattr(runs["svi"].guide.module, "site0_logits").detach().double()
+                    * LATENT_SCALE[runs["svi"].guide.kind], -1)
+print("SVI guide's own q(w):", {n: round(float(q), 3) for n, q in zip(worlds.WORLDS, q_w)})
 print("\nexamples (IS, heaviest weights):")
 w_is = runs["importance"].values["w"]
 for i in torch.argsort(runs["importance"].log_weights, descending=True)[:3].tolist():
@@ -161,7 +169,7 @@ xs = np.arange(len(worlds.WORLDS))
 ax.bar(xs - 0.3, worlds.PRIOR, 0.15, color="lightgrey", label="prior p(w)")
 for i, m in enumerate(runs):
     ax.errorbar(xs - 0.1 + 0.15 * i, [table[n][m][0] for n in worlds.WORLDS],
-                yerr=[2 * table[n][m][1] for n in worlds.WORLDS], fmt="os^"[i], capsize=4, label=f"{m} (±2 se)")
+                yerr=[2 * table[n][m][1] for n in worlds.WORLDS], fmt="os^v"[i], capsize=4, label=f"{m} (±2 se)")
 ax.set_xticks(xs, worlds.WORLDS)
 ax.set_ylabel("p(w | positive)")
 ax.set_title("which world explains a positive continuation")
