@@ -617,7 +617,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         {k: stack(lambda h, k=k: h["constraints"][k]) for k in hist[0]["constraints"]},
     )
     main_lm = kernel.seq[kernel.site].lm  # kernel.lm is the LM of the site edited last
-    stats = stats_from_scores(scores, kernel.site, main_lm.eos_id)
+    stats = stats_from_scores(scores, kernel.site, main_lm.eos_id, kernel.seq)
     by_chain = {k: v.reshape(C, S) for k, v in stats.items() if not k.startswith("ok:")}
     rhat, ess_by_stat = mcmc_diagnostics(by_chain)
     if ess_by_stat:
