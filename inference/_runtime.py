@@ -32,7 +32,7 @@ from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
 
 __all__ = ["Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
-           "sequence_base", "sequence_sites", "single_sequence_site", "prior_values", "first_latent_site", "fixed_values",
+           "sequence_base", "sequence_sites", "single_sequence_site", "first_latent_site", "fixed_values",
            "PARTICLE_PLATE", "main_site", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
 
 PARTICLE_PLATE = "particles"
@@ -273,16 +273,6 @@ def first_latent_site(model: Callable, args: tuple, kwargs: dict, site: str | No
             exit_.reset_stack()
             return exit_.site
     return None
-
-
-def prior_values(model: Callable, args: tuple, kwargs: dict, n: int, names: list[str], site: str):
-    """Prior draws ``[n, ...]`` of the latent sites ``names`` (sampled before ``site`` in program
-    order), with every sequence site an empty placeholder (no LM call), and the distribution of
-    ``site`` those draws imply (its prompt rows may depend on them)."""
-    with _EosSequences(), trial_run():  # outside the plate, as in latent_sites: x is [n, T]
-        tr = trace_model(model, args, kwargs, n)
-    values = {k: tr.nodes[k]["value"].detach().cpu() for k in names}
-    return values, sequence_base(tr.nodes[site]["fn"])
 
 
 class _EosSequences(poutine.messenger.Messenger):
