@@ -182,7 +182,10 @@ def test_composition_matches_exact(method, problem, lm_name):
         # E[θ] from n_ref exact draws: sd(θ | data) ≤ 1 (the prior's), so 4/sqrt(n_ref) bounds the error.
         assert abs(mean - t.theta_mean) <= 4 / math.sqrt(n_ref), (mean, t.theta_mean)
     if post.log_evidence is not None:
-        assert abs(post.log_evidence - t.log_z) <= 4 * (post.log_evidence_se or 0) + 0.05, (post.log_evidence, t.log_z)
+        # Prior IS with N draws: Var(Ẑ)/Z² = (1/f − 1)/N, so log Ẑ has sd √((1 − f)/n_ref) with
+        # n_ref = N·f; the backends held to prior IS are held to that (four sd), not to their own se.
+        sd = math.sqrt(max(1.0 - t.f, 0.0) / n_ref)
+        assert abs(post.log_evidence - t.log_z) <= 4 * sd + 1e-3, (post.log_evidence, t.log_z, sd)
 
 
 def test_values_are_aligned_with_log_weights():
