@@ -31,8 +31,8 @@ from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
 
-__all__ = ["Scores", "ModelShapeError", "run_model", "trace_model", "score_trace", "site_log_prob", "latent_sites",
-           "sequence_base", "sequence_sites", "single_sequence_site", "prior_values", "first_latent_site", "fixed_values",
+__all__ = ["Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
+           "sequence_base", "sequence_sites", "single_sequence_site", "first_latent_site", "fixed_values",
            "PARTICLE_PLATE", "main_site", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
 
 PARTICLE_PLATE = "particles"
@@ -100,14 +100,38 @@ def _clear_shape_error(err: ValueError, n: int) -> ModelShapeError | None:
 
 def trace_model(fn: Callable, args: tuple, kwargs: dict, n: int):
     """``poutine.trace`` of ``fn`` inside the particle plate of size ``n``, with clear shape errors."""
+    return _trace_until(fn, args, kwargs, n, None)[0]
+
+
+def _trace_until(fn: Callable, args: tuple, kwargs: dict, n: int, stop):
+    """:func:`trace_model`, stopped (``poutine.escape``) at the first sample site where ``stop(msg)``
+    holds when ``stop`` is given: ``(trace of the sites before it, its message or None)``."""
+    tracer = poutine.trace(fn if stop is None else poutine.escape(fn, escape_fn=stop))
     try:
         with pyro.plate(PARTICLE_PLATE, n, dim=-1):
-            return poutine.trace(fn).get_trace(*args, **kwargs)
-    except ValueError as err:
-        clear = _clear_shape_error(err, n)
-        if clear is None:
+            tracer(*args, **kwargs)
+    except NonlocalExit as exit_:
+        if stop is None:
             raise
-        raise clear from None
+        return tracer.msngr.trace, exit_.site
+    except (ValueError, RuntimeError) as err:
+        original = _without_trace_shapes(err)
+        clear = _clear_shape_error(original, n) if isinstance(original, ValueError) else None
+        if clear is not None:
+            raise clear from None
+        if original is err:
+            raise
+        raise original  # the error as the user's (or our) code raised it, its traceback intact
+    return tracer.msngr.trace, None
+
+
+def _without_trace_shapes(err: BaseException) -> BaseException:
+    """The exception before Pyro's trace handlers re-raised it with a "Trace Shapes" table appended
+    (one layer per nested trace): the table is about Pyro's internals, not the user's error."""
+    while ("\nTrace Shapes:" in str(err) and isinstance(err.__cause__, type(err))
+           and str(err).startswith(str(err.__cause__))):
+        err = err.__cause__
+    return err
 
 
 def fixed_values(data: dict[str, torch.Tensor]) -> poutine.Trace:
@@ -138,6 +162,29 @@ def run_model(model: Callable, args: tuple, kwargs: dict, num_particles: int,
         fn = poutine.replay(fn, trace=fixed_values(data))
     tr = trace_model(fn, args, kwargs, num_particles)
     return score_trace(tr, num_particles, score_latent=score_latent)
+
+
+def run_model_until(model: Callable, args: tuple, kwargs: dict, num_particles: int, data: dict[str, torch.Tensor],
+                    *, sequences_only: bool = False) -> tuple[Scores, Any]:
+    """:func:`run_model` (latent sites not scored) up to the first latent site that ``data`` gives no
+    value, where the program stops (``poutine.escape``: nothing after it runs, no LM call).
+
+    Returns the scores of the sites before it (``log_likelihood``: the factors the program has
+    applied by then) and that site's Pyro message (its ``fn`` is the distribution those values
+    imply), or ``None`` when the program ran to its end.
+
+    Args:
+        sequences_only: stop only at an ``lm.sequence(...)`` site; other latent sites without a
+            value are sampled from the model on the way.
+    """
+
+    def stop(msg):
+        return (msg["type"] == "sample" and not msg["is_observed"] and msg["name"] not in data
+                and (not sequences_only or sequence_base(msg["fn"]) is not None))
+
+    fn = poutine.replay(model, trace=fixed_values(data)) if data else model
+    tr, site = _trace_until(fn, args, kwargs, num_particles, stop)
+    return score_trace(tr, num_particles, score_latent=False), site
 
 
 def score_trace(tr, n: int, *, score_latent: bool = True) -> Scores:
@@ -228,16 +275,6 @@ def first_latent_site(model: Callable, args: tuple, kwargs: dict, site: str | No
     return None
 
 
-def prior_values(model: Callable, args: tuple, kwargs: dict, n: int, names: list[str], site: str):
-    """Prior draws ``[n, ...]`` of the latent sites ``names`` (sampled before ``site`` in program
-    order), with every sequence site an empty placeholder (no LM call), and the distribution of
-    ``site`` those draws imply (its prompt rows may depend on them)."""
-    with _EosSequences(), trial_run():  # outside the plate, as in latent_sites: x is [n, T]
-        tr = trace_model(model, args, kwargs, n)
-    values = {k: tr.nodes[k]["value"].detach().cpu() for k in names}
-    return values, sequence_base(tr.nodes[site]["fn"])
-
-
 class _EosSequences(poutine.messenger.Messenger):
     """Latent sequence sites take the all-EOS value (the empty sequence) without sampling."""
 
@@ -258,8 +295,9 @@ def main_site(values: dict[str, torch.Tensor], sites: dict) -> str:
     return seq[0]
 
 
-def stats_from_scores(scores: Scores, site: str, eos_id: int) -> dict[str, torch.Tensor]:
-    """Per-sample scalar summaries: log prior, log likelihood, length, each reward and constraint."""
+def stats_from_scores(scores: Scores, site: str, eos_id: int, sites: dict | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample scalar summaries: log prior, log likelihood, length, every scalar latent, the
+    length of every other sequence site (``length:NAME``, given ``sites``), each reward and constraint."""
     stats = {
         "log_prior": scores.log_prior.float(),
         "log_likelihood": scores.log_likelihood.float(),
@@ -269,6 +307,8 @@ def stats_from_scores(scores: Scores, site: str, eos_id: int) -> dict[str, torch
     for name, v in scores.values.items():  # every scalar latent (a discrete world, a parameter)
         if name != site and v.numel() == n:
             stats[name] = v.reshape(n).float()
+        elif name != site and sites is not None and isinstance(sites.get(name), SequenceDistribution):
+            stats[f"length:{name}"] = lengths(v.reshape(n, -1), sites[name].lm.eos_id).float()
     for name, r in scores.rewards.items():
         stats[f"reward:{name}"] = r.float()
     for name, ok in scores.constraints.items():
@@ -298,7 +338,7 @@ def make_posterior(method: str, scores: Scores, log_w: torch.Tensor, sites: dict
         samples=scores.values[site].reshape(len(log_w), -1),
         log_weights=normalise(log_w),
         method=method, lm=lm, site=site,
-        stats=stats_from_scores(scores, site, lm.eos_id),
+        stats=stats_from_scores(scores, site, lm.eos_id, sites),
         values={k: v for k, v in scores.values.items()},
         **kw,
     )

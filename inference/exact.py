@@ -17,6 +17,8 @@ from ppl_lm import seeding as _random
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import cat_scores, finish, latent_sites, make_posterior, run_model, sequence_sites
 from ppl_lm.posterior import Info, Posterior
+from ppl_lm.tokens import support_size
+from tqdm.auto import tqdm
 
 __all__ = ["run", "enumerate_sequences", "support_size", "site_support", "ExactInfo"]
 
@@ -27,11 +29,6 @@ class ExactInfo(Info):
 
     support_size: int = 0
     prior_mass: float = float("nan")
-
-
-def support_size(vocab_size: int, max_new_tokens: int) -> int:
-    k = vocab_size - 1
-    return sum(k**n for n in range(max_new_tokens)) + k**max_new_tokens
 
 
 def enumerate_sequences(vocab_size: int, eos_id: int, max_new_tokens: int) -> torch.Tensor:
@@ -59,7 +56,7 @@ def site_support(name: str, d) -> torch.Tensor:
 
 
 def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_support: int = 200_000,
-        chunk_size: int = 8192) -> Posterior:
+        chunk_size: int = 8192, progress: bool = True) -> Posterior:
     """Enumerate the joint support of every latent site; exact posterior weights and ``log_evidence``.
 
     The support is the product of each latent site's values in program order: the canonical
@@ -70,6 +67,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_suppo
         model_kwargs: the model's keyword arguments.
         max_support: refuse (with a clear error, before any work) when the support is larger.
         chunk_size: joint values scored per model call.
+        progress: a progress bar over the chunks (when there are several).
     """
     kwargs = dict(model_kwargs or {})
     with _random.seeded(seed):
@@ -92,8 +90,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_suppo
         names = list(supports)
         strides = [math.prod(len(supports[m]) for m in names[i + 1:]) for i in range(len(names))]
         parts = []
+        starts = range(0, size, chunk_size)
         with torch.no_grad():
-            for start in range(0, size, chunk_size):
+            for start in tqdm(starts, desc="exact", unit="chunk", disable=not progress or len(starts) < 2):
                 flat = torch.arange(start, min(size, start + chunk_size))
                 data = {m: supports[m][(flat // st) % len(supports[m])] for m, st in zip(names, strides)}
                 parts.append(run_model(model, args, kwargs, len(flat), data=data))

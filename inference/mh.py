@@ -1,8 +1,13 @@
 """Metropolis-Hastings over edits: an MCMC kernel on token sequences, driven by Pyro's ``MCMC``.
 
-The target is the model's posterior over its latent sequence site: log prior
-(``SequenceDistribution.log_prob``) plus every factor, evaluated by running the vectorised
-model on the proposed sequences (:func:`ppl_lm.inference._runtime.run_model` with ``data=``).
+The target is the model's joint posterior over its latent sites: log prior (each
+``SequenceDistribution.log_prob``, and the other latents' log-probs) plus every factor, evaluated
+by running the vectorised model on the proposed values
+(:func:`ppl_lm.inference._runtime.run_model` with ``data=``: a sequence site is scored under the
+prompt the other values give it, so editing an earlier sequence rescores a later one prompted by
+it). One transition edits one sequence site, the sites in turn (a deterministic scan; each edit
+leaves the joint invariant given the other sites), then updates every other latent site: a
+discrete one by an exact Gibbs step, a continuous one by random-walk MH.
 
 A sequence of ``T = max_new_tokens`` positions is held in canonical form: ``n`` content tokens
 (none of them EOS), then EOS padding (``n < T``), or ``n = T`` content tokens and no EOS.
@@ -52,6 +57,7 @@ from ppl_lm.inference._runtime import (
     finish,
     latent_sites,
     run_model,
+    run_model_until,
     sequence_base,
     sequence_sites,
     stats_from_scores,
@@ -80,7 +86,8 @@ class MHInfo(Info):
     """Facts of an MH run: acceptance per move, per-summary R-hat and bulk ESS, and the options.
 
     ``ess_sequences`` is the between-chain effective size of the law over whole sequences
-    (:func:`sequence_ess`).
+    (:func:`sequence_ess`) of the main (first) sequence site; ``ess_sequences_by_site`` gives it
+    for every sequence site.
     """
 
     acceptance: dict = field(default_factory=dict)
@@ -88,6 +95,7 @@ class MHInfo(Info):
     rhat_by_stat: dict = field(default_factory=dict)
     ess_by_stat: dict = field(default_factory=dict)
     ess_sequences: float = float("nan")
+    ess_sequences_by_site: dict = field(default_factory=dict)  # every sequence site's sequence_ess
     num_chains: int = 0
     num_samples: int = 0
     warmup_steps: int = 0
@@ -131,7 +139,8 @@ class EditKernel(MCMCKernel):
     """A batch of MH chains over token sequences, moved by LM-guided edits.
 
     Args:
-        model: a vectorised Pyro model with exactly one latent site, an ``lm.sequence(...)``.
+        model: a vectorised Pyro model with one or more latent ``lm.sequence(...)`` sites (and any other
+            latent sites with a finite support or a continuous one).
         num_chains: chains, run as one batch.
         moves: move name -> probability (see :data:`MOVES`); normalised.
         thin: transitions per kept sample after warm-up.
@@ -161,14 +170,14 @@ class EditKernel(MCMCKernel):
         self.args, self.kwargs = args, kwargs
         self.warmup_steps = warmup_steps
         sites = latent_sites(self.model, args, kwargs, placeholder=True)
-        seq = sequence_sites(sites)
-        if len(seq) != 1:
-            raise ValueError(
-                f"method='mh' edits exactly one lm.sequence(...) site; this model has {len(seq)} ({list(seq)}). "
-                "Use method='importance', 'smc' or 'exact' for several sequence sites")
-        self.site, d = next(iter(seq.items()))
+        self.order = list(sites)
+        self.seq = sequence_sites(sites)
+        if not self.seq:
+            raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
+        # The main site (the Posterior's samples) is the first; every sequence site is edited in turn.
+        self.site, d = next(iter(self.seq.items()))
         # Every other latent site: discrete ones get an exact Gibbs step, continuous ones random-walk MH.
-        self.others = {k: v for k, v in sites.items() if k != self.site}
+        self.others = {k: v for k, v in sites.items() if k not in self.seq}
         for k, v in self.others.items():
             if not getattr(v, "has_enumerate_support", False) and v.support.is_discrete:
                 raise ValueError(f"method='mh' cannot update the discrete latent site {k!r}: it has no finite "
@@ -181,13 +190,15 @@ class EditKernel(MCMCKernel):
         self.eos = d.lm.eos_id
         self.values: dict[str, torch.Tensor] = {}
         self._t = 0
+        self._transitions = 0  # edit transitions so far: they visit the sequence sites in turn
         self._proposed = torch.zeros(len(MOVES), dtype=torch.long)
         self._accepted = torch.zeros(len(MOVES), dtype=torch.long)
         self._proposed_warm = torch.zeros(len(MOVES), dtype=torch.long)
         self._accepted_warm = torch.zeros(len(MOVES), dtype=torch.long)
         self.history: list[dict[str, Any]] = []
-        x0, self.values = self._init_states()
-        self._set_state(x0, self._score(x0))
+        x0, values = self._init_states()
+        values = {**values, self.site: x0}
+        self._set_state(values, self._score(values))
         zeros = torch.zeros(self.num_chains, dtype=torch.long)
         self._initial_params = {"x": x0.clone(), "accepted": zeros, "move": zeros.clone()}
 
@@ -210,9 +221,9 @@ class EditKernel(MCMCKernel):
                 "log_likelihood": self.scores.log_likelihood.clone(),
                 "rewards": {k: v.clone() for k, v in self.scores.rewards.items()},
                 "constraints": {k: v.clone() for k, v in self.scores.constraints.items()},
-                "values": {k: v.clone() for k, v in self.values.items()},
+                "values": {k: v.clone() for k, v in self.values.items() if k != self.site},
             })
-        return {"x": self.x.clone(), "accepted": acc.long(), "move": move}
+        return {"x": self.values[self.site].clone(), "accepted": acc.long(), "move": move}
 
     def logging(self):
         prop, acc = self._proposed + self._proposed_warm, self._accepted + self._accepted_warm
@@ -233,18 +244,31 @@ class EditKernel(MCMCKernel):
         return out
 
     # -- internals ----------------------------------------------------------------------------
-    def _score(self, x: torch.Tensor, values: dict | None = None) -> Scores:
+    def _score(self, values: dict[str, torch.Tensor]) -> Scores:
+        """The joint target of every chain's values (all latent sites): every sequence site is
+        scored under the prompt the other values give it."""
         with torch.no_grad():
-            data = {**(self.values if values is None else values), self.site: x}
-            return run_model(self.model, self.args, self.kwargs, len(x), data=data)
+            return run_model(self.model, self.args, self.kwargs, self.num_chains, data=values)
 
-    def _set_state(self, x: torch.Tensor, scores: Scores) -> None:
-        self.x = x
-        self.scores = Scores(scores.log_prior.double(), scores.log_likelihood.double(), {self.site: x},
+    def _set_state(self, values: dict[str, torch.Tensor], scores: Scores) -> None:
+        self.values = values
+        self.scores = Scores(scores.log_prior.double(), scores.log_likelihood.double(), {},
                              dict(scores.rewards), dict(scores.constraints))
         self.log_target = self.scores.log_prior + self.scores.log_likelihood
-        if scores.trace is not None:  # the prompt may depend on the other sites' values
-            self.prompt, self.prompt_lengths = sequence_base(scores.trace.nodes[self.site]["fn"]).prompt_rows(len(x))
+
+    def _edit_site(self, name: str) -> None:
+        """Make ``name`` the sequence site the next edit moves act on: its LM, length and each
+        chain's prompt rows under the current values (a later site's prompt may be an earlier
+        site's value), read by running the model only up to that site."""
+        d = self.seq[name]
+        self.edited, self.lm, self.T, self.eos = name, d.lm, d.max_new_tokens, d.lm.eos_id
+        with torch.no_grad():
+            _, msg = run_model_until(self.model, self.args, self.kwargs, self.num_chains,
+                                     {k: v for k, v in self.values.items() if k != name})
+        if msg is None or msg["name"] != name:
+            raise ValueError(f"method='mh' expected the model to sample the sequence site {name!r}; the sites a model "
+                             "samples must not depend on the values drawn")
+        self.prompt, self.prompt_lengths = sequence_base(msg["fn"]).prompt_rows(self.num_chains)
 
     def _prompt_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt of each chain ``[C, P]`` (or the shared ``[P]``), for LM proposals."""
@@ -256,30 +280,29 @@ class EditKernel(MCMCKernel):
         """One update of every non-sequence site: exact Gibbs for discrete ones (one scoring pass per
         value of the support), random-walk MH for continuous ones (scale adapted in warm-up)."""
         g = _random.generator("cpu")
-        C = len(self.x)
+        C = self.num_chains
         for name, d in self.others.items():
             if name not in self.rw_scale:
                 support = d.enumerate_support(expand=False).reshape(-1, *d.event_shape)
                 lj = []
                 for v in support:
-                    sc = self._score(self.x, {**self.values, name: v.expand(C, *v.shape).clone()})
+                    sc = self._score({**self.values, name: v.expand(C, *v.shape).clone()})
                     lj.append(sc.log_prior.double() + sc.log_likelihood.double())
                 lj = torch.stack(lj, -1)  # [C, K]
                 pick = categorical(torch.log_softmax(lj, -1).float(), g)
-                new_vals = {name: support[pick].clone()}
-                self.values = {**self.values, **new_vals}
-                self._set_state(self.x, self._score(self.x))
+                values = {**self.values, name: support[pick].clone()}
+                self._set_state(values, self._score(values))
                 continue
             cur = self.values[name]
             step = self.rw_scale[name]
             prop = cur + step * torch.randn(cur.shape, dtype=cur.dtype, generator=g)
-            sc = self._score(self.x, {**self.values, name: prop})
+            sc = self._score({**self.values, name: prop})
             new_target = sc.log_prior.double() + sc.log_likelihood.double()
             log_alpha = torch.nan_to_num(new_target - self.log_target, nan=-math.inf)
             acc = torch.rand(C, dtype=torch.float64, generator=g).log() < log_alpha
             mask = acc.reshape(C, *([1] * (cur.dim() - 1)))
-            self.values = {**self.values, name: torch.where(mask, prop, cur)}
-            self._set_state(self.x, self._score(self.x))
+            values = {**self.values, name: torch.where(mask, prop, cur)}
+            self._set_state(values, self._score(values))
             self.rw_counts[name][0] += C
             self.rw_counts[name][1] += int(acc.sum())
             if warm:  # Robbins–Monro on log scale towards acceptance 0.44 (Roberts & Rosenthal, 2001)
@@ -300,10 +323,11 @@ class EditKernel(MCMCKernel):
                 raise ValueError(f"initial_samples hold token ids outside [0, {self.lm.vocab_size})")
             if not bool(self.dist.canonical(x0).all()):
                 raise ValueError("initial_samples must be EOS-padded: every position after the first EOS is EOS")
-            if self.others:
+            rest = [k for k in (*self.seq, *self.others) if k != self.site]
+            if rest:
                 raise ValueError("initial_samples gives only the sequence site; this model has other latent sites "
-                                 f"{list(self.others)}: leave initial_samples out (admissible prior draws start the chains)")
-            sc = self._score(x0, {})
+                                 f"{rest}: leave initial_samples out (admissible prior draws start the chains)")
+            sc = self._score({self.site: x0})
             if not bool(torch.isfinite(sc.log_prior + sc.log_likelihood).all()):
                 raise ValueError("some initial_samples have zero posterior probability (a constraint fails "
                                  "or the LM gives them probability 0)")
@@ -320,12 +344,12 @@ class EditKernel(MCMCKernel):
                 draws += batch
                 ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
                 found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
-                found_vals.append({k: sc.values[k][ok].cpu() for k in self.others})
+                found_vals.append({k: sc.values[k][ok].cpu() for k in sc.values if k != self.site})
                 bar.update(min(C, sum(len(f) for f in found)) - bar.n)
         finally:
             bar.close()
         pool = torch.cat(found) if found else torch.zeros(0, T, dtype=torch.long)
-        pool_vals = {k: torch.cat([f[k] for f in found_vals]) for k in self.others}
+        pool_vals = {k: torch.cat([f[k] for f in found_vals]) for k in found_vals[0]} if found_vals else {}
         if len(pool) == 0:
             raise ValueError(
                 f"no prior sample satisfied the model's conditions in {draws} draws, so the MH chains "
@@ -387,8 +411,12 @@ class EditKernel(MCMCKernel):
         return at_pos.cpu(), tok_lp_x.cpu(), y, y_lp
 
     def _transition(self, warm: bool):
-        """One MH transition of every chain; returns (move index [C], accepted [C])."""
-        x, T, eos, V = self.x, self.T, self.eos, self.lm.vocab_size
+        """One MH transition of every chain: an edit of one sequence site (each in turn, given the
+        others), then an update of every other latent site; returns (move index [C], accepted [C])."""
+        names = list(self.seq)
+        self._edit_site(names[self._transitions % len(names)])
+        self._transitions += 1
+        x, T, eos, V = self.values[self.edited], self.T, self.eos, self.lm.vocab_size
         C = len(x)
         g = _random.generator("cpu")
         move = torch.multinomial(self.move_probs.float(), C, replacement=True, generator=g)
@@ -460,7 +488,7 @@ class EditKernel(MCMCKernel):
         prop = torch.where(m[:, None], dele, prop)
 
         prop = torch.where(possible[:, None], prop, x)
-        scores = self._score(prop)
+        scores = self._score({**self.values, self.edited: prop})
         new_target = scores.log_prior.double() + scores.log_likelihood.double()
         log_alpha = new_target - self.log_target + log_rev - log_fwd
         log_alpha = torch.where(possible & (new_target > -math.inf), log_alpha,
@@ -479,15 +507,14 @@ class EditKernel(MCMCKernel):
             self._accepted += counts_a
 
         a = accept
-        new_x = torch.where(a[:, None], prop, x)
         merged = Scores(
             torch.where(a, scores.log_prior.double(), self.scores.log_prior),
             torch.where(a, scores.log_likelihood.double(), self.scores.log_likelihood),
-            {self.site: new_x},
+            {},
             {k_: torch.where(a, scores.rewards[k_], v) for k_, v in self.scores.rewards.items()},
             {k_: torch.where(a, scores.constraints[k_], v) for k_, v in self.scores.constraints.items()},
         )
-        self._set_state(new_x, merged)
+        self._set_state({**self.values, self.edited: torch.where(a[:, None], prop, x)}, merged)
         if self.others:
             self._update_others(warm)
         return move, accept
@@ -527,7 +554,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     """MH over edits: ``num_chains`` batched chains of ``num_samples`` kept draws each.
 
     Args:
-        model: a vectorised Pyro model with one latent ``lm.sequence(...)`` site.
+        model: a vectorised Pyro model with one or more latent ``lm.sequence(...)`` sites (each edited
+            in turn; ``samples`` is the first); other latent sites are updated by Gibbs or random-walk steps.
         *args, model_kwargs: the model's arguments.
         seed: same seed, same samples.
         num_samples: kept draws per chain (after warm-up and thinning).
@@ -581,13 +609,15 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     def stack(get) -> torch.Tensor:
         return chain_major(torch.stack([get(h) for h in hist])[None])
 
-    values = {kernel.site: samples, **{k: stack(lambda h, k=k: h["values"][k]) for k in kernel.others}}
+    values = {kernel.site: samples, **{k: stack(lambda h, k=k: h["values"][k]) for k in hist[0]["values"]}}
+    values = {k: values[k] for k in kernel.order}  # program order
     scores = Scores(
         stack(lambda h: h["log_prior"]), stack(lambda h: h["log_likelihood"]), values,
         {k: stack(lambda h, k=k: h["rewards"][k]) for k in hist[0]["rewards"]},
         {k: stack(lambda h, k=k: h["constraints"][k]) for k in hist[0]["constraints"]},
     )
-    stats = stats_from_scores(scores, kernel.site, kernel.eos)
+    main_lm = kernel.seq[kernel.site].lm  # kernel.lm is the LM of the site edited last
+    stats = stats_from_scores(scores, kernel.site, main_lm.eos_id, kernel.seq)
     by_chain = {k: v.reshape(C, S) for k, v in stats.items() if not k.startswith("ok:")}
     rhat, ess_by_stat = mcmc_diagnostics(by_chain)
     if ess_by_stat:
@@ -600,6 +630,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         acceptance=kernel.acceptance(),
         acceptance_overall=float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
         rhat_by_stat=rhat, ess_by_stat=ess_by_stat, ess_sequences=sequence_ess(samples, C),
+        ess_sequences_by_site={k: sequence_ess(values[k], C) for k in kernel.seq},
         num_chains=C, num_samples=S, warmup_steps=int(warmup_steps), thin=int(thin),
         moves={m: float(kernel.move_probs[i]) for m, i in _IDX.items()},
         random_walk_scale=dict(kernel.rw_scale),
@@ -610,7 +641,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         log_weights=normalise(torch.zeros(C * S)),
         log_evidence=None,
         method="mh",
-        lm=kernel.lm,
+        lm=main_lm,
         site=kernel.site,
         stats=stats,
         chain=torch.arange(C).repeat_interleave(S),

@@ -1,23 +1,41 @@
-"""Sequential Monte Carlo over the tokens of the sequence site.
+"""Sequential Monte Carlo over the tokens of the model's sequence sites, in program order.
 
 Particles are rows of batched tensors (tokens ``[B, T]``, weights, twists) advanced one token at a
 time through the LM's incremental state (``lm.start`` / ``lm.extend``; ``lm.reorder`` moves the
 KV cache when particles are resampled).
 
-Target and weights. At step ``t`` a live particle holds a prefix ``x_{1:t}``; its intermediate
-target is π(x_{1:t})·exp(ψ_t(x_{1:t})), where the twist ψ_t is the sum of the model's factor
-log-probs when the model is re-run on the prefix (padded with EOS) inside
-``ppl_lm.conditions.partial_prefix(t)``, so ``ppl_lm.is_partial()`` is True: rewards may score the
-prefix, hard constraints declared ``prefix_closed`` prune it, others are deferred. When a particle
-emits EOS (or reaches ``max_new_tokens``) it is finished: the model is run once more, not partial,
-and that full score replaces the twist. Each step multiplies the weight by
-π(x_t | x_{<t}) / q(x_t | x_{<t}) · exp(ψ_t − ψ_{t−1}); the product telescopes to
-π(x)·exp(log-likelihood(x)) / q(x), so the target is exact whatever the prefix scores are.
+Stages. A model may sample several ``lm.sequence(...)`` sites and other latent sites (a discrete
+world, a parameter) in any order. SMC runs one *stage* per sequence site, in program order: stage
+k advances the tokens of site k, its LM started on each particle's own prompt rows (a prompt may
+depend on the particle's earlier values, e.g. ``lm.sequence(x[..., :1])``; ragged rows are
+padded). The other latent sites are drawn from their prior for each particle when the program
+reaches them: those before site k at the end of stage k−1 (before stage 1 for the first), those
+after the last sequence site at the end. Resampling carries every per-particle value (earlier
+sites, the current tokens, prompt rows, LM and mask states).
 
-Proposal. The LM itself, or ``guide.lm`` (a LanguageModel over the same vocabulary, e.g. the
-trained SVI guide). Token-level constraints (``ppl_lm.token_constraint``: sites carrying a
-``TokenMask``, whose per-particle ``MaskState`` is advanced with each token and reordered on
-resampling; at the last position a grammar mask allows only tokens that complete the text)
+Target and weights. During stage k a live particle holds the values of every site before site k
+and a prefix ``y_{1:t}`` of site k; its intermediate target is the prior of those values times
+exp(ψ), where the twist ψ is the sum of the factors the model applies when it is run on them
+(the prefix padded with EOS) inside ``ppl_lm.conditions.partial_prefix(t)`` — so
+``ppl_lm.is_partial()`` is True and ``prefix_length()`` is t: rewards may score the prefix, hard
+constraints declared ``prefix_closed`` prune it, others are deferred — and stopped
+(``poutine.escape``) at the first latent site that has no value yet: factors that come after it
+in program order are not yet applied. When a particle's site-k sequence ends (EOS or
+``max_new_tokens``) the model is run once more, not partial, and that score replaces the twist;
+at the end of the stage, the latent sites up to the next sequence site are drawn and the factors
+up to it replace the twist; after the last stage, the full log likelihood does. Each step
+multiplies the weight by π(y_t | ·) / q(y_t | ·) · exp(ψ_new − ψ_old); the product telescopes to
+π(values)·exp(log-likelihood) / q(values) (the prior draws of the other sites cancel), so the
+target is exact whatever the twists are, and log Z stays unbiased. ``partial_prefix`` is global:
+during stage k the factors on sites that are already finished see ``is_partial()`` too (a
+deferred constraint on them waits for the end of the stage), which changes only the twist. The
+sites a model samples, and their order, must not depend on the values drawn.
+
+Proposal. The site's LM itself, or, for the first sequence site, ``guide.lm`` (a LanguageModel
+over the same vocabulary, e.g. the trained SVI guide). Token-level constraints
+(``ppl_lm.token_constraint``: sites carrying a ``TokenMask``, whose per-particle ``MaskState`` is
+started with the stage of the sequence site it constrains, advanced with each of its tokens and
+reordered on resampling; at the last position a grammar mask allows only tokens that complete the text)
 restrict it to allowed tokens, renormalised; the weight is multiplied by the
 proposal mass of the allowed tokens (for the LM proposal, exactly the LM mass of the allowed set),
 so particles never die on a hard token constraint.
@@ -41,6 +59,7 @@ scalars per particle are kept), at the cost of resampling only within islands.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -52,9 +71,11 @@ from ppl_lm.inference._runtime import (
     finish,
     latent_sites,
     make_posterior,
-    prior_values,
     run_model,
+    run_model_until,
+    sequence_base,
     sequence_sites,
+    site_log_prob,
 )
 from tqdm.auto import tqdm
 
@@ -86,7 +107,8 @@ class SMCInfo(Info):
 
     ``n_eff_genealogy`` is SMC's own effective count: the number of independent exact draws whose
     empirical law has the same expected TV error as these particles, from their genealogy
-    (:func:`genealogy_diagnostics`); ``Posterior.ess`` stays Kish's ESS of the final weights.
+    (:func:`genealogy_diagnostics`), for the joint law of every sequence site; ``Posterior.ess``
+    stays Kish's ESS of the final weights.
     """
 
     num_particles: int = 0
@@ -114,8 +136,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
-        model: a vectorised Pyro model with exactly one latent site, an ``lm.sequence(...)``
-            with a shared prompt; ``*args`` and ``model_kwargs`` are its arguments.
+        model: a vectorised Pyro model with at least one latent ``lm.sequence(...)`` site (several
+            are advanced in program order, see the module notes; other latent sites are drawn
+            from their prior); ``*args`` and ``model_kwargs`` are its arguments.
         seed: same seed, same samples (on CPU).
         num_particles: particles per replicate (at least 2).
         ess_threshold: resample when ESS < ``ess_threshold · num_particles`` (0 never, 1 at
@@ -134,7 +157,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             and 64M next-token logits per sweep (1365 rows on SmolLM2's 49k vocabulary).
             Another chunk size gives different, equally valid, results.
         guide: an object whose ``.lm`` is a :class:`LanguageModel` over the same vocabulary,
-            used as the token proposal with the model's prompt (weights corrected by π/q).
+            used as the token proposal of the first sequence site with the model's prompt
+            (weights corrected by π/q); later sequence sites are proposed from their own LM.
         progress: show a progress bar over tokens.
 
     Returns:
@@ -159,20 +183,23 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
     kwargs = dict(model_kwargs or {})
     with _random.seeded(seed), torch.no_grad():
         sites = latent_sites(model, args, kwargs, placeholder=True)
-        name, d, before, after = _site_roles(sites)
+        seq = sequence_sites(sites)
+        if not seq:
+            raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
         if chunk_size is None:
-            chunk_size = default_chunk_size(d)
-        qlm = _proposal_lm(guide, d.lm)
-        masks = _token_masks(model, args, kwargs, name, d.max_new_tokens, d.lm.eos_id, d.lm.device)
+            chunk_size = min(default_chunk_size(d) for d in seq.values())
+        first = next(iter(seq))
+        qlm = _proposal_lm(guide, seq[first].lm)
+        masks = _token_masks(model, args, kwargs, seq)
+        stages = [_Stage(name, masks[name], qlm if name == first else None) for name in seq]
         plan = sweep_plan(num_particles, num_replicates, chunk_size)
         parts = []
         bar = tqdm(total=num_particles * num_replicates, desc="smc", unit="particle",
                    disable=not progress or len(plan) == 1)
         try:
             for n, reps in plan:
-                sweep = _Sweep(model, args, kwargs, name, d, n, reps, ess_threshold, resampling, qlm, masks,
-                               before, after)
-                sweep.run(progress and len(plan) == 1)
+                sweep = _Sweep(model, args, kwargs, stages, n, reps, ess_threshold, resampling)
+                sweep.run(progress and len(plan) == 1, sum(d.max_new_tokens for d in seq.values()))
                 parts.append(sweep.result())
                 del sweep  # free its KV cache before the next sweep allocates one
                 bar.update(n * len(reps))
@@ -180,21 +207,17 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             bar.close()
         return _combine(parts, num_particles, num_replicates, chunk_size, sites,
                         {"resampling": resampling, "ess_threshold": ess_threshold,
-                         "proposal": "lm" if qlm is None else "guide", "token_masks": len(masks)})
+                         "proposal": "lm" if qlm is None else "guide",
+                         "token_masks": sum(len(m) for m in masks.values())})
 
 
-def _site_roles(sites: dict):
-    """The site SMC advances token by token (the first ``lm.sequence``), the latent sites sampled
-    before it (drawn from their prior for each particle at the start, then carried by resampling)
-    and those sampled after it (drawn from their prior when a particle's sequence is finished)."""
-    seq = sequence_sites(sites)
-    if not seq:
-        raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
-    name = next(iter(seq))
-    names = list(sites)
-    before = names[: names.index(name)]
-    after = names[names.index(name) + 1:]
-    return name, seq[name], before, after
+@dataclass(frozen=True)
+class _Stage:
+    """One sequence site, advanced token by token: its name, token masks and proposal LM."""
+
+    name: str
+    masks: list
+    qlm: LanguageModel | None = None
 
 
 def default_chunk_size(d: SequenceDistribution) -> int:
@@ -256,16 +279,28 @@ def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
     return q
 
 
-def _token_masks(model, args, kwargs, name: str, T: int, eos: int, device) -> list[TokenMask]:
-    """The TokenMasks of the model's token-level constraints, from one partial run on the empty prefix."""
-    empty = torch.full((1, T), eos, dtype=torch.long, device=device)
+def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> dict[str, list[TokenMask]]:
+    """The TokenMasks of the model's token-level constraints, by the sequence site each constrains,
+    from one partial run on empty sequences."""
+    empty = {name: torch.full((1, d.max_new_tokens), d.lm.eos_id, dtype=torch.long, device=d.lm.device)
+             for name, d in seq.items()}
     with partial_prefix(0):
-        scores = run_model(model, args, kwargs, 1, data={name: empty}, score_latent=False)
-    masks = []
-    for site in scores.trace.nodes.values():
+        scores = run_model(model, args, kwargs, 1, data=empty, score_latent=False)
+    masks: dict[str, list[TokenMask]] = {name: [] for name in seq}
+    for name, site in scores.trace.nodes.items():
         meta = (site.get("infer") or {}).get("ppl_lm") or {}
-        if isinstance(meta.get("mask"), TokenMask):
-            masks.append(meta["mask"])
+        if not isinstance(meta.get("mask"), TokenMask):
+            continue
+        target = meta.get("site")
+        if target is None and len(seq) == 1:
+            target = next(iter(seq))
+        if target not in masks:
+            raise ValueError(
+                f"token_constraint {name!r} constrains a tensor that is not the value of one of the model's "
+                f"sequence sites {list(seq)}, so SMC cannot tell whose tokens its mask follows. Pass the sampled "
+                "sequence itself (ppl_lm.token_constraint(name, x, mask) with x = pyro.sample(...)), or use "
+                "ppl_lm.constraint(name, mask.check(x), prefix_closed=True)")
+        masks[target].append(meta["mask"])
     return masks
 
 
@@ -288,31 +323,18 @@ def resample_indices(weights: torch.Tensor, scheme: str, generator=None) -> torc
 
 
 class _Sweep:
-    """State of one batched SMC run: ``R`` replicates × ``N`` particles = ``B`` rows."""
+    """State of one batched SMC run: ``R`` replicates × ``N`` particles = ``B`` rows, advanced
+    through the stages (one per sequence site) in program order."""
 
-    def __init__(self, model, args, kwargs, name, d, N, replicates, ess_threshold, resampling, qlm, masks,
-                 before=(), after=()):
-        self.model, self.args, self.kwargs, self.name = model, args, kwargs, name
-        # Values of the other latent sites, one row per particle, reordered with it on resampling.
-        self.before, self.after = list(before), list(after)
-        self.fixed: dict[str, torch.Tensor] = {}
-        self.lm, self.prompt, self.T = d.lm, d.prompt, d.max_new_tokens
-        self.prompt_lengths = None  # [B] when the per-particle prompts are ragged
+    def __init__(self, model, args, kwargs, stages: list[_Stage], N, replicates, ess_threshold, resampling):
+        self.model, self.args, self.kwargs, self.stages = model, args, kwargs, stages
         R = len(replicates)
         self.N, self.R, self.B, self.replicates = N, R, N * R, replicates
-        self.ess_threshold, self.resampling, self.qlm = ess_threshold, resampling, qlm
-        self.device = self.lm.device
-        self.eos = self.lm.eos_id
-        self.masks = masks
+        self.ess_threshold, self.resampling = ess_threshold, resampling
         B = self.B
-        if self.before:  # their prior draws, and the sequence's prompt rows they imply
-            values, seq_fn = prior_values(model, args, kwargs, B, self.before, name)
-            self.fixed.update(values)
-            self.prompt, self.prompt_lengths = seq_fn.prompt_rows(B)
-        elif self.prompt.dim() != 1:
-            raise ValueError(f"SMC needs one prompt shared by all particles; site {name!r} has per-particle prompts")
-        self.tokens = torch.full((B, self.T), self.eos, dtype=torch.long, device=self.device)
-        self.done = torch.zeros(B, dtype=torch.bool)
+        # Values of every site the program has passed (other latents, finished sequence sites),
+        # one row per particle, reordered with it on resampling.
+        self.fixed: dict[str, torch.Tensor] = {}
         self.log_w = torch.zeros(B, dtype=torch.float64)  # since the last resampling of its replicate
         self.twist = torch.zeros(B, dtype=torch.float64)  # ψ of the current prefix (final score when done)
         self.log_p = torch.zeros(B, dtype=torch.float64)  # LM log-probability of the tokens so far
@@ -321,6 +343,64 @@ class _Sweep:
         self.num_resampling = torch.zeros(R, dtype=torch.long)
         self.ess_history: list[float] = []
         self.steps = 0
+        self.state = self.qstate = None  # the current stage's LM states
+        self.mask_states: list = []
+        self.prompt_lengths = None
+
+    # -- stages ---------------------------------------------------------------------------
+    def _start_stage(self, stage: _Stage, site) -> None:
+        """Per-particle state of the sequence site ``stage`` advances: its prompt rows (which may
+        depend on each particle's earlier values), LM states, masks and tokens."""
+        d = sequence_base(site["fn"])
+        self.stage, self.name, self.lm, self.T = stage, stage.name, d.lm, d.max_new_tokens
+        self.device, self.eos, self.masks, self.qlm = d.lm.device, d.lm.eos_id, stage.masks, stage.qlm
+        B = self.B
+        self.prompt, self.prompt_lengths = d.prompt_rows(B)
+        if self.prompt.dim() > 1 and self.prompt.shape[0] != B:
+            raise ValueError(f"SMC runs {B} particles, but site {stage.name!r} has {self.prompt.shape[0]} prompts: "
+                             "a batch of prompts must have one row per particle (or use one shared prompt)")
+        self.state = start_rows(self.lm, self.prompt, B, self.prompt_lengths)
+        self.qstate = None if self.qlm is None else start_rows(self.qlm, self.prompt, B, self.prompt_lengths)
+        self.mask_states = [m.start(B) for m in self.masks]
+        self.tokens = torch.full((B, self.T), self.eos, dtype=torch.long, device=self.device)
+        self.done = torch.zeros(B, dtype=torch.bool)
+
+    def _boundary(self, last: bool):
+        """Between stages: draw the latent sites the program samples before its next sequence site
+        (after the last stage: every remaining one) from their prior for each particle, and replace
+        the twist by the factors applied up to there (after the last stage: the full log likelihood).
+        Returns the next sequence site's message (``None`` after the last stage)."""
+        if last:
+            scores, site = run_model(self.model, self.args, self.kwargs, self.B, data=self.fixed,
+                                     score_latent=False), None
+        else:
+            scores, site = run_model_until(self.model, self.args, self.kwargs, self.B, self.fixed,
+                                           sequences_only=True)
+        for k, v in scores.values.items():
+            if k not in self.fixed:
+                self.fixed[k] = v.detach()
+        self._reweight(torch.isfinite(self.log_w), scores.log_likelihood.double().cpu())
+        return site
+
+    def _reweight(self, live: torch.Tensor, new_twist: torch.Tensor) -> None:
+        """Multiply the weights of ``live`` rows by exp(ψ_new − ψ_old) and make ψ_new the twist."""
+        delta = torch.where(live, new_twist - self.twist, torch.zeros_like(new_twist))
+        self.log_w = torch.where(live, self.log_w + delta, self.log_w)
+        self.twist = torch.where(live, new_twist, self.twist)
+        if torch.isnan(self.log_w).any():
+            raise FloatingPointError(f"NaN in the SMC weights at site {self.name!r}: a reward or the LM produced NaN")
+
+    def _check_alive(self, where: str) -> None:
+        # A replicate whose particles all died estimates Z by 0 (still unbiased); only when
+        # every replicate is dead is there nothing to report.
+        dead = ~torch.isfinite(self.log_w.view(self.R, self.N)).any(-1)
+        if bool(dead.all()):
+            raise ValueError(
+                f"every particle died {where}: no particle satisfies the condition. "
+                "The condition may be unsatisfiable or too rare for this many particles; use more "
+                "particles, declare hard constraints prefix_closed or as a token_constraint (SMC then "
+                "proposes only allowed tokens), or use a trained guide (method='svi')"
+            )
 
     # -- one token ------------------------------------------------------------------------
     def _propose(self, state, qstate, t: int, gen):
@@ -355,32 +435,21 @@ class _Sweep:
         return tok, lp.cpu(), inc.cpu()
 
     def _rescore(self, rows: torch.Tensor, t: int | None) -> torch.Tensor:
-        """Model log-likelihood of ``rows``: on the prefix of length ``t`` (partial), or final."""
-        data = {self.name: self.tokens[rows.to(self.device)], **{k: self.fixed[k][rows] for k in self.before}}
-        if t is None:
-            # Sites after the sequence are drawn from their prior now (their log-probs cancel).
-            scores = run_model(self.model, self.args, self.kwargs, len(rows), data=data, score_latent=False)
-            for k in self.after:
-                v = scores.values[k].detach().cpu()
-                if k not in self.fixed:
-                    self.fixed[k] = torch.zeros((self.B, *v.shape[1:]), dtype=v.dtype)
-                self.fixed[k][rows] = v
-        elif self.after:
-            # Sites after the sequence do not exist yet on a prefix: no prefix score (twist 0),
-            # the whole likelihood is applied when the particle finishes.
-            return torch.zeros(len(rows), dtype=torch.float64)
-        else:
-            with partial_prefix(t):
-                scores = run_model(self.model, self.args, self.kwargs, len(rows), data=data, score_latent=False)
+        """The factors the model applies before its next latent site without a value, for ``rows``
+        holding the current site's prefix of length ``t`` (partial), or finished (``t=None``)."""
+        data = {k: v[rows.to(v.device)] for k, v in self.fixed.items()}
+        data[self.name] = self.tokens[rows.to(self.device)]
+        with partial_prefix(t) if t is not None else contextlib.nullcontext():
+            scores, _ = run_model_until(self.model, self.args, self.kwargs, len(rows), data)
         return scores.log_likelihood.double().cpu()
 
-    def _resample(self, t: int) -> None:
+    def _resample(self, allowed: bool) -> None:
         lw = self.log_w.view(self.R, self.N)
         W = torch.nan_to_num(torch.softmax(lw, -1), nan=0.0)  # a dead replicate has all weights 0
         ess = torch.nan_to_num(1.0 / (W**2).sum(-1), posinf=0.0)
         self.ess_history.append(float(ess.mean()))
         need = (ess < self.ess_threshold * self.N) & torch.isfinite(lw).any(-1)  # dead replicates stay
-        if t + 1 >= self.T or bool(self.done.all()) or not bool(need.any()):
+        if not allowed or not bool(need.any()):
             return
         gen = _random.generator("cpu")
         index = torch.arange(self.B).view(self.R, self.N).clone()
@@ -392,7 +461,9 @@ class _Sweep:
         index = index.reshape(-1)
         for attr in ("done", "log_w", "twist", "log_p", "eve"):
             setattr(self, attr, getattr(self, attr)[index])
-        self.fixed = {k: v[index] for k, v in self.fixed.items()}
+        self.fixed = {k: v[index.to(v.device)] for k, v in self.fixed.items()}
+        if self.state is None:  # between stages: no LM state yet
+            return
         if self.prompt.dim() > 1:
             self.prompt = self.prompt[index.to(self.prompt.device)]
         if self.prompt_lengths is not None:
@@ -404,80 +475,90 @@ class _Sweep:
             m.reorder(index)
         if self.qstate is not None:
             self.qstate = self.qlm.reorder(self.qstate, dev_index)
-        log.debug("smc: token %d, resampled %d replicate(s), ESS %.1f", t + 1, int(need.sum()), float(ess.mean()))
+        log.debug("smc: site %r, resampled %d replicate(s), ESS %.1f", self.name, int(need.sum()), float(ess.mean()))
 
-    def run(self, progress: bool) -> None:
-        gen = _random.generator(self.device)
-        self.state = start_rows(self.lm, self.prompt, self.B, self.prompt_lengths)
-        self.qstate = None if self.qlm is None else start_rows(self.qlm, self.prompt, self.B, self.prompt_lengths)
-        self.mask_states = [m.start(self.B) for m in self.masks]
-        bar = tqdm(total=self.T, desc="smc", unit="token", disable=not progress)
+    def run(self, progress: bool, total_tokens: int) -> None:
+        bar = tqdm(total=total_tokens, desc="smc", unit="token", disable=not progress)
+        self.name = self.stages[0].name
         try:
-            for t in range(self.T):
-                self.steps = t + 1
-                active = ~self.done
-                alive = torch.isfinite(self.log_w)
-                tok, lp, inc = self._propose(self.state, self.qstate, t, gen)
-                self.tokens[:, t] = tok
-                for m in self.mask_states:
-                    m.advance(tok.cpu())
-                self.log_p += lp
-                finished = active & ((tok.cpu() == self.eos) | (t + 1 == self.T))
-                self.done = self.done | finished
-                if t + 1 < self.T and not bool(self.done.all()):
-                    self.state = self.lm.extend(self.state, tok)
-                    if self.qstate is not None:
-                        self.qstate = self.qlm.extend(self.qstate, tok)
-                # Re-score only the live rows that moved: pruned rows stay pruned, finished rows
-                # keep their final score.
-                live = active & alive & torch.isfinite(inc)
-                new_twist = self.twist.clone()
-                for rows, length in ((live & ~finished, t + 1), (live & finished, None)):
-                    idx = rows.nonzero()[:, 0]
-                    if len(idx):
-                        new_twist[idx] = self._rescore(idx, length)
-                delta = torch.where(live, new_twist - self.twist, torch.zeros_like(new_twist))
-                self.log_w = torch.where(alive, self.log_w + inc + delta, self.log_w)
-                self.twist = new_twist
-                if torch.isnan(self.log_w).any():
-                    raise FloatingPointError(f"NaN in the SMC weights at token {t + 1}: a reward or the LM produced NaN")
-                # A replicate whose particles all died estimates Z by 0 (still unbiased); only when
-                # every replicate is dead is there nothing to report.
-                dead = ~torch.isfinite(self.log_w.view(self.R, self.N)).any(-1)
-                if bool(dead.all()):
-                    raise ValueError(
-                        f"every particle died by token {t + 1} (of {self.T}): no particle satisfies the condition. "
-                        "The condition may be unsatisfiable or too rare for this many particles; use more "
-                        "particles, declare hard constraints prefix_closed or as a token_constraint (SMC then "
-                        "proposes only allowed tokens), or use a trained guide (method='svi')"
-                    )
-                self._resample(t)
-                bar.update(1)
-                if progress:
-                    bar.set_postfix(ess=f"{self.ess_history[-1]:.1f}")
-                if bool(self.done.all()):
-                    bar.total = t + 1  # every particle has ended: the bar ends full, at the steps run
-                    break
+            site = self._boundary(last=False)
+            self._check_alive(f"before site {self.name!r}")
+            for k, stage in enumerate(self.stages):
+                if site is None or site["name"] != stage.name:  # the program order changed between runs
+                    raise ValueError(f"SMC expected the model to sample the sequence site {stage.name!r} next, got "
+                                     f"{None if site is None else site['name']!r}: the sites a model samples, and "
+                                     "their order, must not depend on the values drawn")
+                self._start_stage(stage, site)
+                self._advance(bar)
+                self.fixed[self.name] = self.tokens
+                self.state = self.qstate = None
+                self.mask_states = []
+                last = k + 1 == len(self.stages)
+                site = self._boundary(last)
+                self._check_alive(f"at the end of site {self.name!r}")
+                if not last:
+                    self._resample(True)
         finally:
             bar.close()
+
+    def _advance(self, bar) -> None:
+        """The tokens of the current stage's site, one at a time, until every particle has ended it."""
+        gen = _random.generator(self.device)
+        for t in range(self.T):
+            self.steps += 1
+            active = ~self.done
+            alive = torch.isfinite(self.log_w)
+            tok, lp, inc = self._propose(self.state, self.qstate, t, gen)
+            self.tokens[:, t] = tok
+            for m in self.mask_states:
+                m.advance(tok.cpu())
+            self.log_p += lp
+            finished = active & ((tok.cpu() == self.eos) | (t + 1 == self.T))
+            self.done = self.done | finished
+            if t + 1 < self.T and not bool(self.done.all()):
+                self.state = self.lm.extend(self.state, tok)
+                if self.qstate is not None:
+                    self.qstate = self.qlm.extend(self.qstate, tok)
+            # Re-score only the live rows that moved: pruned rows stay pruned, finished rows
+            # keep their final score.
+            live = active & alive & torch.isfinite(inc)
+            new_twist = self.twist.clone()
+            for rows, length in ((live & ~finished, t + 1), (live & finished, None)):
+                idx = rows.nonzero()[:, 0]
+                if len(idx):
+                    new_twist[idx] = self._rescore(idx, length)
+            self.log_w = torch.where(alive, self.log_w + inc, self.log_w)
+            self._reweight(live, new_twist)
+            self._check_alive(f"by token {t + 1} (of {self.T}) of site {self.name!r}")
+            self._resample(t + 1 < self.T and not bool(self.done.all()))
+            bar.update(1)
+            bar.set_postfix(ess=f"{self.ess_history[-1]:.1f}")
+            if bool(self.done.all()):
+                break
+        bar.update(self.T - t - 1)  # the site's remaining positions: every particle has ended it
 
     # -- result ---------------------------------------------------------------------------
     def result(self) -> dict:
         """What the run keeps of this sweep: tokens and per-particle / per-island scalars."""
         lw = self.log_w.view(self.R, self.N)
         # One final, non-partial run for the per-sample statistics (no LM pass).
-        scores = run_model(self.model, self.args, self.kwargs, self.B, data={self.name: self.tokens, **self.fixed},
-                           score_latent=False)
+        scores = run_model(self.model, self.args, self.kwargs, self.B, data=self.fixed, score_latent=False)
         live = torch.isfinite(self.log_w)
         if not torch.allclose(scores.log_likelihood.double()[live], self.twist[live], rtol=1e-4, atol=1e-4):
             warnings.warn("SMC: the model scored the same sequences differently on two runs; its conditions "
                           "should be deterministic functions of the sequence", stacklevel=4)
+        # The log prior: the LM log-probability of every sequence site plus the other latents'.
+        log_prior = self.log_p.clone()
+        names = [s.name for s in self.stages]
+        for k, node in scores.trace.nodes.items():
+            if node["type"] == "sample" and not node["is_observed"] and k not in names:
+                log_prior += site_log_prob(k, node["fn"].log_prob(node["value"]), self.B).double().cpu()
         scores.trace = None
-        scores.log_prior = self.log_p.float()
+        scores.log_prior = log_prior.float()
         scores.values = {k: v.cpu() for k, v in scores.values.items()}
         return {
             "scores": scores,
-            "tokens": self.tokens.cpu(),
+            "tokens": torch.cat([scores.values[k].reshape(self.B, -1) for k in names], -1),  # every sequence site
             "log_w": self.log_w,  # since each island's last resampling
             "eve": self.eve,
             "size": self.N,
@@ -538,7 +619,8 @@ def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, op
     tokens = torch.cat([p["tokens"] for p in parts])
     diag = genealogy_diagnostics(tokens, torch.cat(eves), W)
     found = []
-    if diag["num_eves"] < MIN_EVES:
+    # Fewer than MIN_EVES particles cannot have MIN_EVES ancestors: a tiny run is judged by half its size.
+    if diag["num_eves"] < min(MIN_EVES, max(2, N // 2)):
         found.append(InferenceWarning(
             "path_degeneracy",
             f"the {len(W)} final particles descend from only {diag['num_eves']} initial particle(s), so the "

@@ -78,6 +78,16 @@ class SequenceDistribution(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
+    def with_lm(self, lm: LanguageModel) -> SequenceDistribution:
+        """The same prompts (ragged ones included), length and batch shape under another LM over
+        the same vocabulary (a guide's)."""
+        if lm.vocab_size != self.lm.vocab_size:
+            raise ValueError(f"the other LM has a vocabulary of {lm.vocab_size}, this site's LM {self.lm.vocab_size}")
+        new = SequenceDistribution(lm, self.prompt, self.max_new_tokens, self.batch_shape, validate_args=False)
+        new.prompt_lengths = self.prompt_lengths
+        new._validate_args = self._validate_args
+        return new
+
     def _flat_lengths(self, n: int) -> torch.Tensor | None:
         if self.prompt_lengths is None:
             return None

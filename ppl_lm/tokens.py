@@ -13,7 +13,7 @@ import torch
 if TYPE_CHECKING:
     from .lm.base import LanguageModel
 
-__all__ = ["categorical", "as_prompt_tensor", "after_eos_mask", "lengths"]
+__all__ = ["categorical", "as_prompt_tensor", "after_eos_mask", "lengths", "support_size"]
 
 
 def categorical(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -67,3 +67,9 @@ def lengths(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Number of tokens up to and including the first EOS (or T when there is none)."""
     return (~after_eos_mask(tokens, eos_id)).sum(-1)
 
+
+def support_size(vocab_size: int, max_new_tokens: int) -> int:
+    """How many canonical sequences of at most ``max_new_tokens`` tokens a vocabulary has: every
+    prefix of non-EOS tokens followed by EOS padding, and the full-length ones without EOS."""
+    k = vocab_size - 1
+    return sum(k**n for n in range(max_new_tokens)) + k**max_new_tokens

@@ -131,16 +131,22 @@ def tv_tol(law: dict, n: float) -> float:
 ROWS = {
     # method: (options, reference exact draws for the law and the marginals; None: prior IS's N·f)
     "importance": (dict(num_samples=20_000), None),
-    # SMC is held to prior IS with as many particles: latent sites after the sequence are proposed
-    # from their prior at its end, so on those rows it is importance sampling with resampling.
+    # SMC is held to prior IS with as many particles. It advances every sequence site token by
+    # token (two_sequences: x, then y), but a factor that follows a latent drawn from its prior at
+    # the end (mixture_factor: z) gives no twist before it, so on that row it is importance
+    # sampling with resampling; prior IS's exact ESS is the bound that holds on every row.
     "smc": (dict(num_particles=4_000), None),
     "mh": (dict(num_samples=150, num_chains=64, warmup_steps=100), 1_500.0),
+    # SVI's result is its trained guide's draws importance-weighted against the exact target:
+    # held to prior importance sampling with as many draws (a guide worse than the prior fails).
+    "svi": (dict(num_steps=300, num_particles=16, num_samples=4_000), None),
 }
 SUPPORTED = {
     "exact": {"world_prompt", "two_sequences", "mixture_factor"},
     "importance": set(PROBLEMS),
     "smc": set(PROBLEMS),
-    "mh": {"world_prompt", "mixture_factor", "continuous_factor"},
+    "mh": set(PROBLEMS),
+    "svi": set(PROBLEMS),
 }
 
 
@@ -176,7 +182,10 @@ def test_composition_matches_exact(method, problem, lm_name):
         # E[θ] from n_ref exact draws: sd(θ | data) ≤ 1 (the prior's), so 4/sqrt(n_ref) bounds the error.
         assert abs(mean - t.theta_mean) <= 4 / math.sqrt(n_ref), (mean, t.theta_mean)
     if post.log_evidence is not None:
-        assert abs(post.log_evidence - t.log_z) <= 4 * (post.log_evidence_se or 0) + 0.05, (post.log_evidence, t.log_z)
+        # Prior IS with N draws: Var(Ẑ)/Z² = (1/f − 1)/N, so log Ẑ has sd √((1 − f)/n_ref) with
+        # n_ref = N·f; the backends held to prior IS are held to that (four sd), not to their own se.
+        sd = math.sqrt(max(1.0 - t.f, 0.0) / n_ref)
+        assert abs(post.log_evidence - t.log_z) <= 4 * sd + 1e-3, (post.log_evidence, t.log_z, sd)
 
 
 def test_values_are_aligned_with_log_weights():
@@ -196,7 +205,42 @@ def test_exact_refuses_continuous_latents_clearly():
         ppl_lm.infer(model, method="exact")
 
 
-def test_mh_refuses_two_sequence_sites_clearly():
+def _weighted_law(values: list, weights) -> dict:
+    law: dict = {}
+    for v, w in zip(values, weights.tolist()):
+        law[v] = law.get(v, 0.0) + w
+    return law
+
+
+@pytest.mark.parametrize("method", ["smc", "mh"])
+def test_every_sequence_site_against_the_exact_joint(method):
+    """two_sequences beyond the row above (which sees x only): the law of y, the joint law of the
+    first tokens (x_0, y_0) (y is prompted by x_0) and the mean reward on y match exact
+    enumeration within what the row's reference number of exact draws allows. For MH, editing x
+    only (y stays at its admissible prior start) moves y's law by TV 0.3-0.4 (tolerance 0.21); not
+    rescoring y when an edit of x changes y's prompt moves the (x_0, y_0) law by TV 0.22-0.26
+    (tolerance 0.15)."""
+    t = truth("markov", "two_sequences")
     model = two_sequences(LMS["markov"]())
-    with pytest.raises(ValueError, match="edits exactly one lm.sequence"):
-        ppl_lm.infer(model, method="mh", num_samples=5, num_chains=2, warmup_steps=0, progress=False)
+    options, _ = ROWS[method]
+    # MH edits x and y in turn, so each site gets half the edits of a one-site chain: half the
+    # row's reference draws.
+    n_ref = _reference(method, t) / (2 if method == "mh" else 1)
+    post = ppl_lm.infer(model, method=method, seed=0, progress=False, **options)
+    W, V = t.exact.weights.double(), t.exact.values
+    checks = {
+        "y": (lambda v: [tuple(r) for r in v["y"].tolist()]),
+        "(x_0, y_0)": (lambda v: list(zip(v["x"][:, 0].tolist(), v["y"][:, 0].tolist()))),
+    }
+    for what, key in checks.items():
+        law, got = _weighted_law(key(V), W), _weighted_law(key(post.values), post.weights.double())
+        tv = 0.5 * sum(abs(got.get(k, 0.0) - law.get(k, 0.0)) for k in set(got) | set(law))
+        assert tv <= tv_tol(law, n_ref), (what, tv, tv_tol(law, n_ref))
+    b = (V["y"] == 2).double().sum(-1)
+    mean = float((W * b).sum())
+    sd = math.sqrt(float((W * (b - mean) ** 2).sum()) / n_ref)
+    got_b = float((post.weights.double() * (post.values["y"] == 2).double().sum(-1)).sum())
+    assert abs(got_b - mean) <= 4 * sd, (got_b, mean, sd)
+    if method == "mh":
+        assert set(post.info.ess_sequences_by_site) == {"x", "y"}
+        assert post.info.ess_sequences_by_site["x"] == post.info.ess_sequences

@@ -316,3 +316,59 @@ def test_backend_inference_data(method, soft):
         np.testing.assert_allclose(idata.svi_trace["elbo"].values, post.info["trace"]["elbo"])
         assert idata.svi_trace.sizes["step"] == BACKEND_RUNS["svi"]["num_steps"]
     check_arviz_works(idata)
+
+
+# -- detectors: a run built to fail warns; a sound run on a tiny support does not ----------------
+def test_few_distinct_fires_on_a_guide_collapsed_onto_one_sequence():
+    """Importance sampling from a guide that always proposes one text: the weights are all equal
+    (ESS = N, k-hat fine), so only the distinct-sequence count can tell."""
+    import pyro
+
+    lm = ppl_lm.MarkovLM.random(40, seed=0)
+    init, trans = torch.full((40,), -math.inf), torch.full((40, 40), -math.inf)
+    trans[:, lm.eos_id] = 0.0
+    init[3] = trans[3, 5] = trans[5, 7] = trans[7, 9] = 0.0
+    trans[3, lm.eos_id] = trans[5, lm.eos_id] = trans[7, lm.eos_id] = -math.inf
+    peaked = ppl_lm.MarkovLM(init, trans, eos_id=lm.eos_id)  # the one text 3 5 7 9
+
+    def model():
+        pyro.sample("x", lm.sequence([], max_new_tokens=4))
+
+    def collapsed():
+        return pyro.sample("x", peaked.sequence([], max_new_tokens=4))
+
+    post = ppl_lm.infer(model, method="importance", guide=collapsed, num_samples=500, progress=False)
+    assert [w.code for w in post.warnings] == ["few_distinct"]
+
+
+def test_few_distinct_is_quiet_on_a_tiny_support():
+    """Prior IS over a support of 7 sequences: 7 distinct among 2000 is the whole support, not a collapse."""
+    import pyro
+
+    lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
+
+    def model():
+        pyro.sample("x", lm.sequence([], max_new_tokens=2))
+
+    post = ppl_lm.infer(model, method="importance", num_samples=2000, progress=False)
+    assert len(torch.unique(post.samples, dim=0)) == 7
+    assert "few_distinct" not in [w.code for w in post.warnings]
+
+
+@pytest.mark.parametrize("n, threshold, fires", [(4, 0.0, False), (64, 1.0, True)])
+def test_path_degeneracy_is_judged_against_the_run_size(n, threshold, fires):
+    """Resampling at every token under a steep reward: 64 particles end with fewer than 10 time-0
+    ancestors (the warning). 4 particles never resampled keep their 4 ancestors: they cannot have
+    10, and are judged against half their size (the old rule warned on every run with N < 10)."""
+    import pyro
+
+    lm = ppl_lm.MarkovLM.random(6, seed=1)
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=12))
+        ppl_lm.reward("r", 3.0 * (x == 2).float().sum(-1), beta=1.0)
+
+    post = ppl_lm.infer(model, method="smc", num_particles=n, ess_threshold=threshold, progress=False, seed=0)
+    eves = post.info.num_eves
+    assert ("path_degeneracy" in [w.code for w in post.warnings]) == fires, eves
+    assert (eves < 10) if fires else (eves == n)

@@ -192,3 +192,22 @@ def test_reward_nan_for_some_sequences_counts_them():
 
     with pytest.raises(ValueError, match=r"non-finite for 2 of 10 sequences \(1 NaN, 1 \+inf; first at index 3\)"):
         ppl_lm.infer(model, method="importance", num_samples=10, progress=False)
+
+
+@pytest.mark.parametrize("method", ["exact", "importance", "smc", "mh", "svi"])
+def test_an_error_in_the_model_comes_out_as_raised(method):
+    """Pyro's trace handlers append a "Trace Shapes" table to errors raised inside a model; the user
+    gets their own error back: its type, its message and a traceback through their line."""
+    lm = ppl_lm.MarkovLM.random(4, seed=0)
+
+    class ModelBug(RuntimeError):
+        pass
+
+    def model():
+        pyro.sample("x", lm.sequence([], max_new_tokens=2))
+        raise ModelBug("the user's own message")
+
+    with pytest.raises(ModelBug) as err:
+        ppl_lm.infer(model, method=method, progress=False)
+    assert str(err.value) == "the user's own message"
+    assert any(f.name == "model" for f in err.traceback)

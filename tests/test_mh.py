@@ -246,8 +246,35 @@ def test_bad_input_gets_clear_errors():
         pyro.sample("p", lm.sequence([], max_new_tokens=2))
         pyro.sample("x", lm.sequence([], max_new_tokens=T))
 
-    with pytest.raises(ValueError, match="edits exactly one lm.sequence"):
-        _run(two_sites)
+    # Several sequence sites are edited in turn (tests/test_composition.py); initial_samples
+    # gives one site only, and a model needs at least one.
+    with pytest.raises(ValueError, match=r"initial_samples gives only the sequence site.*\['x'\]"):
+        _run(two_sites, num_chains=2, initial_samples=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="no latent sequence site"):
+        _run(lambda: pyro.sample("w", pyro.distributions.Bernoulli(0.5)))
+
+
+def test_later_site_with_ragged_prompts_from_an_earlier_one():
+    """Story x, summary y prompted by x's content (ragged): MH edits both, and an edit of x
+    rescores y under its new prompt. Held, per site, to half the composition rows' 1,500
+    reference exact draws (each site gets half the edits)."""
+    from test_smc import check_sites_against_exact, summary_model
+
+    model = summary_model(_lm("markov"))
+    exact = ppl_lm.infer(model, method="exact")
+    post = _run(model, num_samples=150, num_chains=64, warmup_steps=100, seed=0)
+    check_sites_against_exact(post, exact, 750.0)
+
+
+def test_sites_with_different_lms():
+    """Each site is edited with its own LM (vocabulary, EOS); the Posterior reports the first's."""
+    from test_smc import check_sites_against_exact, two_lms_model
+
+    model, lm_x = two_lms_model()
+    exact = ppl_lm.infer(model, method="exact")
+    post = _run(model, num_samples=150, num_chains=64, warmup_steps=100, seed=0)
+    assert post.lm is lm_x and post.stats["length"].max() <= 3
+    check_sites_against_exact(post, exact, 750.0)
 
 
 @pytest.mark.integration

@@ -100,7 +100,7 @@ def ragged_world(lm):
 
 
 METHODS = {
-    # options, reference exact draws (None: prior IS's N·f, as SMC is IS with resampling here)
+    # options, reference exact draws (None: prior IS's N·f; SMC, with prefix twists, is held to at least that)
     "smc": (dict(num_particles=10_000), None),
     "mh": (dict(num_samples=150, num_chains=64, warmup_steps=100), 1_500.0),
 }

@@ -128,6 +128,36 @@ def test_impossible_hard_constraint_keeps_the_guide_and_says_why():
     assert info.value.guide is not None and info.value.info.num_steps == 5
 
 
+def test_impossible_hard_constraint_stops_training_early():
+    """No draw satisfies the condition: the run stops after a tenth of its steps (at least 20),
+    not after all of them, with the same advice and the guide kept."""
+    lm = LMS["markov"]()
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=T))
+        ppl_lm.constraint("impossible", x[..., 0] == 99)
+
+    seen = []
+    with pytest.raises(svi.SVIError) as info:
+        ppl_lm.infer(model, method="svi", num_steps=400, num_particles=8, num_samples=50, progress=False, seed=0,
+                     callback=lambda step, guide, stats: seen.append(step))
+    assert "stopped after 40 training step(s) (320 draws" in str(info.value)
+    assert len(seen) == 39  # the user's callback ran for the steps before the stop
+    assert info.value.guide is not None
+
+
+def test_a_rare_condition_found_in_training_does_not_stop_it():
+    """A condition that some early draw satisfies trains to the end."""
+    lm = LMS["markov"]()
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=T))
+        ppl_lm.constraint("starts_b", x[..., 0] == 2)
+
+    post = ppl_lm.infer(model, method="svi", num_steps=60, num_particles=8, num_samples=50, progress=False, seed=0)
+    assert post.info.num_steps == 60 and len(post.info.trace["elbo"]) == 60
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 def sentiment_like(lm, beta=0.5, max_new_tokens=T):
     def model(prompt=()):

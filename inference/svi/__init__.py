@@ -1,7 +1,8 @@
 """Stochastic variational inference: fine-tuning the LM toward a reward is SVI on the model.
 
 The model "prior π, likelihood exp(r/β)" has the posterior π′(x) ∝ π(x)·exp(r(x)/β). A guide q
-(the LM with trainable weights, :mod:`ppl_lm.inference.svi.guides`; LoRA on a transformer) is
+(the LM with trainable weights, :mod:`ppl_lm.inference.svi.guides`; LoRA on a transformer; for a
+model with other latent sites a joint guide over all of them, :mod:`ppl_lm.inference.svi.joint`) is
 trained on one of two objectives (:mod:`ppl_lm.inference.svi.elbo`):
 
 - ``objective="reverse"``: the ELBO ``E_q[log π + r/β − log q] = (E_q[r] − β·KL(q‖π))/β``, the
@@ -150,7 +151,9 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     """Train a guide by SVI, then importance-weight its draws against the exact target.
 
     Args:
-        model: a vectorised Pyro model with one ``lm.sequence(...)`` latent site.
+        model: a vectorised Pyro model with at least one ``lm.sequence(...)`` latent site;
+            other latent sites (discrete, continuous, more sequences) get a joint guide
+            (:mod:`~ppl_lm.inference.svi.joint`), trained on one ELBO over the whole joint.
         *args: the model's arguments (the context the returned posterior is for).
         seed: same seed, same training and samples (on CPU).
         objective: ``"reverse"`` (the ELBO, KL(q‖π′)), ``"forward"`` (KL(π′‖q)) or
@@ -219,9 +222,16 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
                 # the step-size schedule depends on the run's length, unless it is constant
                 "num_steps": num_steps if lr_decay != 1 or objective in SCHEDULES else None,
                 "params": {k: tuple(v.shape) for k, v in g.parameters().items()}})
-        res = train(model, args, kwargs, g, schedule, num_steps=num_steps, lr=lr, lr_decay=lr_decay,
-                    clip_norm=clip_norm, contexts=contexts, checkpoint_path=path, checkpoint_every=checkpoint_every,
-                    fingerprint=fp, progress=progress, callback=callback)
+        watch = _AdmissibleWatch(num_steps, num_particles, callback)
+        try:
+            res = train(model, args, kwargs, g, schedule, num_steps=num_steps, lr=lr, lr_decay=lr_decay,
+                        clip_norm=clip_norm, contexts=contexts, checkpoint_path=path,
+                        checkpoint_every=checkpoint_every, fingerprint=fp, progress=progress, callback=watch)
+        except _NothingAdmissible as stop:
+            raise SVIError(str(stop), guide=g, info=SVIInfo(
+                objective=objective, proposal=proposal, guide=g.kind, num_steps=num_steps,
+                num_particles=num_particles, lr=lr, lr_decay=lr_decay, clip_norm=clip_norm,
+                relax_penalty=relax_penalty)) from None
 
     trace = dict(res.trace)
     kt = kl_trace(res.draws, trace.get("seconds"))
@@ -346,10 +356,50 @@ def _crosscheck(model, args, kwargs, g, post, n, seed, progress) -> Crosscheck:
     kl_at_prior = log_z - e_lik
     kl_at_prior_se = math.hypot(log_z_se, float(lik.std() / math.sqrt(len(lik)))) if math.isfinite(e_lik) else math.nan
     with torch.no_grad(), seeding.seeded(seed):
-        t = particle_terms(model, g, args, kwargs, len(prior), values={g.site: prior.samples})
+        t = particle_terms(model, g, args, kwargs, len(prior), values=dict(prior.values))
     fwd = kl_estimates(t.log_q, t.log_prior, t.log_likelihood, log_proposal=t.log_prior)
     return Crosscheck(n, log_z, log_z_se, elbo, elbo_se, log_z - elbo, math.hypot(log_z_se, elbo_se),
                       fwd.kl_forward, fwd.kl_forward_se, kl_at_prior, kl_at_prior_se)
+
+
+class _NothingAdmissible(Exception):
+    """Training stopped early: no draw has satisfied a hard condition (see _AdmissibleWatch)."""
+
+
+class _AdmissibleWatch:
+    """The training callback that stops a run whose draws never satisfy a hard condition.
+
+    While no draw satisfies a hard condition, that condition gives the gradient nothing (every
+    draw has the same relaxed penalty, or weight zero in the forward objective), so training
+    cannot learn it and the final correction would find no admissible draw. After
+    ``max(PROBE_STEPS, num_steps // 10)`` such steps the run stops with the advice, instead of
+    after all of them.
+    """
+
+    PROBE_STEPS = 20
+
+    def __init__(self, num_steps: int, num_particles: int, callback=None):
+        self.after = min(num_steps, max(self.PROBE_STEPS, num_steps // 10))
+        self.num_particles, self.callback = num_particles, callback
+        self.seen: dict[str, bool] = {}
+        self.steps = 0
+
+    def __call__(self, step, guide, stats):
+        self.steps += 1
+        for k, v in stats.items():
+            if k.startswith("ok:"):
+                self.seen[k[3:]] = self.seen.get(k[3:], False) or bool(v > 0)
+        never = [k for k, ok in self.seen.items() if not ok]
+        if never and self.steps >= self.after:
+            raise _NothingAdmissible(
+                f"svi: stopped after {self.steps} training step(s) ({self.steps * self.num_particles} draws, from the "
+                f"prior onwards): no draw satisfied the hard condition(s) {', '.join(never)}, so training gets no "
+                "signal from them and no guide draw could be weighted. The condition may be impossible under this "
+                "LM and max_new_tokens, or too rare to be found by sampling. Check the condition (evaluate it on "
+                "a text that should pass), make it a token mask (ppl_lm.token_constraint) so that method='smc' "
+                "proposes only allowed tokens, or turn it into a reward. The guide is kept at err.guide")
+        if self.callback is not None:
+            self.callback(step, guide, stats)
 
 
 def _no_admissible_message(trace, num_samples) -> str:

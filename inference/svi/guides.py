@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.inference._runtime import first_latent_site, sequence_base
+from ppl_lm.inference._runtime import first_latent_site, latent_sites, sequence_base, sequence_sites
 from ppl_lm.lm import LanguageModel, LoraLM, MarkovLM, PositionalMarkovLM, TransformersLM
 from ppl_lm.lm.lora import full_transformer
 
@@ -44,7 +44,7 @@ _names = itertools.count()
 # -- finding the model's sequence site ---------------------------------------------------------
 def model_site(model: Callable, args: tuple = (), kwargs: dict | None = None,
                site: str | None = None) -> tuple[str, SequenceDistribution]:
-    """The name and distribution of ``model``'s sequence site for these arguments.
+    """The name and distribution of ``model``'s (first) sequence site for these arguments.
 
     Runs the model only up to that site (``poutine.escape``: nothing is sampled, no LM call is
     made), hidden from any enclosing Pyro handler.
@@ -57,10 +57,10 @@ def model_site(model: Callable, args: tuple = (), kwargs: dict | None = None,
     if base is None:
         if site is not None:
             raise TypeError(f"site {msg['name']!r} is not an lm.sequence(...) site; a sequence guide cannot sample it")
-        raise ValueError(
-            f"the model samples the latent site {msg['name']!r} before its sequence site; a sequence "
-            "guide covers one lm.sequence(...) site only. Condition the other sites (poutine.condition) "
-            "or pass them as arguments")
+        seq = sequence_sites(latent_sites(model, args, kwargs or {}, placeholder=True))
+        if not seq:
+            raise ValueError("the model has no latent lm.sequence(...) site")
+        return next(iter(seq.items()))
     return msg["name"], base
 
 
@@ -98,7 +98,7 @@ class SequenceGuide:
                 p.requires_grad_(True)
         pyro.module(self.name, self.module)
         _, d = model_site(self.model, args, kwargs, self.site)
-        return pyro.sample(self.site, self.lm.sequence(d.prompt, d.max_new_tokens))
+        return pyro.sample(self.site, d.with_lm(self.lm))
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The trainable parameters by stable name (independent of the guide's Pyro name)."""
@@ -138,6 +138,11 @@ def make_guide(model: Callable, *args, kind: str = "full", lora_r: int = 8, lora
     """
     if kind not in GUIDE_KINDS:
         raise ValueError(f"unknown guide kind {kind!r}; choose one of {', '.join(GUIDE_KINDS)} or pass a guide object")
+    if len(latent_sites(model, args, kwargs, placeholder=True)) > 1:
+        from ppl_lm.inference.svi.joint import make_joint_guide
+
+        return make_joint_guide(model, args, kwargs, kind=kind, lora_r=lora_r, lora_alpha=lora_alpha,
+                                lora_targets=lora_targets, seed=seed)
     site, d = model_site(model, args, kwargs)
     prior = d.lm
     if kind == "lora":

@@ -175,6 +175,13 @@ def pin(name: str, x: torch.Tensor, tokens: Mapping[int, int], lam: float | None
 def _vocab_size_of(x: torch.Tensor) -> int | None:
     """The vocabulary size of the LM whose sequence site produced ``x`` in the trace being
     recorded (``None`` when ``x`` is not such a site's value, e.g. a slice or a hand-made tensor)."""
+    site = _sequence_site_of(x)
+    return None if site is None else site[1].lm.vocab_size
+
+
+def _sequence_site_of(x: torch.Tensor):
+    """``(name, SequenceDistribution)`` of the sequence site whose value is ``x`` in the trace being
+    recorded, or ``None`` (``x`` is a slice, a hand-made tensor, or nothing is traced)."""
     from pyro.poutine.runtime import _PYRO_STACK
     from pyro.poutine.trace_messenger import TraceMessenger
 
@@ -190,7 +197,7 @@ def _vocab_size_of(x: torch.Tensor) -> int | None:
             while hasattr(fn, "base_dist"):
                 fn = fn.base_dist
             if isinstance(fn, SequenceDistribution):
-                return fn.lm.vocab_size
+                return site["name"], fn
     return None
 
 
@@ -220,6 +227,10 @@ def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:
               else torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device))
     else:
         ok = mask.check(x)
-    meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": True, "mask": mask}
+    # The sequence site the mask constrains (None when x is not a site's value): SMC advances the
+    # mask with that site's tokens.
+    site = _sequence_site_of(x)
+    meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": True, "mask": mask,
+            "site": None if site is None else site[0]}
     lf = torch.zeros(ok.shape).masked_fill(~ok, -math.inf)
     _factor(name, lf, meta)

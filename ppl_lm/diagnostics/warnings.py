@@ -8,6 +8,7 @@ script sees it at the user's own line.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..tokens import support_size
 from .estimators import KHAT_THRESHOLD, RHAT_THRESHOLD
 
 if TYPE_CHECKING:
@@ -75,6 +77,17 @@ def emit(items: list[InferenceWarning], method: str) -> None:
         warnings.warn(f"{method}: {w}", PplLmWarning, stacklevel=user_stacklevel())
 
 
+def num_sequences(post: Posterior) -> int | float:
+    """How many canonical sequences the main site can hold (``inf`` when unknown): a posterior
+    over a toy support of 85 sequences is not "collapsed" for having 13 distinct ones."""
+    vocab = getattr(post.lm, "vocab_size", None)
+    if vocab is None or post.samples.dim() != 2:
+        return math.inf
+    if (vocab - 1) ** post.samples.shape[1] > 2**62:
+        return math.inf
+    return support_size(vocab, post.samples.shape[1])
+
+
 def diagnose(post: Posterior) -> list[InferenceWarning]:
     """The checks every posterior gets, from its typed fields: heavy-tailed weights (k-hat),
     collapse onto few distinct sequences, unmixed chains (R-hat) and too few effective draws.
@@ -92,7 +105,7 @@ def diagnose(post: Posterior) -> list[InferenceWarning]:
     n = len(post)
     alive = post.samples[torch.isfinite(post.log_weights) & (post.log_weights > -1e30)]
     distinct = len(torch.unique(alive, dim=0)) if len(alive) else 0
-    if n >= 10 and distinct <= max(1, n // 100):
+    if n >= 10 and distinct <= max(1, min(n, num_sequences(post)) // 100):
         out.append(InferenceWarning(
             "few_distinct", f"only {distinct} distinct sequence(s) among {n} samples carry weight: the sampler "
             "may have collapsed onto a mode, and every estimate rests on those few sequences.",

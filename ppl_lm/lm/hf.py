@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import weakref
@@ -521,6 +522,30 @@ def _transformers_quiet():
             hf_logging.enable_progress_bar()
 
 
+class _Status:
+    """A one-line status on stderr: rewritten in place on a terminal; in a log (not a terminal),
+    each new text once on its own line."""
+
+    def __init__(self, enabled: bool, text: str):
+        self.enabled, self.tty, self.text = enabled, sys.stderr.isatty(), ""
+        self.set_description_str(text)
+
+    def set_description_str(self, text: str) -> None:
+        if not self.enabled or text == self.text:
+            return
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + text)
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        self.text = text
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.text:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
 def _cache_entry(folder: str, gguf_file: str) -> Path:
     """The cache folder of one GGUF file: keyed by its path, size, mtime and the transformers
     version (which does the conversion), so a changed file or converter converts again."""
@@ -584,8 +609,6 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
         FileNotFoundError: a path (or ``.gguf`` name) that does not exist.
         ValueError: a device this machine lacks, or a model that cannot be read.
     """
-    from tqdm.auto import tqdm
-
     device = check_device(device)
     _check_kv_cache(kv_cache)
     folder, gguf_file = _resolve(name_or_path)
@@ -593,7 +616,7 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shown = gguf_file or name_or_path
     t0 = time.perf_counter()
-    status = tqdm(total=1, bar_format="{desc}", disable=not progress, desc=f"ppl-lm: loading {shown} ...")
+    status = _Status(progress, f"ppl-lm: loading {shown} ...")
     try:
         with _transformers_quiet():
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -624,7 +647,6 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
                                 "Set %s to a writable folder", shown, entry.parent, err, CACHE_ENV)
         model.to(device=device, dtype=dtype).eval()
         status.set_description_str(f"ppl-lm: loaded {shown} in {time.perf_counter() - t0:.1f} s")
-        status.update(1)
     finally:
         status.close()
     for p in model.parameters():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import warnings
 from collections.abc import Sequence
 
@@ -13,6 +14,18 @@ from .base import LanguageModel
 from .hf import TransformersLM
 
 __all__ = ["LoraLM", "full_transformer"]
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Log records of ``name`` below ERROR dropped for this block only, then the level restored."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class LoraLM(LanguageModel):
@@ -27,8 +40,9 @@ class LoraLM(LanguageModel):
     def __init__(self, base: TransformersLM, r: int = 8, alpha: float = 16,
                  target_modules: Sequence[str] | str | None = None, dropout: float = 0.0):
         try:
-            from peft import LoraConfig, inject_adapter_in_model
-            from peft.tuners.tuners_utils import BaseTunerLayer
+            with _quiet_logger("bitsandbytes"):  # peft imports it if installed; its CPU-kernel notice is noise
+                from peft import LoraConfig, inject_adapter_in_model
+                from peft.tuners.tuners_utils import BaseTunerLayer
         except ImportError as err:  # pragma: no cover - peft is a dependency
             raise ImportError("guide='lora' needs peft: pip install peft") from err
         if not isinstance(base, TransformersLM):

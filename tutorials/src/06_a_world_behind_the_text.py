@@ -13,7 +13,7 @@
 # $r$ the VADER sentiment and $\beta = 0.25$. The posterior $p(w \mid \text{positive})$ says which world
 # explains the reward; its predictive on *new* contexts, $\sum_w p(w \mid \text{positive})\,\pi(x \mid
 # \text{preamble}_w + c')$, is how this Bayesian model generalises. We compute $p(w \mid \text{positive})$
-# exactly on a toy, then by importance sampling, SMC and MH on SmolLM2 (the three preambles have
+# exactly on a toy, then by importance sampling, SMC, MH and SVI on SmolLM2 (the three preambles have
 # different token lengths: the backends read ragged prompts), and compare the predictive shift on the
 # probe pairs of notebook 5 with what the fine-tuned guide of notebook 5 did.
 
@@ -34,6 +34,7 @@ import torch
 
 import ppl_lm
 from ppl_lm import rewards
+from ppl_lm.inference.svi.joint import LATENT_SCALE
 from ppl_lm.models import worlds
 
 %matplotlib inline
@@ -106,27 +107,33 @@ for k, name in enumerate(worlds.WORLDS):
 # does not add good ones, so it explains less. The backends agree with the exact answer within
 # the error the problem sets.
 #
-# ## SmolLM2: p(w | positive) by IS, SMC and MH
+# ## SmolLM2: p(w | positive) by IS, SMC, MH and SVI
+#
+# SVI trains one joint guide on the whole program: a LoRA adapter for the sequence (the guide reads
+# the same preamble as the model) and a categorical $q(w)$, on one ELBO; its result is the guide's draws
+# importance-weighted against the exact target, so its $p(w \mid \text{positive})$ is comparable with the others'.
 
 # %%
 if SMOKE:
     lm = ppl_lm.tiny_char_transformer(seed=0)
     context, T = worlds.toy_context, 6
-    sizes = dict(is_n=32, smc_n=16, mh=dict(num_samples=4, num_chains=2, warmup_steps=2))
+    sizes = dict(is_n=32, smc_n=16, mh=dict(num_samples=4, num_chains=2, warmup_steps=2),
+                 svi=dict(num_steps=3, num_particles=2, num_samples=16))
 else:
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # hide the GGUF conversion progress bars
         lm = ppl_lm.load_lm()
     print(f"loaded SmolLM2 in {time.perf_counter() - t0:.0f} s")
     context, T = worlds.context, 12
-    sizes = dict(is_n=192, smc_n=128, mh=dict(num_samples=15, num_chains=4, warmup_steps=5))
+    sizes = dict(is_n=1024, smc_n=512, mh=dict(num_samples=30, num_chains=4, warmup_steps=10),
+                 svi=dict(num_steps=80, num_particles=8, num_samples=512))
 model = worlds.build(lm, beta=BETA, max_new_tokens=T)
 print("context:", repr(context))
 print("prompt lengths (tokens) per world:", dict(zip(worlds.WORLDS, map(len, worlds.prompts(lm, context)))))
 
 runs, seconds = {}, {}
 for method, opts in (("importance", dict(num_samples=sizes["is_n"])), ("smc", dict(num_particles=sizes["smc_n"])),
-                     ("mh", sizes["mh"])):
+                     ("mh", sizes["mh"]), ("svi", sizes["svi"])):
     t0 = time.perf_counter()
     runs[method] = ppl_lm.infer(model, context, method=method, seed=1, progress=False, **opts)
     seconds[method] = time.perf_counter() - t0
@@ -150,6 +157,11 @@ for (a, b), v in z.items():
 for name in worlds.WORLDS:
     assert all(0 <= p <= 1 for p, _ in table[name].values())
 assert all(abs(sum(p for p, _ in post.marginal("w").values()) - 1) < 1e-6 for post in runs.values())
+# SVI's joint guide learned q(w) (a categorical, trained with the LoRA adapter on the sequence);
+# its importance-corrected p(w | positive) is in the table above.
+q_w = torch.softmax(getattr(runs["svi"].guide.module, "site0_logits").detach().double()
+                    * LATENT_SCALE[runs["svi"].guide.kind], -1)
+print("SVI guide's own q(w):", {n: round(float(q), 3) for n, q in zip(worlds.WORLDS, q_w)})
 print("\nexamples (IS, heaviest weights):")
 w_is = runs["importance"].values["w"]
 for i in torch.argsort(runs["importance"].log_weights, descending=True)[:3].tolist():
@@ -161,7 +173,7 @@ xs = np.arange(len(worlds.WORLDS))
 ax.bar(xs - 0.3, worlds.PRIOR, 0.15, color="lightgrey", label="prior p(w)")
 for i, m in enumerate(runs):
     ax.errorbar(xs - 0.1 + 0.15 * i, [table[n][m][0] for n in worlds.WORLDS],
-                yerr=[2 * table[n][m][1] for n in worlds.WORLDS], fmt="os^"[i], capsize=4, label=f"{m} (±2 se)")
+                yerr=[2 * table[n][m][1] for n in worlds.WORLDS], fmt="os^v"[i], capsize=4, label=f"{m} (±2 se)")
 ax.set_xticks(xs, worlds.WORLDS)
 ax.set_ylabel("p(w | positive)")
 ax.set_title("which world explains a positive continuation")
@@ -270,31 +282,43 @@ fig.tight_layout()
 # %% [markdown]
 # ## Reading the committed run (SmolLM2)
 #
+# Run on the 2-core CPU, one torch thread, with two other jobs on the machine (load about 3).
+#
 # - *The toy is exact, and the backends match it.* Exact enumeration gives p(w | positive) = 0.390 /
 #   0.356 / 0.254 for plain / kinder / restricted (prior 0.5 / 0.25 / 0.25): the kinder world explains
 #   the reward 1.42 times better than the average world, the restricted one 1.02 times, the plain
 #   one 0.78 times. Importance sampling (0.377, 0.354, 0.269) and SMC (0.373, 0.377, 0.250) with
 #   8000 draws are within the four-standard-error band that the exact prior-IS ESS (f = 0.37) sets.
-# - *On SmolLM2 the worlds are hard to tell apart, and the budget shows.* Importance sampling (192
-#   draws, ESS 81) gives 0.54 ± 0.06 / 0.17 ± 0.04 / 0.29 ± 0.05; SMC (128 particles, ESS 84) gives
-#   0.58 ± 0.05 / 0.30 ± 0.05 / 0.12 ± 0.04. They agree on the plain world and on "near the prior",
-#   but disagree on kinder vs restricted by 2.7 standard errors: at these sizes the standard errors
-#   (themselves estimates, from about 80 effective draws) understate the error, and no backend can
-#   yet say which of the two non-plain worlds explains a positive continuation better. MH (4 chains,
-#   15 draws after 5 warm-up steps, 285 s) has not mixed (R-hat 2.3, ESS 8, its own warnings say so)
-#   and disagrees with SMC by 4.2 standard errors: its numbers are shown, not trusted. Each MH step
-#   costs one LM pass plus one scoring pass per world (the exact Gibbs step on w); on this CPU that
-#   is about 14 s per step for 4 chains, so a mixed MH run is out of this notebook's budget.
+# - *On SmolLM2 the four backends agree, and the reward barely moves the world.*
+#   - Importance sampling (1024 draws, ESS 392, 101 s): 0.452 ± 0.025 / 0.295 ± 0.024 / 0.252 ± 0.022.
+#   - SMC (512 particles, ESS 298, 156 s): 0.510 ± 0.029 / 0.246 ± 0.028 / 0.244 ± 0.024.
+#   - SVI (80 steps × 8 draws, then 512 guide draws weighted, ESS 188, 1286 s): 0.406 ± 0.035 /
+#     0.283 ± 0.031 / 0.311 ± 0.037. The guide's own q(w) learned 0.404 / 0.274 / 0.322.
+#   - MH (4 chains, 30 draws after 10 warm-up steps, 267 s): 0.333 ± 0.134 / 0.183 ± 0.110 /
+#     0.483 ± 0.143. It has not mixed (R-hat 1.39, bulk ESS 12), and its own warnings say so.
+#
+#   The largest gap between two backends is 2.3 standard errors (SMC vs SVI); IS vs SMC is 1.5.
+#   The previous run, with 192 and 128 draws, had 2.7 here. Every backend leaves p(w) within about
+#   0.1 of the prior. Plain loses a little, and no backend tells kinder from restricted by more
+#   than two standard errors. In this context a positive continuation is about equally likely
+#   under all three preambles.
 # - *How this Bayesian model generalises.* Putting all mass on one world bounds what the model can
-#   do on notebook 5's probes: the kinder preamble shifts wording pairs by +1.93 nats and world pairs
-#   by +0.55 (good events become likelier even in neutral words: the "kinder world" reading), the
-#   restricted preamble shifts them by −1.01 and −0.46 (SmolLM2 does not read "only pleasant things
-#   get written down" as "write pleasantly"), plain by −1.41 and +0.12. With the posteriors above
-#   the predictive shifts are small: wording −0.21 (IS) / +0.10 (SMC), world −0.02 / +0.07 nats,
-#   because p(w | positive) stays near the prior. The fine-tuned guide of notebook 5 moved wording
-#   pairs by +1.25 [0.95, 1.54] and world pairs by +0.11 [−0.28, +0.48]: it learned the reward's
-#   wording ("restricted text" in notebook 5's sense), while this world model can only move
-#   probability along the directions its three preambles span, and the evidence barely moves it.
+#   do on notebook 5's probes:
+#   - the kinder preamble shifts wording pairs by +1.93 nats and world pairs by +0.55 (good events
+#     become likelier even in neutral words: the "kinder world" reading);
+#   - the restricted preamble shifts them by −1.01 and −0.46 (SmolLM2 does not read "only pleasant
+#     things get written down" as "write pleasantly");
+#   - plain shifts them by −1.41 and +0.12.
+#
+#   With the posteriors above, the predictive shifts are small:
+#   - wording pairs: +0.11 (IS), −0.01 (SMC), +0.09 (SVI), −0.13 (MH, unmixed);
+#   - world pairs: −0.005, +0.004, −0.04 and −0.13.
+#
+#   The fine-tuned guide of notebook 5 moved wording pairs by +1.25 [0.95, 1.54], more than ten
+#   times any of these, and world pairs by +0.11 [−0.28, +0.48]. On the same reward the two
+#   generalise differently, in numbers. Fine-tuning learned the reward's wording: "restricted
+#   text" in notebook 5's sense. The Bayesian world model can only move probability along the
+#   directions its three preambles span, and the evidence barely moves it.
 # - *What the numbers cannot say.* One context, 12 new tokens, a hand-written set of three
 #   preambles and a few hundred draws: the posterior over worlds is weakly identified here, and
 #   the comparison with the fine-tune says more about how differently the two generalise (through
