@@ -20,7 +20,7 @@ context = "Once upon a time, in a land far away,"
 # Sized for a 2-core CPU on SmolLM2 (a few minutes each); pass larger options for better estimates.
 methods = {"importance": {"num_samples": 512}, "smc": {"num_particles": 128},
            "mh": {"num_samples": 30, "num_chains": 4, "warmup_steps": 10},
-           "svi": {"num_steps": 40, "num_samples": 256}}
+           "svi": {"num_steps": 20, "num_samples": 128}}
 
 
 def build(lm, keywords=("dragon",), mode: str = "hard", beta: float = 0.5, max_new_tokens: int = 24):

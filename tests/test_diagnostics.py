@@ -372,3 +372,22 @@ def test_path_degeneracy_is_judged_against_the_run_size(n, threshold, fires):
     eves = post.info.num_eves
     assert ("path_degeneracy" in [w.code for w in post.warnings]) == fires, eves
     assert (eves < 10) if fires else (eves == n)
+
+
+def test_low_ess_of_weights_warns_when_few_draws_are_admissible():
+    """Prior IS under a condition that 1/8 of the prior satisfies: the admissible draws have equal
+    weights (k-hat -inf, no heavy tail), so only the weights' ESS can tell that 500 draws are
+    worth about 62. Below 100 draws asked for, a small ESS is what the user chose: no warning."""
+    import pyro
+
+    lm = ppl_lm.MarkovLM(torch.zeros(8), torch.zeros(8, 8), eos_id=0)
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=3))
+        ppl_lm.constraint("starts_b", x[..., 0] == 2)
+
+    post = ppl_lm.infer(model, method="importance", num_samples=500, progress=False, seed=0)
+    assert post.khat == -math.inf and 30 < post.ess < 100
+    assert [w.code for w in post.warnings] == ["low_ess"]
+    small = ppl_lm.infer(model, method="importance", num_samples=99, progress=False, seed=0)
+    assert "low_ess" not in [w.code for w in small.warnings]

@@ -90,7 +90,8 @@ def num_sequences(post: Posterior) -> int | float:
 
 def diagnose(post: Posterior) -> list[InferenceWarning]:
     """The checks every posterior gets, from its typed fields: heavy-tailed weights (k-hat),
-    collapse onto few distinct sequences, unmixed chains (R-hat) and too few effective draws.
+    collapse onto few distinct sequences, unmixed chains (R-hat) and too few effective draws
+    (bulk ESS of chains; Kish's ESS of weights, when at least 100 draws were asked for).
 
     Backend-specific checks (SMC path degeneracy, SVI divergence) are added by their backends.
     """
@@ -114,6 +115,11 @@ def diagnose(post: Posterior) -> list[InferenceWarning]:
         out.append(InferenceWarning(
             "rhat", f"split R-hat is {post.rhat:.3f} > {RHAT_THRESHOLD}: the chains have not mixed (they disagree).",
             "run more warm-up and more draws, more chains, or start chains from better states."))
+    if post.method != "mh" and post.bulk_ess is None and n >= MIN_BULK_ESS and post.ess < MIN_BULK_ESS:
+        out.append(InferenceWarning(
+            "low_ess", f"the weights' effective sample size is {post.ess:.0f} of {n} draws (< {MIN_BULK_ESS}): every "
+            f"estimate rests on about {post.ess:.0f} effective draws.",
+            "use more samples, method='smc', or a better proposal (a guide trained with method='svi')."))
     if post.bulk_ess is not None and post.bulk_ess < MIN_BULK_ESS:
         out.append(InferenceWarning(
             "low_ess", f"bulk ESS is {post.bulk_ess:.0f} < {MIN_BULK_ESS}: too few effective draws for stable estimates.",
