@@ -362,6 +362,13 @@ def _crosscheck(model, args, kwargs, g, post, n, seed, progress) -> Crosscheck:
                       fwd.kl_forward, fwd.kl_forward_se, kl_at_prior, kl_at_prior_se)
 
 
+#: What to do when no draw satisfies a hard condition (said by the early stop and after training).
+_HARD_CONDITION_ADVICE = (
+    "the condition may be impossible under this LM and max_new_tokens, or too rare to be found by sampling. "
+    "Check the condition (evaluate it on a text that should pass), make it a token mask (ppl_lm.token_constraint) "
+    "so that method='smc' proposes only allowed tokens, or turn it into a reward")
+
+
 class _NothingAdmissible(Exception):
     """Training stopped early: no draw has satisfied a hard condition (see _AdmissibleWatch)."""
 
@@ -394,10 +401,8 @@ class _AdmissibleWatch:
             raise _NothingAdmissible(
                 f"svi: stopped after {self.steps} training step(s) ({self.steps * self.num_particles} draws, from the "
                 f"prior onwards): no draw satisfied the hard condition(s) {', '.join(never)}, so training gets no "
-                "signal from them and no guide draw could be weighted. The condition may be impossible under this "
-                "LM and max_new_tokens, or too rare to be found by sampling. Check the condition (evaluate it on "
-                "a text that should pass), make it a token mask (ppl_lm.token_constraint) so that method='smc' "
-                "proposes only allowed tokens, or turn it into a reward. The guide is kept at err.guide")
+                f"signal from them and no guide draw could be weighted: {_HARD_CONDITION_ADVICE}. The guide is kept "
+                "at err.guide")
         if self.callback is not None:
             self.callback(step, guide, stats)
 
@@ -408,11 +413,7 @@ def _no_admissible_message(trace, num_samples) -> str:
     never = [k for k, v in seen.items() if not v > 0]
     if never:
         what = (f"no draw of the guide, in training (from the prior onwards) or in the {num_samples} final "
-                f"draws, satisfied the hard condition(s) {', '.join(never)}: the condition may be impossible "
-                "under this LM and max_new_tokens, or too rare to be found by sampling. Check the condition "
-                "(evaluate it on a text that should pass), make it a token mask "
-                "(ppl_lm.token_constraint) so that method='smc' proposes only allowed tokens, or turn it "
-                "into a reward")
+                f"draws, satisfied the hard condition(s) {', '.join(never)}: {_HARD_CONDITION_ADVICE}")
     else:
         what = (f"training drew texts satisfying the hard condition(s) (at most "
                 f"{', '.join(f'{k}: {v:.0%}' for k, v in seen.items())} of a step's draws), but none of the "
