@@ -27,12 +27,12 @@ import torch
 from pyro.poutine.runtime import NonlocalExit
 
 from ppl_lm.conditions.factors import trial_run
-from ppl_lm.distribution import SequenceDistribution
+from ppl_lm.distribution import SequenceDistribution, row_cache
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
 
-__all__ = ["Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
-           "sequence_base", "sequence_sites", "single_sequence_site", "first_latent_site", "fixed_values",
+__all__ = ["row_cache", "Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
+           "sequence_base", "sequence_sites", "check_has_latent", "observed_log_prob", "observed_sequences", "particle_dim", "single_sequence_site", "first_latent_site", "fixed_values",
            "PARTICLE_PLATE", "main_site", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
 
 PARTICLE_PLATE = "particles"
@@ -67,11 +67,25 @@ def sequence_base(fn) -> SequenceDistribution | None:
     return fn if isinstance(fn, SequenceDistribution) else None
 
 
-def site_log_prob(name: str, lp, n: int) -> torch.Tensor:
-    """One value per particle ``[n]`` from a site's log-prob, by the module's rule."""
+def particle_dim(site) -> int | None:
+    """The batch dimension of the particle plate at a traced site (``None`` outside it)."""
+    for frame in site.get("cond_indep_stack", ()):
+        if frame.name == PARTICLE_PLATE:
+            return frame.dim
+    return None
+
+
+def site_log_prob(name: str, lp, n: int, dim: int | None = None) -> torch.Tensor:
+    """One value per particle ``[n]`` from a site's log-prob, by the module's rule.
+
+    ``dim``: the particle plate's dimension at the site (:func:`particle_dim`); other plates'
+    dimensions (a plate over a corpus of observed texts) are summed.
+    """
     lp = torch.as_tensor(lp)
     if lp.dim() == 0:
         return lp.expand(n)
+    if dim is not None and lp.dim() >= -dim and lp.shape[dim] == n:
+        return lp.movedim(dim, 0).reshape(n, -1).sum(-1)
     if lp.shape[0] == n:
         return lp.reshape(n, -1).sum(-1)
     raise ModelShapeError(
@@ -165,7 +179,7 @@ def run_model(model: Callable, args: tuple, kwargs: dict, num_particles: int,
 
 
 def run_model_until(model: Callable, args: tuple, kwargs: dict, num_particles: int, data: dict[str, torch.Tensor],
-                    *, sequences_only: bool = False) -> tuple[Scores, Any]:
+                    *, sequences_only: bool = False, defer_observed_after: str | None = None) -> tuple[Scores, Any]:
     """:func:`run_model` (latent sites not scored) up to the first latent site that ``data`` gives no
     value, where the program stops (``poutine.escape``: nothing after it runs, no LM call).
 
@@ -176,6 +190,7 @@ def run_model_until(model: Callable, args: tuple, kwargs: dict, num_particles: i
     Args:
         sequences_only: stop only at an ``lm.sequence(...)`` site; other latent sites without a
             value are sampled from the model on the way.
+        defer_observed_after: see :func:`score_trace`.
     """
 
     def stop(msg):
@@ -184,20 +199,37 @@ def run_model_until(model: Callable, args: tuple, kwargs: dict, num_particles: i
 
     fn = poutine.replay(model, trace=fixed_values(data)) if data else model
     tr, site = _trace_until(fn, args, kwargs, num_particles, stop)
-    return score_trace(tr, num_particles, score_latent=False), site
+    return score_trace(tr, num_particles, score_latent=False, defer_observed_after=defer_observed_after), site
 
 
-def score_trace(tr, n: int, *, score_latent: bool = True) -> Scores:
-    """Read a vectorised trace: every sample site scored per particle by :func:`site_log_prob`."""
+def observed_log_prob(site) -> torch.Tensor:
+    """An observed site's log-prob; an observed ``lm.sequence(...)`` reads rows it scored earlier in
+    the run from the run's :func:`row_cache` (one LM pass per distinct prompt and text)."""
+    fn = site["fn"]
+    if isinstance(fn, SequenceDistribution):
+        return fn.log_prob(site["value"], cached=True)
+    return fn.log_prob(site["value"])
+
+
+def score_trace(tr, n: int, *, score_latent: bool = True, defer_observed_after: str | None = None) -> Scores:
+    """Read a vectorised trace: every sample site scored per particle by :func:`site_log_prob`.
+
+    Args:
+        defer_observed_after: observed ``lm.sequence(...)`` sites after this site (in program
+            order) are not scored: their prompts may read a sequence that is still a prefix (SMC).
+    """
     log_prior = torch.zeros(n)
     log_lik = torch.zeros(n)
     values, rewards, cons, obs, latent = {}, {}, {}, {}, {}
+    deferring = False
     for name, site in tr.nodes.items():
         if site["type"] != "sample":
             continue
         meta = site["infer"].get("ppl_lm")
         if site["is_observed"]:
-            lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n).to(log_lik.device)
+            if deferring and sequence_base(site["fn"]) is not None:
+                continue
+            lp = site_log_prob(name, observed_log_prob(site), n, particle_dim(site)).to(log_lik.device)
             log_lik = log_lik + lp
             if meta is not None and meta["kind"] == "reward":
                 rewards[name] = site_log_prob(name, meta["r"], n)
@@ -208,8 +240,9 @@ def score_trace(tr, n: int, *, score_latent: bool = True) -> Scores:
                 obs[name] = lp
         else:
             values[name] = site["value"]
+            deferring = deferring or name == defer_observed_after
             if score_latent:
-                lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n).to(log_prior.device)
+                lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).to(log_prior.device)
                 latent[name] = lp
                 log_prior = log_prior + lp
     return Scores(log_prior.detach(), log_lik.detach(), values, rewards, cons, obs, tr,
@@ -235,6 +268,15 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, *, placeholder: boo
         if site["type"] == "sample" and not site["is_observed"]:
             out[name] = sequence_base(site["fn"]) or site["fn"]
     return out
+
+
+def observed_sequences(model: Callable, args: tuple, kwargs: dict) -> dict[str, SequenceDistribution]:
+    """The model's observed ``lm.sequence(...)`` sites (observed text), from one single-particle
+    run on placeholders (no LM call), for sizing batches."""
+    with _EosSequences(), trial_run():
+        tr = trace_model(model, args, kwargs, 1)
+    return {name: sequence_base(site["fn"]) for name, site in tr.nodes.items()
+            if site["type"] == "sample" and site["is_observed"] and sequence_base(site["fn"]) is not None}
 
 
 def sequence_sites(sites: dict[str, Any]) -> dict[str, SequenceDistribution]:
@@ -287,12 +329,20 @@ class _EosSequences(poutine.messenger.Messenger):
 
 
 # -- from scores to a Posterior ------------------------------------------------------------------
-def main_site(values: dict[str, torch.Tensor], sites: dict) -> str:
-    """The name of the sequence site a Posterior reports as ``samples``: the first latent sequence site."""
+def main_site(values: dict[str, torch.Tensor], sites: dict) -> str | None:
+    """The name of the sequence site a Posterior reports as ``samples``: the first latent sequence
+    site (``None`` when every sequence site is observed)."""
     seq = [n for n, d in sites.items() if isinstance(d, SequenceDistribution)]
-    if not seq:
-        raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
-    return seq[0]
+    return seq[0] if seq else None
+
+
+def check_has_latent(sites: dict, method: str) -> None:
+    """The one error for a model with nothing to infer (no latent site at all), naming the fix."""
+    if not sites:
+        raise ValueError(
+            f"method={method!r}: the model has no latent site, so there is nothing to infer (every pyro.sample is "
+            "observed). Add a latent site (pyro.sample('w', dist.Categorical(...)) or a latent lm.sequence(...)), "
+            "or score the observed text directly: lm.sequence(prompt, max_new_tokens=T).log_prob(text)")
 
 
 def stats_from_scores(scores: Scores, site: str, eos_id: int, sites: dict | None = None) -> dict[str, torch.Tensor]:
@@ -301,8 +351,9 @@ def stats_from_scores(scores: Scores, site: str, eos_id: int, sites: dict | None
     stats = {
         "log_prior": scores.log_prior.float(),
         "log_likelihood": scores.log_likelihood.float(),
-        "length": lengths(scores.values[site], eos_id).float(),
     }
+    if site is not None:
+        stats["length"] = lengths(scores.values[site], eos_id).float()
     n = len(stats["log_prior"])
     for name, v in scores.values.items():  # every scalar latent (a discrete world, a parameter)
         if name != site and v.numel() == n:
@@ -333,12 +384,12 @@ def cat_scores(parts: list[Scores]) -> Scores:
 
 def make_posterior(method: str, scores: Scores, log_w: torch.Tensor, sites: dict, **kw) -> Posterior:
     site = main_site(scores.values, sites)
-    lm = sites[site].lm
+    lm = sites[site].lm if site is not None else None
     return Posterior(
-        samples=scores.values[site].reshape(len(log_w), -1),
+        samples=scores.values[site].reshape(len(log_w), -1) if site is not None else None,
         log_weights=normalise(log_w),
         method=method, lm=lm, site=site,
-        stats=stats_from_scores(scores, site, lm.eos_id, sites),
+        stats=stats_from_scores(scores, site, lm.eos_id if lm is not None else None, sites),
         values={k: v for k, v in scores.values.items()},
         **kw,
     )

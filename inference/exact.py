@@ -15,7 +15,7 @@ import torch
 
 from ppl_lm import seeding as _random
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.inference._runtime import cat_scores, finish, latent_sites, make_posterior, run_model, sequence_sites
+from ppl_lm.inference._runtime import cat_scores, check_has_latent, finish, latent_sites, make_posterior, row_cache, run_model
 from ppl_lm.posterior import Info, Posterior
 from ppl_lm.tokens import support_size
 from tqdm.auto import tqdm
@@ -62,6 +62,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_suppo
     The support is the product of each latent site's values in program order: the canonical
     sequences of each ``lm.sequence(...)`` site and the ``enumerate_support`` of each discrete
     latent (a sequence site's prompt may depend on earlier values; its support does not).
+    Observed sites (observed text included) are scored, not enumerated: a model whose only
+    latent sites are discrete (which world wrote these texts?) enumerates just those.
 
     Args:
         model_kwargs: the model's keyword arguments.
@@ -70,10 +72,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_suppo
         progress: a progress bar over the chunks (when there are several).
     """
     kwargs = dict(model_kwargs or {})
-    with _random.seeded(seed):
+    with _random.seeded(seed), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)
-        if not sequence_sites(sites):
-            raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
+        check_has_latent(sites, "exact")
         sizes = {}
         for name, d in sites.items():
             if isinstance(d, SequenceDistribution):

@@ -24,7 +24,8 @@ from ppl_lm import seeding as _random
 from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import (
-    cat_scores, finish, latent_sites, make_posterior, run_model, site_log_prob, trace_model,
+    cat_scores, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, particle_dim, row_cache, run_model,
+    site_log_prob, trace_model,
 )
 from ppl_lm.posterior import Info, Posterior, normalise
 
@@ -86,10 +87,11 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         raise TypeError(f"guide must be a callable with the model's signature (or None), got {type(guide).__name__}")
     kwargs = dict(model_kwargs or {})
 
-    with _random.seeded(seed), torch.no_grad():
+    with _random.seeded(seed), torch.no_grad(), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)
+        check_has_latent(sites, "importance")
         if chunk_size is None:
-            chunk_size = _default_chunk(sites, num_samples)
+            chunk_size = _default_chunk({**sites, **observed_sequences(model, args, kwargs)}, num_samples)
         parts, log_ws = [], []
         bar = tqdm(total=num_samples, desc="importance", unit="sample", disable=not progress)
         try:
@@ -117,6 +119,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
 
 
 def _default_chunk(sites: dict, num_samples: int) -> int:
+    """About :data:`TOKENS_PER_CHUNK` tokens (prompt plus new tokens of every latent and observed
+    sequence site) per chunk."""
     tokens = 0
     for d in sites.values():
         if isinstance(d, SequenceDistribution):
@@ -148,5 +152,5 @@ def _chunk(model, args, kwargs, n: int, guide):
 
 def score_guide(tr, n: int) -> dict[str, torch.Tensor]:
     """Per-particle log q ``[n]`` of each latent site a guide's trace samples (the runtime's rule)."""
-    return {name: site_log_prob(name, site["fn"].log_prob(site["value"]), n).detach()
+    return {name: site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).detach()
             for name, site in tr.nodes.items() if site["type"] == "sample" and not site["is_observed"]}

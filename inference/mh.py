@@ -54,8 +54,10 @@ import numpy as np
 import torch
 from ppl_lm.inference._runtime import (
     Scores,
+    check_has_latent,
     finish,
     latent_sites,
+    row_cache,
     run_model,
     run_model_until,
     sequence_base,
@@ -171,11 +173,11 @@ class EditKernel(MCMCKernel):
         self.warmup_steps = warmup_steps
         sites = latent_sites(self.model, args, kwargs, placeholder=True)
         self.order = list(sites)
+        check_has_latent(sites, "mh")
         self.seq = sequence_sites(sites)
-        if not self.seq:
-            raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
         # The main site (the Posterior's samples) is the first; every sequence site is edited in turn.
-        self.site, d = next(iter(self.seq.items()))
+        # With none (every text observed) a transition updates the other latents only.
+        self.site, d = next(iter(self.seq.items()), (None, None))
         # Every other latent site: discrete ones get an exact Gibbs step, continuous ones random-walk MH.
         self.others = {k: v for k, v in sites.items() if k not in self.seq}
         for k, v in self.others.items():
@@ -185,9 +187,9 @@ class EditKernel(MCMCKernel):
         self.rw_scale = {k: 0.5 for k, v in self.others.items() if not getattr(v, "has_enumerate_support", False)}
         self.rw_counts = {k: [0, 0] for k in self.rw_scale}
         self.dist = d
-        self.lm = d.lm
-        self.T = d.max_new_tokens
-        self.eos = d.lm.eos_id
+        self.lm = None if d is None else d.lm
+        self.T = 0 if d is None else d.max_new_tokens
+        self.eos = None if d is None else d.lm.eos_id
         self.values: dict[str, torch.Tensor] = {}
         self._t = 0
         self._transitions = 0  # edit transitions so far: they visit the sequence sites in turn
@@ -197,7 +199,8 @@ class EditKernel(MCMCKernel):
         self._accepted_warm = torch.zeros(len(MOVES), dtype=torch.long)
         self.history: list[dict[str, Any]] = []
         x0, values = self._init_states()
-        values = {**values, self.site: x0}
+        if self.site is not None:
+            values = {**values, self.site: x0}
         self._set_state(values, self._score(values))
         zeros = torch.zeros(self.num_chains, dtype=torch.long)
         self._initial_params = {"x": x0.clone(), "accepted": zeros, "move": zeros.clone()}
@@ -223,7 +226,13 @@ class EditKernel(MCMCKernel):
                 "constraints": {k: v.clone() for k, v in self.scores.constraints.items()},
                 "values": {k: v.clone() for k, v in self.values.items() if k != self.site},
             })
-        return {"x": self.values[self.site].clone(), "accepted": acc.long(), "move": move}
+        return {"x": self._main().clone(), "accepted": acc.long(), "move": move}
+
+    def _main(self) -> torch.Tensor:
+        """The main sequence site's value of every chain (``[C, 0]`` when every text is observed)."""
+        if self.site is None:
+            return torch.zeros(self.num_chains, 0, dtype=torch.long)
+        return self.values[self.site]
 
     def logging(self):
         prop, acc = self._proposed + self._proposed_warm, self._accepted + self._accepted_warm
@@ -311,6 +320,9 @@ class EditKernel(MCMCKernel):
 
     def _init_states(self) -> torch.Tensor:
         C, T = self.num_chains, self.T
+        if self.initial_samples is not None and self.site is None:
+            raise ValueError("initial_samples gives the first latent sequence site, and this model has none (every "
+                             "lm.sequence(...) site is observed): leave initial_samples out")
         if self.initial_samples is not None:
             x0 = torch.as_tensor(self.initial_samples)
             if x0.dtype.is_floating_point or x0.dtype == torch.bool:
@@ -343,7 +355,8 @@ class EditKernel(MCMCKernel):
                     sc = run_model(self.model, self.args, self.kwargs, batch)
                 draws += batch
                 ok = torch.isfinite(sc.log_prior + sc.log_likelihood)
-                found.append(sc.values[self.site].reshape(batch, -1)[ok].cpu())
+                main = sc.values[self.site] if self.site is not None else torch.zeros(batch, 0, dtype=torch.long)
+                found.append(main.reshape(batch, -1)[ok].cpu())
                 found_vals.append({k: sc.values[k][ok].cpu() for k in sc.values if k != self.site})
                 bar.update(min(C, sum(len(f) for f in found)) - bar.n)
         finally:
@@ -413,6 +426,10 @@ class EditKernel(MCMCKernel):
     def _transition(self, warm: bool):
         """One MH transition of every chain: an edit of one sequence site (each in turn, given the
         others), then an update of every other latent site; returns (move index [C], accepted [C])."""
+        if not self.seq:  # every sequence observed: Gibbs and random-walk steps on the other latents
+            self._update_others(warm)
+            zeros = torch.zeros(self.num_chains, dtype=torch.long)
+            return zeros, zeros.bool()
         names = list(self.seq)
         self._edit_site(names[self._transitions % len(names)])
         self._transitions += 1
@@ -591,7 +608,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         raise ValueError(f"init_budget must be a positive integer, got {init_budget!r}")
     kernel = EditKernel(model, num_chains=int(num_chains), moves=moves, thin=int(thin),
                         initial_samples=initial_samples, init_budget=init_budget, progress=progress)
-    with _random.seeded(seed):
+    with _random.seeded(seed), row_cache():
         # num_chains=1 at the driver: the chains are a batch inside the kernel (Pyro's
         # multi-process chains would fork the process, and hang with the default context).
         mcmc = MCMC(kernel, num_samples=int(num_samples), warmup_steps=int(warmup_steps), num_chains=1,
@@ -603,33 +620,37 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     def chain_major(v: torch.Tensor) -> torch.Tensor:
         return v[0].transpose(0, 1).reshape(C * S, *v.shape[3:])
 
-    samples = chain_major(draws["x"]).long()
+    samples = chain_major(draws["x"]).long() if kernel.site is not None else None
     hist = kernel.history
 
     def stack(get) -> torch.Tensor:
         return chain_major(torch.stack([get(h) for h in hist])[None])
 
-    values = {kernel.site: samples, **{k: stack(lambda h, k=k: h["values"][k]) for k in hist[0]["values"]}}
+    values = {k: stack(lambda h, k=k: h["values"][k]) for k in hist[0]["values"]}
+    if kernel.site is not None:
+        values[kernel.site] = samples
     values = {k: values[k] for k in kernel.order}  # program order
     scores = Scores(
         stack(lambda h: h["log_prior"]), stack(lambda h: h["log_likelihood"]), values,
         {k: stack(lambda h, k=k: h["rewards"][k]) for k in hist[0]["rewards"]},
         {k: stack(lambda h, k=k: h["constraints"][k]) for k in hist[0]["constraints"]},
     )
-    main_lm = kernel.seq[kernel.site].lm  # kernel.lm is the LM of the site edited last
-    stats = stats_from_scores(scores, kernel.site, main_lm.eos_id, kernel.seq)
+    main_lm = kernel.seq[kernel.site].lm if kernel.site is not None else None  # kernel.lm: the site edited last
+    stats = stats_from_scores(scores, kernel.site, None if main_lm is None else main_lm.eos_id, kernel.seq)
     by_chain = {k: v.reshape(C, S) for k, v in stats.items() if not k.startswith("ok:")}
     rhat, ess_by_stat = mcmc_diagnostics(by_chain)
     if ess_by_stat:
         bulk_ess = min(ess_by_stat.values())
     else:  # every summary constant (a point-mass posterior) or too few draws to tell
         bulk_ess = float(C * S) if S >= 4 else float("nan")
-    stats["accepted"] = chain_major(draws["accepted"]).bool()
-    stats["move"] = chain_major(draws["move"]).long()
+    if kernel.site is not None:  # the edit moves' record (none when every text is observed)
+        stats["accepted"] = chain_major(draws["accepted"]).bool()
+        stats["move"] = chain_major(draws["move"]).long()
     info = MHInfo(
         acceptance=kernel.acceptance(),
         acceptance_overall=float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
-        rhat_by_stat=rhat, ess_by_stat=ess_by_stat, ess_sequences=sequence_ess(samples, C),
+        rhat_by_stat=rhat, ess_by_stat=ess_by_stat,
+        ess_sequences=sequence_ess(samples, C) if samples is not None else float("nan"),
         ess_sequences_by_site={k: sequence_ess(values[k], C) for k in kernel.seq},
         num_chains=C, num_samples=S, warmup_steps=int(warmup_steps), thin=int(thin),
         moves={m: float(kernel.move_probs[i]) for m, i in _IDX.items()},

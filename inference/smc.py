@@ -31,6 +31,13 @@ during stage k the factors on sites that are already finished see ``is_partial()
 deferred constraint on them waits for the end of the stage), which changes only the twist. The
 sites a model samples, and their order, must not depend on the values drawn.
 
+Observed text. An observed ``lm.sequence(...)`` site is scored as soon as the program reaches it
+with every value it reads: at a stage boundary, or when the sequence its prompt follows has
+ended; while that sequence is a prefix, observed sites after it are left out of the twist (their
+prompts would read a partial text). With no latent sequence site at all (only observed text and
+other latents) SMC has no tokens to advance: it is importance sampling with the prior as
+proposal (one weighting, no resampling or move steps), the estimator of ``method="importance"``.
+
 Proposal. The site's LM itself, or, for the first sequence site, ``guide.lm`` (a LanguageModel
 over the same vocabulary, e.g. the trained SVI guide). Token-level constraints
 (``ppl_lm.token_constraint``: sites carrying a ``TokenMask``, whose per-particle ``MaskState`` is
@@ -68,9 +75,13 @@ from dataclasses import dataclass, field
 import torch
 from ppl_lm.inference._runtime import (
     cat_scores,
+    check_has_latent,
     finish,
     latent_sites,
     make_posterior,
+    observed_sequences,
+    particle_dim,
+    row_cache,
     run_model,
     run_model_until,
     sequence_base,
@@ -136,9 +147,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
-        model: a vectorised Pyro model with at least one latent ``lm.sequence(...)`` site (several
-            are advanced in program order, see the module notes; other latent sites are drawn
-            from their prior); ``*args`` and ``model_kwargs`` are its arguments.
+        model: a vectorised Pyro model; its latent ``lm.sequence(...)`` sites are advanced in program
+            order (see the module notes), other latent sites are drawn from their prior, observed
+            text is scored once its prompt exists; ``*args`` and ``model_kwargs`` are its arguments.
         seed: same seed, same samples (on CPU).
         num_particles: particles per replicate (at least 2).
         ess_threshold: resample when ESS < ``ess_threshold · num_particles`` (0 never, 1 at
@@ -181,15 +192,18 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
     """
     _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size)
     kwargs = dict(model_kwargs or {})
-    with _random.seeded(seed), torch.no_grad():
+    with _random.seeded(seed), torch.no_grad(), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)
+        check_has_latent(sites, "smc")
         seq = sequence_sites(sites)
-        if not seq:
-            raise ValueError("the model has no latent sequence site (pyro.sample(name, lm.sequence(...)))")
         if chunk_size is None:
-            chunk_size = min(default_chunk_size(d) for d in seq.values())
-        first = next(iter(seq))
-        qlm = _proposal_lm(guide, seq[first].lm)
+            sized = [*seq.values(), *observed_sequences(model, args, kwargs).values()]
+            chunk_size = min((default_chunk_size(d) for d in sized), default=max(2, num_particles))
+        first = next(iter(seq), None)
+        qlm = None if first is None else _proposal_lm(guide, seq[first].lm)
+        if guide is not None and first is None:
+            raise ValueError("an SMC guide proposes the tokens of a latent sequence site, and this model has none "
+                             "(every lm.sequence(...) site is observed); leave guide= out")
         masks = _token_masks(model, args, kwargs, seq)
         stages = [_Stage(name, masks[name], qlm if name == first else None) for name in seq]
         plan = sweep_plan(num_particles, num_replicates, chunk_size)
@@ -439,8 +453,10 @@ class _Sweep:
         holding the current site's prefix of length ``t`` (partial), or finished (``t=None``)."""
         data = {k: v[rows.to(v.device)] for k, v in self.fixed.items()}
         data[self.name] = self.tokens[rows.to(self.device)]
+        # While partial, observed texts after this site wait for it to finish (their prompts may read it).
         with partial_prefix(t) if t is not None else contextlib.nullcontext():
-            scores, _ = run_model_until(self.model, self.args, self.kwargs, len(rows), data)
+            scores, _ = run_model_until(self.model, self.args, self.kwargs, len(rows), data,
+                                        defer_observed_after=self.name if t is not None else None)
         return scores.log_likelihood.double().cpu()
 
     def _resample(self, allowed: bool) -> None:
@@ -479,9 +495,9 @@ class _Sweep:
 
     def run(self, progress: bool, total_tokens: int) -> None:
         bar = tqdm(total=total_tokens, desc="smc", unit="token", disable=not progress)
-        self.name = self.stages[0].name
+        self.name = self.stages[0].name if self.stages else None
         try:
-            site = self._boundary(last=False)
+            site = self._boundary(last=not self.stages)
             self._check_alive(f"before site {self.name!r}")
             for k, stage in enumerate(self.stages):
                 if site is None or site["name"] != stage.name:  # the program order changed between runs
@@ -552,13 +568,13 @@ class _Sweep:
         names = [s.name for s in self.stages]
         for k, node in scores.trace.nodes.items():
             if node["type"] == "sample" and not node["is_observed"] and k not in names:
-                log_prior += site_log_prob(k, node["fn"].log_prob(node["value"]), self.B).double().cpu()
+                log_prior += site_log_prob(k, node["fn"].log_prob(node["value"]), self.B, particle_dim(node)).double().cpu()
         scores.trace = None
         scores.log_prior = log_prior.float()
         scores.values = {k: v.cpu() for k, v in scores.values.items()}
         return {
             "scores": scores,
-            "tokens": torch.cat([scores.values[k].reshape(self.B, -1) for k in names], -1),  # every sequence site
+            "tokens": _draw_rows(scores.values, names, self.B),
             "log_w": self.log_w,  # since each island's last resampling
             "eve": self.eve,
             "size": self.N,
@@ -584,6 +600,14 @@ class _Sweep:
         c = (N / (N - 1)) ** (self.num_resampling.double() + 1)
         rel = 1.0 - c * (1.0 - sum_sq)
         return torch.nan_to_num(rel, nan=0.0)  # a dead replicate (Ẑ_r = 0) adds no variance term
+
+
+def _draw_rows(values: dict, names: list, B: int) -> torch.Tensor:
+    """One row per particle that identifies its draw, for the genealogy diagnostics: the tokens of
+    every sequence site, or, with none (every sequence site observed), every latent value."""
+    if names:
+        return torch.cat([values[k].reshape(B, -1) for k in names], -1)
+    return torch.cat([v.reshape(B, -1).double() for v in values.values()], -1)
 
 
 def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, options: dict) -> Posterior:
@@ -639,7 +663,8 @@ def _combine(parts: list[dict], N: int, R: int, chunk_size: int, sites: dict, op
     )
     log.info("smc: %d x %d particles (%d island(s) each), log Z=%.4f ± %.4f, n_eff=%.1f", R, N, num_islands,
              log_z, se, diag["n_eff"])
-    post = make_posterior("smc", scores, final, sites, log_evidence=log_z, log_evidence_se=se, info=info)
+    post = make_posterior("smc", scores, final, sites, log_evidence=log_z, log_evidence_se=se, info=info,
+                          ancestor=torch.cat(eves))
     return finish(post, found)
 
 

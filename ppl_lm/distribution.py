@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
@@ -12,7 +14,55 @@ from ppl_lm import seeding as _random
 from .lm.base import LanguageModel
 from .tokens import after_eos_mask, as_prompt_tensor
 
-__all__ = ["SequenceDistribution"]
+__all__ = ["SequenceDistribution", "encode_texts", "row_cache"]
+
+# Run-scoped cache of scored rows: (LM, prompt row, prompt length, value row) -> per-token log-probs.
+# Opened by a backend's run (``row_cache()``); used for observed texts, whose rows recur at every
+# model run of a run (each SMC token step, each MH proposal, each importance chunk).
+_ROW_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ppl_lm_row_cache", default=None)
+
+
+@contextlib.contextmanager
+def row_cache() -> Iterator[dict]:
+    """Within the block, ``SequenceDistribution.log_prob(value, cached=True)`` scores each distinct
+    (LM, prompt row, value row) once and reads it back afterwards (frozen LMs only)."""
+    cache: dict = {}
+    token = _ROW_CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ROW_CACHE.reset(token)
+
+
+def encode_texts(lm: LanguageModel, texts, max_new_tokens: int) -> torch.Tensor:
+    """Observed text as token ids ``[T]`` (one string) or ``[K, T]`` (a list of strings).
+
+    Each text is ``lm.encode(text)`` (no special tokens, as a prompt is encoded), then EOS when
+    it is shorter than ``max_new_tokens`` (the text ended, as a sampled text that stopped at EOS
+    decodes), then EOS padding. A text of exactly ``max_new_tokens`` tokens gets no EOS (as a
+    sample that reached the length limit). A longer text is an error. Observed text is scored
+    under this one tokenisation, not summed over every tokenisation of the same string.
+    """
+    single = isinstance(texts, str)
+    rows = []
+    for text in [texts] if single else texts:
+        if not isinstance(text, str):
+            raise TypeError(f"observed text must be a string or a list of strings, got {type(text).__name__}")
+        try:
+            ids = list(lm.encode(text))
+        except (NotImplementedError, ValueError) as err:
+            raise TypeError(f"this LM ({type(lm).__name__}) cannot encode text ({err}); observe token ids instead: "
+                            "a LongTensor [T] (EOS-padded) or [N, T]") from None
+        if len(ids) > max_new_tokens:
+            raise ValueError(
+                f"the observed text {text[:40]!r}{'...' if len(text) > 40 else ''} is {len(ids)} tokens long, more "
+                f"than max_new_tokens={max_new_tokens}: raise max_new_tokens in lm.sequence(...) to at least {len(ids)}")
+        if lm.eos_id in ids:
+            raise ValueError(f"the observed text {text[:40]!r} encodes to the EOS token; observe the text before it")
+        rows.append(ids + [lm.eos_id] * (max_new_tokens - len(ids)))
+    out = torch.tensor(rows, dtype=torch.long).reshape(len(rows), max_new_tokens)
+    return out[0] if single else out
+
 
 
 class SequenceDistribution(TorchDistribution):
@@ -133,25 +183,96 @@ class SequenceDistribution(TorchDistribution):
         self._cache = (value, lps.sum(-1).reshape(shape))
         return value
 
-    def token_logprobs(self, value: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probabilities ``[..., T]`` (0 after EOS)."""
-        value = torch.as_tensor(value)
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+    def as_value(self, value) -> torch.Tensor:
+        """A value as token ids: tensors as they are; text (a string, or a list of strings along
+        the outermost batch dimension) encoded by :func:`encode_texts`."""
+        if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)):
+            ids = encode_texts(self.lm, value, self.max_new_tokens)
+            if ids.dim() == 2 and len(self.batch_shape) >= 2:  # texts along an outer plate (a corpus)
+                ids = ids.reshape(len(ids), *([1] * (len(self.batch_shape) - 1)), self.max_new_tokens)
+            return ids.to(self.lm.device)
+        return torch.as_tensor(value)
+
+    def token_logprobs(self, value: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """Per-token log-probabilities ``[..., T]`` (0 after EOS).
+
+        Rows are scored once per distinct (prompt row, value row): a text observed under K
+        prompts costs K LM passes however many particles share them. With ``cached`` (and a
+        frozen LM) rows scored earlier in the same :func:`row_cache` block are read back.
+        """
+        value = self.as_value(value)
+        try:
+            shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"a value of shape {tuple(value.shape)} does not fit this lm.sequence(...) site's batch shape "
+                f"{tuple(self.batch_shape)} (plus [T={self.max_new_tokens}]): give one text [T] shared by every "
+                "particle, one per particle [N, T], or, inside pyro.plate('corpus', K) (dim -2 of the particle "
+                "plate), K texts as [K, 1, T] (texts[:, None]) or a list of K strings") from None
         n = math.prod(shape)
         flat = value.expand(*shape, self.max_new_tokens).reshape(n, self.max_new_tokens).long()
-        prompts = self.prompt if self.prompt.dim() == 1 else self.prompt.expand(*shape, self.prompt.shape[-1]).reshape(n, -1)
-        groups = self._groups(n, prompts)
-        if len(groups) == 1:
-            lp = self.lm.token_logprobs(groups[0][1], flat)
-        else:
-            lp = torch.zeros(n, self.max_new_tokens, device=flat.device)
-            for rows, p in groups:
-                r = rows.to(flat.device)
-                lp = lp.index_put((r,), self.lm.token_logprobs(p, flat[r]).to(lp.dtype))
-        return lp.reshape(*shape, self.max_new_tokens)
+        prompts = self._flat_prompt_for(shape, n)
+        lens = self._flat_lengths_for(shape, n)
+        key = flat if prompts.dim() == 1 else torch.cat([prompts.to(flat.device), flat], -1)
+        if lens is not None:
+            key = torch.cat([lens.to(flat.device)[:, None], key], -1)
+        uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+        cache = _ROW_CACHE.get() if cached and not self.lm.is_trainable() else None
+        if len(uniq) == n and cache is None:
+            return self._score_rows(prompts, lens, flat).reshape(*shape, self.max_new_tokens)
+        first = torch.full((len(uniq),), n, dtype=torch.long, device=inv.device).scatter_reduce(
+            0, inv, torch.arange(n, device=inv.device), "amin")
+        lp_u = self._score_unique(uniq, first, prompts, lens, flat, cache)
+        return lp_u[inv].reshape(*shape, self.max_new_tokens)
 
-    def log_prob(self, value):
-        value = torch.as_tensor(value)
+    def _score_unique(self, uniq, first, prompts, lens, flat, cache) -> torch.Tensor:
+        """Per-token log-probs of the distinct rows (``first``: one row index of each), from the cache where held."""
+        if cache is None:
+            return self._score_rows(*self._pick(prompts, lens, first), flat[first.to(flat.device)])
+        keys = [(id(self.lm), row.cpu().numpy().tobytes()) for row in uniq]
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            m = torch.tensor(missing, dtype=torch.long)
+            rows = first[m.to(first.device)]
+            lp = self._score_rows(*self._pick(prompts, lens, rows), flat[rows.to(flat.device)]).detach()
+            for j, i in enumerate(missing):
+                cache[keys[i]] = (self.lm, lp[j])  # the LM is held so its id is not reused within the block
+        return torch.stack([cache[k][1] for k in keys])
+
+    @staticmethod
+    def _pick(prompts: torch.Tensor, lens: torch.Tensor | None, rows: torch.Tensor):
+        """The prompt rows (a shared ``[P]`` prompt as it is) and lengths of ``rows``."""
+        p = prompts if prompts.dim() == 1 else prompts[rows.to(prompts.device)]
+        return p, None if lens is None else lens[rows.to(lens.device)]
+
+    def _score_rows(self, prompts: torch.Tensor, lens: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs ``[n, T]`` of rows ``flat`` under ``prompts`` (``[P]`` shared or ``[n, P]``,
+        right-padded to ``lens`` when ragged), one batched LM call per prompt length."""
+        if lens is None:
+            return self.lm.token_logprobs(prompts, flat)
+        lp = torch.zeros(len(flat), self.max_new_tokens, device=flat.device)
+        for L in torch.unique(lens):
+            rows = (lens == L).nonzero()[:, 0].to(flat.device)
+            p = prompts[rows.to(prompts.device)][:, : int(L)]
+            lp = lp.index_put((rows,), self.lm.token_logprobs(p, flat[rows]).to(lp.dtype))
+        return lp
+
+    def _flat_prompt_for(self, shape: torch.Size, n: int) -> torch.Tensor:
+        if self.prompt.dim() == 1:
+            return self.prompt
+        return self.prompt.expand(*shape, self.prompt.shape[-1]).reshape(n, -1)
+
+    def _flat_lengths_for(self, shape: torch.Size, n: int) -> torch.Tensor | None:
+        if self.prompt_lengths is None:
+            return None
+        if self.prompt.dim() > 1:
+            return self.prompt_lengths.expand(*self.prompt.shape[:-1]).expand(*shape).reshape(n)
+        return self.prompt_lengths.expand(*shape).reshape(n)
+
+    def log_prob(self, value, cached: bool = False):
+        """Exact log-probability of ``value`` (token ids, or observed text: see :meth:`as_value`);
+        ``cached``: read distinct rows scored earlier in the same :func:`row_cache` block."""
+        value = self.as_value(value)
         if value.dim() == 0 or value.shape[-1] != self.max_new_tokens:
             raise ValueError(f"expected sequences of length {self.max_new_tokens} (max_new_tokens), "
                              f"got shape {tuple(value.shape)}")
@@ -164,7 +285,7 @@ class SequenceDistribution(TorchDistribution):
         if cache is not None and cache[0] is value and not needs_grad:
             lp = cache[1]
         else:
-            lp = self.token_logprobs(value).sum(-1)
+            lp = self.token_logprobs(value, cached=cached).sum(-1)
         return torch.where(self.canonical(value), lp, torch.full_like(lp, -math.inf))
 
     def canonical(self, value: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,9 @@ class Posterior:
     """Weighted samples from the conditional π(x | condition).
 
     Attributes:
-        samples: LongTensor ``[N, T]`` of the main sequence site (EOS-padded).
+        samples: LongTensor ``[N, T]`` of the main sequence site (EOS-padded): the model's first
+            latent ``lm.sequence(...)`` site; ``None`` when every sequence site is observed
+            (the draws are then in ``values``).
         log_weights: ``[N]``, normalised (logsumexp == 0); uniform for MCMC.
         log_evidence: estimate of log Z, or ``None`` where the backend gives none.
         method: backend name.
@@ -90,16 +92,19 @@ class Posterior:
         bulk_ess: the smallest ArviZ bulk ESS over the scalar summaries (MCMC, else ``None``).
         seed, wall_time: the run's seed and seconds.
         guide: the trained guide (SVI) or ``None``.
+        ancestor: ``[N]`` the initial particle each draw descends from, where resampling made
+            draws share ancestors (SMC), else ``None`` (independent draws); the weighted standard
+            errors of :meth:`marginal` sum over these groups.
         warnings: typed diagnoses of the run (:class:`~ppl_lm.diagnostics.InferenceWarning`),
             empty when every check passed.
     """
 
-    samples: torch.Tensor
+    samples: torch.Tensor | None
     log_weights: torch.Tensor
     log_evidence: float | None
     method: str
     lm: Any = None
-    site: str = "x"
+    site: str | None = "x"
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     chain: torch.Tensor | None = None
     info: Any = field(default_factory=Info)
@@ -112,11 +117,13 @@ class Posterior:
     bulk_ess: float | None = None
     seed: int | None = None
     wall_time: float | None = None
+    ancestor: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.samples = self.samples.long()
+        if self.samples is not None:
+            self.samples = self.samples.long()
         if self.chain is None:
-            self.chain = torch.zeros(len(self.samples), dtype=torch.long)
+            self.chain = torch.zeros(len(self.log_weights), dtype=torch.long)
         if isinstance(self.info, dict):  # a backend still reporting a plain dict
             for name in ("log_evidence_se", "khat"):
                 if getattr(self, name) is None and self.info.get(name) is not None:
@@ -128,7 +135,7 @@ class Posterior:
                 setattr(self, name, None if math.isnan(v) else v)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.log_weights)
 
     def __repr__(self) -> str:
         lz = "None" if self.log_evidence is None else f"{self.log_evidence:.4f}"
@@ -160,6 +167,9 @@ class Posterior:
 
     @property
     def texts(self) -> list[str]:
+        if self.samples is None:
+            raise ValueError("this posterior has no latent sequence site (every lm.sequence(...) site is observed): "
+                             "its draws are in post.values, e.g. post.marginal(name) for a discrete site")
         if self.lm is None:
             raise ValueError("this Posterior has no LM attached to decode its samples")
         return [self.lm.decode(row.tolist()) for row in self.samples]
@@ -170,6 +180,8 @@ class Posterior:
 
     def probabilities(self) -> dict[tuple[int, ...], float]:
         """The weighted empirical distribution: sequence (tuple of ids) -> probability."""
+        if self.samples is None:
+            raise ValueError("this posterior has no latent sequence site; use post.marginal(name) or post.values")
         out: dict[tuple[int, ...], float] = defaultdict(float)
         w = self.weights.tolist()
         for row, wi in zip(self.samples.tolist(), w):
@@ -180,7 +192,9 @@ class Posterior:
         """The weighted distribution of a discrete latent site: ``{value: (probability, se)}``.
 
         The standard error is the self-normalised importance-sampling one,
-        sqrt(Σ_i W_i² (1[v_i = k] − p_k)²), for weighted samples; for MCMC it is
+        sqrt(Σ_i W_i² (1[v_i = k] − p_k)²), for independent weighted samples; for draws that share
+        ancestors (``ancestor``, SMC) the terms are summed within each ancestor's group first,
+        sqrt(Σ_e (Σ_{i∈e} W_i (1[v_i = k] − p_k))²) (Chan & Lai, 2013); for MCMC it is
         sqrt(p_k (1 − p_k) / ESS) with the run's bulk ESS; 0 for the exact backend.
 
         >>> import torch, pyro, ppl_lm
@@ -212,9 +226,16 @@ class Posterior:
             elif self.is_mcmc:
                 se = math.sqrt(max(p * (1 - p), 0.0) / max(self.ess, 1.0))
             else:
-                se = math.sqrt(float((W**2 * (hit - p) ** 2).sum()))
+                se = math.sqrt(float((self._by_ancestor(W * (hit - p)) ** 2).sum()))
             out[k.item() if hasattr(k, "item") else k] = (p, se)
         return dict(sorted(out.items()))
+
+    def _by_ancestor(self, terms: torch.Tensor) -> torch.Tensor:
+        """``terms`` ``[N]`` summed within each ancestor's group (unchanged for independent draws)."""
+        if self.ancestor is None:
+            return terms
+        _, group = torch.unique(self.ancestor, return_inverse=True)
+        return torch.zeros(int(group.max()) + 1, dtype=terms.dtype).index_add_(0, group, terms)
 
     def expectation(self, values: torch.Tensor) -> float:
         """Weighted mean of a per-sample quantity."""
@@ -222,6 +243,8 @@ class Posterior:
 
     def resample(self, num_samples: int, seed: int = 0) -> torch.Tensor:
         """Draw unweighted samples (multinomial on the weights)."""
+        if self.samples is None:
+            raise ValueError("this posterior has no latent sequence site to resample; use post.values")
         g = torch.Generator().manual_seed(seed)
         idx = torch.multinomial(self.weights.float(), num_samples, replacement=True, generator=g)
         return self.samples[idx]

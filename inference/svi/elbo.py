@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from ppl_lm.inference._runtime import (
     fixed_values,
+    observed_log_prob,
+    particle_dim,
     run_model,
     site_log_prob,
     trace_model,
@@ -94,7 +96,7 @@ def _relaxed(scores, n: int, penalty: float) -> torch.Tensor:
     total = torch.zeros(n)
     for name, site in scores.trace.nodes.items():
         if site["type"] == "sample" and site["is_observed"]:
-            lp = site_log_prob(name, site["fn"].log_prob(site["value"]), n).float()
+            lp = site_log_prob(name, observed_log_prob(site), n, particle_dim(site)).float()
             total = total + torch.where(lp == -math.inf, torch.full_like(lp, -float(penalty)), lp)
     return total
 
@@ -127,7 +129,7 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
     for name, site in guide_tr.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:
             guide_latent.append(name)
-            log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n).float()
+            log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).float()
     if not guide_latent:
         raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
     with torch.no_grad():

@@ -81,7 +81,7 @@ def num_sequences(post: Posterior) -> int | float:
     """How many canonical sequences the main site can hold (``inf`` when unknown): a posterior
     over a toy support of 85 sequences is not "collapsed" for having 13 distinct ones."""
     vocab = getattr(post.lm, "vocab_size", None)
-    if vocab is None or post.samples.dim() != 2:
+    if vocab is None or post.samples is None or post.samples.dim() != 2:
         return math.inf
     if (vocab - 1) ** post.samples.shape[1] > 2**62:
         return math.inf
@@ -104,9 +104,11 @@ def diagnose(post: Posterior) -> list[InferenceWarning]:
             "(or few samples carry weight), so estimates, log Z and their standard errors are unreliable.",
             "use more samples, method='smc', or a better proposal (a guide trained with method='svi')."))
     n = len(post)
-    alive = post.samples[torch.isfinite(post.log_weights) & (post.log_weights > -1e30)]
-    distinct = len(torch.unique(alive, dim=0)) if len(alive) else 0
-    if n >= 10 and distinct <= max(1, min(n, num_sequences(post)) // 100):
+    # Collapse onto few sequences; a posterior with no latent sequence (every text observed) has
+    # only other latents, whose few distinct values (a world among K) are no sign of collapse.
+    alive = None if post.samples is None else post.samples[torch.isfinite(post.log_weights) & (post.log_weights > -1e30)]
+    distinct = 0 if alive is None or not len(alive) else len(torch.unique(alive, dim=0))
+    if alive is not None and n >= 10 and distinct <= max(1, min(n, num_sequences(post)) // 100):
         out.append(InferenceWarning(
             "few_distinct", f"only {distinct} distinct sequence(s) among {n} samples carry weight: the sampler "
             "may have collapsed onto a mode, and every estimate rests on those few sequences.",
