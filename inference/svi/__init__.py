@@ -60,7 +60,7 @@ from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 import ppl_lm
 from ppl_lm import seeding
 from ppl_lm.diagnostics.warnings import PplLmWarning
-from ppl_lm.inference._runtime import finish
+from ppl_lm.inference._runtime import finish, latent_sites, observed_sequences, sequence_sites
 from ppl_lm.lm import PositionalMarkovLM, TransformersLM
 from ppl_lm.posterior import Info, Posterior
 
@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = _ckpt.CHECKPOINT_FILE
 #: Adam step sizes at the start of the run (they decay by ``lr_decay`` over it): LoRA on a real
 #: LM needs small steps; the toy guides (a Markov table, a tiny transformer) take large ones.
-DEFAULT_LR = {"lora": 2e-3, "full_markov": 0.1, "full_transformer": 0.01}
+DEFAULT_LR = {"lora": 2e-3, "full_markov": 0.1, "full_transformer": 0.01, "latents": 0.1}
 #: Objectives that switch estimators during the run.
 SCHEDULES = ("forward_then_reverse",)
 
@@ -162,7 +162,8 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
         num_steps: optimisation steps (a resumed run counts the steps already done).
         num_particles: draws per step (>= 2), in one vectorised plate.
         lr: Adam step size at the start; default by guide (:data:`DEFAULT_LR`): LoRA 2e-3,
-            full Markov table 0.1, full transformer 0.01.
+            full Markov table 0.1, full transformer 0.01, no latent sequence (a guide over the
+            other latents only) 0.1.
         guide: ``"lora"``, ``"full"`` or a guide object (a
             :class:`~ppl_lm.inference.svi.guides.SequenceGuide`, e.g. ``post.guide`` of an
             earlier run, trained further). Default: ``"lora"`` for a transformer LM, else ``"full"``.
@@ -214,8 +215,7 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
         path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE)
         fp = None
         if path is not None:
-            _, d = model_site(model, args, kwargs, g.site)
-            fp = _ckpt.fingerprint(model, args, kwargs, d.lm, {
+            fp = _ckpt.fingerprint(model, args, kwargs, _fingerprint_lm(model, args, kwargs, g), {
                 "seed": seed, "objective": objective, "proposal": proposal, "num_particles": num_particles,
                 "lr": lr, "guide": g.kind, "relax_penalty": relax_penalty, "lr_decay": lr_decay,
                 "clip_norm": clip_norm, "contexts": contexts,
@@ -291,9 +291,20 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
 
 # -- pieces ------------------------------------------------------------------------------------
 def default_guide(model, args: tuple, kwargs: dict | None = None) -> str:
-    """``"lora"`` for a transformer LM (one copy of the weights), ``"full"`` otherwise."""
+    """``"lora"`` for a transformer LM (one copy of the weights), ``"full"`` otherwise (and for a
+    model whose sequence sites are all observed: its guide covers the other latents only)."""
+    if not sequence_sites(latent_sites(model, args, kwargs or {}, placeholder=True)):
+        return "full"
     _, d = model_site(model, args, kwargs or {})
     return "lora" if isinstance(d.lm, TransformersLM) else "full"
+
+
+def _fingerprint_lm(model, args, kwargs, g):
+    """The LM a checkpoint is tied to: the guide's main site's, else the first observed text's."""
+    if g.site is not None:
+        return model_site(model, args, kwargs, g.site)[1].lm
+    observed = observed_sequences(model, args, kwargs)
+    return next(iter(observed.values())).lm if observed else None
 
 
 def build_guide(model, args, kwargs, guide, lora_r=8, lora_alpha=16, lora_targets=None, seed=0) -> SequenceGuide:
@@ -317,6 +328,8 @@ def default_lr(g) -> float:
     """:data:`DEFAULT_LR` for the guide's kind."""
     if g.kind == "lora":
         return DEFAULT_LR["lora"]
+    if g.lm is None:
+        return DEFAULT_LR["latents"]
     return DEFAULT_LR["full_markov" if isinstance(g.lm, PositionalMarkovLM) else "full_transformer"]
 
 

@@ -76,6 +76,8 @@ def model_fingerprint(model) -> str:
 
 def lm_fingerprint(lm) -> str:
     """The LM's class, vocabulary and a hash of a strided sample of its weights."""
+    if lm is None:  # a model with no LM site the checkpoint could be tied to
+        return _digest("no LM")
     parts = [type(lm).__qualname__, getattr(lm, "vocab_size", None), getattr(lm, "eos_id", None)]
     net = getattr(lm, "model", None)
     tensors = []

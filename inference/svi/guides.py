@@ -138,7 +138,8 @@ def make_guide(model: Callable, *args, kind: str = "full", lora_r: int = 8, lora
     """
     if kind not in GUIDE_KINDS:
         raise ValueError(f"unknown guide kind {kind!r}; choose one of {', '.join(GUIDE_KINDS)} or pass a guide object")
-    if len(latent_sites(model, args, kwargs, placeholder=True)) > 1:
+    sites = latent_sites(model, args, kwargs, placeholder=True)
+    if len(sites) > 1 or not sequence_sites(sites):  # composed, or every text observed: a joint guide
         from ppl_lm.inference.svi.joint import make_joint_guide
 
         return make_joint_guide(model, args, kwargs, kind=kind, lora_r=lora_r, lora_alpha=lora_alpha,

@@ -123,7 +123,8 @@ class JointGuide(SequenceGuide):
     """A Pyro guide over every latent site of ``model`` (see the module notes).
 
     Attributes as :class:`~ppl_lm.inference.svi.guides.SequenceGuide`'s: ``site`` (the main,
-    first, sequence site), ``lm`` (its guide LM, usable as an SMC proposal), ``module`` (exactly
+    first, sequence site; ``None`` when every sequence site is observed), ``lm`` (its guide LM,
+    usable as an SMC proposal; ``None`` likewise), ``module`` (exactly
     the trainable parameters), ``kind``; ``sites`` lists every latent site it samples.
     """
 
@@ -206,8 +207,6 @@ def make_joint_guide(model: Callable, args: tuple, kwargs: dict, *, kind: str = 
                      seed: int = 0) -> JointGuide:
     """The joint guide of ``model`` for these arguments (see the module notes)."""
     sites = latent_sites(model, args, kwargs, placeholder=True)
-    if not any(isinstance(d, SequenceDistribution) for d in sites.values()):
-        raise ValueError("the model has no latent lm.sequence(...) site")
     module, parts, shared = nn.Module(), {}, {}
     scale = LATENT_SCALE[kind]
     lora = {"r": lora_r, "alpha": lora_alpha, "targets": lora_targets, "seed": seed}
@@ -228,4 +227,6 @@ def make_joint_guide(model: Callable, args: tuple, kwargs: dict, *, kind: str = 
                              "enumerate; the SVI guide cannot cover it. Condition it or pass it as an argument")
         else:
             parts[name] = _continuous_part(name, fn, module, key, scale)
+    if main is None:  # every sequence site observed: a guide over the other latents only
+        main = (None, None, 0)
     return JointGuide(model, parts, module, kind, main[0], main[1], main[2])
