@@ -25,6 +25,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.runtime import NonlocalExit
+from pyro.poutine.util import site_is_subsample
 
 from ppl_lm.conditions.factors import trial_run
 from ppl_lm.distribution import SequenceDistribution, row_cache
@@ -32,7 +33,7 @@ from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
 
 __all__ = ["row_cache", "Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
-           "sequence_base", "sequence_sites", "check_has_latent", "observed_log_prob", "observed_sequences", "particle_dim", "single_sequence_site", "first_latent_site", "fixed_values",
+           "sequence_base", "sequence_sites", "check_has_latent", "is_latent", "observed_log_prob", "observed_sequences", "particle_dim", "single_sequence_site", "first_latent_site", "fixed_values",
            "PARTICLE_PLATE", "main_site", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
 
 PARTICLE_PLATE = "particles"
@@ -58,6 +59,11 @@ class Scores:
     @property
     def log_joint(self) -> torch.Tensor:
         return self.log_prior + self.log_likelihood
+
+
+def is_latent(msg) -> bool:
+    """A latent sample site: not observed, and not a ``pyro.plate``'s own subsample site."""
+    return msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg)
 
 
 def sequence_base(fn) -> SequenceDistribution | None:
@@ -194,7 +200,7 @@ def run_model_until(model: Callable, args: tuple, kwargs: dict, num_particles: i
     """
 
     def stop(msg):
-        return (msg["type"] == "sample" and not msg["is_observed"] and msg["name"] not in data
+        return (is_latent(msg) and msg["name"] not in data
                 and (not sequences_only or sequence_base(msg["fn"]) is not None))
 
     fn = poutine.replay(model, trace=fixed_values(data)) if data else model
@@ -223,7 +229,7 @@ def score_trace(tr, n: int, *, score_latent: bool = True, defer_observed_after: 
     values, rewards, cons, obs, latent = {}, {}, {}, {}, {}
     deferring = False
     for name, site in tr.nodes.items():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or site_is_subsample(site):
             continue
         meta = site["infer"].get("ppl_lm")
         if site["is_observed"]:
@@ -265,7 +271,7 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, *, placeholder: boo
         tr = trace_model(model, args, kwargs, 1)
     out = {}
     for name, site in tr.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
+        if is_latent(site):
             out[name] = sequence_base(site["fn"]) or site["fn"]
     return out
 
@@ -306,7 +312,7 @@ def first_latent_site(model: Callable, args: tuple, kwargs: dict, site: str | No
     """
 
     def stop_here(msg):
-        return msg["type"] == "sample" and not msg["is_observed"] and (site is None or msg["name"] == site)
+        return is_latent(msg) and (site is None or msg["name"] == site)
 
     with poutine.block():
         try:

@@ -24,7 +24,7 @@ from ppl_lm import seeding as _random
 from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import (
-    cat_scores, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, particle_dim, row_cache, run_model,
+    cat_scores, check_has_latent, finish, is_latent, latent_sites, make_posterior, observed_sequences, particle_dim, row_cache, run_model,
     site_log_prob, trace_model,
 )
 from ppl_lm.posterior import Info, Posterior, normalise
@@ -153,4 +153,4 @@ def _chunk(model, args, kwargs, n: int, guide):
 def score_guide(tr, n: int) -> dict[str, torch.Tensor]:
     """Per-particle log q ``[n]`` of each latent site a guide's trace samples (the runtime's rule)."""
     return {name: site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).detach()
-            for name, site in tr.nodes.items() if site["type"] == "sample" and not site["is_observed"]}
+            for name, site in tr.nodes.items() if is_latent(site)}

@@ -138,10 +138,6 @@ class SequenceDistribution(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
-    def _flat_lengths(self, n: int) -> torch.Tensor | None:
-        if self.prompt_lengths is None:
-            return None
-        return self.prompt_lengths.expand(*self.batch_shape).reshape(n) if self.batch_shape else self.prompt_lengths
 
     def prompt_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What ``lm.start(prompt, n, lengths)`` reads for ``n`` flattened rows of the batch.
@@ -149,19 +145,14 @@ class SequenceDistribution(TorchDistribution):
         ``(prompt, None)`` when every row has one length (``prompt`` ``[P]`` shared or ``[n, P]``),
         ``(prompt [n, P] right-padded, lengths [n])`` when the prompts are ragged.
         """
-        return self._flat_prompt(n), self._flat_lengths(n)
+        return self._flat_prompt_for(self.batch_shape, n), self._flat_lengths_for(self.batch_shape, n)
 
     def _groups(self, n: int, prompts: torch.Tensor):
         """``(rows, prompt [k, P_k])`` per distinct prompt length (one group unless ragged)."""
-        lens = self._flat_lengths(n)
+        lens = self._flat_lengths_for(self.batch_shape, n)
         if lens is None:
             return [(None, prompts)]
         return [((lens == L).nonzero()[:, 0], prompts[lens == L][:, : int(L)]) for L in torch.unique(lens)]
-
-    def _flat_prompt(self, n: int) -> torch.Tensor:
-        if self.prompt.dim() == 1:
-            return self.prompt
-        return self.prompt.expand(*self.batch_shape, self.prompt.shape[-1]).reshape(n, -1)
 
     def sample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.batch_shape
@@ -169,7 +160,7 @@ class SequenceDistribution(TorchDistribution):
         if self.prompt.dim() > 1 and len(sample_shape):
             raise NotImplementedError("sample_shape with per-element prompts; use expand instead")
         gen = _random.generator(self.lm.device)
-        groups = self._groups(n, self._flat_prompt(n))
+        groups = self._groups(n, self._flat_prompt_for(self.batch_shape, n))
         if len(groups) == 1:
             tokens, lps = self.lm.sample(groups[0][1], n, self.max_new_tokens, generator=gen)
         else:
@@ -229,7 +220,8 @@ class SequenceDistribution(TorchDistribution):
         """Per-token log-probs of the distinct rows (``first``: one row index of each), from the cache where held."""
         if cache is None:
             return self._score_rows(*self._pick(prompts, lens, first), flat[first.to(flat.device)])
-        keys = [(id(self.lm), row.cpu().numpy().tobytes()) for row in uniq]
+        shape = (id(self.lm), prompts.shape[-1], flat.shape[-1], lens is not None)  # how a row's bytes split
+        keys = [(*shape, row.cpu().numpy().tobytes()) for row in uniq]
         missing = [i for i, k in enumerate(keys) if k not in cache]
         if missing:
             m = torch.tensor(missing, dtype=torch.long)

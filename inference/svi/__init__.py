@@ -60,7 +60,7 @@ from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 import ppl_lm
 from ppl_lm import seeding
 from ppl_lm.diagnostics.warnings import PplLmWarning
-from ppl_lm.inference._runtime import finish, latent_sites, observed_sequences, sequence_sites
+from ppl_lm.inference._runtime import check_has_latent, finish, latent_sites, observed_sequences, sequence_sites
 from ppl_lm.lm import PositionalMarkovLM, TransformersLM
 from ppl_lm.posterior import Info, Posterior
 
@@ -207,6 +207,8 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
         crosscheck_samples = min(num_samples, 256)
     t_start = time.perf_counter()
     with seeding.seeded(seed):
+        if not isinstance(guide, SequenceGuide):
+            check_has_latent(latent_sites(model, args, kwargs, placeholder=True), "svi")
         g = build_guide(model, args, kwargs, guide, lora_r, lora_alpha, lora_targets, seed)
         if lr is None:
             lr = default_lr(g)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 from ppl_lm.inference._runtime import (
+    is_latent,
     fixed_values,
     observed_log_prob,
     particle_dim,
@@ -127,7 +128,7 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
     log_q = torch.zeros(n)
     guide_latent = []
     for name, site in guide_tr.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
+        if is_latent(site):
             guide_latent.append(name)
             log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).float()
     if not guide_latent:

@@ -37,7 +37,7 @@ from torch import nn
 
 from ppl_lm import seeding
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.inference._runtime import latent_sites, sequence_base
+from ppl_lm.inference._runtime import is_latent, latent_sites, sequence_base
 from ppl_lm.inference.svi.guides import SequenceGuide
 from ppl_lm.lm import MarkovLM, PositionalMarkovLM, TransformersLM
 from ppl_lm.lm.lora import LoraLM, full_transformer
@@ -98,7 +98,7 @@ class _Swap(Messenger):
         self.parts, self.last = parts, last
 
     def _process_message(self, msg):
-        if msg["type"] != "sample" or msg["is_observed"]:
+        if not is_latent(msg):
             return
         part = self.parts.get(msg["name"])
         if part is None:
@@ -111,7 +111,7 @@ class _Swap(Messenger):
     def _postprocess_message(self, msg):
         # Postprocessing runs from the outermost handler inwards: the caller's trace has already
         # recorded this site when this (innermost) handler stops the model.
-        if msg["type"] == "sample" and not msg["is_observed"] and msg["name"] == self.last:
+        if is_latent(msg) and msg["name"] == self.last:
             raise _Done
 
 
