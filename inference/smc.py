@@ -508,7 +508,7 @@ class _Sweep:
         log.debug("smc: site %r, resampled %d replicate(s), ESS %.1f", self.name, int(need.sum()), float(ess.mean()))
 
     def run(self, progress: bool, total_tokens: int) -> None:
-        bar = tqdm(total=total_tokens, desc="smc", unit="token", disable=not progress)
+        bar = tqdm(total=total_tokens, desc="smc", unit="token", disable=not progress or not total_tokens)
         self.name = self.stages[0].name if self.stages else None
         try:
             site = self._boundary(last=not self.stages)

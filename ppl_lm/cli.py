@@ -343,7 +343,9 @@ def _print_warnings(items, out=None) -> None:
         print(file=out)
 
 
-def _print_run(name: str, post, top_k: int, out=None) -> None:
+def _print_run(name: str, post, top_k: int, out=None, labels: dict | None = None) -> None:
+    """One run's summary line, means, discrete latents' posteriors (``labels``: site -> value names)
+    and top samples."""
     from . import diagnostics as D
 
     out = out or sys.stdout
@@ -367,7 +369,12 @@ def _print_run(name: str, post, top_k: int, out=None) -> None:
     print(f"{name}: " + ", ".join(parts), file=out)
     if s["means"]:
         print("  " + ", ".join(f"E[{k}] = {v:.4g}" for k, v in s["means"].items()), file=out)
-    if top_k > 0:
+    for site, m in s["marginals"].items():
+        names = (labels or {}).get(site)
+        shown = [f"{names[int(v)] if names and 0 <= int(v) < len(names) else v} {p:.4f} ± {se:.4f}"
+                 for v, (p, se) in m.items()]
+        print(f"  p({site} | data): " + ", ".join(shown), file=out)
+    if top_k > 0 and post.samples is not None:
         from .reporting.render import admissible_top, rejected_note
 
         top, rejected = admissible_top(post, top_k)
@@ -391,7 +398,7 @@ def cmd_run(args) -> int:
     log.info("running %s on %s with %s", method, args.model, opts)
     post = _infer(model, ctx, method, args.seed, opts, files)
     _print_warnings([(method, w) for w in post.warnings])
-    _print_run(args.model, post, args.top)
+    _print_run(args.model, post, args.top, labels=getattr(module, "labels", None))
     if args.report:
         from .reporting import report
 
@@ -441,7 +448,7 @@ def cmd_compare(args) -> int:
     _print_warnings(report_warnings(shown, reference, failed))
     for m in methods:
         if m not in failed:
-            _print_run(m, exact if m == "exact" else posts[m], args.top)
+            _print_run(m, exact if m == "exact" else posts[m], args.top, labels=getattr(module, "labels", None))
     if args.report and shown:
         from .reporting import report
 

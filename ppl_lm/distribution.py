@@ -35,6 +35,18 @@ def row_cache() -> Iterator[dict]:
 
 
 def encode_texts(lm: LanguageModel, texts, max_new_tokens: int) -> torch.Tensor:
+    """Observed text as token ids (see :func:`_encode_texts`); within a :func:`row_cache` block each
+    (LM, texts, length) is encoded once."""
+    cache = _ROW_CACHE.get()
+    if cache is None:
+        return _encode_texts(lm, texts, max_new_tokens)
+    key = ("text", id(lm), texts if isinstance(texts, str) else tuple(texts), max_new_tokens)
+    if key not in cache:
+        cache[key] = (lm, _encode_texts(lm, texts, max_new_tokens))
+    return cache[key][1]
+
+
+def _encode_texts(lm: LanguageModel, texts, max_new_tokens: int) -> torch.Tensor:
     """Observed text as token ids ``[T]`` (one string) or ``[K, T]`` (a list of strings).
 
     Each text is ``lm.encode(text)`` (no special tokens, as a prompt is encoded), then EOS when
@@ -97,7 +109,8 @@ class SequenceDistribution(TorchDistribution):
         self.lm = lm
         self.prompt_lengths: torch.Tensor | None = None  # [N] for ragged prompts (right-padded)
         if _is_prompt_batch(prompt):
-            rows = [as_prompt_tensor(p, lm) for p in prompt]
+            memo: dict[int, torch.Tensor] = {}  # rows that are one object (a world's prompt) converted once
+            rows = [memo[id(p)] if id(p) in memo else memo.setdefault(id(p), as_prompt_tensor(p, lm)) for p in prompt]
             lens = torch.tensor([len(r) for r in rows])
             P = int(lens.max()) if len(rows) else 0
             self.prompt = torch.full((len(rows), P), lm.eos_id, dtype=torch.long)
@@ -208,7 +221,10 @@ class SequenceDistribution(TorchDistribution):
         if lens is not None:
             key = torch.cat([lens.to(flat.device)[:, None], key], -1)
         uniq, inv = torch.unique(key, dim=0, return_inverse=True)
-        cache = _ROW_CACHE.get() if cached and not self.lm.is_trainable() else None
+        cache = _ROW_CACHE.get() if cached else None
+        if cache is not None:  # a trainable LM's rows are not cached (its weights may move); asked once per run
+            trainable = cache.setdefault(("trainable", id(self.lm)), (self.lm, self.lm.is_trainable()))[1]
+            cache = None if trainable else cache
         if len(uniq) == n and cache is None:
             return self._score_rows(prompts, lens, flat).reshape(*shape, self.max_new_tokens)
         first = torch.full((len(uniq),), n, dtype=torch.long, device=inv.device).scatter_reduce(

@@ -194,8 +194,8 @@ class Posterior:
         The standard error is the self-normalised importance-sampling one,
         sqrt(Σ_i W_i² (1[v_i = k] − p_k)²), for independent weighted samples; for draws that share
         ancestors (``ancestor``, SMC) the terms are summed within each ancestor's group first,
-        sqrt(Σ_e (Σ_{i∈e} W_i (1[v_i = k] − p_k))²) (Chan & Lai, 2013); for MCMC it is
-        sqrt(p_k (1 − p_k) / ESS) with the run's bulk ESS; 0 for the exact backend.
+        sqrt(Σ_e (Σ_{i∈e} W_i (1[v_i = k] − p_k))²) (Chan & Lai, 2013); for MCMC it is ArviZ's
+        Monte Carlo standard error of the mean of 1[v = k] over the chains; 0 for the exact backend.
 
         >>> import torch, pyro, ppl_lm
         >>> import pyro.distributions as dist
@@ -223,8 +223,10 @@ class Posterior:
             p = float((W * hit).sum())
             if self.method == "exact":
                 se = 0.0
-            elif self.is_mcmc:
-                se = math.sqrt(max(p * (1 - p), 0.0) / max(self.ess, 1.0))
+            elif self.is_mcmc and len(v) % max(self.num_chains, 1) == 0:
+                from .diagnostics.estimators import mcmc_mean_se
+
+                se = mcmc_mean_se(hit.reshape(self.num_chains, -1))  # chain-major draws
             else:
                 se = math.sqrt(float((self._by_ancestor(W * (hit - p)) ** 2).sum()))
             out[k.item() if hasattr(k, "item") else k] = (p, se)

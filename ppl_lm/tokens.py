@@ -45,6 +45,14 @@ def as_prompt_tensor(prompt: Any, lm: "LanguageModel") -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
     bad = TypeError(f"a prompt must be text, a list of token ids or a LongTensor; got {prompt!r} "
                     f"({type(prompt).__name__}). Write lm.sequence('text') or lm.sequence([ids...])")
+    if isinstance(prompt, (list, tuple)) and prompt and type(prompt[0]) is int:
+        # the common case in one C call; anything but a flat list of ints falls through to the checks
+        try:
+            t = torch.tensor(prompt)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is not None and t.dtype == torch.int64 and t.dim() == 1:
+            return t
     try:
         ids = list(prompt)
     except TypeError:

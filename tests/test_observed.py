@@ -333,3 +333,62 @@ def test_distinct_prompt_text_pairs_are_scored_once(monkeypatch):
     monkeypatch.setattr(type(lm), "token_logprobs", counting)
     ppl_lm.infer(world_one_text(lm), method="importance", num_samples=3000, chunk_size=500, seed=0, progress=False)
     assert sum(rows) == 3, rows  # 3 worlds, 6 chunks: one row per distinct (prompt, text) in the whole run
+
+
+# -- calibrated standard errors ------------------------------------------------------------------------------
+CALIBRATION = {
+    # method: (row, options). SMC resamples at every token (ess_threshold=1): the draws share the
+    # most ancestors, where a standard error that ignores the genealogy is most wrong.
+    "importance": ("text_then_continuation", dict(num_samples=4000)),
+    "smc": ("text_then_continuation", dict(num_particles=1000, ess_threshold=1.0)),
+    "mh": ("continuous_scale", dict(num_samples=100, num_chains=8, warmup_steps=30)),
+    "svi": ("world_one_text", dict(num_steps=30, num_particles=8, num_samples=1000, crosscheck_samples=0)),
+}
+SEEDS = 16
+
+
+@pytest.mark.parametrize("method", list(CALIBRATION))
+def test_reported_standard_errors_are_calibrated(method):
+    """Over seeds, the spread of the error of p(w | data) and of log Z is 0.6-1.6x the mean standard
+    error the run reports (``marginal``, ``log_evidence_se``). With 16 seeds the sd is known to
+    about 18%, and the three p(w) errors are pooled (root mean square over worlds and seeds, against
+    the mean reported se).
+    Measured: importance 0.8, SMC 0.9 (1.5 when draws are not grouped by ancestor), MH 1.0 (0.4
+    with the run's smallest bulk ESS in place of the ESS of 1[w = k]), SVI 1.0."""
+    problem, options = CALIBRATION[method]
+    t = truth("markov", problem)
+    model = PROBLEMS[problem](LMS["markov"]())
+    err, se, lz_err, lz_se = [], [], [], []
+    for seed in range(SEEDS):
+        post = ppl_lm.infer(model, method=method, seed=seed, progress=False, **options)
+        m = post.marginal("w")
+        err += [m.get(k, (0.0, 0.0))[0] - float(t.p_w[k]) for k in range(3)]
+        se += [m.get(k, (0.0, 0.0))[1] for k in range(3)]
+        if post.log_evidence is not None:
+            lz_err.append(post.log_evidence - t.log_z)
+            lz_se.append(post.log_evidence_se)
+    err, se = torch.tensor(err, dtype=torch.float64), torch.tensor(se, dtype=torch.float64)
+    ratio = float(err.pow(2).mean().sqrt() / se.mean())
+    assert 0.6 <= ratio <= 1.6, f"{method}: p(w) error rms / reported se rms = {ratio:.2f}"
+    if lz_err:
+        lz_err = torch.tensor(lz_err, dtype=torch.float64)
+        ratio = float(lz_err.std() / (sum(lz_se) / len(lz_se)))
+        assert 0.6 <= ratio <= 1.6, f"{method}: log Z error sd / mean reported se = {ratio:.2f}"
+
+
+def test_marginal_se_groups_draws_by_ancestor():
+    """Each of n independent weighted draws copied m times under one ancestor carries no more
+    information than the n draws: the grouped standard error equals theirs exactly (a standard
+    error that treats the copies as independent is √m times too small)."""
+    g = torch.Generator().manual_seed(0)
+    n, m = 200, 5
+    w = torch.randint(0, 3, (n,), generator=g)
+    log_w = torch.randn(n, generator=g, dtype=torch.float64)
+    one = ppl_lm.Posterior(samples=None, log_weights=log_w - log_w.logsumexp(0), log_evidence=None, method="importance",
+                           site=None, values={"w": w})
+    copies = ppl_lm.Posterior(samples=None, log_weights=(log_w - log_w.logsumexp(0) - math.log(m)).repeat_interleave(m),
+                              log_evidence=None, method="smc", site=None, values={"w": w.repeat_interleave(m)},
+                              ancestor=torch.arange(n).repeat_interleave(m))
+    for k in range(3):
+        (p1, se1), (p2, se2) = one.marginal("w")[k], copies.marginal("w")[k]
+        assert abs(p1 - p2) < 1e-6 and abs(se1 - se2) < 1e-6, (k, se1, se2)

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "KHAT_THRESHOLD", "RHAT_THRESHOLD"]
+__all__ = ["mcmc_mean_se", "kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "KHAT_THRESHOLD", "RHAT_THRESHOLD"]
 
 #: Pareto k-hat above which importance weights are too heavy-tailed to trust (Vehtari et al., 2024).
 KHAT_THRESHOLD = 0.7
@@ -92,6 +92,18 @@ def pareto_khat(log_w: torch.Tensor) -> float:
         _, k = _arviz().psislw(x)
     k = float(k)
     return k if math.isfinite(k) else float("inf")
+
+
+def mcmc_mean_se(draws: np.ndarray | torch.Tensor) -> float:
+    """Monte Carlo standard error of the mean of one scalar laid out ``[chains, draws]``: ArviZ's
+    ``mcse(method="mean")`` (its ESS of this very quantity, not the run's smallest), 0 when constant."""
+    a = draws.detach().double().cpu().numpy() if isinstance(draws, torch.Tensor) else np.asarray(draws, dtype=np.float64)
+    if np.ptp(a) == 0:
+        return 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        se = float(_arviz().mcse(a, method="mean"))
+    return se if math.isfinite(se) else float("nan")
 
 
 def mcmc_diagnostics(draws: dict[str, np.ndarray | torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:

@@ -341,7 +341,8 @@ def summary(post: Posterior) -> dict[str, Any]:
     Keys: method, num_samples, num_chains, log_evidence, log_evidence_se, ess, n_eff_genealogy
     (SMC's genealogy-based count of independent draws, else ``None``), khat, rhat (the largest
     R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves, means (weighted
-    mean of each reward, constraint and the length), wall_time, seed, warnings.
+    mean of each reward, constraint and the length), marginals (:func:`discrete_marginals`),
+    wall_time, seed, warnings.
     """
     _check(post)
     r = rhat(post)
@@ -366,6 +367,7 @@ def summary(post: Posterior) -> dict[str, Any]:
         "acceptance": None if acc is None else acc["overall"],
         "acceptance_moves": {} if acc is None else acc["moves"],
         "means": means,
+        "marginals": discrete_marginals(post),
         "wall_time": post.wall_time,
         "seed": post.seed,
         "warnings": list(post.warnings),
@@ -388,13 +390,31 @@ def sample_text(post: Posterior, row) -> str:
     return " ".join(map(str, ids))
 
 
+def discrete_marginals(post: Posterior, max_values: int = 50) -> dict[str, dict]:
+    """``post.marginal(name)`` of every scalar latent with integer values (at most ``max_values``
+    distinct ones): ``{name: {value: (probability, standard error)}}``, in program order."""
+    out = {}
+    for name, v in post.values.items():
+        if name == post.site or v.dim() > 2 or (v.dim() == 2 and v.shape[1] != 1) or len(v) != len(post):
+            continue
+        v = v.reshape(-1)
+        if v.dtype.is_floating_point and not bool((v == v.round()).all()):
+            continue
+        if len(torch.unique(v)) <= max_values:
+            out[name] = post.marginal(name)
+    return out
+
+
 def top_samples(post: Posterior, k: int = 10) -> list[dict[str, Any]]:
-    """The ``k`` distinct samples with the largest total weight.
+    """The ``k`` distinct samples with the largest total weight (none when every sequence site is
+    observed: ``post.samples`` is ``None``).
 
     Returns dicts with ``text``, ``weight`` (summed over duplicates), ``count``, ``index`` (first
     occurrence) and ``stats`` (that sample's scalar summaries).
     """
     _check(post)
+    if post.samples is None:
+        return []
     w = post.weights.detach().cpu().numpy()
     groups: dict[tuple, list] = {}
     for i, row in enumerate(post.samples.tolist()):

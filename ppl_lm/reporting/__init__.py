@@ -31,7 +31,7 @@ import numpy as np
 from ..posterior import Posterior
 from .figures import FIGURES, _figure_specs, _png
 from .render import (
-    CSS, _html_samples, _html_table, _html_warnings, _md_samples, _md_table, _md_warnings, _settings, _table,
+    CSS, _html_samples, _html_table, marginal_rows, _html_warnings, _md_samples, _md_table, _md_warnings, _settings, _table,
     report_warnings, summary_rows,
 )
 
@@ -167,6 +167,13 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         if figs:
             parts.append(f"<h2>{html.escape(n)}: diagnostics</h2>")
             parts += [fig_html(f) for f in figs]
+    marginals = {n: marginal_rows(p) for n, p in posteriors.items()}
+    if any(marginals.values()):
+        parts.append("<h2>Discrete latents</h2>")
+        parts.append('<p class="note">The posterior probability of each value of every discrete latent site, '
+                     "with its standard error (0 for exact enumeration).</p>")
+        parts.append(_html_table(["backend", "site", "value", "probability", "se"],
+                                 [[n, *r] for n, rows_ in marginals.items() for r in rows_]))
     parts.append("<h2>Samples</h2>")
     parts.append(f'<p class="note">The {top_k} distinct samples with the largest total posterior weight '
                  "(count: how many times each occurs).</p>")
@@ -181,6 +188,9 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
           _md_table(["backend", "method", "settings"], settings), ""]
     for fname, _, caption, _ in figures:
         md += [f"![{caption}]({fname})", ""]
+    if any(marginals.values()):
+        md += ["## Discrete latents", "", _md_table(["backend", "site", "value", "probability", "se"],
+                                                    [[n, *r] for n, rows_ in marginals.items() for r in rows_]), ""]
     md.append("## Samples")
     for n, p in posteriors.items():
         md += ["", f"### {n}", "", _md_samples(p, top_k, limit)]

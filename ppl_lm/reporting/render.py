@@ -231,6 +231,8 @@ def _samples_rows(post: Posterior, k: int) -> tuple[list[str], list[dict]]:
 
 
 def _html_samples(post: Posterior, k: int, limit: int) -> str:
+    if post.samples is None:
+        return f'<p class="note">{html.escape(NO_TEXT_NOTE)}</p>'
     cols, top = _samples_rows(post, k)
     head = "<tr><th>#</th><th>weight</th><th>count</th>" + "".join(
         f"<th>{html.escape(c)}</th>" for c in cols) + "<th>text</th></tr>"
@@ -245,7 +247,18 @@ def _html_samples(post: Posterior, k: int, limit: int) -> str:
     return "<table>" + head + "".join(body) + "</table>" + (f'<p class="note">{html.escape(note)}</p>' if note else "")
 
 
+NO_TEXT_NOTE = "Every lm.sequence(...) site of this model is observed: there is no sampled text to list."
+
+
+def marginal_rows(post: Posterior) -> list[list[str]]:
+    """``[site, value, probability, standard error]`` of every discrete scalar latent."""
+    return [[name, str(value), _fmt(p, 4), _fmt(se, 4)]
+            for name, m in D.discrete_marginals(post).items() for value, (p, se) in m.items()]
+
+
 def _md_samples(post: Posterior, k: int, limit: int) -> str:
+    if post.samples is None:
+        return NO_TEXT_NOTE
     cols, top = _samples_rows(post, k)
     head = ["#", "weight", "count"] + cols + ["text"]
     rows = [[str(i), _fmt(s["weight"], 4), str(s["count"])] + [_fmt(s["stats"].get(c)) for c in cols]
