@@ -27,21 +27,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
 
-OPTIONS = {
-    "exact": {},
-    "importance": {"num_samples": 256},
-    "smc": {"num_particles": 256},
-    "mh": {"num_samples": 200, "num_chains": 4, "warmup_steps": 20},
-    "svi": {"num_steps": 100, "num_particles": 16, "num_samples": 256},
-}
 
 
 def main(argv=None):
     import ppl_lm
     from ppl_lm.models import which_world
 
+    options = which_world.methods  # the script's own recommended settings
     p = _bench.parser(__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(OPTIONS))
+    p.add_argument("--methods", nargs="+", default=list(options))
     args = p.parse_args(argv)
     _bench.setup(args)
     if args.smoke:
@@ -67,7 +61,7 @@ def main(argv=None):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 posts[method] = ppl_lm.infer(model, context, method=method, seed=args.seed, progress=False,
-                                             **OPTIONS[method])
+                                             **options[method])
         return fn
 
     fns = {"K x texts passes": single_passes, **{m: runner(m) for m in args.methods}}
@@ -92,7 +86,7 @@ def main(argv=None):
               + (f"{lz:>+11.4f}{post.log_evidence_se or 0.0:>8.4f}" if lz is not None else f"{'—':>11}{'':>8}"))
         rows.append({"method": m, "wall_s": t, "ratio_to_passes": t / base,
                      "p_w": {k: v for k, v in got.items()}, "log_z_err": lz, "log_z_se": post.log_evidence_se,
-                     "options": OPTIONS[m]})
+                     "options": options[m]})
     _bench.emit("observed_text", {"passes_s": base, "p_w_exact": p_exact, "log_z_exact": exact.log_evidence,
                                   "rows": rows, "repeats": repeats, "smoke": args.smoke})
     return 0
