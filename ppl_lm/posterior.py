@@ -178,13 +178,18 @@ class Posterior:
     def num_chains(self) -> int:
         return int(self.chain.max().item()) + 1 if len(self.chain) else 0
 
-    def probabilities(self) -> dict[tuple[int, ...], float]:
-        """The weighted empirical distribution: sequence (tuple of ids) -> probability."""
-        if self.samples is None:
-            raise ValueError("this posterior has no latent sequence site; use post.marginal(name) or post.values")
-        out: dict[tuple[int, ...], float] = defaultdict(float)
-        w = self.weights.tolist()
-        for row, wi in zip(self.samples.tolist(), w):
+    def probabilities(self) -> dict[tuple, float]:
+        """The weighted empirical distribution: sequence (tuple of ids) -> probability. With no
+        latent sequence site (every text observed), the joint law of the other latent sites:
+        the tuple of their values, in program order -> probability."""
+        if self.samples is not None:
+            rows = self.samples.tolist()
+        elif self.values:
+            rows = torch.cat([v.reshape(len(self), -1).double() for v in self.values.values()], -1).tolist()
+        else:
+            raise ValueError("this posterior holds no latent values")
+        out: dict[tuple, float] = defaultdict(float)
+        for row, wi in zip(rows, self.weights.tolist()):
             out[tuple(row)] += wi
         return dict(out)
 

@@ -392,3 +392,35 @@ def test_marginal_se_groups_draws_by_ancestor():
     for k in range(3):
         (p1, se1), (p2, se2) = one.marginal("w")[k], copies.marginal("w")[k]
         assert abs(p1 - p2) < 1e-6 and abs(se1 - se2) < 1e-6, (k, se1, se2)
+
+
+def test_cli_compare_and_report_without_a_latent_sequence(tmp_path, capsys):
+    """`ppl-lm compare` on a model whose only latent is w: p(w | data) per backend, TV against exact
+    over the law of w, and an HTML report with a discrete-latents table."""
+    from ppl_lm.cli import main
+
+    script = tmp_path / "worlds_toy.py"
+    script.write_text(
+        "import pyro, torch, pyro.distributions as dist, ppl_lm\n"
+        "context = ()\nlabels = {'w': ('a', 'b', 'c')}\n"
+        "def build(lm):\n"
+        "    def model():\n"
+        "        w = pyro.sample('w', dist.Categorical(torch.tensor([0.2, 0.3, 0.5])))\n"
+        "        p = [[[1], [2, 3], [4]][i] for i in w.tolist()]\n"
+        "        pyro.sample('x', lm.sequence(p, max_new_tokens=3), obs=torch.tensor([2, 3, 0]))\n"
+        "    return model\n")
+    lm = LMS["markov"]()
+    import ppl_lm.cli as cli
+
+    orig = cli.load_language_model
+    cli.load_language_model = lambda spec, device: lm
+    try:
+        assert main(["compare", str(script), "--methods", "exact,importance,smc", "--num-samples", "2000",
+                     "--num-particles", "2000", "--report", str(tmp_path / "rep")]) == 0
+    finally:
+        cli.load_language_model = orig
+    out = capsys.readouterr().out
+    t = truth("markov", "world_one_text")
+    assert f"p(w | data): a {float(t.p_w[0]):.4f} ± 0.0000" in out, out
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "Discrete latents" in html and "no sampled text" in html
