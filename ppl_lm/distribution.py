@@ -92,6 +92,12 @@ class SequenceDistribution(TorchDistribution):
     N token-id lists (``lm.sequence([preambles[i] for i in w.tolist()])``). Ragged prompts are
     grouped by length, each group one batched LM call, so log-probs equal unbatched scoring.
 
+    Observed text (``pyro.sample(name, lm.sequence(...), obs=value)``): ``value`` is token ids
+    ``[T]`` (shared by every particle) or ``[N, T]``, EOS-padded like samples, or text: a string, or
+    a list of strings (one per particle, or along the outermost plate, e.g. a corpus plate at dim
+    -2), encoded by :func:`encode_texts` (EOS appended when shorter than ``max_new_tokens``).
+    Scoring reads each distinct (prompt row, value row) once.
+
     >>> import torch, ppl_lm
     >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
     >>> d = lm.sequence([], max_new_tokens=2)
@@ -236,7 +242,9 @@ class SequenceDistribution(TorchDistribution):
         """Per-token log-probs of the distinct rows (``first``: one row index of each), from the cache where held."""
         if cache is None:
             return self._score_rows(*self._pick(prompts, lens, first), flat[first.to(flat.device)])
-        shape = (id(self.lm), prompts.shape[-1], flat.shape[-1], lens is not None)  # how a row's bytes split
+        # how a row's bytes split, and the prompt itself where it is shared (not part of the rows)
+        shared = prompts.cpu().numpy().tobytes() if prompts.dim() == 1 else None
+        shape = (id(self.lm), prompts.shape[-1], flat.shape[-1], lens is not None, shared)
         keys = [(*shape, row.cpu().numpy().tobytes()) for row in uniq]
         missing = [i for i, k in enumerate(keys) if k not in cache]
         if missing:
