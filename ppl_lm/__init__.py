@@ -11,11 +11,14 @@ from .distribution import SequenceDistribution
 from .infer import METHODS, infer
 from .lm import LanguageModel, MarkovLM, ToyVocab, TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
 from .posterior import Posterior
+from .preferences import Preferences
+from .reward_model import RewardModel, fit_reward, learned_reward
 
 __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "tiny_transformer", "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
     "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "report",
+    "Preferences", "RewardModel", "fit_reward", "learned_reward",
 ]
 
 __version__ = "0.1.0"

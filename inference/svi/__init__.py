@@ -60,7 +60,9 @@ from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 import ppl_lm
 from ppl_lm import seeding
 from ppl_lm.diagnostics.warnings import PplLmWarning
-from ppl_lm.inference._runtime import check_has_latent, finish, latent_sites, observed_sequences, sequence_sites
+from ppl_lm.inference._runtime import (
+    check_has_latent, finish, latent_sites, observed_sequences, row_cache, sequence_sites,
+)
 from ppl_lm.lm import PositionalMarkovLM, TransformersLM
 from ppl_lm.posterior import Info, Posterior
 
@@ -206,7 +208,7 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     if crosscheck_samples is None:
         crosscheck_samples = min(num_samples, 256)
     t_start = time.perf_counter()
-    with seeding.seeded(seed):
+    with seeding.seeded(seed), row_cache():  # observed texts scored once per run
         if not isinstance(guide, SequenceGuide):
             check_has_latent(latent_sites(model, args, kwargs, placeholder=True), "svi")
         g = build_guide(model, args, kwargs, guide, lora_r, lora_alpha, lora_targets, seed)
