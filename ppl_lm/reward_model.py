@@ -233,7 +233,8 @@ def _autoguide(model, method, num_samples, num_steps, lr) -> torch.Tensor:
     with torch.no_grad():
         if method == "map":
             return guide.median()["theta"][None]
-        return torch.stack([guide()["theta"] for _ in range(num_samples)])
+        # one site, θ, unconstrained: the guide's joint Normal over its latent vector is θ's law
+        return guide.get_posterior().sample(torch.Size([num_samples]))
 
 
 def learned_reward(name: str, rm: RewardModel, x: torch.Tensor, beta: float, uncertainty: str = "mean",
