@@ -15,7 +15,7 @@ __all__ = ["NAMES", "ALIASES", "names", "load", "model_args"]
 
 #: The model scripts shipped with ppl-lm (``names()`` also finds scripts added later).
 NAMES = ("prefix", "suffix", "sentiment", "no_violence", "chess_game", "factorisation", "pin", "contains_keyword",
-         "no_e", "worlds", "json_person", "regex_sentence")
+         "no_e", "worlds", "which_world", "preferences", "json_person", "regex_sentence")
 #: Short CLI names for scripts whose module name must not shadow another package (python-chess,
 #: the standard ``keyword`` module): ``ppl-lm run chess`` runs ``chess_game``.
 ALIASES = {"chess": "chess_game", "keyword": "contains_keyword", "regex": "regex_sentence"}

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Preferences"]
+__all__ = ["Preferences", "simulate_preferences"]
 
 
 def _side(name: str, v) -> torch.Tensor | list[str]:
@@ -140,3 +140,40 @@ class Preferences:
     def from_pairs(cls, pairs: Sequence[tuple[str, str]], context=None) -> "Preferences":
         """From ``[(chosen, rejected), ...]``."""
         return cls([a for a, _ in pairs], [b for _, b in pairs], context)
+
+
+def simulate_preferences(lm, prompt, utility, n: int, max_new_tokens: int, *, temperature: float = 1.0,
+                         seed: int = 0) -> Preferences:
+    """A simulated rater with a known utility: ``n`` pairs of prior draws of ``lm`` given ``prompt``,
+    the first of each pair chosen with probability σ((u(a) − u(b)) / temperature) (Bradley–Terry).
+
+    Args:
+        utility: batched ``[N, T]`` token ids -> ``[N]`` (e.g. a reward function of ``ppl_lm.rewards``).
+        temperature: the rater's noise; the truth of a reward model fitted to the pairs is u / temperature.
+
+    Pairs whose two texts are identical are redrawn. Returns token-id preferences (``[n, T]``).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    from . import seeding
+
+    d = lm.sequence(prompt, max_new_tokens=max_new_tokens)
+    chosen, rejected = [], []
+    with seeding.seeded(seed), torch.no_grad():
+        g = seeding.generator("cpu")
+        for _ in range(20):  # redraw identical pairs; a degenerate LM gives up with a clear error
+            xs = d.expand(torch.Size([2 * n])).sample().cpu()
+            a, b = xs[:n], xs[n:]
+            keep = ~(a == b).all(-1)
+            a, b = a[keep], b[keep]
+            u = (torch.as_tensor(utility(a)).double() - torch.as_tensor(utility(b)).double()).cpu() / temperature
+            first = torch.rand(len(u), generator=g, dtype=torch.float64) < torch.sigmoid(u)
+            chosen.append(torch.where(first[:, None], a, b))
+            rejected.append(torch.where(first[:, None], b, a))
+            if sum(len(c) for c in chosen) >= n:
+                break
+        else:
+            raise ValueError("the LM keeps drawing identical texts; no preference pairs can be made from it")
+    return Preferences(torch.cat(chosen)[:n], torch.cat(rejected)[:n])

@@ -94,8 +94,12 @@ def smoke(mod, lm, **kw):
         # A hard condition a random LM never meets: the backend must say so clearly.
         assert "no sample satisfies" in str(err)
         return None
-    T = inspect.signature(mod.build).parameters["max_new_tokens"].default
     assert isinstance(post, ppl_lm.Posterior)
+    if post.samples is None:  # every text observed (which_world): the draws are the other latents
+        assert post.values and all(len(v) == 32 for v in post.values.values())
+        assert math.isclose(float(torch.logsumexp(post.log_weights.double(), 0)), 0.0, abs_tol=1e-5)
+        return post
+    T = inspect.signature(mod.build).parameters["max_new_tokens"].default
     assert post.samples.shape == (32, T) and post.samples.dtype == torch.long
     assert math.isclose(float(torch.logsumexp(post.log_weights.double(), 0)), 0.0, abs_tol=1e-5)
     assert post.log_evidence is not None and math.isfinite(post.log_evidence)
