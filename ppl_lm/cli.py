@@ -46,8 +46,8 @@ REQUIRED_SCRIPT_ATTRS = ("build", "context")
 
 #: Command-line flags that map to backend options (flag dest -> option name).
 OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size",
-                "objective", "checkpoint_dir")
-SVI_FLAGS = ("guide", "objective", "checkpoint_dir")  # flags of --method svi only
+                "objective", "checkpoint_dir", "lora_targets")
+SVI_FLAGS = ("guide", "objective", "checkpoint_dir", "lora_targets")  # flags of --method svi only
 
 
 class CLIError(Exception):
@@ -495,6 +495,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
+def _lora_targets(text: str) -> list[str] | str:
+    """An argparse type: ``all-linear``, or comma-separated module names (``q_proj,v_proj``)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in text.split(",")]
+    if not all(n.isidentifier() for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated module names (e.g. q_proj,v_proj or c_attn) or all-linear, got {text!r}")
+    return names
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model name (see `ppl-lm list`) or the path to a model script (.py)")
     p.add_argument("--num-samples", type=_positive_int, help="samples (importance, mh per chain, svi)")
@@ -503,6 +514,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=_nonneg_int, help="warm-up transitions per chain (mh)")
     p.add_argument("--num-steps", type=_positive_int, help="optimisation steps (svi)")
     p.add_argument("--guide", help="svi guide: lora (default for transformer LMs) or full")
+    p.add_argument("--lora-targets", type=_lora_targets, metavar="NAMES",
+                   help="svi, guide lora: the layers LoRA adapts, comma-separated (e.g. q_proj,v_proj; c_attn for "
+                        "GPT-2) or all-linear (every linear layer but the head). Default: found from the architecture")
     p.add_argument("--objective", choices=["reverse", "forward", "forward_then_reverse"],
                    help="svi objective: reverse (the ELBO, default) or forward (distribution matching)")
     p.add_argument("--checkpoint-dir", metavar="DIR",

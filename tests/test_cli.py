@@ -147,6 +147,26 @@ def test_chunk_size_flag_reaches_the_backend(tmp_path, monkeypatch, capsys):
     assert "method 'mh' does not take --chunk-size" in err
 
 
+
+def test_lora_targets_flag_reaches_the_guide(tmp_path, monkeypatch, capsys):
+    path = script(tmp_path, TOY_SCRIPT)
+    # a fresh LM per call: LoRA adapters stay injected in the network they adapt
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: ppl_lm.tiny_char_transformer(seed=0))
+    seen, real = [], ppl_lm.infer  # svi calls infer again inside: the CLI's call is the first of each run
+    monkeypatch.setattr(ppl_lm, "infer", lambda *a, **k: seen.append(k) or real(*a, **k))
+    svi = ["run", path, "--method", "svi", "--lm", "tiny", "--quiet", "--num-steps", "1", "--num-particles", "4",
+           "--num-samples", "4", "--set", "max_new_tokens=2", "--top", "0"]
+    assert cli.main([*svi, "--lora-targets", "q_proj,o_proj"]) == 0
+    assert seen[0]["lora_targets"] == ["q_proj", "o_proj"]
+    seen.clear()
+    assert cli.main([*svi, "--lora-targets", "all-linear"]) == 0
+    assert seen[0]["lora_targets"] == "all-linear"
+    err = fails([*svi, "--lora-targets", "c_attn"], capsys)  # GPT-2's name on a Llama
+    assert "no module of this llama network is named so" in err and "q_proj" in err
+    assert "comma-separated module names" in fails([*svi, "--lora-targets", "q proj"], capsys)
+    err = fails(["run", path, "--method", "importance", "--lm", "tiny", "--lora-targets", "c_attn"], capsys)
+    assert "--lora-targets applies to --method svi only" in err
+
 def test_list(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
