@@ -215,7 +215,8 @@ def full_transformer(prior: TransformersLM) -> TransformersLM:
         # nn.Embedding never updates its padding row; when the pad id is also BOS (as in the tiny
         # test transformers) the first-token distribution would be frozen.
         emb.padding_idx = None
-    lm = TransformersLM(net, prior.tokenizer, eos_id=prior.eos_id, bos_id=prior.bos_id, vocab=prior.vocab)
+    lm = TransformersLM(net, prior.tokenizer, eos_id=prior.eos_id, bos_id=prior.bos_id, vocab=prior.vocab,
+                        stop_ids=prior.stop_ids)
     lm.module = net
     return lm
 

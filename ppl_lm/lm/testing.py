@@ -9,7 +9,8 @@ import torch
 from .hf import TransformersLM
 from .markov import ToyVocab
 
-__all__ = ["tiny_transformer", "tiny_char_transformer", "CHARS", "ARCHITECTURES"]
+__all__ = ["tiny_transformer", "tiny_char_transformer", "tiny_chat_transformer", "CHARS", "ARCHITECTURES",
+           "CHAT_TOKENS", "CHAT_TEMPLATE"]
 
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
@@ -84,3 +85,32 @@ def tiny_transformer(vocab_size: int = 6, eos_id: int = 0, seed: int = 0, hidden
         p.requires_grad_(False)
     return TransformersLM(model, None, eos_id=eos_id, bos_id=eos_id,
                           vocab=ToyVocab(vocab_size, eos_id, token_strings))
+
+
+#: The vocabulary of :func:`tiny_chat_transformer`: EOS, the two turn markers, then words.
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant", "\n", "a", "b"]
+#: A ChatML template (SmolLM2's, without its default system message).
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+                 "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+
+
+def tiny_chat_transformer(seed: int = 0, scale: float = 0.15) -> TransformersLM:
+    """A tiny random Llama with a real tokenizer and a ChatML chat template (built offline).
+
+    EOS is ``<|endoftext|>`` (id 0) and the end of turn ``<|im_end|>`` (id 2), as in a base model
+    of the Qwen2 family: ``lm.for_chat()`` makes the end of turn end a sequence. The words are
+    ``user``, ``assistant``, newline, ``a`` and ``b`` (8 tokens in all: small enough to enumerate).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(CHAT_TOKENS)}, unk_token=CHAT_TOKENS[0]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("user|assistant|\n|a|b"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=CHAT_TOKENS[0], pad_token=CHAT_TOKENS[0],
+                                        additional_special_tokens=CHAT_TOKENS[1:3])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    net = tiny_transformer(len(CHAT_TOKENS), eos_id=0, seed=seed, scale=scale).model
+    net.generation_config.eos_token_id = 0
+    return TransformersLM(net, tokenizer, eos_id=0, bos_id=0)
