@@ -46,6 +46,13 @@ class TestChatLM(LMConformance):
         assert (tokens[:, 0] == EOS).any()
 
 
+class TestChatLMStaticCache(TestChatLM):
+    """The stop tokens are folded inside the fixed-shape decode step too."""
+
+    def make_lm(self):
+        return tiny_chat_transformer().for_chat().with_kv_cache("static")
+
+
 def test_template_tokens_equal_the_tokenizers(lm):
     ids = ppl_lm.chat(lm.for_chat(), "ab")
     assert ids == _template(lm, [{"role": "user", "content": "ab"}], add_generation_prompt=True)
