@@ -142,3 +142,10 @@ def test_smollm2_template_and_end_of_turn(smollm2):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ppl_lm.chat(smollm2, "Hi")
+
+
+def test_an_svi_checkpoint_tells_the_chat_view_apart(lm):
+    from ppl_lm.inference.svi.checkpoint import lm_fingerprint
+
+    assert lm_fingerprint(lm.for_chat()) != lm_fingerprint(lm)
+    assert lm_fingerprint(lm.for_chat(end_of_turn=None)) == lm_fingerprint(lm)

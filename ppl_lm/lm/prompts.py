@@ -46,8 +46,9 @@ def chat(lm, messages: str | Sequence[Mapping[str, Any]], *, add_generation_prom
     messages = _messages(messages)
     tokenizer = getattr(lm, "tokenizer", None)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"this {type(lm).__name__} has no chat template (its tokenizer defines none{'' if tokenizer else ': it has no tokenizer'}); "
-                         "write the prompt as text, or load an instruct model (ppl_lm.load_lm() is SmolLM2-Instruct)")
+        why = "its tokenizer defines none" if tokenizer is not None else "it has no tokenizer"
+        raise ValueError(f"this {type(lm).__name__} has no chat template ({why}); write the prompt as text, "
+                         "or load an instruct model (ppl_lm.load_lm() is SmolLM2-Instruct)")
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
                                         return_dict=True)
     ids = [int(i) for i in out["input_ids"]]
