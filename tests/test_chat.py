@@ -149,3 +149,14 @@ def test_an_svi_checkpoint_tells_the_chat_view_apart(lm):
 
     assert lm_fingerprint(lm.for_chat()) != lm_fingerprint(lm)
     assert lm_fingerprint(lm.for_chat(end_of_turn=None)) == lm_fingerprint(lm)
+
+
+def test_instruct_scripts_take_their_context_as_a_chat_message(lm):
+    from ppl_lm import models
+
+    for name in ("json_person", "regex_sentence"):
+        mod = models.load(name)
+        assert mod.chat is True and "<|im_start|>" not in mod.context  # no hand-written special tokens
+        assert models.model_args(mod, lm=lm.for_chat()) == (ppl_lm.chat(lm.for_chat(), mod.context),)
+        assert models.model_args(mod) == (mod.context,)  # no LM given: the text
+        assert models.model_args(mod, toy=True, lm=lm) == (mod.toy_context,)  # the tiny LM reads plain text
