@@ -2,7 +2,8 @@
 
 Each module ``ppl_lm.models.NAME`` defines ``description``, ``context`` (the model's default
 argument(s) for the real LM), optionally ``toy_context`` (for the tiny char-level LM),
-``methods`` (recommended backends and their default options) and ``build(lm, **kw) -> model``.
+``methods`` (recommended backends and their default options), ``chat = True`` (the context is a
+user message for the LM's chat template) and ``build(lm, **kw) -> model``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def model_args(module: ModuleType, toy: bool = False) -> tuple:
-    """The model's default positional arguments: ``context`` (or ``toy_context``) as a tuple."""
+def model_args(module: ModuleType, toy: bool = False, lm=None) -> tuple:
+    """The model's default positional arguments: ``context`` (or ``toy_context``) as a tuple.
+
+    A script with ``chat = True`` (an instruct-style script) takes its context as a user message:
+    given ``lm`` (and not ``toy``), the text becomes ``ppl_lm.chat(lm, context)``, the token ids
+    of the LM's chat template, as ``ppl-lm run`` does.
+    """
     ctx = getattr(module, "toy_context", module.context) if toy else module.context
-    return ctx if isinstance(ctx, tuple) else (ctx,)
+    ctx = ctx if isinstance(ctx, tuple) else (ctx,)
+    if getattr(module, "chat", False) and not toy and lm is not None:
+        from ppl_lm import chat
+
+        ctx = (chat(lm, ctx[0]), *ctx[1:])
+    return ctx

@@ -1,4 +1,10 @@
-"""A JSON record of a person: the LM answers a chat-style request with a JSON object.
+"""A JSON record of a person: the LM answers a chat request with a JSON object.
+
+The context is a user message (``chat = True``): ``ppl-lm run`` puts it in the LM's chat template
+(``ppl_lm.chat``), so the reply ends at the end-of-turn token. In code::
+
+    lm = ppl_lm.load_lm().for_chat()
+    post = ppl_lm.infer(build(lm), ppl_lm.chat(lm, context), method="smc", num_particles=32)
 
 π(x | c) ∝ π(x | chat prompt)·1[the text of x is a JSON object {"name": <string>, "age":
 <integer>} valid under the schema below], as an exact token constraint
@@ -11,13 +17,12 @@ correction, so the posterior is π conditioned on the schema, not a greedy const
 
 import sys
 
-
 from ppl_lm import rewards
 from ppl_lm.models._masked import masked_model
 
 description = "A JSON object with a string name and an integer age after a chat prompt (JSON-schema token mask)."
-context = ("<|im_start|>user\nGive a JSON object with a person's name and age.<|im_end|>\n"
-           "<|im_start|>assistant\n")
+context = "Give a JSON object with a person's name and age."
+chat = True  # the context is a user message: the CLI applies the LM's chat template
 toy_context = "Person: "
 methods = {"smc": {"num_particles": 32}, "importance": {"num_samples": 512}}
 SCHEMA = {

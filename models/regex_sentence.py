@@ -7,16 +7,18 @@ tokens that keep the text a prefix of a match (EOS only after the final "."), wi
 weight correction; importance sampling and MH check the finished text with the same mask.
 ``mode="soft"``: a reward of 1 for a match instead, π(x)·exp(1[match]/β). The CLI name is
 ``regex`` (the module is ``regex_sentence``: a module named ``regex`` would shadow the package).
+The context is a user message (``chat = True``): the CLI puts it in the LM's chat template.
 """
 
 import sys
-
 
 from ppl_lm import rewards
 from ppl_lm.models._masked import masked_model
 
 description = 'A sentence "<Name> is <n> years old." (regular expression as an exact token mask).'
-context = "Write one short sentence giving a person's name and age.\n"
+context = "Write one short sentence giving a person's name and age."
+chat = True  # the context is a user message: the CLI applies the LM's chat template
+toy_context = "Write one short sentence giving a person's name and age.\n"
 methods = {"smc": {"num_particles": 32}, "importance": {"num_samples": 512}}
 PATTERN = r"[A-Z][a-z]+ is [1-9][0-9]? years old\."
 

@@ -9,13 +9,15 @@ from . import rewards, seeding, tokens
 from .conditions import TokenMask, constraint, is_partial, pin, prefix_length, reward, token_constraint
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
-from .lm import LanguageModel, MarkovLM, ToyVocab, TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
+from .lm import (LanguageModel, MarkovLM, ToyVocab, TransformersLM, chat, load_lm, tiny_char_transformer,
+                 tiny_transformer)
 from .posterior import Posterior
 from .preferences import Preferences
 from .reward_model import RewardModel, fit_reward, learned_reward
 
 __all__ = [
-    "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "tiny_transformer", "tiny_char_transformer",
+    "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "chat", "tiny_transformer",
+    "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
     "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "report",
     "Preferences", "RewardModel", "fit_reward", "learned_reward",

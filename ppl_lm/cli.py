@@ -46,8 +46,8 @@ REQUIRED_SCRIPT_ATTRS = ("build", "context")
 
 #: Command-line flags that map to backend options (flag dest -> option name).
 OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size",
-                "objective", "checkpoint_dir")
-SVI_FLAGS = ("guide", "objective", "checkpoint_dir")  # flags of --method svi only
+                "objective", "checkpoint_dir", "lora_targets")
+SVI_FLAGS = ("guide", "objective", "checkpoint_dir", "lora_targets")  # flags of --method svi only
 
 
 class CLIError(Exception):
@@ -314,14 +314,42 @@ def _prepare(args, module: ModuleType | None = None):
     _check_build_kwargs(module, kwargs)
     _check_device(args.device)
     _check_report_dir(args.report)
+    ctx = _context(module, toy, args.context)
+    chat = _check_chat(args, module, toy, ctx)
     lm = load_language_model(args.lm, args.device)
+    if chat:
+        lm, ctx = _chat(lm, ctx)
     try:
         model = module.build(lm, **kwargs)
     except Exception as exc:
         raise _locate(exc, files) from exc
     if not callable(model):
         raise CLIError(f"{_where(module)}: build(lm) returned {type(model).__name__}, not a model function")
-    return module, files, model, _context(module, toy, args.context)
+    return module, files, model, ctx
+
+
+def _check_chat(args, module: ModuleType, toy: bool, ctx: tuple) -> bool:
+    """Whether the context is a user message in the LM's chat template: ``--chat``, or a script's
+    ``chat = True`` (not with ``--lm tiny``, whose ``toy_context`` is plain text)."""
+    if getattr(args, "chat", False) and toy:
+        raise CLIError("--chat: the tiny LM (--lm tiny) has no chat template; leave --chat out, or use an "
+                       "instruct model (the default --lm smollm2)")
+    chat = getattr(args, "chat", False) or (bool(getattr(module, "chat", False)) and not toy)
+    if chat and not (ctx and isinstance(ctx[0], str)):
+        raise CLIError(f"--chat wraps the context (a text) as a user message, but {_where(module)}'s context is "
+                       f"{ctx[0] if len(ctx) == 1 else ctx!r}; give a text with --context, or leave --chat out")
+    return chat
+
+
+def _chat(lm, ctx: tuple):
+    """``lm`` whose sequences end at its end-of-turn token, and the context's text as a chat prompt."""
+    import ppl_lm
+
+    try:
+        lm = lm.for_chat()
+        return lm, (ppl_lm.chat(lm, ctx[0]), *ctx[1:])
+    except (AttributeError, ValueError) as err:
+        raise CLIError(f"--chat: {err}") from None
 
 
 def _short(text: str, n: int = 100) -> str:
@@ -495,6 +523,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
+def _lora_targets(text: str) -> list[str] | str:
+    """An argparse type: ``all-linear``, or comma-separated module names (``q_proj,v_proj``)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    names = [t.strip() for t in text.split(",")]
+    if not all(n.isidentifier() for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated module names (e.g. q_proj,v_proj or c_attn) or all-linear, got {text!r}")
+    return names
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model name (see `ppl-lm list`) or the path to a model script (.py)")
     p.add_argument("--num-samples", type=_positive_int, help="samples (importance, mh per chain, svi)")
@@ -503,6 +542,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=_nonneg_int, help="warm-up transitions per chain (mh)")
     p.add_argument("--num-steps", type=_positive_int, help="optimisation steps (svi)")
     p.add_argument("--guide", help="svi guide: lora (default for transformer LMs) or full")
+    p.add_argument("--lora-targets", type=_lora_targets, metavar="NAMES",
+                   help="svi, guide lora: the layers LoRA adapts, comma-separated (e.g. q_proj,v_proj; c_attn for "
+                        "GPT-2) or all-linear (every linear layer but the head). Default: found from the architecture")
     p.add_argument("--objective", choices=["reverse", "forward", "forward_then_reverse"],
                    help="svi objective: reverse (the ELBO, default) or forward (distribution matching)")
     p.add_argument("--checkpoint-dir", metavar="DIR",
@@ -517,6 +559,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm", default="smollm2",
                    help="smollm2 (embedded, default), tiny (random char-level transformer for smoke runs), "
                         "or a local model folder / .gguf file")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the context as a user message in the LM's chat template (ppl_lm.chat); the reply "
+                        "ends at the model's end-of-turn token")
     p.add_argument("--context", help="the model's argument instead of the script's context (a Python "
                                      "literal, or plain text)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],

@@ -147,6 +147,67 @@ def test_chunk_size_flag_reaches_the_backend(tmp_path, monkeypatch, capsys):
     assert "method 'mh' does not take --chunk-size" in err
 
 
+
+def test_lora_targets_flag_reaches_the_guide(tmp_path, monkeypatch, capsys):
+    path = script(tmp_path, TOY_SCRIPT)
+    # a fresh LM per call: LoRA adapters stay injected in the network they adapt
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: ppl_lm.tiny_char_transformer(seed=0))
+    seen, real = [], ppl_lm.infer  # svi calls infer again inside: the CLI's call is the first of each run
+    monkeypatch.setattr(ppl_lm, "infer", lambda *a, **k: seen.append(k) or real(*a, **k))
+    svi = ["run", path, "--method", "svi", "--lm", "tiny", "--quiet", "--num-steps", "1", "--num-particles", "4",
+           "--num-samples", "4", "--set", "max_new_tokens=2", "--top", "0"]
+    assert cli.main([*svi, "--lora-targets", "q_proj,o_proj"]) == 0
+    assert seen[0]["lora_targets"] == ["q_proj", "o_proj"]
+    seen.clear()
+    assert cli.main([*svi, "--lora-targets", "all-linear"]) == 0
+    assert seen[0]["lora_targets"] == "all-linear"
+    err = fails([*svi, "--lora-targets", "c_attn"], capsys)  # GPT-2's name on a Llama
+    assert "no module of this llama network is named so" in err and "q_proj" in err
+    assert "comma-separated module names" in fails([*svi, "--lora-targets", "q proj"], capsys)
+    err = fails(["run", path, "--method", "importance", "--lm", "tiny", "--lora-targets", "c_attn"], capsys)
+    assert "--lora-targets applies to --method svi only" in err
+
+
+CHAT_SCRIPT = '''\
+import pyro
+import ppl_lm
+
+context = "ab"
+
+
+def build(lm, max_new_tokens=3):
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
+        ppl_lm.reward("a", (x == 6).float().sum(-1), beta=1.0)
+        return x
+
+    return model
+'''
+
+
+def test_chat_flag_wraps_the_context_and_ends_at_the_end_of_turn(tmp_path, monkeypatch, capsys):
+    from ppl_lm.lm.testing import tiny_chat_transformer
+
+    lm = tiny_chat_transformer()  # EOS <|endoftext|> (0), end of turn <|im_end|> (2)
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: lm)
+    seen, real = [], ppl_lm.infer
+    monkeypatch.setattr(ppl_lm, "infer", lambda *a, **k: seen.append((a, real(*a, **k))) or seen[-1][1])
+    path = script(tmp_path, CHAT_SCRIPT)
+    run = ["run", path, "--method", "importance", "--num-samples", "256", "--lm", "chatty", "--quiet", "--top", "0"]
+    assert cli.main(run) == 0
+    (args, plain) = seen[-1]
+    assert args[1] == "ab" and (plain.samples == 2).any()  # without --chat the turn runs on
+    assert cli.main([*run, "--chat"]) == 0
+    (args, chat) = seen[-1]
+    assert args[1] == ppl_lm.chat(lm.for_chat(), "ab") == [1, 3, 5, 6, 7, 2, 5, 1, 4, 5]
+    assert not (chat.samples == 2).any() and (chat.samples[:, 0] == 0).any()
+    # clear errors, before any LM loads where the flags alone say so
+    assert "the tiny LM (--lm tiny) has no chat template" in fails(
+        ["run", path, "--method", "importance", "--lm", "tiny", "--chat"], capsys)
+    assert "--chat wraps the context (a text)" in fails([*run, "--chat", "--context", "15"], capsys)
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: ppl_lm.tiny_transformer(8))
+    assert "--chat: this TransformersLM has no chat template" in fails([*run, "--chat"], capsys)
+
 def test_list(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out

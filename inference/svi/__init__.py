@@ -181,7 +181,8 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
         log_evidence_ref: a known log Z (exact backend, or a reference importance run): the
             trace then reports ``kl_posterior`` = log Z − ELBO = KL(q‖π′) per step.
         progress: tqdm progress bars.
-        lora_r, lora_alpha, lora_targets: LoRA settings for ``guide="lora"``.
+        lora_r, lora_alpha, lora_targets: LoRA settings for ``guide="lora"`` (targets: module
+            names, ``"all-linear"``, or ``None`` to find them from the architecture).
         lr_decay: the step size shrinks by this factor over the run (geometrically).
         clip_norm: the gradient's global L2 norm is clipped to this (``None``: not clipped).
         crosscheck_samples: prior importance draws for the guide-vs-prior cross-check after

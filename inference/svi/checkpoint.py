@@ -79,6 +79,8 @@ def lm_fingerprint(lm) -> str:
     if lm is None:  # a model with no LM site the checkpoint could be tied to
         return _digest("no LM")
     parts = [type(lm).__qualname__, getattr(lm, "vocab_size", None), getattr(lm, "eos_id", None)]
+    if getattr(lm, "stop_ids", ()):  # lm.for_chat(): another law over the same weights
+        parts.append(("stop_ids", tuple(lm.stop_ids)))
     net = getattr(lm, "model", None)
     tensors = []
     if isinstance(net, torch.nn.Module):

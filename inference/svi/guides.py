@@ -131,7 +131,8 @@ def make_guide(model: Callable, *args, kind: str = "full", lora_r: int = 8, lora
             trainable copy for a transformer) or ``"lora"`` (LoRA adapters on the prior's own
             network; TransformersLM only). Both start equal to the prior.
         lora_r, lora_alpha, lora_targets: LoRA rank, scale numerator and target module names
-            (default ``["q_proj", "v_proj"]``; ``"all-linear"`` for every linear layer but the head).
+            (default ``None``: the attention projections found from the architecture, see
+            :func:`ppl_lm.lm.lora.lora_targets`; ``"all-linear"`` for every linear layer but the head).
         seed: seeds the random initialisation of LoRA's A matrices (B starts at zero, so the
             guide starts equal to the prior whatever the seed).
         **kwargs: the model's keyword arguments.

@@ -14,7 +14,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -46,6 +46,35 @@ STATIC_RECOMPILE_LIMIT = 64
 def _check_kv_cache(kv_cache: str) -> None:
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+
+
+def _check_stop_ids(stop_ids, vocab_size: int, eos_id: int) -> tuple[int, ...]:
+    try:
+        ids = sorted({int(i) for i in stop_ids})
+    except (TypeError, ValueError):
+        raise TypeError(f"stop_ids must be token ids (integers), got {stop_ids!r}") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"stop_ids {bad} are not token ids of this vocabulary of {vocab_size}")
+    return tuple(i for i in ids if i != eos_id)
+
+
+_REPLY = "PPLLMREPLY"  # a reply text no template writes itself
+
+
+def _template_end_of_turn(tokenizer) -> int | None:
+    """The special token a chat template writes right after an assistant's reply, or ``None``."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _REPLY}], tokenize=False)
+    except Exception:  # a template that refuses this conversation: no end-of-turn from it
+        return None
+    after = text[text.rindex(_REPLY) + len(_REPLY):] if _REPLY in text else ""
+    specials = {**tokenizer.get_added_vocab()} if hasattr(tokenizer, "get_added_vocab") else {}
+    matches = [t for t in specials if t and after.startswith(t)]
+    return specials[max(matches, key=len)] if matches else None
 
 
 class _StaticKV:
@@ -99,6 +128,11 @@ class TransformersLM(LanguageModel):
             weights); a trainable LM under autograd always uses the dynamic cache.
         compile_options: extra keyword arguments for ``torch.compile`` (``"compiled"`` only),
             e.g. ``{"backend": "eager", "fullgraph": True}`` to check tracing without Inductor.
+        stop_ids: more tokens that end a sequence, as EOS does (default none). Their probability
+            is added to EOS's at every step and they get probability 0 as content, so the law of
+            the sequence (its tokens up to its end) is exact and a sequence ends with ``eos_id``
+            only: samples, scores and every backend see one end token. :meth:`for_chat` sets
+            them to the chat template's end-of-turn token(s) where they differ from EOS.
 
     >>> import torch, ppl_lm
     >>> lm = ppl_lm.tiny_transformer().with_kv_cache("static")
@@ -108,7 +142,7 @@ class TransformersLM(LanguageModel):
 
     def __init__(self, model, tokenizer=None, *, eos_id: int | None = None, bos_id: int | None = None,
                  vocab: ToyVocab | None = None, kv_cache: str = "dynamic",
-                 compile_options: dict[str, Any] | None = None):
+                 compile_options: dict[str, Any] | None = None, stop_ids: Sequence[int] = ()):
         _check_kv_cache(kv_cache)
         self.model = model
         self.tokenizer = tokenizer
@@ -127,6 +161,8 @@ class TransformersLM(LanguageModel):
         self.bos_id = int(bos_id) if bos_id is not None else self.eos_id
         self.max_context = getattr(cfg, "max_position_embeddings", None)
         self.vocab = vocab
+        self.stop_ids = _check_stop_ids(stop_ids, self.vocab_size, self.eos_id)
+        self._stop_masks: dict[torch.device, torch.Tensor] = {}
         self._token_text: dict[int, str] = {}
         # transformers >= 5.2x renamed the forward argument `past_key_values` to `cache`.
         params = inspect.signature(model.forward).parameters
@@ -147,7 +183,66 @@ class TransformersLM(LanguageModel):
     def with_kv_cache(self, kv_cache: str, compile_options: dict[str, Any] | None = None) -> TransformersLM:
         """The same model and tokenizer (shared, not copied) with another ``kv_cache``."""
         return TransformersLM(self.model, self.tokenizer, eos_id=self.eos_id, bos_id=self.bos_id,
-                              vocab=self.vocab, kv_cache=kv_cache, compile_options=compile_options)
+                              vocab=self.vocab, kv_cache=kv_cache, compile_options=compile_options,
+                              stop_ids=self.stop_ids)
+
+    # -- chat -----------------------------------------------------------------------------
+    def end_of_turn_ids(self) -> list[int]:
+        """The tokens that end an assistant's turn: the one the chat template writes after a
+        reply (SmolLM2's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``)
+        and the generation config's EOS ids. ``[]`` for a model without a tokenizer."""
+        found = set()
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        found.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        turn = _template_end_of_turn(self.tokenizer)
+        if turn is not None:
+            found.add(turn)
+        return sorted(int(i) for i in found if 0 <= int(i) < self.vocab_size)
+
+    def for_chat(self, end_of_turn: str | Sequence[int] | None = "auto") -> TransformersLM:
+        """The same network whose sequences also end at the end-of-turn token (see ``stop_ids``).
+
+        Args:
+            end_of_turn: ``"auto"`` (:meth:`end_of_turn_ids`), token ids, or ``None`` (EOS
+                only: the LM as it is).
+
+        For SmolLM2-Instruct this is the LM itself: its EOS is ``<|im_end|>``. For a model whose
+        EOS is another token (a Qwen2 base model's ``<|endoftext|>``, Llama 3's
+        ``<|end_of_text|>``), a reply otherwise runs past the end of its turn.
+
+        >>> import ppl_lm
+        >>> lm = ppl_lm.lm.testing.tiny_chat_transformer()
+        >>> lm.eos_id, lm.for_chat().stop_ids
+        (0, (2,))
+        """
+        if end_of_turn == "auto":
+            ids = self.end_of_turn_ids()
+        elif end_of_turn is None:
+            ids = []
+        elif isinstance(end_of_turn, str):
+            raise ValueError(f"end_of_turn must be 'auto', token ids or None, got {end_of_turn!r}")
+        else:
+            ids = list(end_of_turn)
+        lm = TransformersLM(self.model, self.tokenizer, eos_id=self.eos_id, bos_id=self.bos_id, vocab=self.vocab,
+                            kv_cache=self.kv_cache, compile_options=self.compile_options,
+                            stop_ids=[i for i in ids if i != self.eos_id])
+        lm.max_context = self.max_context
+        return lm
+
+    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probs (float32) from logits ``[..., V]``, stop tokens folded into EOS."""
+        logp = torch.log_softmax(logits.float(), -1)
+        if not self.stop_ids:
+            return logp
+        mask = self._stop_masks.get(logp.device)
+        if mask is None:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=logp.device)
+            mask[list(self.stop_ids)] = True
+            self._stop_masks[logp.device] = mask
+        ended = torch.logsumexp(torch.where(mask, logp, -torch.inf), -1, keepdim=True)
+        ended = torch.logaddexp(ended, logp[..., self.eos_id : self.eos_id + 1])
+        logp = logp.masked_fill(mask, -torch.inf)
+        return torch.cat([logp[..., : self.eos_id], ended, logp[..., self.eos_id + 1 :]], -1)
 
     def is_trainable(self) -> bool:
         return any(p.requires_grad for p in self.model.parameters())
@@ -228,14 +323,14 @@ class TransformersLM(LanguageModel):
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
                             **{self._cache_kw: cache}, use_cache=True).logits
-        return LMState(torch.log_softmax(logits[:, -1].float(), -1), _Padded(cache, mask.long(), lengths), P)
+        return LMState(self._logprobs(logits[:, -1]), _Padded(cache, mask.long(), lengths), P)
 
     def _extend_ragged(self, state: LMState, tokens: torch.Tensor) -> LMState:
         d = state.data
         mask = torch.cat([d.mask, torch.ones_like(d.mask[:, :1])], -1)
         logits = self.model(input_ids=tokens.to(self.device)[:, None], attention_mask=mask,
                             position_ids=d.next_pos[:, None], **{self._cache_kw: d.cache}, use_cache=True).logits
-        return LMState(torch.log_softmax(logits[:, -1].float(), -1), _Padded(d.cache, mask, d.next_pos + 1),
+        return LMState(self._logprobs(logits[:, -1]), _Padded(d.cache, mask, d.next_pos + 1),
                        state.length + 1)
 
     def start(self, prompt, batch_size, lengths=None):
@@ -249,7 +344,7 @@ class TransformersLM(LanguageModel):
         shared = prompt.shape[0] > 1 and bool((prompt == prompt[:1]).all())
         ids = prompt[:1] if shared else prompt
         logits, cache = self._forward(ids, None)
-        logprobs = torch.log_softmax(logits[:, -1].float(), -1)
+        logprobs = self._logprobs(logits[:, -1])
         if self._use_static():
             # The prompt is read once with a dynamic cache (its length varies), then copied into
             # the preallocated one that every decode step writes in place.
@@ -266,7 +361,7 @@ class TransformersLM(LanguageModel):
         if isinstance(state.data, _Padded):
             return self._extend_ragged(state, tokens)
         logits, cache = self._forward(tokens.to(self.device)[:, None], state.data)
-        return LMState(torch.log_softmax(logits[:, -1].float(), -1), cache, state.length + 1)
+        return LMState(self._logprobs(logits[:, -1]), cache, state.length + 1)
 
     def reorder(self, state, index):
         index = index.to(self.device)
@@ -345,7 +440,7 @@ class TransformersLM(LanguageModel):
     def _step(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """One fixed-shape decode step: next-token log-probs ``[B, V]`` (float32)."""
         logits = self.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True).logits
-        return torch.log_softmax(logits[:, -1].float(), -1)
+        return self._logprobs(logits[:, -1])
 
     def _compiled_step(self):
         if self._compiled is None:
@@ -413,7 +508,7 @@ class TransformersLM(LanguageModel):
         else:
             logits = self.model(input_ids=torch.cat([prompt, tokens], -1), use_cache=False).logits
             logits = logits[:, P - 1 : P - 1 + T]
-        logp = torch.log_softmax(logits.float(), -1)
+        logp = self._logprobs(logits)
         lp = logp.gather(-1, tokens[..., None])[..., 0]
         # masked_fill, not a product: a padding position of probability 0 (-inf) times 0 is NaN.
         return lp.masked_fill(after_eos_mask(tokens, self.eos_id), 0.0)
