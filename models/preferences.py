@@ -4,7 +4,7 @@ The data (``data=FILE``, JSONL ``{"context", "chosen", "rejected"}``; default: t
 ``models/data/sentiment_prefs.jsonl``, see ``models/data/README.md``) are a rater's choices. The
 reward model is a Bayesian Bradley–Terry head on two features of a continuation, its VADER
 sentiment and its length as a share of ``max_new_tokens``: r_θ(x) = θ·φ(x), θ ~ N(0, I)
-(:func:`ppl_lm.fit_reward`, ``fit=`` nuts | svi | laplace | map). The conditional is
+(:func:`ppl_lm.fit_reward`, ``fit=`` laplace (default: seconds) | nuts | svi | map). The conditional is
 π′(x) ∝ π(x)·L(x) with L the learned likelihood, its uncertainty taken as ``uncertainty=``
 mean (the point estimate, as RLHF does) or marginal (E_θ[e^{r_θ/β}]). The fitted head's
 posterior mean, R-hat and ESS (NUTS) and training accuracy are printed to stderr when it is fitted.
@@ -36,7 +36,7 @@ def features(lm, max_new_tokens: int):
     return phi
 
 
-def build(lm, data: str | None = None, fit: str = "nuts", uncertainty: str = "marginal", beta: float = 0.5,
+def build(lm, data: str | None = None, fit: str = "laplace", uncertainty: str = "marginal", beta: float = 0.5,
           max_new_tokens: int = 16, num_samples: int = 300, seed: int = 0):
     """Fit the reward model to ``data`` (token ids or text), then the conditional's model."""
     prefs = ppl_lm.Preferences.from_jsonl(data or DATA)
