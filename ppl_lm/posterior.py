@@ -251,11 +251,12 @@ class Posterior:
         idx = torch.multinomial(self.weights.float(), num_samples, replacement=True, generator=g)
         return self.samples[idx]
 
-    def to_inference_data(self):
-        """An ``arviz.InferenceData`` of per-sample scalar summaries (see ``ppl_lm.diagnostics``)."""
+    def to_inference_data(self, *, num_draws: int | None = None, seed: int | None = None):
+        """An ``arviz.InferenceData`` of per-sample scalar summaries whose ``posterior`` holds
+        equal-weight draws (:func:`ppl_lm.diagnostics.to_inference_data`)."""
         from .diagnostics.inference_data import to_inference_data
 
-        return to_inference_data(self)
+        return to_inference_data(self, num_draws=num_draws, seed=seed)
 
     def summary_stats(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.stats.items()}
