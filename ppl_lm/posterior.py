@@ -148,8 +148,9 @@ class Posterior:
 
     @property
     def ess(self) -> float:
-        """Effective sample size: ArviZ's bulk ESS for MCMC (the smallest over the scalar summaries),
-        Kish's for weighted samples."""
+        """Effective sample size: ArviZ's bulk ESS for MCMC (the smallest over the scalar summaries,
+        capped at the number of draws: anti-correlated chains can give ArviZ more, which no estimate
+        here can use), Kish's for weighted samples."""
         if self.bulk_ess is None and self.method == "mh" and self.stats:
             from .diagnostics.estimators import mcmc_diagnostics
             from .diagnostics.inference_data import chain_draws
@@ -157,7 +158,7 @@ class Posterior:
             _, by_stat = mcmc_diagnostics(chain_draws(self))
             self.bulk_ess = min(by_stat.values()) if by_stat else None
         if self.bulk_ess is not None:
-            return self.bulk_ess
+            return min(self.bulk_ess, float(len(self)))
         return kish_ess(self.log_weights)
 
     @property

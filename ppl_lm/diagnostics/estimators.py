@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 __all__ = ["mcmc_mean_se", "kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "systematic_resample",
-           "KHAT_THRESHOLD", "RHAT_THRESHOLD"]
+           "KHAT_THRESHOLD", "RHAT_THRESHOLD", "MIN_DRAWS_FOR_SE"]
 
 #: Pareto k-hat above which importance weights are too heavy-tailed to trust (Vehtari et al., 2024).
 KHAT_THRESHOLD = 0.7
 #: Split R-hat above which chains have not mixed (Vehtari et al., 2021).
 RHAT_THRESHOLD = 1.01
+#: Fewer independent draws (or SMC ancestors) than this give no usable standard error of log Z.
+MIN_DRAWS_FOR_SE = 10
 
 
 def _arviz():

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .. import posterior as _posterior
-from .estimators import _arviz, kish_ess, mcmc_diagnostics, pareto_khat, systematic_resample
+from .estimators import MIN_DRAWS_FOR_SE, _arviz, kish_ess, mcmc_diagnostics, pareto_khat, systematic_resample
 
 if TYPE_CHECKING:
     from ..posterior import Posterior
@@ -400,7 +400,7 @@ def psis_khat(post: Posterior) -> float | None:
     """
     if post.khat is not None:
         return post.khat
-    if post.method == "exact" or is_mcmc(post):
+    if post.info.get("support_size") or is_mcmc(post):  # an enumeration's weights are exact
         return None
     k = pareto_khat(post.log_weights)
     return None if math.isnan(k) else k
@@ -451,15 +451,23 @@ def ess(post: Posterior) -> float:
 def summary(post: Posterior) -> dict[str, Any]:
     """The numbers of a report table: one flat dict per posterior.
 
-    Keys: method, num_samples, num_chains, log_evidence, log_evidence_se, ess, n_eff_genealogy
-    (SMC's genealogy-based count of independent draws, else ``None``), khat, rhat (the largest
-    R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves, means (weighted
-    mean of each reward, constraint and the length), marginals (:func:`discrete_marginals`),
-    wall_time, seed, warnings.
+    Keys: method, num_samples, num_chains, log_evidence, log_evidence_se (``None`` with
+    ``log_evidence_se_reason`` when it is no error bar), ess (with ``ess_note`` when capped),
+    effective_draws (:func:`effective_draws`), n_eff_genealogy (SMC's genealogy-based count of
+    independent draws, else ``None``), khat (``None`` with ``khat_reason`` when undefined), rhat
+    (the largest R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves,
+    means (weighted mean of each reward, constraint and the length), marginals
+    (:func:`discrete_marginals`), wall_time, seed, warnings, verdict (one line:
+    :func:`~ppl_lm.diagnostics.warnings.verdict`).
     """
+    from .warnings import verdict
+
     _check(post)
     r = rhat(post)
     acc = acceptance(post)
+    se, se_reason = post.log_evidence_se, log_evidence_se_reason(post)
+    k = psis_khat(post)
+    k_reason = khat_reason(post, k)
     means = {}
     for name in stat_names(post):
         if name.startswith(("reward:", "ok:")) or name == "length":
@@ -472,10 +480,14 @@ def summary(post: Posterior) -> dict[str, Any]:
         "num_samples": len(post),
         "num_chains": post.num_chains if is_mcmc(post) else 1,
         "log_evidence": None if post.log_evidence is None else float(post.log_evidence),
-        "log_evidence_se": post.log_evidence_se,
+        "log_evidence_se": None if se_reason else se,
+        "log_evidence_se_reason": se_reason,
         "ess": ess(post),
+        "ess_note": ess_note(post),
+        "effective_draws": effective_draws(post),
         "n_eff_genealogy": post.info.get("n_eff_genealogy"),
-        "khat": psis_khat(post),
+        "khat": None if k_reason else k,
+        "khat_reason": k_reason,
         "rhat": post.rhat if post.rhat is not None else (None if not r else max(r.values())),
         "acceptance": None if acc is None else acc["overall"],
         "acceptance_moves": {} if acc is None else acc["moves"],
@@ -484,7 +496,46 @@ def summary(post: Posterior) -> dict[str, Any]:
         "wall_time": post.wall_time,
         "seed": post.seed,
         "warnings": list(post.warnings),
+        "verdict": verdict(post),
     }
+
+
+def log_evidence_se_reason(post: Posterior) -> str | None:
+    """Why ``post.log_evidence_se`` is no error bar (``None`` when it is one): fewer than
+    :data:`MIN_DRAWS_FOR_SE` ancestors behind SMC's one genealogy (with a single ancestor the
+    Lee-Whiteley estimate is 1.0 whatever the truth), or fewer effective weighted draws (one draw
+    carrying every weight gives the delta method's se 1.0, too)."""
+    if post.log_evidence_se is None or post.info.get("support_size"):
+        return None
+    eves, reps = post.info.get("num_eves"), post.info.get("num_replicates") or 1
+    if eves is not None and reps < 2:
+        if int(eves) < MIN_DRAWS_FOR_SE:
+            return f"path degeneracy: {int(eves)} ancestor{'s' if int(eves) != 1 else ''}, fewer than {MIN_DRAWS_FOR_SE}"
+        return None
+    if not is_mcmc(post) and eves is None:
+        n = kish_ess(post.log_weights)
+        if n < MIN_DRAWS_FOR_SE:
+            return f"{n:.1f} effective draws, fewer than {MIN_DRAWS_FOR_SE}"
+    return None
+
+
+def khat_reason(post: Posterior, khat: float | None) -> str | None:
+    """Why a weighted posterior has no k-hat to show (``None`` where it has one, or needs none)."""
+    if is_mcmc(post) or post.info.get("support_size"):
+        return None
+    if khat is not None and khat == -math.inf:
+        return "the largest weights are tied: no tail to fit"
+    if khat is None:
+        return "too few weights for a tail fit"
+    return None
+
+
+def ess_note(post: Posterior) -> str | None:
+    """Why the ESS shown is not ArviZ's own number (``None`` when it is): MCMC's ESS is capped at the draws."""
+    if post.bulk_ess is not None and post.bulk_ess > len(post):
+        return (f"capped at the {len(post)} draws: ArviZ's bulk ESS is {post.bulk_ess:.0f} "
+                "(anti-correlated draws), which no estimate here can use")
+    return None
 
 
 # -- samples ----------------------------------------------------------------------------------
