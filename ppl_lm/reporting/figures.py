@@ -147,7 +147,7 @@ def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
 
 def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = None):
     """Sorted normalised importance weights (N·w against rank / N) and k-hat per weighted backend."""
-    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and p.method != "exact"}
+    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and not p.info.get("support_size")}
     if not weighted:
         return None
     colors = _colors(posteriors)

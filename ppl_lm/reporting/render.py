@@ -358,14 +358,15 @@ def _svi_draws(v) -> str:
 def _settings(post: Posterior) -> str:
     """The run's settings in words, e.g. ``64 particles, multinomial resampling when ESS / N < 0.50, seed 0``."""
     out = []
-    size = _info(post, "num_particles") if post.method == "smc" else _info(post, "num_samples")
+    trained = post.guide is not None  # num_steps and num_particles are then the guide's training's
+    size = _info(post, "num_particles") if post.ancestor is not None else _info(post, "num_samples")
     for key, words in SETTING_WORDS.items():
-        if key == "num_steps" and post.method != "svi":
+        if key == "num_steps" and not trained:
             continue
         v = _info(post, key)
         if key == "chunk_size" and isinstance(size, int) and isinstance(v, int) and v >= size:
             continue  # every particle fits at once: nothing to say
-        if key == "num_particles" and post.method == "svi":
+        if key == "num_particles" and trained:
             words = _svi_draws
         if v is None or isinstance(v, float) and not math.isfinite(v):
             continue
