@@ -54,7 +54,7 @@ def disagreeing_backends(posteriors: Mapping[str, Posterior], *, z: float = DISA
     >>> import torch
     >>> from ppl_lm import Posterior
     >>> def post(lz, se):
-    ...     return Posterior(torch.zeros(4, 1), torch.full((4,), -1.3863), lz, "importance",
+    ...     return Posterior(torch.zeros(40, 1), torch.full((40,), -3.6889), lz, "importance",
     ...                      info={"log_evidence_se": se})
     >>> disagreeing_backends({"a": post(-1.0, 0.1), "b": post(-1.1, 0.1)})
     []
