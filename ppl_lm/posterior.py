@@ -222,7 +222,7 @@ class Posterior:
         for k in torch.unique(v).tolist():
             hit = (v == k).double()
             p = float((W * hit).sum())
-            if self.method == "exact":
+            if self.info.get("support_size"):  # an enumeration: exact probabilities
                 se = 0.0
             elif self.is_mcmc and len(v) % max(self.num_chains, 1) == 0:
                 from .diagnostics.estimators import mcmc_mean_se
