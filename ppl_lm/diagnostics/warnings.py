@@ -147,7 +147,8 @@ def diagnose(post: Posterior) -> list[InferenceWarning]:
     what = "bulk ESS" if post.is_mcmc else "the weights' effective sample size"
     if n < MIN_DRAWS or n_eff < MIN_EFFECTIVE_DRAWS:
         out.append(InferenceWarning(
-            "too_few_draws", f"{n} draws, worth about {n_eff:.0f} independent draws ({what}): below {MIN_DRAWS} draws "
+            "too_few_draws", f"{n} draws, worth about {n_eff:.0f} independent draw{'' if round(n_eff) == 1 else 's'} "
+            f"({what}): below {MIN_DRAWS} draws "
             f"or {MIN_EFFECTIVE_DRAWS} effective draws, estimates, error bars and these diagnostics are too noisy "
             "to trust.", more))
     elif n_eff < MIN_BULK_ESS:
