@@ -381,13 +381,18 @@ def _print_run(name: str, post, top_k: int, out=None, labels: dict | None = None
     lz = "—" if s["log_evidence"] is None else f"{s['log_evidence']:.4f}"
     if s["log_evidence"] is not None and s["log_evidence_se"] is not None:
         lz += f" ± {s['log_evidence_se']:.4f}"
+    elif s["log_evidence_se_reason"]:  # no fake error bar: say why there is none
+        lz += f" ± — ({s['log_evidence_se_reason']})"
+    ess = f"ESS {s['ess']:.1f}" + (f" ({s['ess_note']})" if s["ess_note"] else "")
     parts = [f"method {post.method}", f"samples {s['num_samples']}"
              + (f" ({s['num_chains']} chains)" if s["num_chains"] > 1 else ""),
-             f"log Z {lz}", f"ESS {s['ess']:.1f}"]
+             f"log Z {lz}", ess]
     if s["n_eff_genealogy"] is not None and math.isfinite(s["n_eff_genealogy"]):
         parts.append(f"SMC genealogy n_eff {s['n_eff_genealogy']:.1f}")
     if s["khat"] is not None:
         parts.append(f"k-hat {s['khat']:.2f}")
+    elif s["khat_reason"]:
+        parts.append(f"k-hat — ({s['khat_reason']})")
     if s["rhat"] is not None:
         parts.append(f"R-hat {s['rhat']:.3f}")
     if s["acceptance"] is not None:
@@ -395,6 +400,7 @@ def _print_run(name: str, post, top_k: int, out=None, labels: dict | None = None
     if s["wall_time"] is not None:
         parts.append(f"wall time {s['wall_time']:.2f} s")
     print(f"{name}: " + ", ".join(parts), file=out)
+    print(f"  can be trusted: {s['verdict']}", file=out)
     if s["means"]:
         print("  " + ", ".join(f"E[{k}] = {v:.4g}" for k, v in s["means"].items()), file=out)
     for site, m in s["marginals"].items():

@@ -148,8 +148,9 @@ class Posterior:
 
     @property
     def ess(self) -> float:
-        """Effective sample size: ArviZ's bulk ESS for MCMC (the smallest over the scalar summaries),
-        Kish's for weighted samples."""
+        """Effective sample size: ArviZ's bulk ESS for MCMC (the smallest over the scalar summaries,
+        capped at the number of draws: anti-correlated chains can give ArviZ more, which no estimate
+        here can use), Kish's for weighted samples."""
         if self.bulk_ess is None and self.method == "mh" and self.stats:
             from .diagnostics.estimators import mcmc_diagnostics
             from .diagnostics.inference_data import chain_draws
@@ -157,7 +158,7 @@ class Posterior:
             _, by_stat = mcmc_diagnostics(chain_draws(self))
             self.bulk_ess = min(by_stat.values()) if by_stat else None
         if self.bulk_ess is not None:
-            return self.bulk_ess
+            return min(self.bulk_ess, float(len(self)))
         return kish_ess(self.log_weights)
 
     @property
@@ -226,7 +227,7 @@ class Posterior:
         for k in torch.unique(v).tolist():
             hit = (v == k).double()
             p = float((W * hit).sum())
-            if self.method == "exact":
+            if self.info.get("support_size"):  # an enumeration: exact probabilities
                 se = 0.0
             elif self.is_mcmc and len(v) % max(self.num_chains, 1) == 0:
                 from .diagnostics.estimators import mcmc_mean_se
@@ -256,11 +257,12 @@ class Posterior:
         idx = torch.multinomial(self.weights.float(), num_samples, replacement=True, generator=g)
         return self.samples[idx]
 
-    def to_inference_data(self):
-        """An ``arviz.InferenceData`` of per-sample scalar summaries (see ``ppl_lm.diagnostics``)."""
+    def to_inference_data(self, *, num_draws: int | None = None, seed: int | None = None):
+        """An ``arviz.InferenceData`` of per-sample scalar summaries whose ``posterior`` holds
+        equal-weight draws (:func:`ppl_lm.diagnostics.to_inference_data`)."""
         from .diagnostics.inference_data import to_inference_data
 
-        return to_inference_data(self)
+        return to_inference_data(self, num_draws=num_draws, seed=seed)
 
     def summary_stats(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in self.stats.items()}

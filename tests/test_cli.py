@@ -393,5 +393,8 @@ def test_run_on_embedded_smollm2(smollm2, monkeypatch, capsys):
     assert cli.main(["run", "prefix", "--method", "importance", "--num-samples", "4", "--set",
                      "max_new_tokens=4", "--quiet"]) == 0
     out = capsys.readouterr().out
-    # The prefix model has no condition: the prompted LM is the posterior, weights are uniform.
-    assert "prefix: method importance, samples 4, log Z 0.0000 ± 0.0000, ESS 4.0" in out
+    # The prefix model has no condition: the prompted LM is the posterior, weights are uniform. Four
+    # draws give no error bar, and the run says it is too small to trust.
+    assert ("prefix: method importance, samples 4, log Z 0.0000 ± — (4.0 effective draws, fewer than 10), "
+            "ESS 4.0") in out
+    assert "can be trusted: no — too few draws (4 draws, 4 effective)" in out

@@ -75,13 +75,17 @@ def check_arviz_works(idata):
 
 
 def check_weighted_layout(post: Posterior, idata):
-    n = len(post)
-    assert dict(idata.posterior.sizes) == {"chain": 1, "draw": n}
+    """Weighted draws (positive weight) in ``weighted_*``; equal-weight resampled draws in ``posterior``."""
+    keep = np.flatnonzero(np.isfinite(_np(post.log_weights)))
+    assert dict(idata.weighted_posterior.sizes) == {"chain": 1, "draw": len(keep)}
+    assert dict(idata.posterior.sizes) == {"chain": 1, "draw": D.default_num_draws(post)}
+    idx = idata.sample_stats["sample_index"].values[0]
     for k in D.stat_names(post):
-        np.testing.assert_array_equal(idata.posterior[k].values[0], _np(post.stats[k]))
-    np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0], _np(post.log_weights))
-    np.testing.assert_array_equal(idata.sample_stats["sample_index"].values[0], np.arange(n))
-    np.testing.assert_allclose(np.exp(idata.sample_stats["log_weight"].values).sum(), 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(idata.weighted_posterior[k].values[0], _np(post.stats[k])[keep])
+        np.testing.assert_array_equal(idata.posterior[k].values[0], _np(post.stats[k])[idx])
+    np.testing.assert_allclose(idata.weighted_sample_stats["log_weight"].values[0], _np(post.log_weights)[keep])
+    np.testing.assert_array_equal(idata.weighted_sample_stats["sample_index"].values[0], keep)
+    np.testing.assert_allclose(np.exp(idata.weighted_sample_stats["log_weight"].values).sum(), 1.0, rtol=1e-5)
     assert idata.attrs["method"] == post.method
     assert idata.attrs["weighted"] == 1
     assert idata.attrs["ess"] == pytest.approx(post.ess)
@@ -98,15 +102,15 @@ def test_exact_inference_data(lm, problem):
     model, args = PROBLEMS[problem](lm)
     post = ppl_lm.infer(model, *args, method="exact")
     idata = post.to_inference_data()
-    assert set(idata.groups()) == {"posterior", "sample_stats"}
+    assert set(idata.groups()) == {"posterior", "sample_stats", "weighted_posterior", "weighted_sample_stats"}
     assert set(idata.posterior.data_vars) == set(post.stats) | {"log_joint"}
     check_weighted_layout(post, idata)
-    np.testing.assert_allclose(idata.posterior["log_joint"].values[0],
+    np.testing.assert_allclose(idata.weighted_posterior["log_joint"].values[0],
                                _np(post.stats["log_prior"]) + _np(post.stats["log_likelihood"]))
     np.testing.assert_allclose(idata.sample_stats["lp"].values, idata.posterior["log_joint"].values)
     # Exact weights are the posterior: log_weight = log_joint - log Z.
-    np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0],
-                               idata.posterior["log_joint"].values[0] - post.log_evidence, atol=1e-4)
+    np.testing.assert_allclose(idata.weighted_sample_stats["log_weight"].values[0],
+                               idata.weighted_posterior["log_joint"].values[0] - post.log_evidence, atol=1e-4)
     assert idata.attrs["seed"] == 0 and idata.attrs["wall_time"] > 0
     assert "khat" not in idata.attrs  # nothing to diagnose for exact weights
     check_arviz_works(idata)
@@ -173,8 +177,9 @@ def test_weighted_groups_stay_one_weighted_chain():
                      stats={"v": torch.arange(n).float()}, chain=torch.tensor([0, 0, 0, 1, 1, 1]))
     assert not D.is_mcmc(post)
     idata = post.to_inference_data()
-    assert dict(idata.posterior.sizes) == {"chain": 1, "draw": n}
-    np.testing.assert_array_equal(idata.posterior["v"].values[0], np.arange(n))
+    assert dict(idata.weighted_posterior.sizes) == {"chain": 1, "draw": n}
+    np.testing.assert_array_equal(idata.weighted_posterior["v"].values[0], np.arange(n))
+    assert idata.posterior.sizes["chain"] == 1
 
 
 def test_rhat_and_ess_tell_mixing_from_not():
@@ -377,7 +382,7 @@ def test_path_degeneracy_is_judged_against_the_run_size(n, threshold, fires):
 def test_low_ess_of_weights_warns_when_few_draws_are_admissible():
     """Prior IS under a condition that 1/8 of the prior satisfies: the admissible draws have equal
     weights (k-hat -inf, no heavy tail), so only the weights' ESS can tell that 500 draws are
-    worth about 62. Below 100 draws asked for, a small ESS is what the user chose: no warning."""
+    worth about 62. Below 100 draws the run is too small to judge at all: ``too_few_draws`` instead."""
     import pyro
 
     lm = ppl_lm.MarkovLM(torch.zeros(8), torch.zeros(8, 8), eos_id=0)
@@ -390,4 +395,4 @@ def test_low_ess_of_weights_warns_when_few_draws_are_admissible():
     assert post.khat == -math.inf and 30 < post.ess < 100
     assert [w.code for w in post.warnings] == ["low_ess"]
     small = ppl_lm.infer(model, method="importance", num_samples=99, progress=False, seed=0)
-    assert "low_ess" not in [w.code for w in small.warnings]
+    assert [w.code for w in small.warnings] == ["too_few_draws"]

@@ -12,6 +12,7 @@ import math
 from typing import Mapping
 
 from ..posterior import Posterior
+from .inference_data import log_evidence_se_reason
 from .warnings import InferenceWarning
 
 __all__ = ["disagreeing_backends", "DISAGREEMENT_Z"]
@@ -30,9 +31,9 @@ def _estimate(post: Posterior) -> tuple[float, float] | None:
     if post.log_evidence is None or not math.isfinite(post.log_evidence):
         return None
     se = post.log_evidence_se
-    se = 0.0 if post.method == "exact" and se is None else se
-    if se is None or not math.isfinite(se):
-        return None
+    se = 0.0 if post.info.get("support_size") and se is None else se  # an enumeration's log Z is exact
+    if se is None or not math.isfinite(se) or log_evidence_se_reason(post):
+        return None  # no error bar (e.g. one SMC ancestor's se of 1.0): nothing to compare against
     return float(post.log_evidence), float(se)
 
 
@@ -42,8 +43,8 @@ def disagreeing_backends(posteriors: Mapping[str, Posterior], *, z: float = DISA
 
     Args:
         posteriors: name -> Posterior of the same model and context (an ``exact`` one included,
-            with standard error 0). Backends without a log Z or without a standard error (MH)
-            are left out.
+            with standard error 0). Backends without a log Z or without a usable standard error
+            (MH; fewer than 10 effective draws or SMC ancestors) are left out.
         z: how many combined standard errors, ``sqrt(se_a² + se_b²)``, make a disagreement.
 
     Returns:
@@ -53,7 +54,7 @@ def disagreeing_backends(posteriors: Mapping[str, Posterior], *, z: float = DISA
     >>> import torch
     >>> from ppl_lm import Posterior
     >>> def post(lz, se):
-    ...     return Posterior(torch.zeros(4, 1), torch.full((4,), -1.3863), lz, "importance",
+    ...     return Posterior(torch.zeros(40, 1), torch.full((40,), -3.6889), lz, "importance",
     ...                      info={"log_evidence_se": se})
     >>> disagreeing_backends({"a": post(-1.0, 0.1), "b": post(-1.1, 0.1)})
     []

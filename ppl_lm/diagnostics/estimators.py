@@ -13,12 +13,15 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["mcmc_mean_se", "kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "KHAT_THRESHOLD", "RHAT_THRESHOLD"]
+__all__ = ["mcmc_mean_se", "kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "systematic_resample",
+           "KHAT_THRESHOLD", "RHAT_THRESHOLD", "MIN_DRAWS_FOR_SE"]
 
 #: Pareto k-hat above which importance weights are too heavy-tailed to trust (Vehtari et al., 2024).
 KHAT_THRESHOLD = 0.7
 #: Split R-hat above which chains have not mixed (Vehtari et al., 2021).
 RHAT_THRESHOLD = 1.01
+#: Fewer independent draws (or SMC ancestors) than this give no usable standard error of log Z.
+MIN_DRAWS_FOR_SE = 10
 
 
 def _arviz():
@@ -44,6 +47,30 @@ def kish_ess(log_w: torch.Tensor) -> float:
     """
     w = torch.exp(_normalised(log_w))
     return float(w.sum() ** 2 / (w**2).sum())
+
+
+def systematic_resample(log_w: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``num`` indices drawn by systematic resampling from log-weights ``[N]`` (normalised or not).
+
+    One uniform offset, ``num`` evenly spaced positions on the weights' CDF: draw ``i`` is expected
+    ``num·W_i`` times and gets ``floor`` or ``ceil`` of it, so the resampling adds far less noise
+    than multinomial draws. A zero weight (-inf) is never drawn. Indices come out in ascending order.
+
+    >>> import torch
+    >>> systematic_resample(torch.log(torch.tensor([0.5, 0.25, 0.25, 0.0])), 4).tolist()
+    [0, 0, 1, 2]
+    """
+    if num < 1:
+        raise ValueError(f"num must be a positive integer, got {num!r}")
+    W = torch.exp(_normalised(log_w))
+    if not torch.isfinite(W).all():
+        raise ValueError("the log-weights have no finite total: every weight is zero or one is +inf/NaN")
+    u = torch.rand((), dtype=torch.float64, generator=generator)
+    pos = (u + torch.arange(num, dtype=torch.float64)) / num
+    cdf = torch.cumsum(W, 0)
+    last = int(torch.nonzero(W > 0).max())
+    cdf[last:] = 1.0  # no position may fall past the last positive weight through rounding
+    return torch.searchsorted(cdf, pos, right=True)  # the first draw whose CDF passes: never a zero weight
 
 
 def log_evidence_se(log_w: torch.Tensor) -> float:

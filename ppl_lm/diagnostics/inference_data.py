@@ -7,19 +7,34 @@ weighted means of each reward.
 
 Layout of :func:`to_inference_data`:
 
-* ``posterior``: one variable per per-sample scalar in ``post.stats`` (``log_prior``,
-  ``log_likelihood``, ``length``, ``reward:NAME``, ``ok:NAME``...) plus ``log_joint``. MCMC
-  posteriors (several chains, or an ``accepted`` statistic) are laid out ``chain × draw`` from
-  ``post.chain``; weighted posteriors (importance, SMC, SVI, exact) are one chain whose draws are
-  the samples in order, with their weights in ``sample_stats``.
-* ``sample_stats``: ``log_weight`` (normalised), ``lp`` (log prior + log likelihood), and for MH
-  ``accepted`` and ``move``.
-* ``svi_trace`` (SVI only): one variable per per-step array of ``post.info["trace"]``.
-* ``attrs``: method, seed, log_evidence, log_evidence_se, ess, khat, wall_time, acceptance...
-  (only scalars and strings, so the data set writes to netCDF).
+* ``posterior``: equal-weight draws of every per-sample scalar in ``post.stats`` (``log_prior``,
+  ``log_likelihood``, ``length``, ``reward:NAME``, ``ok:NAME``, scalar latents...) plus
+  ``log_joint``, so that every ArviZ function gives posterior answers.
 
-Draw ``d`` of a weighted posterior is ``post.samples[d]``; draw ``(c, d)`` of an MCMC posterior is
-the ``d``-th sample of chain ``c`` (``sample_index`` in ``sample_stats`` maps it back).
+  - MCMC posteriors (several uniformly weighted chains, or an ``accepted`` statistic) are laid
+    out ``chain × draw`` from ``post.chain``, as drawn.
+  - Weighted posteriors (importance, SMC, SVI, exact) are one chain of ``M`` draws made by
+    seeded systematic resampling of the weighted draws, shuffled. ``M`` is
+    :func:`default_num_draws`: the effective number of draws, rounded (Kish's ESS; SMC's genealogy
+    count where smaller), so ArviZ's ESS of them is about what the weights are worth and its
+    ``mcse`` does not claim more. An exact posterior's support is resampled to
+    :data:`EXACT_DRAWS` draws (its error is the resampling's alone). ``num_draws=`` overrides.
+    A draw that fails a hard constraint has weight 0 and is never drawn, so ``log_likelihood``
+    stays finite and every ``az.plot_*`` runs; constraints are the ``ok:NAME`` flags.
+
+* ``sample_stats``: ``sample_index`` (which of ``post``'s samples each draw is), ``lp`` (log prior
+  + log likelihood); MCMC also ``log_weight`` and MH's ``accepted`` and ``move``.
+* ``weighted_posterior`` and ``weighted_sample_stats`` (weighted posteriors only): the weighted
+  draws themselves (those with positive weight), with ``log_weight`` (normalised) and
+  ``sample_index``. Weighted estimates come from these (:func:`weighted_stats`).
+* ``svi_trace`` (SVI only): one variable per per-step array of ``post.info["trace"]``.
+* ``attrs``: method, seed, log_evidence, log_evidence_se, ess, khat, wall_time, acceptance...;
+  for weighted posteriors also ``kish_ess``, ``effective_draws``, ``num_weighted_draws``,
+  ``num_zero_weight`` and ``resampling_seed`` (only scalars and strings: it writes to netCDF).
+
+Which ESS to believe: for weighted runs ``attrs["effective_draws"]`` (Kish's ESS, or SMC's
+genealogy count); ArviZ's ``ess_bulk`` of the resampled draws agrees with it by construction and
+says nothing more. For MCMC, ArviZ's ESS of the chains is the one.
 """
 
 from __future__ import annotations
@@ -34,13 +49,16 @@ import numpy as np
 import torch
 
 from .. import posterior as _posterior
-from .estimators import _arviz, kish_ess, mcmc_diagnostics, pareto_khat
+from .estimators import MIN_DRAWS_FOR_SE, _arviz, kish_ess, mcmc_diagnostics, pareto_khat, systematic_resample
 
 if TYPE_CHECKING:
     from ..posterior import Posterior
 
 __all__ = [
     "to_inference_data",
+    "effective_draws",
+    "default_num_draws",
+    "EXACT_DRAWS",
     "is_mcmc",
     "weighted_mean",
     "weighted_stats",
@@ -58,6 +76,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Equal-weight draws that an exact posterior's support is resampled to in ``posterior``: the
+#: resampling's own Monte Carlo error (at most sd/sqrt(4000) on a mean) is what ArviZ then reports.
+EXACT_DRAWS = 4000
 
 #: Per-sample statistics that describe the sampler, not the sample (``sample_stats`` group).
 SAMPLE_STAT_KEYS = ("accepted", "move")
@@ -171,48 +193,51 @@ def _trace_dataset(trace: dict):
     return xr.Dataset(data, coords={"step": np.arange(steps)})
 
 
-def to_inference_data(post: Posterior):
-    """An ``arviz.InferenceData`` of ``post``'s per-sample scalar summaries (layout: module doc).
+def effective_draws(post: Posterior) -> float:
+    """How many independent posterior draws ``post``'s draws are worth, the count every
+    "too few" check and the ``posterior`` group's size rest on.
 
-    ``arviz.summary``, ``arviz.ess``, ``arviz.rhat`` and ``arviz.plot_trace`` work on it. For a
-    weighted posterior ArviZ's means are unweighted; use :func:`weighted_stats` (or resample
-    first) for posterior expectations.
-
-    >>> import torch, pyro, ppl_lm
-    >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
-    >>> def model():
-    ...     x = pyro.sample("x", lm.sequence([], max_new_tokens=2))
-    ...     ppl_lm.reward("r", (x == 1).float().sum(-1), beta=1.0)
-    >>> idata = ppl_lm.infer(model, method="exact").to_inference_data()
-    >>> sorted(idata.posterior.data_vars)
-    ['length', 'log_joint', 'log_likelihood', 'log_prior', 'reward:r']
+    MCMC: ``post.ess`` (ArviZ's smallest bulk ESS, at most the number of draws). Weighted draws:
+    Kish's ESS, or SMC's genealogy count (``info.n_eff_genealogy``) where it is smaller (Kish's
+    overstates what resampled particles hold). An enumeration (``info.support_size``): ``inf``.
     """
-    _check(post)
-    az = _arviz()
-    index, num_chains, num_draws = _layout(post)
+    if is_mcmc(post):
+        return float(post.ess)
+    if post.info.get("support_size"):
+        return math.inf
+    n = kish_ess(post.log_weights)
+    lineage = post.info.get("n_eff_genealogy")
+    if lineage is not None and math.isfinite(float(lineage)):
+        n = min(n, float(lineage))
+    return n
 
-    posterior: dict[str, np.ndarray] = OrderedDict()
+
+def default_num_draws(post: Posterior) -> int:
+    """The number of equal-weight draws :func:`to_inference_data` puts in ``posterior`` for a
+    weighted ``post``: :data:`EXACT_DRAWS` for an enumeration, else :func:`effective_draws`
+    rounded (at least 1), so that ArviZ's ESS of them is about what the weighted draws are worth."""
+    n_eff = effective_draws(post)
+    if math.isinf(n_eff):
+        return EXACT_DRAWS
+    return max(1, min(len(post), int(round(n_eff))))
+
+
+def _scalars(post: Posterior) -> dict[str, np.ndarray]:
+    """Every per-sample scalar summary ``[N]`` (``log_joint`` added; the length when there are none)."""
+    out: dict[str, np.ndarray] = OrderedDict()
     for name in stat_names(post):
         arr = _per_sample(post, name, post.stats[name])
         if arr is not None:
-            posterior[name] = arr[index]
-    if "log_prior" in posterior and "log_likelihood" in posterior:
-        posterior["log_joint"] = posterior["log_prior"] + posterior["log_likelihood"]
-    if not posterior:
+            out[name] = arr
+    if "log_prior" in out and "log_likelihood" in out:
+        out["log_joint"] = out["log_prior"] + out["log_likelihood"]
+    if not out and post.samples is not None:
         # A Posterior built by hand may carry no stats: the length is always known.
-        posterior["length"] = _length(post).astype(np.float64)[index]
+        out["length"] = _length(post).astype(np.float64)
+    return out
 
-    log_w = post.log_weights.detach().cpu().double().numpy().reshape(-1)
-    sample_stats: dict[str, np.ndarray] = OrderedDict(
-        log_weight=log_w[index], sample_index=index.astype(np.int64))
-    if "log_joint" in posterior:
-        sample_stats["lp"] = posterior["log_joint"]
-    for name, value in _sampler_stats(post).items():
-        arr = _per_sample(post, name, value)
-        if arr is not None:
-            arr = arr[index]
-            sample_stats[name] = arr.astype(bool) if name == "accepted" else arr.astype(np.int64)
 
+def _attrs(post: Posterior, num_chains: int, num_draws: int) -> dict[str, Any]:
     attrs = _scalar_attrs(post.info)
     attrs.update(method=str(post.method), num_samples=len(post), num_chains=num_chains,
                  num_draws=num_draws, weighted=int(not is_mcmc(post)), ess=float(post.ess))
@@ -229,6 +254,90 @@ def to_inference_data(post: Posterior):
         attrs["acceptance"] = acc["overall"]
         for mv, rate in acc["moves"].items():
             attrs[f"acceptance_{mv}"] = rate
+    return attrs
+
+
+def _resampled(post: Posterior, num_draws: int | None, seed: int | None) -> tuple[np.ndarray, int]:
+    """Indices ``[M]`` of ``M`` equal-weight draws (systematic resampling, shuffled), and the seed used."""
+    if num_draws is None:
+        num_draws = default_num_draws(post)
+    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 1:
+        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    seed = int(post.seed or 0) if seed is None else int(seed)
+    g = torch.Generator().manual_seed(seed)
+    idx = systematic_resample(post.log_weights, int(num_draws), g)
+    # Systematic resampling returns copies side by side; shuffled, they are exchangeable draws and
+    # ArviZ's autocorrelation-based ESS reads them as such.
+    return idx[torch.randperm(len(idx), generator=g)].numpy(), seed
+
+
+def _dataset(arrays: dict[str, np.ndarray], attrs: dict):
+    import xarray as xr
+
+    ds = xr.Dataset({k: (("chain", "draw"), v) for k, v in arrays.items()},
+                    coords={"chain": [0], "draw": np.arange(next(iter(arrays.values())).shape[1])})
+    ds.attrs.update(attrs)
+    return ds
+
+
+def to_inference_data(post: Posterior, *, num_draws: int | None = None, seed: int | None = None):
+    """An ``arviz.InferenceData`` of ``post``'s per-sample scalar summaries (layout: module doc).
+
+    ``posterior`` always holds equal-weight draws, so ``arviz.summary``, ``arviz.ess`` and every
+    ``arviz.plot_*`` give posterior answers. For a weighted posterior (importance, SMC, SVI, exact)
+    they are a seeded systematic resampling of the weighted draws, which stay in
+    ``weighted_posterior`` with their log-weights in ``weighted_sample_stats``.
+
+    Args:
+        num_draws: equal-weight draws to resample (weighted posteriors only); default
+            :func:`default_num_draws`: about the effective number of draws (Kish's ESS), so that
+            ArviZ's ESS and Monte Carlo errors do not claim more than the weights hold.
+        seed: of the resampling (default: the run's seed, else 0).
+
+    >>> import torch, pyro, ppl_lm
+    >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
+    >>> def model():
+    ...     x = pyro.sample("x", lm.sequence([], max_new_tokens=2))
+    ...     ppl_lm.reward("r", (x == 1).float().sum(-1), beta=1.0)
+    >>> idata = ppl_lm.infer(model, method="exact").to_inference_data()
+    >>> sorted(idata.posterior.data_vars)
+    ['length', 'log_joint', 'log_likelihood', 'log_prior', 'reward:r']
+    >>> idata.posterior.sizes["draw"], idata.weighted_posterior.sizes["draw"]
+    (4000, 7)
+    """
+    _check(post)
+    az = _arviz()
+    scalars = _scalars(post)
+    if not scalars:
+        raise ValueError("this Posterior has no per-sample summaries (post.stats) and no samples: nothing to put "
+                         "in an InferenceData")
+    log_w = post.log_weights.detach().cpu().double().numpy().reshape(-1)
+    extra = {}
+    if is_mcmc(post):
+        index, num_chains, n_draws = _layout(post)
+        attrs = _attrs(post, num_chains, n_draws)
+        sample_stats: dict[str, np.ndarray] = OrderedDict(log_weight=log_w[index], sample_index=index.astype(np.int64))
+    else:
+        idx, seed = _resampled(post, num_draws, seed)
+        index = idx.reshape(1, -1)
+        attrs = _attrs(post, 1, len(idx))
+        keep = np.flatnonzero(np.isfinite(log_w))  # a zero weight adds nothing to any estimate
+        attrs.update(kish_ess=kish_ess(post.log_weights), effective_draws=float(effective_draws(post)),
+                     posterior_draws="systematic resampling of the weighted draws (equal weights)",
+                     resampling_seed=seed, num_weighted_draws=len(keep), num_zero_weight=len(log_w) - len(keep))
+        sample_stats = OrderedDict(sample_index=index.astype(np.int64))
+        weighted = {k: v[keep][None] for k, v in scalars.items()}
+        extra = {"weighted_posterior": _dataset(weighted, attrs),
+                 "weighted_sample_stats": _dataset({"log_weight": log_w[keep][None],
+                                                    "sample_index": keep[None].astype(np.int64)}, attrs)}
+    posterior = OrderedDict((k, v[index]) for k, v in scalars.items())
+    if "log_joint" in posterior:
+        sample_stats["lp"] = posterior["log_joint"]
+    for name, value in _sampler_stats(post).items():
+        arr = _per_sample(post, name, value)
+        if arr is not None:
+            arr = arr[index]
+            sample_stats[name] = arr.astype(bool) if name == "accepted" else arr.astype(np.int64)
 
     with warnings.catch_warnings():
         # `log_likelihood` here is each draw's total log-likelihood (a summary like the others),
@@ -242,7 +351,11 @@ def to_inference_data(post: Posterior):
         ds = _trace_dataset(trace)
         if ds is not None:
             ds.attrs.update(attrs)
-            idata.add_groups({"svi_trace": ds})
+            extra["svi_trace"] = ds
+    if extra:
+        with warnings.catch_warnings():  # groups outside ArviZ's schema, on purpose
+            warnings.filterwarnings("ignore", message=".*not defined in the InferenceData scheme")
+            idata.add_groups(extra)
     return idata
 
 
@@ -287,7 +400,7 @@ def psis_khat(post: Posterior) -> float | None:
     """
     if post.khat is not None:
         return post.khat
-    if post.method == "exact" or is_mcmc(post):
+    if post.info.get("support_size") or is_mcmc(post):  # an enumeration's weights are exact
         return None
     k = pareto_khat(post.log_weights)
     return None if math.isnan(k) else k
@@ -338,15 +451,23 @@ def ess(post: Posterior) -> float:
 def summary(post: Posterior) -> dict[str, Any]:
     """The numbers of a report table: one flat dict per posterior.
 
-    Keys: method, num_samples, num_chains, log_evidence, log_evidence_se, ess, n_eff_genealogy
-    (SMC's genealogy-based count of independent draws, else ``None``), khat, rhat (the largest
-    R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves, means (weighted
-    mean of each reward, constraint and the length), marginals (:func:`discrete_marginals`),
-    wall_time, seed, warnings.
+    Keys: method, num_samples, num_chains, log_evidence, log_evidence_se (``None`` with
+    ``log_evidence_se_reason`` when it is no error bar), ess (with ``ess_note`` when capped),
+    effective_draws (:func:`effective_draws`), n_eff_genealogy (SMC's genealogy-based count of
+    independent draws, else ``None``), khat (``None`` with ``khat_reason`` when undefined), rhat
+    (the largest R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves,
+    means (weighted mean of each reward, constraint and the length), marginals
+    (:func:`discrete_marginals`), wall_time, seed, warnings, verdict (one line:
+    :func:`~ppl_lm.diagnostics.warnings.verdict`).
     """
+    from .warnings import verdict
+
     _check(post)
     r = rhat(post)
     acc = acceptance(post)
+    se, se_reason = post.log_evidence_se, log_evidence_se_reason(post)
+    k = psis_khat(post)
+    k_reason = khat_reason(post, k)
     means = {}
     for name in stat_names(post):
         if name.startswith(("reward:", "ok:")) or name == "length":
@@ -359,10 +480,14 @@ def summary(post: Posterior) -> dict[str, Any]:
         "num_samples": len(post),
         "num_chains": post.num_chains if is_mcmc(post) else 1,
         "log_evidence": None if post.log_evidence is None else float(post.log_evidence),
-        "log_evidence_se": post.log_evidence_se,
+        "log_evidence_se": None if se_reason else se,
+        "log_evidence_se_reason": se_reason,
         "ess": ess(post),
+        "ess_note": ess_note(post),
+        "effective_draws": effective_draws(post),
         "n_eff_genealogy": post.info.get("n_eff_genealogy"),
-        "khat": psis_khat(post),
+        "khat": None if k_reason else k,
+        "khat_reason": k_reason,
         "rhat": post.rhat if post.rhat is not None else (None if not r else max(r.values())),
         "acceptance": None if acc is None else acc["overall"],
         "acceptance_moves": {} if acc is None else acc["moves"],
@@ -371,7 +496,46 @@ def summary(post: Posterior) -> dict[str, Any]:
         "wall_time": post.wall_time,
         "seed": post.seed,
         "warnings": list(post.warnings),
+        "verdict": verdict(post),
     }
+
+
+def log_evidence_se_reason(post: Posterior) -> str | None:
+    """Why ``post.log_evidence_se`` is no error bar (``None`` when it is one): fewer than
+    :data:`MIN_DRAWS_FOR_SE` ancestors behind SMC's one genealogy (with a single ancestor the
+    Lee-Whiteley estimate is 1.0 whatever the truth), or fewer effective weighted draws (one draw
+    carrying every weight gives the delta method's se 1.0, too)."""
+    if post.log_evidence_se is None or post.info.get("support_size"):
+        return None
+    eves, reps = post.info.get("num_eves"), post.info.get("num_replicates") or 1
+    if eves is not None and reps < 2:
+        if int(eves) < MIN_DRAWS_FOR_SE:
+            return f"path degeneracy: {int(eves)} ancestor{'s' if int(eves) != 1 else ''}, fewer than {MIN_DRAWS_FOR_SE}"
+        return None
+    if not is_mcmc(post) and eves is None:
+        n = kish_ess(post.log_weights)
+        if n < MIN_DRAWS_FOR_SE:
+            return f"{n:.1f} effective draws, fewer than {MIN_DRAWS_FOR_SE}"
+    return None
+
+
+def khat_reason(post: Posterior, khat: float | None) -> str | None:
+    """Why a weighted posterior has no k-hat to show (``None`` where it has one, or needs none)."""
+    if is_mcmc(post) or post.info.get("support_size"):
+        return None
+    if khat is not None and khat == -math.inf:
+        return "the largest weights are tied: no tail to fit"
+    if khat is None:
+        return "too few weights for a tail fit"
+    return None
+
+
+def ess_note(post: Posterior) -> str | None:
+    """Why the ESS shown is not ArviZ's own number (``None`` when it is): MCMC's ESS is capped at the draws."""
+    if post.bulk_ess is not None and post.bulk_ess > len(post):
+        return (f"capped at the {len(post)} draws: ArviZ's bulk ESS is {post.bulk_ess:.0f} "
+                "(anti-correlated draws), which no estimate here can use")
+    return None
 
 
 # -- samples ----------------------------------------------------------------------------------

@@ -23,10 +23,16 @@ from .estimators import KHAT_THRESHOLD, RHAT_THRESHOLD
 if TYPE_CHECKING:
     from ..posterior import Posterior
 
-__all__ = ["InferenceWarning", "PplLmWarning", "emit", "diagnose", "user_stacklevel", "MIN_BULK_ESS"]
+__all__ = ["InferenceWarning", "PplLmWarning", "emit", "diagnose", "user_stacklevel", "more_draws_advice", "verdict",
+           "MIN_BULK_ESS", "MIN_DRAWS", "MIN_EFFECTIVE_DRAWS"]
 
 #: Bulk ESS below which MCMC estimates are too noisy to report (ArviZ: 100 per chain, 400 in all).
 MIN_BULK_ESS = 100
+#: Fewer draws than this, or fewer effective draws than :data:`MIN_EFFECTIVE_DRAWS`, is a
+#: ``too_few_draws`` run: a mean from 30 independent draws is off by 0.18 sd (one standard error),
+#: and the diagnostics themselves (k-hat's tail fit, ESS, R-hat) are noise below about 100 draws.
+MIN_DRAWS = 100
+MIN_EFFECTIVE_DRAWS = 30
 
 
 class PplLmWarning(UserWarning):
@@ -88,21 +94,41 @@ def num_sequences(post: Posterior) -> int | float:
     return support_size(vocab, post.samples.shape[1])
 
 
+def more_draws_advice(post: Posterior) -> str:
+    """What gives this run more effective draws, read from its fields (never its method name):
+    chains, resampled particles (``ancestor``), a trained guide, or independent proposals."""
+    if post.is_mcmc:
+        return "run more draws per chain (num_samples), more chains (num_chains) or a longer warm-up (warmup_steps)."
+    if post.ancestor is not None:
+        return "use more particles (num_particles), or num_replicates >= 10 independent runs."
+    if post.guide is not None:
+        return "train the guide longer (num_steps) or draw more from it (num_samples)."
+    return "use more samples (num_samples), method='smc', or a better proposal (a guide trained with method='svi')."
+
+
+def _is_enumeration(post: Posterior) -> bool:
+    return bool(post.info.get("support_size"))
+
+
 def diagnose(post: Posterior) -> list[InferenceWarning]:
     """The checks every posterior gets, from its typed fields: heavy-tailed weights (k-hat),
-    collapse onto few distinct sequences, unmixed chains (R-hat) and too few effective draws
-    (bulk ESS of chains; Kish's ESS of weights, when at least 100 draws were asked for).
+    collapse onto few distinct sequences, unmixed chains (R-hat), too few draws (fewer than
+    :data:`MIN_DRAWS`, or fewer than :data:`MIN_EFFECTIVE_DRAWS` effective ones) and too few
+    effective draws among many (bulk ESS of chains; Kish's ESS of weights). Each fix fits the run
+    (:func:`more_draws_advice`).
 
     Backend-specific checks (SMC path degeneracy, SVI divergence) are added by their backends.
     """
+    from .inference_data import effective_draws
+
     out: list[InferenceWarning] = []
-    if post.method == "exact":
+    if _is_enumeration(post):
         return out
+    more = more_draws_advice(post)
     if post.khat is not None and post.khat > KHAT_THRESHOLD:
         out.append(InferenceWarning(
             "khat", f"Pareto k-hat is {post.khat:.2f} > {KHAT_THRESHOLD}: the importance weights are heavy-tailed "
-            "(or few samples carry weight), so estimates, log Z and their standard errors are unreliable.",
-            "use more samples, method='smc', or a better proposal (a guide trained with method='svi')."))
+            "(or few samples carry weight), so estimates, log Z and their standard errors are unreliable.", more))
     n = len(post)
     # Collapse onto few sequences; a posterior with no latent sequence (every text observed) has
     # only other latents, whose few distinct values (a world among K) are no sign of collapse.
@@ -117,13 +143,39 @@ def diagnose(post: Posterior) -> list[InferenceWarning]:
         out.append(InferenceWarning(
             "rhat", f"split R-hat is {post.rhat:.3f} > {RHAT_THRESHOLD}: the chains have not mixed (they disagree).",
             "run more warm-up and more draws, more chains, or start chains from better states."))
-    if post.method != "mh" and post.bulk_ess is None and n >= MIN_BULK_ESS and post.ess < MIN_BULK_ESS:
+    n_eff = effective_draws(post)
+    what = "bulk ESS" if post.is_mcmc else "the weights' effective sample size"
+    if n < MIN_DRAWS or n_eff < MIN_EFFECTIVE_DRAWS:
         out.append(InferenceWarning(
-            "low_ess", f"the weights' effective sample size is {post.ess:.0f} of {n} draws (< {MIN_BULK_ESS}): every "
-            f"estimate rests on about {post.ess:.0f} effective draws.",
-            "use more samples, method='smc', or a better proposal (a guide trained with method='svi')."))
-    if post.bulk_ess is not None and post.bulk_ess < MIN_BULK_ESS:
+            "too_few_draws", f"{n} draws, worth about {n_eff:.0f} independent draw{'' if round(n_eff) == 1 else 's'} "
+            f"({what}): below {MIN_DRAWS} draws "
+            f"or {MIN_EFFECTIVE_DRAWS} effective draws, estimates, error bars and these diagnostics are too noisy "
+            "to trust.", more))
+    elif n_eff < MIN_BULK_ESS:
         out.append(InferenceWarning(
-            "low_ess", f"bulk ESS is {post.bulk_ess:.0f} < {MIN_BULK_ESS}: too few effective draws for stable estimates.",
-            "run more draws per chain (num_samples) or more chains."))
+            "low_ess", f"{what} is {n_eff:.0f} of {n} draws (< {MIN_BULK_ESS}): every estimate rests on about "
+            f"{n_eff:.0f} effective draws.", more))
     return out
+
+
+def verdict(post: Posterior) -> str:
+    """One line: can this run's estimates be trusted? ``"yes"``, or ``"no — "`` and the reasons,
+    from its warnings and the numbers behind them (e.g. ``no — path degeneracy, 3 ancestors``)."""
+    if not post.warnings:
+        return "yes (exact enumeration)" if _is_enumeration(post) else "yes"
+    from .inference_data import effective_draws
+
+    def reason(w: InferenceWarning) -> str:
+        if w.code == "path_degeneracy" and post.info.get("num_eves") is not None:
+            k = int(post.info.get("num_eves"))
+            return f"path degeneracy, {k} ancestor{'s' if k != 1 else ''}"
+        if w.code == "khat" and post.khat is not None:
+            return f"heavy-tailed weights (k-hat {post.khat:.2f})"
+        if w.code == "rhat" and post.rhat is not None:
+            return f"chains not mixed (R-hat {post.rhat:.3f})"
+        if w.code in ("too_few_draws", "low_ess"):
+            return f"{w.code.replace('_', ' ')} ({len(post)} draws, {effective_draws(post):.0f} effective)"
+        return w.code.replace("_", " ")
+
+    reasons = list(dict.fromkeys(reason(w) for w in post.warnings))
+    return "no — " + "; ".join(reasons)

@@ -32,7 +32,7 @@ from ..posterior import Posterior
 from .figures import FIGURES, _figure_specs, _png
 from .render import (
     CSS, _html_samples, _html_table, marginal_rows, _html_warnings, _md_samples, _md_table, _md_warnings, _settings, _table,
-    report_warnings, summary_rows,
+    report_warnings, summary_rows, verdict_html, verdict_md,
 )
 
 
@@ -149,12 +149,15 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         f'<p class="meta">ppl-lm {html.escape(__version__)} · {now}</p>',
         f'<p class="desc">{html.escape(description)}</p>' if description else "",
         f"<h2>Warnings ({len(warned)})</h2>" if warned else "<h2>Warnings</h2>", _html_warnings(warned),
+        "<h2>Verdict</h2>", verdict_html(rows),
         "<h2>Summary</h2>", _html_table(head, cells),
         '<p class="note">ESS: Kish\'s effective sample size of the weights (weighted samples) or ArviZ\'s bulk '
         "ESS (MCMC); in brackets ESS / N. SMC genealogy n_eff: how many independent draws SMC's particles are "
         "worth given their shared ancestors. Means E[·] are posterior (weighted) means. k-hat: Pareto shape of "
         "the importance weights (&lt; 0.5 good, &gt; 0.7 unreliable). R-hat: largest split R-hat over the "
-        "chains' summaries (&lt; 1.01 good). ⚠ marks a value past its threshold.</p>",
+        "chains' summaries (&lt; 1.01 good). ⚠ marks a value past its threshold. — with a reason: the number is "
+        "undefined or would be no error bar (one ancestor, a handful of effective draws, tied weights). Error vs exact: "
+        "each mean minus the exact one, worst first, in Monte Carlo sd (exact sd / √effective draws; ⚠ past 4).</p>",
         "<h3>Run settings</h3>", _html_table(["backend", "method", "settings"], settings, numbers=False),
     ]
     for sec, heading in (("distributions", "Reward distributions"), ("weights", "Weight diagnostics")):
@@ -184,7 +187,8 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
     (tmp / "report.html").write_text("\n".join(parts), encoding="utf-8")
 
     md = [f"# {title}", ""] + ([description, ""] if description else []) + [
-          "## Warnings", "", _md_warnings(warned), "", "## Summary", "", _md_table(head, cells), "", "## Run settings", "",
+          "## Warnings", "", _md_warnings(warned), "", "## Verdict", "", verdict_md(rows), "",
+          "## Summary", "", _md_table(head, cells), "", "## Run settings", "",
           _md_table(["backend", "method", "settings"], settings), ""]
     for fname, _, caption, _ in figures:
         md += [f"![{caption}]({fname})", ""]

@@ -145,9 +145,14 @@ def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
     return fig
 
 
+def _khat_text(k: float) -> str:
+    """k-hat as shown: "—: tied" where the largest weights are tied (no tail), else the number."""
+    return "— (tied weights)" if k == -math.inf else _fmt(k, 2)
+
+
 def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = None):
     """Sorted normalised importance weights (N·w against rank / N) and k-hat per weighted backend."""
-    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and p.method != "exact"}
+    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and not p.info.get("support_size")}
     if not weighted:
         return None
     colors = _colors(posteriors)
@@ -160,7 +165,7 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
         x = (np.arange(len(w)) + 1) / len(w)
         pos = w > 0
         k = D.psis_khat(p)
-        label = f"{n}: ESS/N {p.ess / len(p):.2f}" + ("" if k is None else f", k-hat {_fmt(k, 2)}")
+        label = f"{n}: ESS/N {p.ess / len(p):.2f}" + ("" if k is None else f", k-hat {_khat_text(k)}")
         if np.ptp(w[pos]) <= 1e-6 * w[pos].max():
             label += " (equal weights)"  # e.g. SMC after its final resampling: on the uniform line
         if (~pos).any():
@@ -197,7 +202,7 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
     for i, (k, f) in enumerate(zip(ks, finite)):
         if f:
             ax2.text(i - 0.2, max(k, 0) + 0.02, _fmt(k, 2), ha="center", fontsize=7)
-    ticks = [n if f else f"{n}\n(k-hat {'none' if k is None else _fmt(k, 2)})"
+    ticks = [n if f else f"{n}\n(k-hat {'—' if k is None else _khat_text(k)})"
              for n, k, f in zip(names, ks, finite)]
     ax2.set_xticks(pos, ticks)
     low = min([0.0] + [k for k, f in zip(ks, finite) if f])

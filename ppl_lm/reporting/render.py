@@ -58,11 +58,28 @@ def summary_rows(posteriors: Mapping[str, Posterior], exact: Posterior | None = 
         row = {"name": name, **D.summary(post)}
         row.pop("warnings", None)  # shown in their own section (report_warnings)
         if exact is not None:
-            row["tv_to_exact"] = _tv(post, exact)
+            row["tv_to_exact"] = _tv(post, exact) if post.samples is not None and exact.samples is not None else None
             row["log_evidence_error"] = (None if post.log_evidence is None
                                          else post.log_evidence - exact.log_evidence)
+            row["error_vs_exact"] = None if post is exact else mean_errors(post, exact)
         rows.append(row)
     return rows
+
+
+def mean_errors(post: Posterior, exact: Posterior) -> dict[str, dict[str, float]]:
+    """Each posterior mean's error against the exact one: ``{name: {"error", "sd"}}``, ``sd`` being
+    the error in Monte Carlo standard deviations, sd_exact / sqrt(effective draws) (0 for exact)."""
+    out = {}
+    n_eff = D.effective_draws(post)
+    for name, mean in D.summary(post)["means"].items():
+        if name not in exact.stats or not math.isfinite(mean):
+            continue
+        ref = D.weighted_stats(exact, exact.stats[name])
+        err = mean - ref["mean"]
+        scale = ref["sd"] / math.sqrt(n_eff) if n_eff > 0 else math.inf
+        z = 0.0 if err == 0 or math.isinf(n_eff) else (err / scale if scale > 0 else math.inf)
+        out[name] = {"error": err, "sd": z}
+    return out
 
 
 def _info(post: Posterior, key: str):
@@ -107,13 +124,15 @@ def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
     head += ["k-hat", "R-hat", "acceptance"]
     head += [f"E[{m}]" for m in means]
     if exact:
-        head += ["TV to exact", "log Z error"]
+        head += ["error vs exact", "TV to exact", "log Z error"]
     head += ["wall time"]
     cells = []
     for r in rows:
         lz = _fmt(r["log_evidence"], 4)
         if r["log_evidence"] is not None and r["log_evidence_se"] is not None:
             lz += f" ± {_fmt(r['log_evidence_se'], 4)}"
+        elif r["log_evidence"] is not None and r.get("log_evidence_se_reason"):
+            lz += f" ± —\n({r['log_evidence_se_reason']})"  # no fake error bar
         samples = _fmt(r["num_samples"])
         if r["num_chains"] > 1:
             samples += f" ({r['num_chains']} chains)"
@@ -121,18 +140,51 @@ def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
         if r["acceptance_moves"]:
             acc += "\n" + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in r["acceptance_moves"].items())
         khat, rhat = r["khat"], r["rhat"]
-        row = [r["name"], r["method"], samples, lz,
-               f"{_fmt(r['ess'], 1)} ({_fmt(r['ess'] / r['num_samples'], 2)})"]
+        ess = f"{_fmt(r['ess'], 1)} ({_fmt(r['ess'] / r['num_samples'], 2)})"
+        if r.get("ess_note"):
+            ess += f"\n{r['ess_note']}"
+        row = [r["name"], r["method"], samples, lz, ess]
         if lineages:
             row += [_fmt(_genealogy(r), 1)]
-        row += [_flagged(_fmt(khat, 2), khat is not None and khat > KHAT_MAX),
+        k_cell = _flagged(_fmt(khat, 2), khat is not None and khat > KHAT_MAX)
+        if khat is None and r.get("khat_reason"):
+            k_cell += f"\n({r['khat_reason']})"
+        row += [k_cell,
                 _flagged(_fmt(rhat), rhat is not None and not rhat <= RHAT_MAX), acc]
         row += [_fmt(r["means"].get(m)) for m in means]
         if exact:
-            row += [_fmt(r["tv_to_exact"]), _fmt(r["log_evidence_error"], 4)]
+            errors = r.get("error_vs_exact")
+            row += ["reference" if errors is None else _error_cell(errors), _fmt(r["tv_to_exact"]),
+                    _fmt(r["log_evidence_error"], 4)]
         row += [_fmt_time(r["wall_time"])]
         cells.append(row)
     return head, cells
+
+
+#: A mean further from the exact one than this many Monte Carlo sd is marked (4: 6e-5 by chance).
+ERROR_SD_MAX = 4.0
+
+
+def _error_cell(errors: dict[str, dict[str, float]]) -> str:
+    """Each mean's error vs exact, worst first, in Monte Carlo sd: ``length +0.120 (1.3 sd)``."""
+    if not errors:
+        return "—"
+    items = sorted(errors.items(), key=lambda kv: -abs(kv[1]["sd"]))
+    lines = [f"{n} {v['error']:+.3f}" + (f" ({abs(v['sd']):.1f} sd)" if v["sd"] else "") for n, v in items]
+    lines[0] = _flagged(lines[0], abs(items[0][1]["sd"]) > ERROR_SD_MAX)
+    return "\n".join(lines)
+
+
+def verdict_html(rows: list[dict]) -> str:
+    """One line per backend: can its estimates be trusted (``summary``'s ``verdict``)."""
+    items = "".join(
+        f'<li class="{"ok" if r["verdict"].startswith("yes") else "no"}"><b>{html.escape(r["name"])}</b>: '
+        f"can be trusted: {html.escape(r['verdict'])}</li>" for r in rows)
+    return f'<ul class="verdict">{items}</ul>'
+
+
+def verdict_md(rows: list[dict]) -> str:
+    return "\n".join(f"- **{r['name']}**: can be trusted: {r['verdict']}" for r in rows)
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -152,6 +204,7 @@ tr:nth-child(even) td{background:#fafafa}
 td.bad,tr:nth-child(even) td.bad{background:#fde8e8;color:#8b0000;font-weight:600}
 .warnings table{border-left:4px solid #c0392b}.warnings td{background:#fff8f6}
 .ok{color:#1e7b34}
+.verdict{list-style:none;padding-left:0}.verdict li{margin:.2em 0}.verdict li.no{color:#8b0000}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.88em}
 .text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;max-width:760px;word-break:break-word}
@@ -305,14 +358,15 @@ def _svi_draws(v) -> str:
 def _settings(post: Posterior) -> str:
     """The run's settings in words, e.g. ``64 particles, multinomial resampling when ESS / N < 0.50, seed 0``."""
     out = []
-    size = _info(post, "num_particles") if post.method == "smc" else _info(post, "num_samples")
+    trained = post.guide is not None  # num_steps and num_particles are then the guide's training's
+    size = _info(post, "num_particles") if post.ancestor is not None else _info(post, "num_samples")
     for key, words in SETTING_WORDS.items():
-        if key == "num_steps" and post.method != "svi":
+        if key == "num_steps" and not trained:
             continue
         v = _info(post, key)
         if key == "chunk_size" and isinstance(size, int) and isinstance(v, int) and v >= size:
             continue  # every particle fits at once: nothing to say
-        if key == "num_particles" and post.method == "svi":
+        if key == "num_particles" and trained:
             words = _svi_draws
         if v is None or isinstance(v, float) and not math.isfinite(v):
             continue
