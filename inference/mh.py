@@ -648,7 +648,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         stats["move"] = chain_major(draws["move"]).long()
     info = MHInfo(
         acceptance=kernel.acceptance(),
-        acceptance_overall=float(kernel._accepted.sum()) / max(1, int(kernel._proposed.sum())),
+        acceptance_overall=(float(kernel._accepted.sum()) / int(kernel._proposed.sum())  # nan: no edit proposed
+                            if int(kernel._proposed.sum()) else float("nan")),
         rhat_by_stat=rhat, ess_by_stat=ess_by_stat,
         ess_sequences=sequence_ess(samples, C) if samples is not None else float("nan"),
         ess_sequences_by_site={k: sequence_ess(values[k], C) for k in kernel.seq},

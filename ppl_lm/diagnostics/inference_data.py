@@ -440,6 +440,8 @@ def acceptance(post: Posterior) -> dict | None:
     moves = {str(k): float(v) for k, v in (moves or {}).items()}
     if overall is None:
         overall = float(np.mean(list(moves.values())))
+    if not math.isfinite(float(overall)):  # no edit was proposed (every text observed): no rate to show
+        return None
     return {"overall": float(overall), "moves": moves}
 
 
