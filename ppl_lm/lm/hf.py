@@ -22,7 +22,7 @@ from .base import LanguageModel, LMState, ragged_rows
 from .cache import CACHE_ENV, cache_dir
 from .markov import ToyVocab
 
-__all__ = ["TransformersLM", "load_lm", "check_device", "cache_dir", "embedded_model_dir", "EMBEDDED_GGUF",
+__all__ = ["TransformersLM", "load_lm", "check_device", "check_model", "cache_dir", "embedded_model_dir", "EMBEDDED_GGUF",
            "KV_CACHES", "STATIC_BLOCK", "CACHE_ENV"]
 
 log = logging.getLogger(__name__)
@@ -465,6 +465,19 @@ def check_device(device: str | torch.device) -> torch.device:
             return dev
         why = f"torch has no usable {dev.type!r} device here"
     raise ValueError(f"device {str(device)!r} cannot be used: {why}. Use device='cpu' (the default)")
+
+
+def check_model(name_or_path: str | os.PathLike | None = None) -> None:
+    """A clear error now if :func:`load_lm` could not find ``name_or_path``; loads nothing.
+
+    Cheap, so callers run it before other work.
+
+    Raises:
+        FileNotFoundError: a path (or ``.gguf`` name) that does not exist.
+        ValueError: a name that is no local model folder, .gguf file or locally cached Hugging Face id.
+        RuntimeError: no name, and the embedded model is not installed.
+    """
+    _resolve(name_or_path)
 
 
 def _resolve(name_or_path) -> tuple[str, str | None]:
