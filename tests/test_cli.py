@@ -391,3 +391,18 @@ def test_ctrl_c_in_svi_checkpoints_and_resume_continues(tmp_path, capsys, monkey
         return re.sub(r", wall time [\d.]+ s", "", out)
 
     assert numbers(resumed) == numbers(straight) and "method svi" in straight
+
+
+def test_threads_sets_torchs_thread_count_before_the_lm_loads(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+
+    def loaded(*a, **k):
+        calls.append("lm")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cli, "load_language_model", loaded)
+    fails(["run", "no_e", "--method", "smc", "--lm", "tiny", "--threads", "3"], capsys)
+    assert calls == [3, "lm"]
+    err = fails(["run", "no_e", "--method", "smc", "--lm", "tiny", "--threads", "0"], capsys)
+    assert "argument --threads: expected a positive integer, got 0" in err
