@@ -151,7 +151,7 @@ def test_a_broken_entry_is_rebuilt_once_with_a_notice_naming_it(entry, caplog, d
         healed = store.fetch(entry)
     assert same(healed, value) and store.builds == 2
     [notice] = notices(caplog)
-    assert notice.startswith(f"ppl-lm: the cached the toy weights in {entry} is broken (") and why in notice
+    assert notice.startswith(f"the cached the toy weights in {entry} is broken (") and why in notice
     assert notice.endswith("rebuilding it once") and "\n" not in notice
     assert "permission" not in notice and "writable" not in notice  # a missing file is not a permission problem
     assert cache.problem(entry) is None
@@ -201,7 +201,7 @@ def test_a_read_only_cache_folder_converts_in_memory(entry, caplog):
     assert same(value, again) and store.builds == 2 and not entry.exists()
     assert len(notices(caplog)) == 2
     assert notices(caplog)[0] == (
-        f"ppl-lm: the cache folder {entry.parent} is not writable (Permission denied), so the toy weights was "
+        f"the cache folder {entry.parent} is not writable (Permission denied), so the toy weights was "
         f"converted in memory for this run only and the next run converts it again; set {cache.CACHE_ENV} to a "
         "writable folder to keep it")
 
@@ -215,7 +215,7 @@ def test_an_unwritable_cache_converts_in_memory_even_for_root(caplog):
         value = store.fetch(entry)
     assert same(value, Store().build()) and not entry.exists()
     [notice] = notices(caplog)
-    assert notice.startswith("ppl-lm: the cache folder /sys/kernel/ppl-lm-cache ")
+    assert notice.startswith("the cache folder /sys/kernel/ppl-lm-cache ")
     assert "converted in memory for this run only and the next run converts it again" in notice
 
 

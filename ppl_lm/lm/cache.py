@@ -189,12 +189,12 @@ def fetch(entry: str | os.PathLike, *, build: Callable[[], T], save: Callable[[T
                 return read(entry)
             except Exception as err:  # whole files that no longer load (e.g. a reader that changed)
                 why = f"it cannot be read: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        log.warning("ppl-lm: the cached %s in %s is broken (%s); rebuilding it once", what, entry, why)
+        log.warning("the cached %s in %s is broken (%s); rebuilding it once", what, entry, why)
     value = build()
     try:
         write(entry, lambda folder: save(value, folder))
     except Exception as err:
-        log.warning("ppl-lm: the cache folder %s %s, so %s was converted in memory for this run only and the next "
+        log.warning("the cache folder %s %s, so %s was converted in memory for this run only and the next "
                     "run converts it again; set %s to a writable folder to keep it", entry.parent,
                     _write_failure(err), what, CACHE_ENV)
     return value

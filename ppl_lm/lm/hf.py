@@ -641,15 +641,18 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
             if gguf_file is None:
                 model, tokenizer = _from_pretrained(folder, name_or_path, dtype)
             else:
+                entry = _cache_entry(folder, gguf_file) if cache else None
+                first = entry is not None and not (entry.exists() or entry.is_symlink())
+
                 def convert():
-                    if cache:
-                        status.set_description_str(f"ppl-lm: first load of {shown}: converting it to float weights "
-                                                   f"(cached in {cache_dir()} for later loads) ...")
+                    status.set_description_str(
+                        f"ppl-lm: first load of {shown}: converting it to float weights (cached in {entry.parent} "
+                        "for later loads) ..." if first else f"ppl-lm: converting {shown} to float weights ...")
                     return _from_pretrained(folder, name_or_path, torch.float32, gguf_file=gguf_file)
 
-                if cache:
+                if entry is not None:
                     model, tokenizer = _cache.fetch(
-                        _cache_entry(folder, gguf_file), build=convert, save=_save_converted,
+                        entry, build=convert, save=_save_converted,
                         read=lambda entry: _from_pretrained(str(entry), name_or_path, dtype), what=shown)
                 else:
                     model, tokenizer = convert()
