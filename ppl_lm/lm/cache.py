@@ -112,14 +112,15 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def write(entry: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+def write(entry: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> None:
     """Write the cache entry ``entry`` atomically, replacing a broken one.
 
     ``fill(folder)`` writes the files into a new temporary folder next to ``entry``; their sizes
     and SHA-256 go into :data:`MANIFEST`; the folder is then renamed to ``entry``. A broken
     entry in the way is moved aside first and deleted after (between the two renames a reader
     finds no entry and builds its own; it never reads a partial one). An entry that another
-    process finished meanwhile, and that is whole, is kept.
+    process finished meanwhile, and that is whole, is kept, unless ``replace`` (the entry in the
+    way is whole but known not to read).
 
     Raises:
         OSError: the cache folder cannot be written (nothing is left behind).
@@ -132,20 +133,20 @@ def write(entry: str | os.PathLike, fill: Callable[[Path], None]) -> None:
         record = {"format": _FORMAT, "files": {
             name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in _files(tmp)}}
         (tmp / MANIFEST).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        _put(tmp, entry)
+        _put(tmp, entry, replace)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _put(tmp: Path, entry: Path) -> None:
+def _put(tmp: Path, entry: Path, replace: bool) -> None:
     try:
         os.rename(tmp, entry)
         return
     except OSError:
         if not (entry.exists() or entry.is_symlink()):
             raise
-    if problem(entry) is None:  # another process wrote a whole entry first: keep it
+    if not replace and problem(entry) is None:  # another process wrote a whole entry first: keep it
         return
     stale = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".stale", dir=entry.parent))
     try:
@@ -182,6 +183,7 @@ def fetch(entry: str | os.PathLike, *, build: Callable[[], T], save: Callable[[T
     saying so. ``build``'s own errors propagate.
     """
     entry = Path(entry)
+    unreadable = False
     if entry.exists() or entry.is_symlink():
         why = problem(entry)
         if why is None:
@@ -189,10 +191,11 @@ def fetch(entry: str | os.PathLike, *, build: Callable[[], T], save: Callable[[T
                 return read(entry)
             except Exception as err:  # whole files that no longer load (e.g. a reader that changed)
                 why = f"it cannot be read: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                unreadable = True
         log.warning("the cached %s in %s is broken (%s); rebuilding it once", what, entry, why)
     value = build()
     try:
-        write(entry, lambda folder: save(value, folder))
+        write(entry, lambda folder: save(value, folder), replace=unreadable)
     except Exception as err:
         log.warning("the cache folder %s %s, so %s was converted in memory for this run only and the next "
                     "run converts it again; set %s to a writable folder to keep it", entry.parent,
