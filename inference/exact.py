@@ -71,6 +71,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_suppo
         chunk_size: joint values scored per model call.
         progress: a progress bar over the chunks (when there are several).
     """
+    for name, value in (("max_support", max_support), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     kwargs = dict(model_kwargs or {})
     with _random.seeded(seed), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)

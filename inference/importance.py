@@ -79,9 +79,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     >>> abs(post.log_evidence - (-1.0986)) < 0.1  # log(1/3); 0.1 is 4.5 standard errors at N=4000
     True
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if guide is not None and not callable(guide):
         raise TypeError(f"guide must be a callable with the model's signature (or None), got {type(guide).__name__}")

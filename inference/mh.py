@@ -604,7 +604,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
                           ("warmup_steps", warmup_steps, 0), ("thin", thin, 1)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
-    if init_budget is not None and (not isinstance(init_budget, int) or init_budget < 1):
+    if init_budget is not None and (isinstance(init_budget, bool) or not isinstance(init_budget, int) or init_budget < 1):
         raise ValueError(f"init_budget must be a positive integer, got {init_budget!r}")
     kernel = EditKernel(model, num_chains=int(num_chains), moves=moves, thin=int(thin),
                         initial_samples=initial_samples, init_budget=init_budget, progress=progress)

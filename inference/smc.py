@@ -275,15 +275,15 @@ def sweep_plan(num_particles: int, num_replicates: int, chunk_size: int) -> list
 
 
 def _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size):
-    if not isinstance(num_particles, int) or num_particles < 2:
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
         raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}")
-    if not isinstance(num_replicates, int) or num_replicates < 1:
+    if isinstance(num_replicates, bool) or not isinstance(num_replicates, int) or num_replicates < 1:
         raise ValueError(f"num_replicates must be a positive integer, got {num_replicates!r}")
     if not isinstance(ess_threshold, (int, float)) or not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
     if resampling not in RESAMPLING:
         raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 2):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 2):
         raise ValueError(f"chunk_size must be an integer >= 2 or None, got {chunk_size!r}")
 
 

@@ -28,7 +28,10 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import traceback
+import types
+import typing
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -163,6 +166,28 @@ def _build_kwargs(pairs: Sequence[str]) -> dict[str, Any]:
 
 # -- the language model -------------------------------------------------------------------------
 
+#: The ``--lm`` names the CLI knows, besides paths and Hugging Face ids in the local cache.
+LM_NAMES = ("smollm2", "tiny", "default")
+
+
+def _check_lm(spec: str) -> None:
+    """A clear error for an ``--lm`` that names no known model or existing path, before it loads."""
+    from .lm.hf import check_model
+
+    if spec == "tiny":
+        return
+    try:
+        check_model(None if spec in ("smollm2", "default") else spec)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
+        if not isinstance(err, ValueError) or spec in LM_NAMES or os.path.exists(os.path.expanduser(spec)):
+            raise CLIError(f"--lm {spec}: {err}") from None
+        near = difflib.get_close_matches(spec, LM_NAMES, n=1, cutoff=0.5)
+        raise CLIError(
+            f"--lm {spec}: not a known model name or path" + (f"; did you mean {near[0]!r}?" if near else ".")
+            + " Give smollm2 (the embedded model), tiny (a random toy for smoke runs), a local model folder, "
+            "a .gguf file, or the id of a model in the local Hugging Face cache (ppl-lm never downloads)") from None
+
+
 def load_language_model(spec: str, device: str | None):
     """``tiny`` (the char-level random transformer, seed 0), ``smollm2`` (embedded) or a path/id."""
     import ppl_lm
@@ -230,6 +255,8 @@ def _options(method: str, module: ModuleType, args, strict: bool) -> dict[str, A
         opts["progress"] = not args.quiet
     if method == "svi":
         _check_resume(opts.get("checkpoint_dir"), getattr(args, "resume", False))
+    elif strict and getattr(args, "resume", False):
+        raise CLIError("--resume applies to --method svi only (it continues an svi checkpoint)")
     return opts
 
 
@@ -267,8 +294,11 @@ def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[st
         raise _locate(exc, files) from exc
 
 
-def _check_build_kwargs(module: ModuleType, kwargs: dict[str, Any]) -> None:
-    """Every ``--set`` key is a parameter of the script's ``build`` (unless it takes ``**kw``)."""
+def _check_build_kwargs(module: ModuleType, kwargs: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+    """Every ``--set`` key is a parameter of the script's ``build`` (unless it takes ``**kw``), and its
+    value is of the type the parameter's annotation (or default) says; ``kwargs`` is updated in place
+    (text options get the text as written, ``texts``)."""
+    texts = texts or {}
     try:
         params = list(inspect.signature(module.build).parameters.values())[1:]  # after `lm`
     except (TypeError, ValueError):
@@ -283,6 +313,59 @@ def _check_build_kwargs(module: ModuleType, kwargs: dict[str, Any]) -> None:
                 f"--set {key}: {_where(module)}'s build() has no option {key!r}"
                 + (f"; did you mean {near[0]!r}?" if near else ".")
                 + (f" Valid keys: {', '.join(valid)}" if valid else " It takes no options"))
+    by_name = {p.name: p for p in params}
+    try:
+        hints = typing.get_type_hints(module.build)
+    except Exception:  # an annotation that does not evaluate: fall back on the defaults
+        hints = {}
+    for key, value in list(kwargs.items()):
+        kwargs[key] = _typed_value(key, value, texts.get(key, repr(value)),
+                                   _expected_types(by_name[key], hints.get(key)), module)
+
+
+#: The option types ``--set`` checks (anything else is passed as given).
+_SIMPLE_TYPES = (bool, int, float, str)
+
+
+def _expected_types(param: inspect.Parameter, hint) -> tuple[set[type], bool] | None:
+    """The simple types a build() option takes, and whether it takes None; ``None`` if unknown."""
+    if hint is not None:
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = {a for a in args if a in _SIMPLE_TYPES}
+        if kinds and all(a in _SIMPLE_TYPES or a is type(None) for a in args):
+            return kinds, type(None) in args
+        return None
+    default = param.default
+    if default is not inspect.Parameter.empty and type(default) in _SIMPLE_TYPES:
+        return {type(default)}, False
+    return None
+
+
+def _typed_value(key: str, value: Any, text: str, expected: tuple[set[type], bool] | None,
+                 module: ModuleType) -> Any:
+    """``value`` (``text`` as written) checked against ``expected`` (from the annotation or the default).
+
+    A text option gets the text as written: ``--set chars=5`` passes ``"5"``, not the number 5.
+    """
+    if expected is None:
+        return value
+    kinds, none_ok = expected
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool):
+        if bool in kinds:
+            return value
+    elif isinstance(value, int) and kinds & {int, float}:
+        return value
+    elif isinstance(value, float) and float in kinds:
+        return value
+    if str in kinds:
+        return value if isinstance(value, str) else text
+    wanted = [{bool: "True or False", int: "an integer", float: "a number", str: "text"}[k]
+              for k in _SIMPLE_TYPES if k in kinds] + (["None"] if none_ok else [])
+    example = {bool: "True", int: "3", float: "0.5"}[next(k for k in (float, int, bool) if k in kinds)]
+    raise CLIError(f"--set {key}={text}: {_where(module)}'s build() takes {' or '.join(wanted)} for {key!r}; "
+                   f"write e.g. --set {key}={example}")
 
 
 def _check_device(device: str | None) -> None:
@@ -298,24 +381,44 @@ def _check_device(device: str | None) -> None:
 def _check_report_dir(path: str | None) -> None:
     from .reporting import check_out_dir
 
-    if path is not None:
+    if path is None:
+        return
+    try:
+        out = check_out_dir(path)
+    except ValueError as err:
+        raise CLIError(f"--report {path}: {err}") from None
+    # The report is written into a temporary folder beside the report's, then moved in place. Try
+    # that now: permission bits do not stop root, and a read-only file system stops everyone.
+    where = out.parent
+    while not where.exists():
+        where = where.parent
+    for folder in (where, out) if out.is_dir() else (where,):
         try:
-            check_out_dir(path)
-        except ValueError as err:
-            raise CLIError(f"--report {path}: {err}") from None
+            os.rmdir(tempfile.mkdtemp(prefix=".ppl-lm-check.", dir=folder))
+        except OSError as err:
+            raise CLIError(f"--report {path}: cannot write in {folder} ({err.strerror or err}); "
+                           "give a folder you can write to") from None
 
 
-def _prepare(args, module: ModuleType | None = None):
+def _prepare(args, methods: Sequence[str], strict: bool, module: ModuleType | None = None):
+    """Check every argument, then load the LM and build the model.
+
+    Returns ``(module, files, model, ctx, options)``, ``options`` the backend options per method.
+    """
     module = module or load_script(args.model)
     files = [getattr(module, "__file__", "")]
     toy = args.lm == "tiny"
-    kwargs = _build_kwargs(args.set)
     # Cheap checks first: a typo costs nothing, not an LM load and a run.
-    _check_build_kwargs(module, kwargs)
+    kwargs = _build_kwargs(args.set)
+    _check_build_kwargs(module, kwargs, _set_texts(args.set))
     _check_device(args.device)
     _check_report_dir(args.report)
+    _check_lm(args.lm)
     ctx = _context(module, toy, args.context)
     chat = _check_chat(args, module, toy, ctx)
+    options = {m: _options(m, module, args, strict) for m in methods}
+    for m in methods:
+        _check_options(m, ctx, args.seed, options[m])
     lm = load_language_model(args.lm, args.device)
     if chat:
         lm, ctx = _chat(lm, ctx)
@@ -325,7 +428,7 @@ def _prepare(args, module: ModuleType | None = None):
         raise _locate(exc, files) from exc
     if not callable(model):
         raise CLIError(f"{_where(module)}: build(lm) returned {type(model).__name__}, not a model function")
-    return module, files, model, ctx
+    return module, files, model, ctx, options
 
 
 def _check_chat(args, module: ModuleType, toy: bool, ctx: tuple) -> bool:
@@ -350,6 +453,40 @@ def _chat(lm, ctx: tuple):
         return lm, (ppl_lm.chat(lm, ctx[0]), *ctx[1:])
     except (AttributeError, ValueError) as err:
         raise CLIError(f"--chat: {err}") from None
+
+
+class _OptionsChecked(Exception):
+    """Raised by the stand-in model of :func:`_check_options`: the backend accepted its options."""
+
+
+def _stand_in_model(*args, **kwargs):
+    raise _OptionsChecked
+
+
+def _check_options(method: str, ctx: tuple, seed: int, opts: dict[str, Any]) -> None:
+    """The backend's own checks of ``opts`` (and the seed), before the LM loads.
+
+    Every backend checks its options before it first calls the model, so it is handed a stand-in
+    model that stops it there: an option error is raised first, with the backend's own message.
+    """
+    import ppl_lm
+
+    from .diagnostics.warnings import PplLmWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PplLmWarning)
+            quiet = {**opts, "progress": False} if "progress" in opts else opts
+            ppl_lm.infer(_stand_in_model, *ctx, method=method, seed=seed, **quiet)
+    except _OptionsChecked:
+        return
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--method {method}: {err}") from None
+
+
+def _set_texts(pairs: Sequence[str]) -> dict[str, str]:
+    """``--set`` values as written (text options take them as they are)."""
+    return dict(p.split("=", 1) for p in pairs or () if "=" in p)
 
 
 def _short(text: str, n: int = 100) -> str:
@@ -427,8 +564,8 @@ def _describe(module: ModuleType, ctx: tuple, lm_spec: str) -> str:
 
 def cmd_run(args) -> int:
     method = _check_method(args.method)
-    module, files, model, ctx = _prepare(args)
-    opts = _options(method, module, args, strict=True)
+    module, files, model, ctx, options = _prepare(args, [method], strict=True)
+    opts = options[method]
     log.info("running %s on %s with %s", method, args.model, opts)
     post = _infer(model, ctx, method, args.seed, opts, files)
     _print_warnings([(method, w) for w in post.warnings])
@@ -453,10 +590,10 @@ def cmd_compare(args) -> int:
         raise CLIError("--methods is empty; give a comma-separated list, e.g. importance,smc,mh,svi")
     for m in methods:
         _check_method(m)
-    module, files, model, ctx = _prepare(args, module)
+    module, files, model, ctx, options = _prepare(args, methods, strict=False, module=module)
     posts, exact, failed = {}, None, {}
     for m in methods:
-        opts = _options(m, module, args, strict=False)
+        opts = options[m]
         if not args.quiet:
             print(f"running {m} ...", file=sys.stderr, flush=True)
         try:
@@ -466,8 +603,10 @@ def cmd_compare(args) -> int:
         except (ValueError, TypeError, RuntimeError) as err:
             if args.traceback:
                 raise
-            # One backend that cannot run this model (exact on a real LM, say) spoils no other.
-            print(f"ppl-lm: {m} failed: {_error_text(err)}", file=sys.stderr)
+            # One backend that cannot run this model (exact on a real LM, say) spoils no other. Its
+            # error is printed once, among the warnings before the results.
+            if not args.quiet:
+                print(f"{m} failed (its error is listed with the warnings below)", file=sys.stderr, flush=True)
             failed[m] = _error_text(err)
             continue
         if m == "exact":
@@ -500,13 +639,14 @@ def cmd_list(args) -> int:
     from . import models
 
     names = models.names()
+    short = {full: alias for alias, full in models.ALIASES.items()}
     width = max(map(len, names), default=0)
     for n in names:
         try:
             desc = getattr(models.load(n), "description", "") or ""
         except Exception as exc:  # a broken script should not hide the others
             desc = f"(cannot import: {type(exc).__name__}: {exc})"
-        print(f"{n:<{width}}  {desc}")
+        print(f"{n:<{width}}  {desc}" + (f" (short name: {short[n]})" if n in short else ""))
     return 0
 
 
@@ -562,6 +702,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="particles held in memory at once (importance, smc; default: from the model size)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="torch device for the LM, e.g. cpu or cuda")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads torch uses (torch.set_num_threads; default: torch's, one per core). "
+                        "On a shared or small machine 1 is often fastest; see the README on reproducibility")
     p.add_argument("--lm", default="smollm2",
                    help="smollm2 (embedded, default), tiny (random char-level transformer for smoke runs), "
                         "or a local model folder / .gguf file")
@@ -621,10 +764,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        # svi's TrainingInterrupted says where it checkpointed the step it finished
+        path = getattr(stop, "checkpoint_path", None)
+        if path:
+            print(f"interrupted after svi step {stop.step}, checkpointed in {os.path.dirname(path) or '.'}: run "
+                  "the same command with --resume to continue", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except ScriptError as err:
         if getattr(args, "traceback", False):

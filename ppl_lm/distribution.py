@@ -110,7 +110,7 @@ class SequenceDistribution(TorchDistribution):
 
     def __init__(self, lm: LanguageModel, prompt: Any = None, max_new_tokens: int = 16,
                  batch_shape=torch.Size(), validate_args=None):
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         self.lm = lm
         self.prompt_lengths: torch.Tensor | None = None  # [N] for ragged prompts (right-padded)

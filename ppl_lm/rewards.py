@@ -172,11 +172,32 @@ def _char_mask(lm, keep: Callable[[str], bool]) -> torch.Tensor:
     return allowed
 
 
+def _check_chars(fn: str, chars) -> str:
+    if not isinstance(chars, str):
+        raise TypeError(f"{fn}: chars must be a string of the characters, e.g. {fn}(lm, \"eE\"), "
+                        f"got {type(chars).__name__} {chars!r}")
+    if not chars:
+        raise ValueError(f"{fn}: chars is empty, so the mask would "
+                         + ("forbid nothing" if fn == "forbid_chars" else "allow only EOS")
+                         + "; give the characters, e.g. \"eE\"")
+    return chars
+
+
 def forbid_chars(lm, chars: str) -> TokenMask:
-    """Token mask: no token whose text contains any of ``chars`` (e.g. "eE": no letter e)."""
+    """Token mask: no token whose text contains any of ``chars`` (e.g. "eE": no letter e).
+
+    Raises:
+        TypeError: ``chars`` is not a string. ValueError: it is empty.
+    """
+    chars = _check_chars("forbid_chars", chars)
     return TokenMask(lm, _char_mask(lm, lambda s: not any(c in s for c in chars)))
 
 
 def only_chars(lm, chars: str) -> TokenMask:
-    """Token mask: only tokens made entirely of ``chars`` (e.g. digits and spaces)."""
+    """Token mask: only tokens made entirely of ``chars`` (e.g. digits and spaces).
+
+    Raises:
+        TypeError: ``chars`` is not a string. ValueError: it is empty.
+    """
+    chars = _check_chars("only_chars", chars)
     return TokenMask(lm, _char_mask(lm, lambda s: len(s) > 0 and all(c in chars for c in s)))

@@ -243,9 +243,15 @@ def test_compare_goes_on_when_one_method_fails(tmp_path, capsys):
     path = script(tmp_path, TOY_SCRIPT)
     out = tmp_path / "cmp"
     # exact cannot enumerate a 96-token vocabulary: it fails with a clear error, importance still runs.
-    err = fails(["compare", path, "--methods", "exact,importance", "--lm", "tiny", "--num-samples", "8",
-                 "--quiet", "--report", str(out)], capsys)
-    assert "exact failed: ValueError: the joint support has" in err and "exact failed (see above)" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compare", path, "--methods", "exact,importance", "--lm", "tiny", "--num-samples", "8",
+                  "--quiet", "--report", str(out)])
+    assert e.value.code == 2
+    printed = capsys.readouterr()
+    # the error once, among the warnings before the results; the last line says that it failed
+    assert (printed.out + printed.err).count("the joint support has") == 1
+    assert "WARNING [failed] exact: The run failed: ValueError: the joint support has" in printed.out
+    assert "exact failed (see above)" in printed.err
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["rows"]] == ["importance"]
     # The failure does not vanish: the title keeps both methods and the warnings list it, first.
@@ -398,3 +404,69 @@ def test_run_on_embedded_smollm2(smollm2, monkeypatch, capsys):
     assert ("prefix: method importance, samples 4, log Z 0.0000 ± — (4.0 effective draws, fewer than 10), "
             "ESS 4.0") in out
     assert "can be trusted: no — too few draws (4 draws, 4 effective)" in out
+
+
+SIGINT_SCRIPT = '''
+import os, signal
+import pyro
+import ppl_lm
+
+context = ()
+CALLS = 0  # a module global, not a closure cell: not part of the checkpoint's model fingerprint
+
+
+def build(lm):
+    base = ppl_lm.MarkovLM.random(4, seed=0)
+
+    def model():
+        global CALLS
+        CALLS += 1
+        if CALLS == int(os.environ.get("PPL_LM_TEST_SIGINT_AT", "0")):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, in the middle of training
+        x = pyro.sample("x", base.sequence([], max_new_tokens=3))
+        ppl_lm.reward("ones", (x == 1).float().sum(-1), beta=1.0)
+    return model
+'''
+
+
+def test_ctrl_c_in_svi_checkpoints_and_resume_continues(tmp_path, capsys, monkeypatch):
+    path = script(tmp_path, SIGINT_SCRIPT)
+    ckpt = tmp_path / "ckpt"
+    argv = ["run", path, "--method", "svi", "--lm", "tiny", "--num-steps", "12", "--num-particles", "4",
+            "--num-samples", "16", "--quiet", "--top", "3"]
+    monkeypatch.setenv("PPL_LM_TEST_SIGINT_AT", "12")
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--checkpoint-dir", str(ckpt)])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    found = re.search(r"interrupted after svi step (\d+), checkpointed in (\S+): run the same command with "
+                      r"--resume to continue", err)
+    assert found and found.group(2) == str(ckpt), err
+    step = int(found.group(1))
+    assert 0 < step < 12 and torch.load(ckpt / "svi_checkpoint.pt", weights_only=True)["step"] == step
+
+    monkeypatch.delenv("PPL_LM_TEST_SIGINT_AT")
+    assert cli.main([*argv, "--checkpoint-dir", str(ckpt), "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert cli.main(argv) == 0
+    straight = capsys.readouterr().out
+
+    def numbers(out):  # the summary without its wall time
+        return re.sub(r", wall time [\d.]+ s", "", out)
+
+    assert numbers(resumed) == numbers(straight) and "method svi" in straight
+
+
+def test_threads_sets_torchs_thread_count_before_the_lm_loads(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+
+    def loaded(*a, **k):
+        calls.append("lm")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cli, "load_language_model", loaded)
+    fails(["run", "no_e", "--method", "smc", "--lm", "tiny", "--threads", "3"], capsys)
+    assert calls == [3, "lm"]
+    err = fails(["run", "no_e", "--method", "smc", "--lm", "tiny", "--threads", "0"], capsys)
+    assert "argument --threads: expected a positive integer, got 0" in err

@@ -211,3 +211,148 @@ def test_an_error_in_the_model_comes_out_as_raised(method):
         ppl_lm.infer(model, method=method, progress=False)
     assert str(err.value) == "the user's own message"
     assert any(f.name == "model" for f in err.traceback)
+
+
+# -- issue 22, item 7: small cases ------------------------------------------------------------------
+
+def _model(lm):
+    def model():
+        pyro.sample("x", lm.sequence([], max_new_tokens=2))
+    return model
+
+
+@pytest.mark.parametrize("method, option", [
+    ("importance", "num_samples"), ("importance", "chunk_size"), ("smc", "num_replicates"),
+    ("mh", "num_samples"), ("svi", "num_samples"), ("exact", "max_support"), ("exact", "chunk_size"),
+])
+def test_true_is_not_a_count(method, option):
+    """``num_samples=True`` was accepted as 1: a bool is never a positive integer."""
+    with pytest.raises(ValueError, match=rf"{option} must be a positive integer.*got True|{option} must be an "
+                                         r"integer >= 1, got True"):
+        ppl_lm.infer(_model(toy_lm()), method=method, progress=False, **{option: True})
+
+
+def test_max_new_tokens_true_is_refused():
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got True"):
+        toy_lm().sequence([], max_new_tokens=True)
+
+
+def test_num_steps_zero_without_a_trained_guide_is_refused():
+    with pytest.raises(ValueError, match=r"num_steps=0 trains nothing: .* pass a trained guide \(guide=post.guide\)"):
+        ppl_lm.infer(_model(toy_lm()), method="svi", num_steps=0, progress=False)
+
+
+def test_num_steps_zero_with_a_trained_guide_weights_its_draws():
+    """The documented use of num_steps=0: a trained guide's draws, importance-weighted, untouched."""
+    model = _model(toy_lm())
+    first = ppl_lm.infer(model, method="svi", num_steps=2, num_particles=4, num_samples=32, progress=False)
+    before = {k: v.clone() for k, v in first.guide.state_dict().items()}
+    again = ppl_lm.infer(model, method="svi", guide=first.guide, num_steps=0, num_samples=32, progress=False)
+    assert again.info.num_steps == 0 and len(again) == 32
+    assert all(torch.equal(v, first.guide.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("fn", ["forbid_chars", "only_chars"])
+@pytest.mark.parametrize("chars, error, match", [
+    (5, TypeError, r"chars must be a string of the characters, e.g. \w+\(lm, \"eE\"\), got int 5"),
+    (None, TypeError, "got NoneType None"),
+    ("", ValueError, "chars is empty"),
+])
+def test_char_masks_check_their_characters(fn, chars, error, match):
+    with pytest.raises(error, match=match):
+        getattr(ppl_lm.rewards, fn)(ppl_lm.tiny_char_transformer(seed=0), chars)
+
+
+def test_set_value_of_the_wrong_type_is_refused_before_the_lm_loads(no_lm_load, capsys):
+    err = cli_error(["run", "sentiment", "--method", "smc", "--lm", "tiny", "--set", "beta=abc"], capsys)
+    assert "--set beta=abc: sentiment.py's build() takes a number for 'beta'; write e.g. --set beta=0.5" in err
+    err = cli_error(["run", "no_e", "--method", "smc", "--lm", "tiny", "--set", "max_new_tokens=2.5"], capsys)
+    assert "takes an integer for 'max_new_tokens'" in err
+
+
+def test_set_value_of_a_text_option_is_the_text(monkeypatch):
+    """``--set chars=5`` gives the script the text "5" (not the number 5, which forbid_chars refuses)."""
+    seen = {}
+    module = cli.load_script("no_e")
+    kwargs = cli._build_kwargs(["chars=5", "max_new_tokens=4"])
+    cli._check_build_kwargs(module, kwargs, cli._set_texts(["chars=5", "max_new_tokens=4"]))
+    seen.update(kwargs)
+    assert seen == {"chars": "5", "max_new_tokens": 4}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-samples", "5"], "method 'smc' does not take --num-samples; it takes --chunk-size, --num-particles"),
+    (["--chunk-size", "1"], "--method smc: chunk_size must be an integer >= 2 or None, got 1"),
+    (["--resume"], "--resume applies to --method svi only"),
+    (["--seed", "-1"], "--method smc: seed"),
+])
+def test_smc_options_are_checked_before_the_lm_loads(no_lm_load, capsys, argv, message):
+    err = cli_error(["run", "no_e", "--method", "smc", "--lm", "tiny", *argv], capsys)
+    assert message in err
+
+
+def test_resume_without_a_checkpoint_dir_is_refused_before_the_lm_loads(no_lm_load, capsys):
+    err = cli_error(["run", "no_e", "--method", "svi", "--lm", "tiny", "--resume"], capsys)
+    assert "--resume needs --checkpoint-dir DIR" in err
+
+
+def test_svi_options_are_checked_by_the_backend_before_the_lm_loads(no_lm_load, capsys, tmp_path):
+    script = tmp_path / "m.py"
+    script.write_text("context = ()\nmethods = {'svi': {'num_particles': 1}}\n"
+                      "def build(lm):\n    raise AssertionError('built')\n")
+    err = cli_error(["run", str(script), "--method", "svi", "--lm", "tiny"], capsys)
+    assert "--method svi: num_particles must be an integer >= 2" in err
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs /sys (nobody may create folders in it)")
+def test_report_into_a_folder_nobody_can_write_fails_before_the_run(no_lm_load, capsys):
+    """As root, permission bits allow everything (os.access says yes), so the folder is tried."""
+    err = cli_error(["run", "no_e", "--method", "smc", "--lm", "tiny", "--report", "/sys/kernel/ppl-lm-report"],
+                    capsys)
+    assert "--report /sys/kernel/ppl-lm-report: cannot write in /sys/kernel (" in err
+    assert "give a folder you can write to" in err
+
+
+@pytest.mark.parametrize("typo, near", [("smollm", "smollm2"), ("tiyn", "tiny")])
+def test_a_misspelt_lm_name_says_so_with_the_nearest(no_lm_load, capsys, typo, near):
+    err = cli_error(["run", "no_e", "--method", "smc", "--lm", typo], capsys)
+    assert f"--lm {typo}: not a known model name or path; did you mean {near!r}?" in err
+    assert "internet" not in err and "huggingface.co" not in err
+
+
+def test_load_lm_of_an_unknown_name_does_not_blame_the_network(no_lm_load):
+    with pytest.raises(ValueError, match=r"'smollm' is not a known model: it is not a local model folder, a .gguf "
+                                         "file, or a model in the local Hugging Face cache") as err:
+        ppl_lm.load_lm("smollm")
+    assert "internet" not in str(err.value)
+
+
+def test_compare_prints_each_failure_once(capsys):
+    """exact cannot enumerate the tiny transformer: its error appears once, among the warnings."""
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "no_e", "--methods", "exact,importance", "--lm", "tiny", "--num-samples", "8",
+                  "--set", "max_new_tokens=4", "--top", "0"])
+    out = capsys.readouterr()
+    both = out.out + out.err
+    assert both.count("more than max_support") == 1, both
+    assert "exact failed (see above); the others ran" in out.err
+
+
+def _readme_model_names(text: str) -> set[str]:
+    names = set(re.findall(r"ppl-lm (?:run|compare) ([A-Za-z_][\w]*)\b(?!\.py)", text))
+    if "| script |" in text:  # models/README.md's table of scripts
+        names |= set(re.findall(r"^\| `(\w+)` \|", text.split("| script |", 1)[1], re.M))
+    scripts = text.split("## Model scripts", 1)[1].split("\n## ", 1)[0] if "## Model scripts" in text else ""
+    names |= set(re.findall(r"^- `(\w+)` — ", scripts, re.M))  # README.md's list of scripts
+    return names
+
+
+def test_the_readmes_use_the_names_ppl_lm_list_prints(capsys):
+    cli.main(["list"])
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for readme in ("README.md", os.path.join("models", "README.md")):
+        with open(os.path.join(root, readme), encoding="utf-8") as f:
+            used = _readme_model_names(f.read()) - {"my_model", "path", "NAME"}  # placeholders
+        assert used, readme
+        assert used <= listed, f"{readme} names {sorted(used - listed)}, which `ppl-lm list` does not print"

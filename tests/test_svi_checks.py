@@ -3,12 +3,15 @@
 Detectors (typed warnings on ``post.warnings``): a huge learning rate (divergence / collapse),
 a guide with all its mass on one sequence (the guide-vs-prior cross-check), NaN gradients;
 an impossible hard constraint (an error that keeps the guide and gives the right advice);
-checkpoint fingerprints (another β, context, max_new_tokens, LM or objective is refused).
+checkpoint fingerprints (another β, context, max_new_tokens, LM or objective is refused);
+Ctrl-C checkpoints the step under way, and resuming from it gives the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import pyro
 import pytest
@@ -16,6 +19,7 @@ import torch
 from ppl_lm.inference import svi
 from ppl_lm.inference.svi.checkpoint import CheckpointMismatch
 from ppl_lm.inference.svi.guides import make_guide
+from ppl_lm.inference.svi.training import TrainingInterrupted
 from toys import LMS, T, soft_reward
 
 import ppl_lm
@@ -257,3 +261,33 @@ def test_info_is_typed_and_reads_as_before():
     assert isinstance(info.elbo, float) and info.elbo == pytest.approx(float(info.trace["elbo"][-20:].mean()))
     assert len(info.kl_trace.kl_reverse) == 25 and info.crosscheck is None
     assert info.correction["num_samples"] == 20
+
+
+def test_ctrl_c_checkpoints_the_step_under_way_and_resume_continues(tmp_path):
+    """SIGINT at step 3 of 8, long before the first periodic checkpoint (every 50): the step finishes,
+    a checkpoint of it is written, and resuming gives exactly the uninterrupted run."""
+    lm = LMS["markov"]()
+    model, args = soft_reward(lm)
+    opts = dict(num_steps=8, num_particles=8, num_samples=64, checkpoint_every=50, progress=False, seed=0)
+
+    def ctrl_c_at(step):
+        def callback(s, guide, stats):
+            if s == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return callback
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stop:
+        ppl_lm.infer(model, *args, method="svi", checkpoint_dir=str(tmp_path), callback=ctrl_c_at(3), **opts)
+    assert isinstance(stop.value, KeyboardInterrupt)
+    assert stop.value.step == 3 and stop.value.checkpoint_path == str(tmp_path / svi.CHECKPOINT_FILE)
+    assert torch.load(stop.value.checkpoint_path, weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+
+    resumed = ppl_lm.infer(model, *args, method="svi", checkpoint_dir=str(tmp_path), **opts)
+    straight = ppl_lm.infer(model, *args, method="svi", **opts)
+    assert resumed.info["start_step"] == 3 and straight.info["start_step"] == 0
+    for k, v in straight.guide.state_dict().items():
+        assert torch.equal(resumed.guide.state_dict()[k], v), k
+    assert (resumed.info["trace"]["elbo"] == straight.info["trace"]["elbo"]).all()
+    assert resumed.log_evidence == straight.log_evidence

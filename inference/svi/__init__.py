@@ -161,7 +161,8 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
         objective: ``"reverse"`` (the ELBO, KL(q‖π′)), ``"forward"`` (KL(π′‖q)) or
             ``"forward_then_reverse"`` (forward for the first half of the steps).
         proposal: where the forward objective's draws come from: ``"guide"`` or ``"prior"``.
-        num_steps: optimisation steps (a resumed run counts the steps already done).
+        num_steps: optimisation steps (a resumed run counts the steps already done). 0 only
+            with a trained guide object (``guide=post.guide``): its draws are weighted, untrained.
         num_particles: draws per step (>= 2), in one vectorised plate.
         lr: Adam step size at the start; default by guide (:data:`DEFAULT_LR`): LoRA 2e-3,
             full Markov table 0.1, full transformer 0.01, no latent sequence (a guide over the
@@ -205,6 +206,11 @@ def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str =
     kwargs = dict(model_kwargs or {})
     _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, lr_decay, clip_norm,
                    log_evidence_ref, contexts, objective, proposal, crosscheck_samples)
+    if num_steps == 0 and not isinstance(guide, SequenceGuide):
+        raise ValueError(
+            "num_steps=0 trains nothing: the draws would come from an untrained guide (at initialisation, the "
+            "prior). Give num_steps >= 1, or pass a trained guide (guide=post.guide) to importance-weight its "
+            "draws without training it further")
     contexts = None if contexts is None else [c if isinstance(c, tuple) else (c,) for c in contexts]
     if crosscheck_samples is None:
         crosscheck_samples = min(num_samples, 256)

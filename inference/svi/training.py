@@ -8,12 +8,19 @@ counted), so one bad batch never writes NaN into the guide. Every step's draws a
 (``log q``, ``log π``, the condition factors and the proposal's log-density, a few floats per
 draw) so both KL directions can be estimated over training (:func:`kl_trace`) and a resumed
 run has the same trace as an uninterrupted one.
+
+Ctrl-C (SIGINT) while checkpointing: the step under way finishes, a checkpoint of it is written,
+and :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised; a second Ctrl-C stops at
+once, keeping the last checkpoint. Resuming from it gives the uninterrupted run's result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +38,7 @@ from ppl_lm import seeding
 from . import checkpoint as _ckpt
 from .kl import kl_estimates
 
-__all__ = ["DRAW_FIELDS", "KLTrace", "TrainResult", "kl_trace", "train"]
+__all__ = ["DRAW_FIELDS", "KLTrace", "TrainResult", "TrainingInterrupted", "kl_trace", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,39 @@ class TrainResult:
     nonfinite_steps: int
     lr: float
     rewards: dict = field(default_factory=dict)  # name -> (min r, max r, β) over the kept draws
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after ``step`` steps, checkpointed at ``checkpoint_path``
+    (``None``: no checkpoint was written)."""
+
+    def __init__(self, step: int, checkpoint_path: str | None):
+        where = f"; checkpoint of step {step} in {checkpoint_path}" if checkpoint_path else ""
+        super().__init__(f"svi training interrupted after step {step}{where}")
+        self.step, self.checkpoint_path = step, checkpoint_path
+
+
+@contextlib.contextmanager
+def _deferred_sigint(enabled: bool):
+    """While on, the first SIGINT only sets the flag yielded (a list: non-empty once interrupted), so
+    the step under way finishes and can be checkpointed whole (never an Adam update half applied);
+    a second SIGINT raises ``KeyboardInterrupt`` at once. Off outside the main thread."""
+    flag: list[bool] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(True)
+        log.warning("svi: interrupted; finishing this step and writing a checkpoint (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _set_lr(optim, lr: float) -> None:
@@ -143,6 +183,19 @@ def train(model: Callable, args: tuple, kwargs: dict, guide, loss: Callable[[int
     start_step, nonfinite = step, int(sum(trace.get("skipped", [])))
     bar = tqdm(total=num_steps, initial=min(step, num_steps), desc=desc, unit="step", disable=not progress)
     t_train, paused, step_seconds = time.perf_counter(), 0.0, []
+    writes = checkpoint_path is not None and write_checkpoints
+    saved = step
+
+    def save(at: int) -> float:
+        """Checkpoint after step ``at``; returns the seconds it took."""
+        t_pause = time.perf_counter()
+        _set_lr(optim, lr_at(at))  # the saved state carries the next step's size: exact resume
+        _ckpt.save(checkpoint_path, fingerprint, at, guide.state_dict(), _optim_state(optim, prefix),
+                   {**trace, "draws": draws})
+        return time.perf_counter() - t_pause
+
+    stack = contextlib.ExitStack()
+    interrupted = stack.enter_context(_deferred_sigint(writes))
     try:
         while step < num_steps:
             t_step, c_step = time.perf_counter(), time.thread_time()
@@ -190,18 +243,19 @@ def train(model: Callable, args: tuple, kwargs: dict, guide, loss: Callable[[int
             bar.update(1)
             if progress and ok:
                 bar.set_postfix(elbo=f"{stats.get('elbo', math.nan):.3f}", kl=f"{stats.get('kl_prior', math.nan):.3f}")
-            if checkpoint_path is not None and write_checkpoints and (step % checkpoint_every == 0
-                                                                        or step == num_steps):
-                t_pause = time.perf_counter()
-                _set_lr(optim, lr_at(step))  # the saved state carries the next step's size: exact resume
-                _ckpt.save(checkpoint_path, fingerprint, step, guide.state_dict(), _optim_state(optim, prefix),
-                           {**trace, "draws": draws})
-                paused += time.perf_counter() - t_pause
+            if writes and (step % checkpoint_every == 0 or step == num_steps):
+                paused += save(step)
+                saved = step
             if callback is not None:
                 t_pause = time.perf_counter()
                 callback(step, guide, stats)
                 paused += time.perf_counter() - t_pause
+            if interrupted:  # Ctrl-C during this step or its callback: the step is done, stop after it
+                if saved != step:
+                    save(step)
+                raise TrainingInterrupted(step, checkpoint_path)
     finally:
+        stack.close()
         bar.close()
         release_params(guide)
     train_time = time.perf_counter() - t_train - paused

@@ -3,6 +3,7 @@
 - :mod:`.base`: the protocol, with batched sampling and scoring written once;
 - :mod:`.markov`: :class:`MarkovLM`, an exact toy LM, and :class:`ToyVocab` text;
 - :mod:`.hf`: :class:`TransformersLM` (any Hugging Face causal LM) and :func:`load_lm`;
+- :mod:`.cache`: the cache of converted GGUF models, which checks and heals its entries;
 - :mod:`.lora`, :mod:`.positional`: trainable guide LMs (LoRA adapters; a positional Markov chain);
 - :mod:`.prompts`: :func:`chat`, a conversation in the tokenizer's chat template;
 - :mod:`.testing`: tiny random transformers for tests.

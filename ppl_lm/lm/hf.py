@@ -8,9 +8,7 @@ import importlib.util
 import inspect
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -19,18 +17,17 @@ from typing import Any, Sequence
 import torch
 
 from ..tokens import after_eos_mask, as_prompt_tensor
+from . import cache as _cache
 from .base import LanguageModel, LMState, ragged_rows
+from .cache import CACHE_ENV, cache_dir
 from .markov import ToyVocab
 
-__all__ = ["TransformersLM", "load_lm", "check_device", "cache_dir", "embedded_model_dir", "EMBEDDED_GGUF",
+__all__ = ["TransformersLM", "load_lm", "check_device", "check_model", "cache_dir", "embedded_model_dir", "EMBEDDED_GGUF",
            "KV_CACHES", "STATIC_BLOCK", "CACHE_ENV"]
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-#: The environment variable that moves :func:`cache_dir`.
-CACHE_ENV = "PPL_LM_CACHE"
 
 KV_CACHES = ("dynamic", "static", "compiled")
 # A static cache's length is rounded up to a multiple of this, so that a compiled decode step
@@ -529,18 +526,6 @@ def embedded_model_dir() -> str:
     return folder
 
 
-def cache_dir() -> Path:
-    """Where :func:`load_lm` keeps GGUF models converted to float weights (safetensors).
-
-    ``$PPL_LM_CACHE`` if set, else ``$XDG_CACHE_HOME/ppl-lm``, else ``~/.cache/ppl-lm``.
-    Deleting it is safe: the next load converts again.
-    """
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ppl-lm"
-
-
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a ``torch.device``, or a clear error if this machine cannot use it.
 
@@ -577,6 +562,19 @@ def check_device(device: str | torch.device) -> torch.device:
     raise ValueError(f"device {str(device)!r} cannot be used: {why}. Use device='cpu' (the default)")
 
 
+def check_model(name_or_path: str | os.PathLike | None = None) -> None:
+    """A clear error now if :func:`load_lm` could not find ``name_or_path``; loads nothing.
+
+    Cheap, so callers run it before other work.
+
+    Raises:
+        FileNotFoundError: a path (or ``.gguf`` name) that does not exist.
+        ValueError: a name that is no local model folder, .gguf file or locally cached Hugging Face id.
+        RuntimeError: no name, and the embedded model is not installed.
+    """
+    _resolve(name_or_path)
+
+
 def _resolve(name_or_path) -> tuple[str, str | None]:
     """``(folder or Hugging Face id, GGUF file name or None)``; a path that does not exist is an error."""
     if name_or_path is None:
@@ -598,7 +596,22 @@ def _resolve(name_or_path) -> tuple[str, str | None]:
         raise FileNotFoundError(
             f"no such file or folder: {raw!r} (looked at {os.path.abspath(path)}). Give the path of an existing "
             ".gguf file or model folder, or call load_lm() with no name for the embedded SmolLM2")
+    if not _in_hub_cache(raw):
+        raise ValueError(
+            f"{raw!r} is not a known model: it is not a local model folder, a .gguf file, or a model in the local "
+            "Hugging Face cache (ppl-lm never downloads). Leave the name out for the embedded SmolLM2, or give the "
+            "path of a model folder or .gguf file")
     return raw, None  # a Hugging Face id, read from the local cache only
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
 
 
 @contextlib.contextmanager
@@ -652,33 +665,34 @@ def _cache_entry(folder: str, gguf_file: str) -> Path:
     return cache_dir() / f"{src.stem}-{key[:16]}"
 
 
-def _is_cached(entry: Path) -> bool:
-    return (entry / "config.json").is_file() and (entry / "model.safetensors").is_file()
-
-
-def _write_cache(entry: Path, model, tokenizer) -> None:
-    """Save a GGUF-converted model as float safetensors, atomically (a folder renamed into place)."""
+def _save_converted(converted, folder: Path) -> None:
+    """Save a GGUF-converted ``(model, tokenizer)`` as float safetensors into ``folder``."""
+    model, tokenizer = converted
     # transformers marks a model read from GGUF as "quantized" and refuses to save it, although
     # its weights are plain float tensors after conversion: drop the mark, save, put it back.
     quantizer, qconfig = getattr(model, "hf_quantizer", None), getattr(model.config, "quantization_config", None)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent))
     try:
         model.hf_quantizer = None
         if qconfig is not None:
             del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not _is_cached(entry):  # not a concurrent load that finished first
-                raise
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     finally:
         model.hf_quantizer = quantizer
         if qconfig is not None:
             model.config.quantization_config = qconfig
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_pretrained(source: str, name_or_path, dtype: torch.dtype, **kwargs):
+    """``(model, tokenizer)`` from a local folder (or GGUF file: ``gguf_file=``), never downloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load the language model {name_or_path!r} from {source}: {err}") from None
+    return model, tokenizer
 
 
 def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cpu",
@@ -688,7 +702,11 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
 
     A GGUF file is converted to float weights on its first load (about 30 s for SmolLM2 on a
     laptop CPU) and cached as safetensors in :func:`cache_dir` (``~/.cache/ppl-lm``, or
-    ``$PPL_LM_CACHE``); later loads read the cache (a few seconds).
+    ``$PPL_LM_CACHE``); later loads read the cache (a few seconds). The cache heals
+    (:mod:`ppl_lm.lm.cache`): each file's size and SHA-256 are recorded when written and checked
+    before use; a missing, truncated or altered file is converted again once, with a one-line
+    notice naming the entry; a cache that cannot be written gives a conversion kept in memory
+    for this run only, with a notice saying so.
 
     Args:
         name_or_path: a local folder, a GGUF file, or a Hugging Face id already in the local
@@ -702,7 +720,8 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
 
     Raises:
         FileNotFoundError: a path (or ``.gguf`` name) that does not exist.
-        ValueError: a device this machine lacks, or a model that cannot be read.
+        ValueError: a device this machine lacks, a name that is no local model, or a model that
+            cannot be read.
     """
     device = check_device(device)
     _check_kv_cache(kv_cache)
@@ -714,32 +733,24 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
     status = _Status(progress, f"ppl-lm: loading {shown} ...")
     try:
         with _transformers_quiet():
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            entry = _cache_entry(folder, gguf_file) if gguf_file and cache else None
-            if entry is not None and _is_cached(entry):
-                source, kwargs = str(entry), {}
+            if gguf_file is None:
+                model, tokenizer = _from_pretrained(folder, name_or_path, dtype)
             else:
-                source, kwargs = folder, ({"gguf_file": gguf_file} if gguf_file else {})
+                entry = _cache_entry(folder, gguf_file) if cache else None
+                first = entry is not None and not (entry.exists() or entry.is_symlink())
+
+                def convert():
+                    status.set_description_str(
+                        f"ppl-lm: first load of {shown}: converting it to float weights (cached in {entry.parent} "
+                        "for later loads) ..." if first else f"ppl-lm: converting {shown} to float weights ...")
+                    return _from_pretrained(folder, name_or_path, torch.float32, gguf_file=gguf_file)
+
                 if entry is not None:
-                    status.set_description_str(f"ppl-lm: first load of {shown}: converting it to float weights "
-                                               f"(cached in {entry.parent} for later loads) ...")
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
-                model = AutoModelForCausalLM.from_pretrained(
-                    source, dtype=torch.float32 if kwargs else dtype, local_files_only=True, **kwargs)
-            except (OSError, ValueError) as err:
-                raise ValueError(
-                    f"could not load the language model {name_or_path!r}: it is neither a local model folder, "
-                    "a .gguf file, nor a model already in the local Hugging Face cache (ppl-lm never downloads "
-                    f"at run time). Leave the name out to use the embedded SmolLM2. Cause: {err}"
-                ) from None
-            if entry is not None and kwargs:
-                try:
-                    _write_cache(entry, model, tokenizer)
-                except OSError as err:
-                    log.warning("could not cache the converted %s in %s (%s); the next load converts it again. "
-                                "Set %s to a writable folder", shown, entry.parent, err, CACHE_ENV)
+                    model, tokenizer = _cache.fetch(
+                        entry, build=convert, save=_save_converted,
+                        read=lambda entry: _from_pretrained(str(entry), name_or_path, dtype), what=shown)
+                else:
+                    model, tokenizer = convert()
         model.to(device=device, dtype=dtype).eval()
         status.set_description_str(f"ppl-lm: loaded {shown} in {time.perf_counter() - t0:.1f} s")
     finally:
