@@ -400,3 +400,46 @@ def test_planted_bug_mask_not_reordered_fails(lm, mask, brute, exact, monkeypatc
     except ValueError:  # every particle died
         return
     assert not all(_resampling_ok(post, brute, exact))
+
+
+# -- the model script ---------------------------------------------------------------------------
+
+
+def replay(opening: str, text: str, n: int) -> bool:
+    """python-chess replays the opening's 4 half-moves and the next ``n`` of ``opening + text``,
+    each white move after its move number (what follows them is the free tail)."""
+    board, items = chess.Board(), (opening + text).split()
+    i = 0
+    while len(board.move_stack) < 4 + n:
+        if board.turn == chess.WHITE:
+            if i >= len(items) or items[i] != f"{board.fullmove_number}.":
+                return False
+            i += 1
+        try:
+            board.push_san(items[i] if i < len(items) else "")
+        except ValueError:
+            return False
+        i += 1
+    return True
+
+
+def test_chess_game_legal_mask_mode_on_the_char_lm():
+    """models/chess_game.py, mode="legal_mask": the condition is the mask's (texts scored through the
+    model), and SMC on a random character LM loses no particle to an illegal move: every returned
+    game replays legally in python-chess."""
+    from ppl_lm.inference._runtime import run_model
+    from ppl_lm.models import chess_game
+
+    lm = ppl_lm.tiny_char_transformer(seed=0)
+    model = chess_game.build(lm, min_moves=4, mode="legal_mask", max_new_tokens=40)
+    texts = [" Bb5 a6 4. Ba4 Nf6", " Bb5 a6 4. Ba4 Nf6 and so on", " Bb5 a6 Ba4 Nf6", " Bb5 a6 4. Ba4 Nf9"]
+    x = torch.tensor([lm.encode(s) + [lm.eos_id] * (40 - len(s)) for s in texts])
+    got = run_model(model, (chess_game.context,), {}, len(x), data={"x": x}).constraints["legal_game"]
+    assert got.tolist() == [True, True, False, False]
+    post = ppl_lm.infer(model, chess_game.context, method="smc", num_particles=16, seed=0, progress=False)
+    assert torch.isfinite(post.log_weights).all() and math.isfinite(post.log_evidence)
+    opening = chess_game.context[chess_game.context.index("1."):]
+    assert all(replay(opening, s, 4) for s in post.texts), post.texts
+    assert not replay(opening, " Bb5 a6 Ba4 Nf6", 4) and not replay(opening, " Bb5 a6 4. Ba4 Nf9", 4)
+    with pytest.raises(ValueError, match="mode"):
+        chess_game.build(lm, mode="legal")
