@@ -7,7 +7,7 @@ game go on for at least ``min_moves`` more legal half-moves:
 Hard: a small LM soon writes an illegal move (SmolLM2-135M adds a legal move to this
 opening about one time in four), so each extra half-move makes the condition rarer.
 
-``mode="prefix"`` (the default) states the same condition so that SMC can act on it as the
+``mode="prefix"`` states the same condition so that SMC can act on it as the
 text grows: (1) a PGN movetext grammar mask (``rewards.regex_mask`` of :func:`movetext`: the
 text starts with ``min_moves`` SAN moves, move numbers optional, one space apart; anything may
 follow them after whitespace) makes SMC propose only tokens that keep that shape; (2) the
@@ -17,12 +17,15 @@ drawn, instead of at the end; (3) that ``min_moves`` legal half-moves were made 
 the finished text. It differs from the deferred condition only in asking for single spaces
 between the first ``min_moves`` moves.
 
-``mode="legal_mask"`` puts legality inside the proposal: a token mask
+``mode="legal_mask"`` (the default: no run died in ``benchmarks/RESULTS.md`` §11, where the prefix
+mode's runs die from min_moves = 8 on) puts legality inside the proposal: a token mask
 (``rewards.chess_mask``) carries each particle's board and allows only tokens that keep the text
 on a legal path (python-chess's movetext: move numbers, SAN with its check and promotion marks,
 one space apart), so no particle dies of an illegal move; once ``min_moves`` half-moves are made,
-whitespace and then anything may follow (``free_tail``), as in the prefix mode. Without "1." in
-the prompt, the generated text must begin the game ("1. e4 ...").
+whitespace and then anything may follow (``free_tail``), as in the prefix mode. The moves must
+be written as python-chess writes them (its SAN, with "x", "+" and the right move numbers), which
+the other modes do not ask (their python-chess reading is lenient), so its Z is at most theirs.
+Without "1." in the prompt, the generated text must begin the game ("1. e4 ...").
 
 ``mode="hard"`` is the deferred version (the count, read by python-chess up to the first
 illegal move, checked only on the finished text; SMC cannot prune on it).
@@ -100,12 +103,12 @@ def _half_moves(text: str, limit: int) -> float:
     return float(legal_prefix(text, complete=True, limit=limit)[1])
 
 
-def build(lm, min_moves: int = 2, mode: str = "prefix", beta: float = 0.5, max_new_tokens: int = 24):
+def build(lm, min_moves: int = 2, mode: str = "legal_mask", beta: float = 0.5, max_new_tokens: int = 24):
     """The prompted LM conditioned on continuing the game with ``min_moves`` legal half-moves.
 
     Args:
-        mode: ``"prefix"`` (movetext mask + legality as a prefix-closed constraint), ``"legal_mask"``
-            (legality inside the token mask), ``"hard"``
+        mode: ``"legal_mask"`` (legality inside the token mask), ``"prefix"`` (movetext mask +
+            legality as a prefix-closed constraint), ``"hard"``
             (the deferred constraint) or ``"soft"`` (reward = new legal half-moves, capped at
             ``min_moves``).
     """

@@ -244,6 +244,27 @@ def test_movetext_start_continues_the_game():
         ppl_lm.rewards.chess_mask(lm, "", min_moves=3, max_moves=2)
 
 
+def test_fivefold_repetition_ends_the_game():
+    """Knights out and back four times: the initial position's fifth occurrence ends the game
+    (python-chess's is_game_over), so EOS is allowed before min_moves and no move may follow."""
+    lm = ppl_lm.tiny_char_transformer(seed=0)
+    shuffle = " ".join(f"{2 * i + 1}. Nf3 Nf6 {2 * i + 2}. Ng1 Ng8" for i in range(4))
+    board = chess.Board()
+    for san in shuffle.split():
+        if not san.endswith("."):
+            board.push_san(san)
+    assert board.is_game_over() and not board.is_checkmate()  # python-chess: fivefold repetition
+    mask = ppl_lm.rewards.chess_mask(lm, "", min_moves=20)
+    texts = [shuffle, shuffle + " 9. e4", shuffle[:-8], shuffle.replace("4. Ng1 Ng8", "4. Ng1 Nc6")]
+    T_ = max(len(s) for s in texts) + 1
+    x = torch.tensor([lm.encode(s) + [lm.eos_id] * (T_ - len(s)) for s in texts])
+    assert mask.check(x).tolist() == [True, False, False, False]
+    assert mask.check(x[1:2, :len(shuffle) + 2], complete=False).tolist() == [False]  # not even " 9"
+    # A start whose history already holds four occurrences: the fifth ends it.
+    with pytest.raises(ValueError, match="already over"):
+        ppl_lm.rewards.chess_mask(lm, shuffle, min_moves=1)
+
+
 def test_free_tail_allows_any_text_after_min_moves():
     lm = ppl_lm.tiny_char_transformer(seed=0)
     mask = ppl_lm.rewards.chess_mask(lm, "1. e4 e5 2. Nf3 Nc6 3.", min_moves=2, free_tail=True)

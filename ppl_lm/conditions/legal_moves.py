@@ -7,10 +7,12 @@ disambiguation, ``x`` for captures, ``=Q`` for promotions, ``+`` / ``#`` after c
 ``O-O``). The text continues ``start`` (a FEN, or movetext from the initial position), so its first
 characters are whatever that text lacks before the next move (``" Bb5"`` after ``"... 3."``). The
 text is complete after at least ``min_moves`` legal half-moves, or when the game is over
-(checkmate, stalemate, insufficient material, the 75-move rule; repetition is not tracked).
+(checkmate, stalemate, insufficient material, the 75-move rule, fivefold repetition: python-chess's
+``Board.is_game_over()``), after which no move may follow.
 
 Per particle the state is a small immutable tuple (a position id, the separator text still due
-before the next move, the partial move, the number of moves made), so resampling copies nothing.
+before the next move, the partial move, the number of moves made, the positions since the last
+capture or pawn move, for repetitions), so resampling copies nothing.
 Legal moves are generated once per position (cached by FEN); the allowed tokens of a state are
 found by walking the vocabulary, sorted as strings, along the characters the state allows (a
 token may span a move boundary: ``"5 2."``), and cached per state.
@@ -33,7 +35,7 @@ __all__ = ["ChessMask", "ChessState", "chess_mask"]
 CACHE_ENTRIES = 200_000
 WHITESPACE = " \t\n\r\f\v"  # what may start the free tail (``free_tail=True``)
 _TOP = chr(0x10FFFF)  # sorts after every character: the end of a prefix's range of tokens
-_FREE = (-1, "", "", 0)  # the state after the free tail began: anything goes
+_FREE = (-1, "", "", 0, ())  # the state after the free tail began: anything goes
 _VOCABS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
@@ -76,11 +78,13 @@ class _Position:
     """A position: its legal moves in SAN and the characters that may follow each partial move
     (generated on first use: a position reached only as the last move of a game needs neither)."""
 
-    __slots__ = ("_moves", "_next_chars", "children", "fen", "over", "sep")
+    __slots__ = ("_moves", "_next_chars", "children", "fen", "key", "over", "sep", "zeroed")
 
     def __init__(self, board):
         chess = _chess()
         self.fen = board.fen()
+        self.key = " ".join(self.fen.split()[:4])  # what a repetition compares (no clocks)
+        self.zeroed = board.halfmove_clock == 0  # a capture or pawn move led here: no earlier repetition
         self.over = (board.is_checkmate() or board.is_stalemate() or board.is_insufficient_material()
                      or board.is_seventyfive_moves())
         # The text between a move into this position and the next move.
@@ -129,9 +133,9 @@ class ChessMask(TokenMask):
         self._tokens_memo: dict = {}
         self._consume_memo: dict = {}
         board, literal = _parse_start(start)
-        self.start_state = (self._position(board), literal, "", 0)
+        self.start_state = (self._position(board), literal, "", 0, _history(board))
         self.start_text = start
-        if self._positions[0].over:
+        if self._positions[0].over or self.start_state[4].count(self._positions[0].key) >= 5:
             raise ValueError(f"the game in start={start!r} is already over: no move can follow")
 
     def __repr__(self) -> str:
@@ -165,10 +169,17 @@ class ChessMask(TokenMask):
         """The text that led to ``state`` is complete (EOS may follow)."""
         if state is _FREE:
             return True
-        pid, literal, partial, n = state
+        pid, literal, partial, n, hist = state
         if literal or partial not in self._positions[pid].moves:
             return False
-        return n + 1 >= self.min_moves or self._positions[self._child(pid, partial)].over
+        return n + 1 >= self.min_moves or self._after(pid, partial, hist)[2]
+
+    def _after(self, pid: int, san: str, hist: tuple) -> tuple[int, tuple, bool]:
+        """The position after move ``san``, its repetition history, and whether the game is over."""
+        cid = self._child(pid, san)
+        child = self._positions[cid]
+        hist = (child.key,) if child.zeroed else hist + (child.key,)
+        return cid, hist, child.over or hist.count(child.key) >= 5
 
     def _edges(self, state) -> dict:
         """``{character: next state}`` for every character that keeps the text on a legal path."""
@@ -177,22 +188,22 @@ class ChessMask(TokenMask):
             return out
         if len(self._edges_memo) > CACHE_ENTRIES:
             self._edges_memo.clear()
-        pid, literal, partial, n = state
+        pid, literal, partial, n, hist = state
         pos = self._positions[pid]
         out = {}
         if literal:
-            out[literal[0]] = (pid, literal[1:], "", n)
+            out[literal[0]] = (pid, literal[1:], "", n, hist)
         else:
             for ch in pos.next_chars.get(partial, ""):
-                out[ch] = (pid, "", partial + ch, n)
+                out[ch] = (pid, "", partial + ch, n, hist)
             if partial in pos.moves:
                 if self.free_tail and self._accepting(state):
                     out.update(dict.fromkeys(WHITESPACE, _FREE))
                 else:
-                    cid = self._child(pid, partial)
-                    child = self._positions[cid]
-                    if not child.over and (self.max_moves is None or n + 1 < self.max_moves):
-                        out[child.sep[0]] = (cid, child.sep[1:], "", min(n + 1, self._cap))
+                    cid, hist2, over = self._after(pid, partial, hist)
+                    sep = self._positions[cid].sep
+                    if not over and (self.max_moves is None or n + 1 < self.max_moves):
+                        out[sep[0]] = (cid, sep[1:], "", min(n + 1, self._cap), hist2)
         self._edges_memo[state] = out
         return out
 
@@ -337,6 +348,18 @@ class ChessState(MaskState):
 
 _NUMBER = re.compile(r"^\d+\.(\.\.)?")
 _RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
+
+
+def _history(board) -> tuple:
+    """The repetition keys of ``board``'s positions since its last capture or pawn move."""
+    board = board.copy()
+    keys = []
+    while True:
+        keys.append(" ".join(board.fen().split()[:4]))
+        if board.halfmove_clock == 0 or not board.move_stack:
+            break
+        board.pop()
+    return tuple(reversed(keys))
 
 
 def _parse_start(start: str):
