@@ -58,6 +58,23 @@ def _time_masks():
             setattr(cls, name, timed(getattr(cls, name)))
 
 
+def _replayed(chess_game, text: str, k: int) -> bool:
+    """python-chess replays ``k`` legal half-moves of ``text``, or fewer that end the game (mate,
+    fivefold repetition...)."""
+    import chess
+
+    n = chess_game.legal_prefix(text, True, k)[1]  # legal half-moves before the first illegal item
+    if n >= k:
+        return True
+    board = chess.Board()
+    for item in text.split():
+        item = chess_game.re.sub(r"^\d+\.(\.\.)?", "", item)
+        if not item or len(board.move_stack) == n:
+            continue
+        board.push_san(item)
+    return board.is_game_over()
+
+
 def run(lm, mode, min_moves, N, seed, T):
     from ppl_lm.models import chess_game
 
@@ -77,11 +94,11 @@ def run(lm, mode, min_moves, N, seed, T):
     alive = torch.isfinite(post.log_weights)
     opening = chess_game.context[chess_game.context.index("1."):]
     n0 = 4  # the opening's half-moves
-    legal = [chess_game.legal_prefix(opening + s, True, n0 + min_moves) for s, a in zip(post.texts, alive) if a]
+    legal = [_replayed(chess_game, opening + s, n0 + min_moves) for s, a in zip(post.texts, alive) if a]
     return {"time": elapsed, "log_z": float(post.log_evidence), "se": float(post.log_evidence_se or math.nan),
             "ess": float(post.ess), "n_eff": float(post.info.n_eff_genealogy), "alive": float(alive.float().mean()),
             "example": post.texts[int(torch.argmax(post.log_weights))],
-            "legal": sum(ok and n >= n0 + min_moves for ok, n in legal) / max(len(legal), 1),
+            "legal": sum(legal) / max(len(legal), 1),
             "mask_us_per_token": 1e6 * MASK_TIME["s"] / (N * post.info.num_steps)}
 
 
