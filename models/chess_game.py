@@ -7,7 +7,7 @@ game go on for at least ``min_moves`` more legal half-moves:
 Hard: a small LM soon writes an illegal move (SmolLM2-135M adds a legal move to this
 opening about one time in four), so each extra half-move makes the condition rarer.
 
-``mode="prefix"`` (the default) states the same condition so that SMC can act on it as the
+``mode="prefix"`` states the same condition so that SMC can act on it as the
 text grows: (1) a PGN movetext grammar mask (``rewards.regex_mask`` of :func:`movetext`: the
 text starts with ``min_moves`` SAN moves, move numbers optional, one space apart; anything may
 follow them after whitespace) makes SMC propose only tokens that keep that shape; (2) the
@@ -16,6 +16,16 @@ prefix-closed constraint, so a particle dies as soon as the token completing an 
 drawn, instead of at the end; (3) that ``min_moves`` legal half-moves were made is checked on
 the finished text. It differs from the deferred condition only in asking for single spaces
 between the first ``min_moves`` moves.
+
+``mode="legal_mask"`` (the default: no run died in ``benchmarks/RESULTS.md`` §12, where the prefix
+mode's runs die from min_moves = 8 on) puts legality inside the proposal: a token mask
+(``rewards.chess_mask``) carries each particle's board and allows only tokens that keep the text
+on a legal path (python-chess's movetext: move numbers, SAN with its check and promotion marks,
+one space apart), so no particle dies of an illegal move; once ``min_moves`` half-moves are made,
+whitespace and then anything may follow (``free_tail``), as in the prefix mode. The moves must
+be written as python-chess writes them (its SAN, with "x", "+" and the right move numbers), which
+the other modes do not ask (their python-chess reading is lenient), so its Z is at most theirs.
+Without "1." in the prompt, the generated text must begin the game ("1. e4 ...").
 
 ``mode="hard"`` is the deferred version (the count, read by python-chess up to the first
 illegal move, checked only on the finished text; SMC cannot prune on it).
@@ -42,6 +52,7 @@ methods = {"smc": {"num_particles": 128}, "importance": {"num_samples": 512}}
 SAN = r"(O-O(-O)?|[KQRBN][a-h]?[1-8]?x?[a-h][1-8]|[a-h](x[a-h])?[1-8](=[QRBN])?)[+#]?"
 NUM = r"[1-9][0-9]*\.(\.\.)?"
 RESULTS = ("1-0", "0-1", "1/2-1/2", "*")
+MODES = ("prefix", "legal_mask", "hard", "soft")
 
 
 def movetext(min_moves: int) -> str:
@@ -92,25 +103,33 @@ def _half_moves(text: str, limit: int) -> float:
     return float(legal_prefix(text, complete=True, limit=limit)[1])
 
 
-def build(lm, min_moves: int = 2, mode: str = "prefix", beta: float = 0.5, max_new_tokens: int = 24):
+def build(lm, min_moves: int = 2, mode: str = "legal_mask", beta: float = 0.5, max_new_tokens: int = 24):
     """The prompted LM conditioned on continuing the game with ``min_moves`` legal half-moves.
 
     Args:
-        mode: ``"prefix"`` (movetext mask + legality as a prefix-closed constraint), ``"hard"``
+        mode: ``"legal_mask"`` (legality inside the token mask), ``"prefix"`` (movetext mask +
+            legality as a prefix-closed constraint), ``"hard"``
             (the deferred constraint) or ``"soft"`` (reward = new legal half-moves, capped at
             ``min_moves``).
     """
-    if mode not in ("prefix", "hard", "soft"):
-        raise ValueError(f"mode must be 'prefix', 'hard' or 'soft', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(min_moves, int) or min_moves < 1:
         raise ValueError(f"min_moves must be a positive integer, got {min_moves!r}")
 
     mask = rewards.regex_mask(lm, movetext(min_moves)) if mode == "prefix" else None  # built once
+    legal_masks: dict[str, ppl_lm.TokenMask] = {}  # per opening: a mask keeps its caches across runs
 
     def model(prompt: str):
         x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=max_new_tokens))
         # The movetext is the prompt's (from its "1.", if any) followed by the generated text.
         m = re.search(r"(?<![\w.])1\.", prompt)
+        if mode == "legal_mask":
+            start = prompt[m.start():] if m else ""
+            if start not in legal_masks:
+                legal_masks[start] = rewards.chess_mask(lm, start, min_moves, free_tail=True)
+            ppl_lm.token_constraint("legal_game", x, legal_masks[start])
+            return x
         opening = torch.tensor(lm.encode(prompt[m.start():]) if m else [], dtype=torch.long, device=x.device)
         n0 = int(rewards.chess_moves(lm, opening[None])[0]) if m else 0
         game = torch.cat([opening.expand(*x.shape[:-1], -1), x], -1)

@@ -16,13 +16,14 @@ import torch
 from pyro.ops.provenance import get_provenance, track_provenance
 
 from .conditions.grammar import grammar_mask, json_mask, regex_mask
+from .conditions.legal_moves import chess_mask
 from .conditions.masks import TokenMask
 from .tokens import lengths
 
 __all__ = [
     "text_reward", "texts", "contains", "regex", "keywords", "sentiment", "chess_game",
     "factorisation", "length", "ends_with", "forbid_chars", "only_chars", "starts_with",
-    "chess_moves", "regex_mask", "grammar_mask", "json_mask",
+    "chess_moves", "regex_mask", "grammar_mask", "json_mask", "chess_mask",
 ]
 
 

@@ -409,7 +409,7 @@ def test_chess_prefix_mode_prunes_an_illegal_move_once_it_is_finished():
     from ppl_lm.conditions import partial_prefix
 
     lm = ppl_lm.tiny_char_transformer(seed=0)
-    model = chess_game.build(lm, min_moves=2)
+    model = chess_game.build(lm, min_moves=2, mode="prefix")
 
     def scores(texts, partial=None):
         x = torch.tensor([lm.encode(t) + [lm.eos_id] * (24 - len(lm.encode(t))) for t in texts])
