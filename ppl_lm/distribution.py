@@ -242,10 +242,7 @@ class SequenceDistribution(TorchDistribution):
         """Per-token log-probs of the distinct rows (``first``: one row index of each), from the cache where held."""
         if cache is None:
             return self._score_rows(*self._pick(prompts, lens, first), flat[first.to(flat.device)])
-        # how a row's bytes split, and the prompt itself where it is shared (not part of the rows)
-        shared = prompts.cpu().numpy().tobytes() if prompts.dim() == 1 else None
-        shape = (id(self.lm), prompts.shape[-1], flat.shape[-1], lens is not None, shared)
-        keys = [(*shape, row.cpu().numpy().tobytes()) for row in uniq]
+        keys = [(id(self.lm), *self._row_key(row, prompts, lens is not None)) for row in uniq.cpu()]
         missing = [i for i, k in enumerate(keys) if k not in cache]
         if missing:
             m = torch.tensor(missing, dtype=torch.long)
@@ -254,6 +251,19 @@ class SequenceDistribution(TorchDistribution):
             for j, i in enumerate(missing):
                 cache[keys[i]] = (self.lm, lp[j])  # the LM is held so its id is not reused within the block
         return torch.stack([cache[k][1] for k in keys])
+
+    @staticmethod
+    def _row_key(row: torch.Tensor, prompts: torch.Tensor, ragged: bool) -> tuple[bytes, bytes]:
+        """``(prompt tokens, value tokens)`` of a distinct row of :meth:`token_logprobs`' key: the
+        prompt without its padding, so a row's key does not depend on the batch it came in."""
+        P = prompts.shape[-1]
+        if ragged:
+            p, v = row[1: 1 + int(row[0])], row[1 + P:]
+        elif prompts.dim() == 2:
+            p, v = row[:P], row[P:]
+        else:
+            p, v = prompts.cpu(), row
+        return p.numpy().tobytes(), v.numpy().tobytes()
 
     @staticmethod
     def _pick(prompts: torch.Tensor, lens: torch.Tensor | None, rows: torch.Tensor):

@@ -441,3 +441,23 @@ def test_cache_keeps_prompts_apart():
     direct = (lm.sequence([1, 2], max_new_tokens=T).log_prob(TEXT) + lm.sequence([3, 4], max_new_tokens=T).log_prob(TEXT)
               + torch.logsumexp(_log_lik_texts(lm, TEXT[None]) + PRIOR.double().log(), 0))
     assert abs(post.log_evidence - float(direct)) < 1e-4, (post.log_evidence, float(direct))
+
+
+def test_a_prior_carrying_a_lora_guide_still_caches_observed_text(monkeypatch):
+    """A LoRA guide trained on the same network (as in tutorial 06) leaves the prior frozen: its
+    observed rows are still scored once per run (they were re-scored at every model run)."""
+    from ppl_lm.lm.lora import LoraLM
+
+    lm = LMS["transformer"]()
+    LoraLM(lm, r=2)  # adapters injected in place, trainable, off for the prior
+    assert not lm.is_trainable()
+    rows = []
+    orig = type(lm).token_logprobs
+
+    def counting(self, prompt, tokens):
+        rows.append(len(tokens))
+        return orig(self, prompt, tokens)
+
+    monkeypatch.setattr(type(lm), "token_logprobs", counting)
+    ppl_lm.infer(world_one_text(lm), method="mh", num_samples=20, num_chains=4, warmup_steps=5, seed=0, progress=False)
+    assert sum(rows) == 3, rows  # one row per world for the whole run

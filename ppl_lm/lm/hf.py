@@ -242,7 +242,9 @@ class TransformersLM(LanguageModel):
         return torch.cat([logp[..., : self.eos_id], ended, logp[..., self.eos_id + 1 :]], -1)
 
     def is_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.model.parameters())
+        # LoRA adapters injected into this network (a guide's, ppl_lm.lm.lora) are off in this LM's
+        # own calls, so their trainable weights do not make the prior trainable.
+        return any(p.requires_grad for n, p in self.model.named_parameters() if ".lora_" not in n)
 
     # -- text ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
