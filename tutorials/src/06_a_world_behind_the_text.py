@@ -280,28 +280,124 @@ ax.legend(fontsize=8)
 fig.tight_layout()
 
 # %% [markdown]
+# ## The other route: which world wrote these texts?
+#
+# The reward route asks which world explains *a positive continuation*: the evidence is a score,
+# $e^{r(x)/\beta}$, on text the model writes itself. The other route conditions on *data*: eight
+# sentences that were actually written after the same context (`ppl_lm.models.which_world`: four
+# positive, four neutral, SmolLM2 samples), and the LM is the likelihood,
+# $p(w \mid \text{texts}) \propto p(w) \prod_i \pi(\text{text}_i \mid \text{pre}_w + c)$. Only $w$ is
+# latent, so exact enumeration (3 worlds × 8 texts, one LM pass each) is the truth even on SmolLM2;
+# importance sampling, SMC and MH run the same model with modest budgets.
+
+# %%
+from ppl_lm.models import which_world
+
+ww_context = which_world.toy_context if SMOKE else which_world.context
+ww_texts = list(which_world.TEXTS)
+assert all(lm.decode(lm.encode(t)) == t for t in ww_texts), "the LM cannot spell the observed texts"
+ww_model = which_world.build(lm, texts=ww_texts)
+ww_opts = {"exact": {}, "importance": dict(num_samples=256), "smc": dict(num_particles=256),
+           "mh": dict(num_samples=100, num_chains=2 if SMOKE else 4, warmup_steps=5 if SMOKE else 10)}
+ww_runs, ww_seconds = {}, {}
+for method, opts in ww_opts.items():
+    t0 = time.perf_counter()
+    ww_runs[method] = ppl_lm.infer(ww_model, ww_context, method=method, seed=1, progress=False, **opts)
+    ww_seconds[method] = time.perf_counter() - t0
+p_texts = {n: ww_runs["exact"].marginal("w").get(k, (0.0, 0.0))[0] for k, n in enumerate(worlds.WORLDS)}
+print(f"{'world':11} {'prior':>6} {'exact':>7} " + " ".join(f"{m:>16}" for m in ww_runs if m != "exact"))
+ww_z = {}
+for k, n in enumerate(worlds.WORLDS):
+    cells = []
+    for m, post in ww_runs.items():
+        if m != "exact":
+            p, se = post.marginal("w").get(k, (0.0, 0.0))
+            ww_z[(m, n)] = abs(p - p_texts[n]) / max(se, 1e-12)
+            cells.append(f"{p:.3f} ± {se:.3f}".rjust(16))
+    print(f"{n:11} {worlds.PRIOR[k]:6.2f} {p_texts[n]:7.4f} " + " ".join(cells))
+for m in ww_runs:
+    largest = max((v for (a, _), v in ww_z.items() if a == m), default=0.0)
+    print(f"{m:10} {ww_seconds[m]:6.1f} s" + ("" if m == "exact" else f"  ESS {ww_runs[m].ess:6.1f}"
+                                             f"  largest gap to exact {largest:.1f} se"))
+assert abs(sum(p_texts.values()) - 1) < 1e-6
+for m, post in ww_runs.items():  # within 4 se of the truth, the se taken at the exact p (a small p̂ understates it)
+    for k, n in enumerate(worlds.WORLDS):
+        p, se = post.marginal("w").get(k, (0.0, 0.0))
+        tol = 4 * max(se, math.sqrt(p_texts[n] * (1 - p_texts[n]) / max(post.ess, 1.0)))
+        assert abs(p - p_texts[n]) <= tol, (m, n, p, p_texts[n], se, tol)
+
+# %%
+cols = {"prior p(w)": dict(zip(worlds.WORLDS, worlds.PRIOR)),
+        "p(w | positive), IS": {n: table[n]["importance"][0] for n in worlds.WORLDS},
+        "p(w | positive), SMC": {n: table[n]["smc"][0] for n in worlds.WORLDS},
+        "p(w | texts), exact": p_texts}
+errs = {"p(w | positive), IS": {n: table[n]["importance"][1] for n in worlds.WORLDS},
+        "p(w | positive), SMC": {n: table[n]["smc"][1] for n in worlds.WORLDS}}
+print(f"{'world':11} " + " ".join(f"{c:>21}" for c in cols))
+for n in worlds.WORLDS:
+    print(f"{n:11} " + " ".join(f"{cols[c][n]:21.3f}" for c in cols))
+# What each posterior predicts on notebook 5's probe pairs (mean Δ(a) − Δ(b), nats), as in the section above.
+ww_shift = {kind: shifts(pairs, p_texts).mean() for kind, pairs in (("wording", wording_pairs), ("world", world_pairs))}
+print(f"predictive shift, p(w | texts): wording {ww_shift['wording']:+.3f}, world {ww_shift['world']:+.3f};"
+      f" p(w | positive) by IS: wording {bayes['importance']['wording'].mean():+.3f},"
+      f" world {bayes['importance']['world'].mean():+.3f}")
+fig, ax = plt.subplots(figsize=(8, 3.4))
+xs = np.arange(len(worlds.WORLDS))
+for i, (c, vals) in enumerate(cols.items()):
+    e = [2 * errs[c][n] for n in worlds.WORLDS] if c in errs else None
+    ax.bar(xs - 0.3 + 0.2 * i, [vals[n] for n in worlds.WORLDS], 0.2, yerr=e, capsize=3,
+           color=["lightgrey", "tab:orange", "tab:red", "tab:blue"][i], label=c + (" (±2 se)" if c in errs else ""))
+ax.set_xticks(xs, worlds.WORLDS)
+ax.set_ylabel("probability of the world")
+ax.set_title("which world? conditioning on a reward vs on observed text")
+ax.legend(fontsize=8)
+fig.tight_layout()
+
+# %% [markdown]
+# The two routes condition on different evidence. The reward route conditions on one property
+# of text the model writes itself, a positive score, which every preamble makes about equally
+# likely here, so $p(w \mid \text{positive})$ stays within about 0.15 of the prior (and IS and SMC
+# do not agree on how). The observed route conditions on every token of eight given sentences:
+# any feature of them that one preamble predicts better (wording, length, topic, not only
+# sentiment) moves it, here from `kinder` to `restricted` (exact 0.449 / 0.112 / 0.439). So the
+# reward route generalises only along what the reward measures, the observed route along
+# whatever the texts are like: on notebook 5's probes $p(w \mid \text{texts})$ predicts −0.38
+# nats on wording pairs and −0.09 on world pairs, while $p(w \mid \text{positive})$ by IS
+# predicts +0.11 and −0.01.
+
+# %% [markdown]
 # ## Reading the committed run (SmolLM2)
 #
-# Run on the 2-core CPU, one torch thread, with two other jobs on the machine (load about 3).
+# Run on the 2-core CPU, one torch thread, with other jobs on the machine (load 3 to 8): 4087 s.
 #
 # - *The toy is exact, and the backends match it.* Exact enumeration gives p(w | positive) = 0.390 /
 #   0.356 / 0.254 for plain / kinder / restricted (prior 0.5 / 0.25 / 0.25): the kinder world explains
 #   the reward 1.42 times better than the average world, the restricted one 1.02 times, the plain
-#   one 0.78 times. Importance sampling (0.377, 0.354, 0.269) and SMC (0.373, 0.377, 0.250) with
+#   one 0.78 times. Importance sampling (0.372, 0.359, 0.269) and SMC (0.387, 0.356, 0.257) with
 #   8000 draws are within the four-standard-error band that the exact prior-IS ESS (f = 0.37) sets.
-# - *On SmolLM2 the four backends agree, and the reward barely moves the world.*
-#   - Importance sampling (1024 draws, ESS 392, 101 s): 0.452 ± 0.025 / 0.295 ± 0.024 / 0.252 ± 0.022.
-#   - SMC (512 particles, ESS 298, 156 s): 0.510 ± 0.029 / 0.246 ± 0.028 / 0.244 ± 0.024.
-#   - SVI (80 steps × 8 draws, then 512 guide draws weighted, ESS 188, 1286 s): 0.406 ± 0.035 /
+# - *On SmolLM2 the reward moves the world little, and IS and SMC disagree on how.*
+#   - Importance sampling (1024 draws, ESS 392, 175 s): 0.452 ± 0.025 / 0.295 ± 0.024 / 0.252 ± 0.022.
+#   - SMC (512 particles, ESS 286, 286 s): 0.518 ± 0.063 / 0.117 ± 0.037 / 0.366 ± 0.062.
+#   - SVI (80 steps × 8 draws, then 512 guide draws weighted, ESS 188, 1519 s): 0.406 ± 0.035 /
 #     0.283 ± 0.031 / 0.311 ± 0.037. The guide's own q(w) learned 0.404 / 0.274 / 0.322.
-#   - MH (4 chains, 30 draws after 10 warm-up steps, 267 s): 0.333 ± 0.134 / 0.183 ± 0.110 /
+#   - MH (4 chains, 30 draws after 10 warm-up steps, 622 s): 0.333 ± 0.129 / 0.183 ± 0.096 /
 #     0.483 ± 0.143. It has not mixed (R-hat 1.39, bulk ESS 12), and its own warnings say so.
 #
-#   The largest gap between two backends is 2.3 standard errors (SMC vs SVI); IS vs SMC is 1.5.
-#   The previous run, with 192 and 128 draws, had 2.7 here. Every backend leaves p(w) within about
-#   0.1 of the prior. Plain loses a little, and no backend tells kinder from restricted by more
-#   than two standard errors. In this context a positive continuation is about equally likely
-#   under all three preambles.
+#   The largest gaps are IS vs SMC, 4.0 standard errors (on kinder), and SMC vs SVI, 3.4; the
+#   others are within 1.6. The previous run had SMC at 0.510 / 0.246 / 0.244 (IS vs SMC 1.5 se):
+#   with the same seed, SMC's answer on kinder moved by more than its own error bar, so its
+#   standard error understates the run-to-run spread here. IS and SVI leave p(w) within about 0.1
+#   of the prior (MH, unmixed, puts 0.48 on restricted), and none of IS, SVI and MH tells kinder
+#   from restricted by more than two standard errors; in this context a positive continuation is
+#   about equally likely under all three preambles.
+# - *The observed route (eight texts, the LM as likelihood).* Exact enumeration (8 s) gives
+#   p(w | texts) = 0.449 / 0.112 / 0.439. Importance sampling (256 draws, ESS 213, 8 s): 0.466 ±
+#   0.034 / 0.088 ± 0.013 / 0.446 ± 0.035; SMC (256 particles, ESS 213, 18 s; with no latent
+#   sequence it is importance sampling from the prior): 0.461 ± 0.033 / 0.088 ± 0.013 / 0.451 ±
+#   0.035; both within 1.9 standard errors of exact. MH (4 chains × 100 draws after 10 warm-up
+#   steps, exact Gibbs steps on w, ESS 380, 1345 s): 0.447 ± 0.026 / 0.145 ± 0.016 / 0.407 ±
+#   0.024, within 2.1. The same MH run as a standalone script on this machine took 61 s; why it
+#   took 22 times longer here, after the cells above, is not yet known.
 # - *How this Bayesian model generalises.* Putting all mass on one world bounds what the model can
 #   do on notebook 5's probes:
 #   - the kinder preamble shifts wording pairs by +1.93 nats and world pairs by +0.55 (good events
@@ -311,10 +407,10 @@ fig.tight_layout()
 #   - plain shifts them by −1.41 and +0.12.
 #
 #   With the posteriors above, the predictive shifts are small:
-#   - wording pairs: +0.11 (IS), −0.01 (SMC), +0.09 (SVI), −0.13 (MH, unmixed);
-#   - world pairs: −0.005, +0.004, −0.04 and −0.13.
+#   - wording pairs: +0.11 (IS), −0.37 (SMC), +0.09 (SVI), −0.13 (MH, unmixed);
+#   - world pairs: −0.005, −0.05, −0.04 and −0.13.
 #
-#   The fine-tuned guide of notebook 5 moved wording pairs by +1.25 [0.95, 1.54], more than ten
+#   The fine-tuned guide of notebook 5 moved wording pairs by +1.25 [0.95, 1.54], more than three
 #   times any of these, and world pairs by +0.11 [−0.28, +0.48]. On the same reward the two
 #   generalise differently, in numbers. Fine-tuning learned the reward's wording: "restricted
 #   text" in notebook 5's sense. The Bayesian world model can only move probability along the
