@@ -170,7 +170,8 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         if figs:
             parts.append(f"<h2>{html.escape(n)}: diagnostics</h2>")
             parts += [fig_html(f) for f in figs]
-    marginals = {n: marginal_rows(p) for n, p in posteriors.items()}
+    shown = ({"exact": exact} if exact is not None else {}) | dict(posteriors)
+    marginals = {n: marginal_rows(p) for n, p in shown.items()}
     if any(marginals.values()):
         parts.append("<h2>Discrete latents</h2>")
         parts.append('<p class="note">The posterior probability of each value of every discrete latent site, '

@@ -58,7 +58,8 @@ def summary_rows(posteriors: Mapping[str, Posterior], exact: Posterior | None = 
         row = {"name": name, **D.summary(post)}
         row.pop("warnings", None)  # shown in their own section (report_warnings)
         if exact is not None:
-            row["tv_to_exact"] = _tv(post, exact) if post.samples is not None and exact.samples is not None else None
+            # the law of the sequences, or of the other latents when every text is observed
+            row["tv_to_exact"] = _tv(post, exact) if (post.samples is None) == (exact.samples is None) else None
             row["log_evidence_error"] = (None if post.log_evidence is None
                                          else post.log_evidence - exact.log_evidence)
             row["error_vs_exact"] = None if post is exact else mean_errors(post, exact)
