@@ -319,11 +319,9 @@ def test_a_model_with_nothing_latent_names_the_fix():
             ppl_lm.infer(model, method=method, progress=False)
 
 
-def test_distinct_prompt_text_pairs_are_scored_once(monkeypatch):
-    """K worlds, N particles: the observed text costs K scored rows, not N, and the run's cache
-    scores each (prompt, text) once however many model runs read it."""
-    lm = LMS["markov"]()
-    rows = []
+def _count_scored_rows(lm, monkeypatch) -> list[int]:
+    """A list that records the number of rows of every ``lm.token_logprobs`` call from now on."""
+    rows: list[int] = []
     orig = type(lm).token_logprobs
 
     def counting(self, prompt, tokens):
@@ -331,6 +329,14 @@ def test_distinct_prompt_text_pairs_are_scored_once(monkeypatch):
         return orig(self, prompt, tokens)
 
     monkeypatch.setattr(type(lm), "token_logprobs", counting)
+    return rows
+
+
+def test_distinct_prompt_text_pairs_are_scored_once(monkeypatch):
+    """K worlds, N particles: the observed text costs K scored rows, not N, and the run's cache
+    scores each (prompt, text) once however many model runs read it."""
+    lm = LMS["markov"]()
+    rows = _count_scored_rows(lm, monkeypatch)
     ppl_lm.infer(world_one_text(lm), method="importance", num_samples=3000, chunk_size=500, seed=0, progress=False)
     assert sum(rows) == 3, rows  # 3 worlds, 6 chunks: one row per distinct (prompt, text) in the whole run
 
@@ -451,13 +457,6 @@ def test_a_prior_carrying_a_lora_guide_still_caches_observed_text(monkeypatch):
     lm = LMS["transformer"]()
     LoraLM(lm, r=2)  # adapters injected in place, trainable, off for the prior
     assert not lm.is_trainable()
-    rows = []
-    orig = type(lm).token_logprobs
-
-    def counting(self, prompt, tokens):
-        rows.append(len(tokens))
-        return orig(self, prompt, tokens)
-
-    monkeypatch.setattr(type(lm), "token_logprobs", counting)
+    rows = _count_scored_rows(lm, monkeypatch)
     ppl_lm.infer(world_one_text(lm), method="mh", num_samples=20, num_chains=4, warmup_steps=5, seed=0, progress=False)
     assert sum(rows) == 3, rows  # one row per world for the whole run
