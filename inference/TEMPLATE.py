@@ -46,9 +46,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding
+from ppl_lm.backends import Kind, describe
 from ppl_lm.diagnostics.estimators import log_evidence_se, pareto_khat
 from ppl_lm.inference._runtime import cat_scores, finish, latent_sites, make_posterior, run_model
 from ppl_lm.posterior import Info, Posterior
+from ppl_lm.validation import PositiveInt
 
 __all__ = ["run", "TemplateInfo"]
 
@@ -63,8 +65,9 @@ class TemplateInfo(Info):
     chunk_size: int = 0
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 1000,
-        chunk_size: int = 1024, progress: bool = True) -> Posterior:
+@describe(kind=Kind.WEIGHTED, info=TemplateInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: PositiveInt = 1000,
+        chunk_size: PositiveInt = 1024, progress: bool = True) -> Posterior:
     """Self-normalised importance sampling with the prior as proposal (the template's algorithm).
 
     Args:
@@ -94,10 +97,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     >>> type(post.info).__name__, post.info.num_samples, post.rhat is None
     ('TemplateInfo', 2000, True)
     """
-    # 1. Option values, checked before any work.
-    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    # 1. Option values were checked by @describe, from their annotations, before this line.
     kwargs = dict(model_kwargs or {})
 
     with seeding.seeded(seed), torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
+from ppl_lm.backends import Kind, describe
 from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import (
@@ -28,6 +29,7 @@ from ppl_lm.inference._runtime import (
     site_log_prob, trace_model,
 )
 from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.validation import PositiveInt
 
 __all__ = ["run", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
 
@@ -47,8 +49,9 @@ class ImportanceInfo(Info):
 TOKENS_PER_CHUNK = 1 << 15
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 1000,
-        chunk_size: int | None = None, guide=None, progress: bool = True) -> Posterior:
+@describe(kind=Kind.WEIGHTED, info=ImportanceInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: PositiveInt = 1000,
+        chunk_size: PositiveInt | None = None, guide=None, progress: bool = True) -> Posterior:
     """Self-normalised importance sampling with the prior or a guide as proposal.
 
     Args:
@@ -79,10 +82,6 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     >>> abs(post.log_evidence - (-1.0986)) < 0.1  # log(1/3); 0.1 is 4.5 standard errors at N=4000
     True
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if guide is not None and not callable(guide):
         raise TypeError(f"guide must be a callable with the model's signature (or None), got {type(guide).__name__}")
     kwargs = dict(model_kwargs or {})

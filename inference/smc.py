@@ -75,6 +75,10 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from typing import Literal
+
+from ppl_lm.backends import Kind, describe
+from ppl_lm.validation import AtLeastTwo, Fraction, PositiveInt
 from ppl_lm.inference._runtime import (
     is_latent,
     cat_scores,
@@ -145,9 +149,11 @@ class SMCInfo(Info):
     num_steps: int = 0
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: int = 256,
-        ess_threshold: float = 0.5, resampling: str = "multinomial", num_replicates: int = 1,
-        chunk_size: int | None = None, guide=None, observed: str = "prefix", progress: bool = True) -> Posterior:
+@describe(kind=Kind.WEIGHTED, info=SMCInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: AtLeastTwo = 256,
+        ess_threshold: Fraction = 0.5, resampling: Literal["multinomial", "systematic"] = "multinomial",
+        num_replicates: PositiveInt = 1, chunk_size: AtLeastTwo | None = None, guide=None,
+        observed: Literal["prefix", "end"] = "prefix", progress: bool = True) -> Posterior:
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:

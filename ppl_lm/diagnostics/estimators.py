@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["mcmc_mean_se", "kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "systematic_resample",
+__all__ = ["normalise", "log_mean_exp", "mcmc_mean_se", "kish_ess", "log_evidence_se", "pareto_khat", "mcmc_diagnostics", "systematic_resample",
            "KHAT_THRESHOLD", "RHAT_THRESHOLD", "MIN_DRAWS_FOR_SE"]
 
 #: Pareto k-hat above which importance weights are too heavy-tailed to trust (Vehtari et al., 2024).
@@ -36,6 +36,35 @@ def _arviz():
 def _normalised(log_w: torch.Tensor) -> torch.Tensor:
     log_w = log_w.detach().double()
     return log_w - torch.logsumexp(log_w, 0)
+
+
+def normalise(log_w: torch.Tensor) -> torch.Tensor:
+    """Log-weights shifted so that logsumexp == 0 (float32, as ``Posterior.log_weights``).
+    Raises on NaN, and when every weight is zero.
+
+    >>> normalise(torch.log(torch.tensor([1.0, 3.0]))).exp().tolist()
+    [0.25, 0.75]
+    """
+    log_w = log_w.detach().double()
+    if torch.isnan(log_w).any():
+        raise FloatingPointError("NaN in the log-weights: a reward or the LM produced NaN")
+    z = torch.logsumexp(log_w, 0)
+    if not torch.isfinite(z):
+        raise ValueError(
+            "no sample satisfies the condition: every weight is zero (log-weight -inf). "
+            "The condition may be too rare for this many samples; use more samples, SMC, "
+            "or a trained guide (method='svi')."
+        )
+    return (log_w - z).float()
+
+
+def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """log((1/N) Σ exp(log_w)) along ``dim``: the log of an average weight, e.g. log Ẑ.
+
+    >>> round(float(log_mean_exp(torch.log(torch.tensor([1.0, 3.0])))), 6)  # log 2
+    0.693147
+    """
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
 
 
 def kish_ess(log_w: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ..backends import Kind
 from .. import diagnostics as D
 from ..diagnostics.inference_data import _arviz
 from .render import _fmt
@@ -152,7 +153,7 @@ def _khat_text(k: float) -> str:
 
 def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = None):
     """Sorted normalised importance weights (N·w against rank / N) and k-hat per weighted backend."""
-    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and not p.info.get("support_size")}
+    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and p.kind is not Kind.EXACT}
     if not weighted:
         return None
     colors = _colors(posteriors)
@@ -311,7 +312,7 @@ def _svi_title(key: str) -> str:
 
 def fig_svi(name: str, post: Posterior, exact: Posterior | None = None):
     """SVI curves: the ELBO, E_q[r], the KL terms, and any other per-step trace, against the step."""
-    trace = post.info.get("trace")
+    trace = getattr(post.info, "trace", None)
     if not isinstance(trace, dict) or not trace:
         return None
     arrays = {}
@@ -350,15 +351,15 @@ def fig_svi(name: str, post: Posterior, exact: Posterior | None = None):
 
 def fig_smc(name: str, post: Posterior):
     """SMC: the effective sample size per token step (before resampling), as a fraction of N."""
-    hist = post.info.get("ess_history")
+    hist = getattr(post.info, "ess_history", None)
     if hist is None or len(hist) == 0:
         return None
     y = np.asarray(hist, dtype=float).reshape(len(hist), -1).mean(-1)
-    n = float(post.info.get("num_particles") or len(post))
+    n = float(getattr(post.info, "num_particles", None) or len(post))
     fig = _figure(7, 3)
     ax = fig.subplots()
     ax.plot(np.arange(1, len(y) + 1), y / n, "o-", ms=3, color=PALETTE[0], label="ESS / N")
-    thr = post.info.get("ess_threshold")
+    thr = getattr(post.info, "ess_threshold", None)
     if isinstance(thr, (int, float)):
         ax.axhline(thr, color="#b22222", ls="--", lw=1, label=f"resampling threshold {thr:g}")
     ax.set_ylim(0, 1.05)
@@ -397,10 +398,10 @@ def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], A
                           lambda n=n, p=p: mod.fig_mh_trace(n, p)))
             specs.append((f"rank_{slug}.png", n, f"{n}: rank plots (uniform when the chains mix).",
                           lambda n=n, p=p: mod.fig_mh_rank(n, p)))
-        if p.info.get("ess_history") is not None:
+        if getattr(p.info, "ess_history", None) is not None:
             specs.append((f"smc_{slug}.png", n, f"{n}: ESS / N per token step; below the threshold the "
                           "particles are resampled.", lambda n=n, p=p: mod.fig_smc(n, p)))
-        if isinstance(p.info.get("trace"), dict):
+        if isinstance(getattr(p.info, "trace", None), dict):
             specs.append((f"svi_{slug}.png", n, f"{n}: SVI objective and its terms per step.",
                           lambda n=n, p=p: mod.fig_svi(n, p, exact)))
     return specs

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import diagnostics as D
 from ..diagnostics.compare import disagreeing_backends
+from ..diagnostics.estimators import KHAT_THRESHOLD, RHAT_THRESHOLD
 from ..diagnostics.warnings import InferenceWarning
 from ..posterior import Posterior
 
@@ -84,9 +85,8 @@ def mean_errors(post: Posterior, exact: Posterior) -> dict[str, dict[str, float]
 
 
 def _info(post: Posterior, key: str):
-    """A run-level fact of ``post`` by name (``info`` as a dict or as a typed Info record)."""
-    info = post.info
-    return info.get(key) if isinstance(info, Mapping) else getattr(info, key, None)
+    """A run-level fact of ``post`` by name (a field of its typed Info record; ``None`` if it has none)."""
+    return getattr(post.info, key, None)
 
 
 def _genealogy(row: dict) -> float | None:
@@ -95,8 +95,8 @@ def _genealogy(row: dict) -> float | None:
 
 
 #: Above these a diagnostic is marked in the table (the thresholds of the warnings' detectors).
-RHAT_MAX = 1.01
-KHAT_MAX = 0.7
+RHAT_MAX = RHAT_THRESHOLD
+KHAT_MAX = KHAT_THRESHOLD
 FLAG = " ⚠"
 
 
