@@ -27,7 +27,7 @@ import torch
 from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.util import site_is_subsample
 
-from ppl_lm.conditions.factors import trial_run
+from ppl_lm.conditions.factors import SequenceSites, factor_of, trial_run
 from ppl_lm.distribution import SequenceDistribution, row_cache
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
@@ -128,7 +128,7 @@ def _trace_until(fn: Callable, args: tuple, kwargs: dict, n: int, stop):
     holds when ``stop`` is given: ``(trace of the sites before it, its message or None)``."""
     tracer = poutine.trace(fn if stop is None else poutine.escape(fn, escape_fn=stop))
     try:
-        with pyro.plate(PARTICLE_PLATE, n, dim=-1):
+        with SequenceSites(), pyro.plate(PARTICLE_PLATE, n, dim=-1):
             tracer(*args, **kwargs)
     except NonlocalExit as exit_:
         if stop is None:
@@ -231,16 +231,16 @@ def score_trace(tr, n: int, *, score_latent: bool = True, defer_observed_after: 
     for name, site in tr.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        meta = site["infer"].get("ppl_lm")
+        meta = factor_of(site)
         if site["is_observed"]:
             if deferring and sequence_base(site["fn"]) is not None:
                 continue
             lp = site_log_prob(name, observed_log_prob(site), n, particle_dim(site)).to(log_lik.device)
             log_lik = log_lik + lp
-            if meta is not None and meta["kind"] == "reward":
-                rewards[name] = site_log_prob(name, meta["r"], n)
-            elif meta is not None and meta["kind"] == "constraint":
-                ok = torch.as_tensor(meta["ok"]).bool()
+            if meta is not None and meta.kind == "reward":
+                rewards[name] = site_log_prob(name, meta.r, n)
+            elif meta is not None and meta.kind == "constraint":
+                ok = torch.as_tensor(meta.ok).bool()
                 cons[name] = ok.expand(n) if ok.dim() == 0 else ~site_log_prob(name, ~ok, n).bool()
             elif sequence_base(site["fn"]) is not None:
                 obs[name] = lp
@@ -314,7 +314,7 @@ def first_latent_site(model: Callable, args: tuple, kwargs: dict, site: str | No
     def stop_here(msg):
         return is_latent(msg) and (site is None or msg["name"] == site)
 
-    with poutine.block():
+    with poutine.block(), SequenceSites():
         try:
             poutine.escape(model, escape_fn=stop_here)(*args, **kwargs)
         except NonlocalExit as exit_:

@@ -99,6 +99,7 @@ from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.conditions import TokenMask, partial_prefix
+from ppl_lm.conditions.factors import factor_of
 from ppl_lm.diagnostics.warnings import InferenceWarning
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.lm import LanguageModel
@@ -319,10 +320,10 @@ def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> d
         scores = run_model(model, args, kwargs, 1, data=empty, score_latent=False)
     masks: dict[str, list[TokenMask]] = {name: [] for name in seq}
     for name, site in scores.trace.nodes.items():
-        meta = (site.get("infer") or {}).get("ppl_lm") or {}
-        if not isinstance(meta.get("mask"), TokenMask):
+        meta = factor_of(site)
+        if meta is None or not isinstance(meta.mask, TokenMask):
             continue
-        target = meta.get("site")
+        target = meta.site
         if target is None and len(seq) == 1:
             target = next(iter(seq))
         if target not in masks:
@@ -331,7 +332,7 @@ def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> d
                 f"sequence sites {list(seq)}, so SMC cannot tell whose tokens its mask follows. Pass the sampled "
                 "sequence itself (ppl_lm.token_constraint(name, x, mask) with x = pyro.sample(...)), or use "
                 "ppl_lm.constraint(name, mask.check(x), prefix_closed=True)")
-        masks[target].append(meta["mask"])
+        masks[target].append(meta.mask)
     return masks
 
 

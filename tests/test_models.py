@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ppl_lm
+from ppl_lm.conditions.factors import factor_of
 import ppl_lm.models as models
 from ppl_lm.conditions import partial_prefix
 from ppl_lm.inference._runtime import run_model
@@ -282,8 +283,8 @@ def test_no_e_is_a_token_mask(lm):
     x = batch(lm, " a big cat sat.", " the cat", " An Ox", T=32)
     s = score(mod.build(lm), (mod.context,), x)
     assert s.constraints["no_e"].tolist() == [True, False, True]
-    meta = s.trace.nodes["no_e"]["infer"]["ppl_lm"]
-    assert isinstance(meta["mask"], ppl_lm.TokenMask) and meta["prefix_closed"]
+    meta = factor_of(s.trace.nodes["no_e"])
+    assert isinstance(meta.mask, ppl_lm.TokenMask) and meta.prefix_closed and meta.site == "x"
 
 
 _AS_SCRIPT = """
