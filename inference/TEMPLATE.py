@@ -49,7 +49,6 @@ The contract every backend keeps:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +56,7 @@ from tqdm.auto import tqdm
 
 from ppl_lm import seeding
 from ppl_lm.backends import Kind, describe
-from ppl_lm.diagnostics.estimators import log_evidence_se, pareto_khat
+from ppl_lm.diagnostics.estimators import log_evidence_se, log_mean_exp, pareto_khat
 from ppl_lm.inference._runtime import cat_scores, finish, latent_sites, make_posterior, run_model
 from ppl_lm.posterior import Info, Posterior
 from ppl_lm.validation import PositiveInt
@@ -130,7 +129,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         # ... to here: leave ``scores`` (the values of every latent site) and ``log_w``.
 
     # 4. The Posterior: weights normalised by make_posterior, typed diagnostics, typed info.
-    log_z = float(torch.logsumexp(log_w, 0) - math.log(num_samples))
+    log_z = float(log_mean_exp(log_w))
     post = make_posterior(METHOD, scores, log_w, sites, log_evidence=log_z,
                           log_evidence_se=log_evidence_se(log_w), khat=pareto_khat(log_w),
                           info=TemplateInfo(num_samples=num_samples, chunk_size=chunk_size))

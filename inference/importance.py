@@ -14,7 +14,6 @@ trained SVI guide) the weight is log p(x, obs) - log q(x).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.backends import Kind, describe
-from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, pareto_khat
+from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, log_mean_exp, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import (
     cat_scores, check_has_latent, finish, is_latent, latent_sites, make_posterior, observed_sequences, particle_dim, row_cache, run_model,
@@ -107,7 +106,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         log_w = torch.cat(log_ws)
 
     normalise(log_w)  # the clear errors: NaN weights, or every weight zero
-    log_z = float(torch.logsumexp(log_w, 0) - math.log(num_samples))
+    log_z = float(log_mean_exp(log_w))
     info = ImportanceInfo(num_samples=num_samples, chunk_size=chunk_size,
                           proposal="prior" if guide is None else "guide", num_nonzero=int(torch.isfinite(log_w).sum()))
     post = make_posterior("importance", scores, log_w, sites, log_evidence=log_z, info=info,

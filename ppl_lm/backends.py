@@ -219,7 +219,7 @@ def kind_of(method: str | None) -> Kind:
 
 # -- options from run's signature ----------------------------------------------------------------
 
-def _keyword_options(run: Callable) -> dict[str, inspect.Parameter]:
+def keyword_options(run: Callable) -> dict[str, inspect.Parameter]:
     params = inspect.signature(run).parameters
     return {k: p for k, p in params.items() if k not in NOT_OPTIONS and p.kind is p.KEYWORD_ONLY}
 
@@ -241,7 +241,7 @@ def _check_values(run: Callable, options: dict[str, Any]) -> None:
 
 
 def check_options(run: Callable, options: dict[str, Any], method: str) -> None:
-    valid = _keyword_options(run)
+    valid = keyword_options(run)
     for key in options:
         if key not in valid:
             near = difflib.get_close_matches(key, list(valid), n=1)
@@ -277,7 +277,7 @@ def _options_dataclass(run: Callable) -> type:
     fn = inspect.unwrap(run)
     hints, helps = _hints(run), docstring_args(run)
     fields = []
-    for name, p in _keyword_options(run).items():
+    for name, p in keyword_options(run).items():
         default = None if p.default is p.empty else p.default
         fields.append((name, hints.get(name, Any), dataclasses.field(default=default, metadata={"help": helps.get(name, "")})))
     title = "".join(part.capitalize() for part in fn.__module__.rsplit(".", 1)[-1].split("_"))

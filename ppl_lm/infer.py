@@ -21,9 +21,9 @@ def backend(method: str):
 
 def backend_options(method: str) -> dict[str, inspect.Parameter]:
     """The named options of a backend (the keyword parameters of its ``run``, with defaults)."""
-    from .backends import _keyword_options
+    from .backends import keyword_options
 
-    return _keyword_options(get(method).run)
+    return keyword_options(get(method).run)
 
 
 def check_options(method: str, options: dict) -> None:

@@ -57,6 +57,13 @@ class Info:
     def __iter__(self):
         return iter(self._names())
 
+    @staticmethod
+    def from_dict(facts: dict[str, Any]) -> "Info":
+        """A frozen Info record with these fields (for run facts given as a dict)."""
+        cls = dataclasses.make_dataclass("DictInfo", [(k, Any, dataclasses.field(default=None)) for k in facts],
+                                         bases=(Info,), frozen=True)
+        return cls(**facts)
+
     def as_dict(self) -> dict[str, Any]:
         """Every field, for JSON and report settings."""
         return {k: getattr(self, k) for k in self._names()}
@@ -121,6 +128,12 @@ class Posterior:
             self.chain = torch.zeros(len(self.log_weights), dtype=torch.long)
         if self.kind is None:
             self.kind = kind_of(self.method)
+        if isinstance(self.info, dict):  # the one shim for the earlier dict of run facts
+            import warnings
+
+            warnings.warn("Posterior(info={...}) is deprecated: give a frozen Info dataclass (e.g. the backend's "
+                          "own); the dict is read as one", DeprecationWarning, stacklevel=3)
+            self.info = Info.from_dict(self.info)
         for name in ("log_evidence_se", "khat", "rhat", "bulk_ess"):
             v = getattr(self, name)
             if v is not None:

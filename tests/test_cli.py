@@ -53,14 +53,6 @@ def build(lm, beta=0.5):
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 _lms: dict = {}
 
 

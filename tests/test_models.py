@@ -25,16 +25,6 @@ from ppl_lm.inference._runtime import run_model
 NAMES = models.names()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny LM's matrices are far too small for threads to pay; on a busy machine extra
-    OpenMP threads make each call orders of magnitude slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def lm():
     return ppl_lm.tiny_char_transformer(seed=0)

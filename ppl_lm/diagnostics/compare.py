@@ -55,8 +55,7 @@ def disagreeing_backends(posteriors: Mapping[str, Posterior], *, z: float = DISA
     >>> import torch
     >>> from ppl_lm import Posterior
     >>> def post(lz, se):
-    ...     return Posterior(torch.zeros(40, 1), torch.full((40,), -3.6889), lz, "importance",
-    ...                      info={"log_evidence_se": se})
+    ...     return Posterior(torch.zeros(40, 1), torch.full((40,), -3.6889), lz, "importance", log_evidence_se=se)
     >>> disagreeing_backends({"a": post(-1.0, 0.1), "b": post(-1.1, 0.1)})
     []
     >>> [w.code for w in disagreeing_backends({"a": post(-1.0, 0.1), "b": post(-3.0, 0.1)})]

@@ -24,7 +24,7 @@ RHAT_THRESHOLD = 1.01
 MIN_DRAWS_FOR_SE = 10
 
 
-def _arviz():
+def import_arviz():
     # ArviZ 0.23 announces its refactor with a FutureWarning on import; it says nothing to users.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -145,7 +145,7 @@ def pareto_khat(log_w: torch.Tensor) -> float:
         return float("inf") if share > 0.5 else float("nan")
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, k = _arviz().psislw(x)
+        _, k = import_arviz().psislw(x)
     k = float(k)
     return k if math.isfinite(k) else float("inf")
 
@@ -158,7 +158,7 @@ def mcmc_mean_se(draws: np.ndarray | torch.Tensor) -> float:
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        se = float(_arviz().mcse(a, method="mean"))
+        se = float(import_arviz().mcse(a, method="mean"))
     return se if math.isfinite(se) else float("nan")
 
 
@@ -172,7 +172,7 @@ def mcmc_diagnostics(draws: dict[str, np.ndarray | torch.Tensor]) -> tuple[dict[
         ``(rhat, ess)``: dicts name -> value.
     """
     rhat, ess = {}, {}
-    az = _arviz()
+    az = import_arviz()
     for name, v in draws.items():
         a = v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] < 4 or np.ptp(a) == 0 or not np.isfinite(a).all():

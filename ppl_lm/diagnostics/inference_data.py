@@ -49,8 +49,9 @@ import numpy as np
 import torch
 
 from ..backends import Kind
+from ..validation import check_int
 from .. import posterior as _posterior
-from .estimators import MIN_DRAWS_FOR_SE, _arviz, kish_ess, mcmc_diagnostics, pareto_khat, systematic_resample
+from .estimators import MIN_DRAWS_FOR_SE, import_arviz, kish_ess, mcmc_diagnostics, pareto_khat, systematic_resample
 
 if TYPE_CHECKING:
     from ..posterior import Posterior
@@ -262,8 +263,7 @@ def _resampled(post: Posterior, num_draws: int | None, seed: int | None) -> tupl
     """Indices ``[M]`` of ``M`` equal-weight draws (systematic resampling, shuffled), and the seed used."""
     if num_draws is None:
         num_draws = default_num_draws(post)
-    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    check_int("num_draws", num_draws)
     seed = int(post.seed or 0) if seed is None else int(seed)
     g = torch.Generator().manual_seed(seed)
     idx = systematic_resample(post.log_weights, int(num_draws), g)
@@ -307,7 +307,7 @@ def to_inference_data(post: Posterior, *, num_draws: int | None = None, seed: in
     (4000, 7)
     """
     _check(post)
-    az = _arviz()
+    az = import_arviz()
     scalars = _scalars(post)
     if not scalars:
         raise ValueError("this Posterior has no per-sample summaries (post.stats) and no samples: nothing to put "

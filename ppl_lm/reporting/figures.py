@@ -13,8 +13,8 @@ import numpy as np
 
 from ..backends import Kind
 from .. import diagnostics as D
-from ..diagnostics.inference_data import _arviz
-from .render import _fmt
+from ..diagnostics.inference_data import import_arviz
+from .render import fmt
 from ..posterior import Posterior
 
 
@@ -148,7 +148,7 @@ def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
 
 def _khat_text(k: float) -> str:
     """k-hat as shown: "—: tied" where the largest weights are tied (no tail), else the number."""
-    return "— (tied weights)" if k == -math.inf else _fmt(k, 2)
+    return "— (tied weights)" if k == -math.inf else fmt(k, 2)
 
 
 def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = None):
@@ -202,7 +202,7 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
     ax2.legend(fontsize=7)
     for i, (k, f) in enumerate(zip(ks, finite)):
         if f:
-            ax2.text(i - 0.2, max(k, 0) + 0.02, _fmt(k, 2), ha="center", fontsize=7)
+            ax2.text(i - 0.2, max(k, 0) + 0.02, fmt(k, 2), ha="center", fontsize=7)
     ticks = [n if f else f"{n}\n(k-hat {'—' if k is None else _khat_text(k)})"
              for n, k, f in zip(names, ks, finite)]
     ax2.set_xticks(pos, ticks)
@@ -265,7 +265,7 @@ def fig_mh_trace(name: str, post: Posterior):
 
 def fig_mh_rank(name: str, post: Posterior):
     """ArviZ rank plot: uniform histograms per chain mean the chains mix."""
-    az = _arviz()
+    az = import_arviz()
     idata = D.to_inference_data(post)
     names = _trace_vars(idata)
     fig = _figure(3.6 * len(names), 3.0)
@@ -377,7 +377,7 @@ def _constants_caption(posteriors, exact) -> str:
             + ".") if const else ""
 
 
-def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], Any]]]:
+def figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], Any]]]:
     """(file name, section, caption, draw) for every figure of the report, in order."""
     mod = sys.modules[__name__]  # look functions up at call time (tests replace them)
     specs = [
@@ -412,7 +412,7 @@ def _slug(name: str, i: int) -> str:
     return s or f"posterior{i}"
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
