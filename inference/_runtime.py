@@ -123,6 +123,37 @@ def trace_model(fn: Callable, args: tuple, kwargs: dict, n: int):
     return _trace_until(fn, args, kwargs, n, None)[0]
 
 
+def run_guide(guide: Callable, args: tuple, kwargs: dict, n: int, *, detach: bool = True):
+    """One vectorised run of a guide (a proposal program) in the particle plate.
+
+    Returns ``(trace, log_q)``: ``log_q`` maps each latent site the guide samples to its
+    per-particle log-probability ``[n]`` (by the runtime's one rule, :func:`site_log_prob`),
+    detached unless ``detach=False`` (a trained guide's gradient). Replay the model on the trace
+    with ``run_model(..., guide_trace=trace)``; :func:`check_guide_sites` then compares the sites.
+    """
+    tr = trace_model(guide, args, kwargs, n)
+    log_q = {}
+    for name, site in tr.nodes.items():
+        if is_latent(site):
+            lq = site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site))
+            log_q[name] = lq.detach() if detach else lq
+    if not log_q:
+        raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
+    return tr, log_q
+
+
+def check_guide_sites(guide_sites, model_latent, *, cover_all: bool) -> None:
+    """A clear error when a guide samples a site the model does not have as a latent site, or
+    (``cover_all``) leaves one of the model's latent sites to the prior."""
+    extra = sorted(set(guide_sites) - set(model_latent))
+    if extra:
+        raise ValueError(f"the guide samples site(s) {extra} that the model does not have as latent sites")
+    missing = [k for k in model_latent if k not in guide_sites]
+    if cover_all and missing:
+        raise ValueError(f"the model's latent site(s) {missing} are not sampled by the guide; the guide must "
+                         "cover every latent site of the model")
+
+
 def _trace_until(fn: Callable, args: tuple, kwargs: dict, n: int, stop):
     """:func:`trace_model`, stopped (``poutine.escape``) at the first sample site where ``stop(msg)``
     holds when ``stop`` is given: ``(trace of the sites before it, its message or None)``."""

@@ -24,8 +24,8 @@ from ppl_lm.backends import Kind, describe
 from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, log_mean_exp, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import (
-    cat_scores, check_has_latent, finish, is_latent, latent_sites, make_posterior, observed_sequences, particle_dim, row_cache, run_model,
-    site_log_prob, trace_model,
+    cat_scores, check_guide_sites, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, row_cache,
+    run_guide, run_model,
 )
 from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.validation import PositiveInt
@@ -133,22 +133,12 @@ def _chunk(model, args, kwargs, n: int, guide):
         # sites here costs no second LM pass; the weight is the likelihood alone.
         scores = run_model(model, args, kwargs, n, score_latent=True)
         return scores, scores.log_likelihood.double()
-    guide_tr = trace_model(guide, args, kwargs, n)
-    guide_scores = score_guide(guide_tr, n)
-    if not guide_scores:
-        raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
+    guide_tr, guide_scores = run_guide(guide, args, kwargs, n)
     scores = run_model(model, args, kwargs, n, guide_trace=guide_tr, score_latent=True)
-    unknown = set(guide_scores) - set(scores.latent_log_prob)
-    if unknown:
-        raise ValueError(f"the guide samples site(s) {sorted(unknown)} that the model does not have as latent sites")
+    check_guide_sites(guide_scores, scores.latent_log_prob, cover_all=False)
     # Latent sites the guide leaves out were drawn from the prior: their log p cancels.
     log_w = scores.log_likelihood.double()
     for name, lq in guide_scores.items():
         log_w = log_w + scores.latent_log_prob[name].double() - lq.double()
     return scores, log_w
 
-
-def score_guide(tr, n: int) -> dict[str, torch.Tensor]:
-    """Per-particle log q ``[n]`` of each latent site a guide's trace samples (the runtime's rule)."""
-    return {name: site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).detach()
-            for name, site in tr.nodes.items() if is_latent(site)}
