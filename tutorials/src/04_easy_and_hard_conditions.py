@@ -361,6 +361,96 @@ for r in fac_rows:
         assert bool(ok[r["post"].weights > 0].all()) and int(ok.sum()) >= r["hits"], r["N"]
 
 # %% [markdown]
+# ## 4. A hard condition made easy by the right mask: a valid chess game
+#
+# The seed's third example: "text from the model that contains a valid chess game". In
+# `models/chess_game.py` the LM continues the opening "1. e4 e5 2. Nf3 Nc6 3." and the condition is
+# that the game goes on for at least `min_moves` legal half-moves (python-chess judges). A small
+# LM soon writes an illegal move, so each extra half-move makes the condition rarer, and the same
+# condition can be handed to SMC in three ways:
+#
+# - **deferred** (`mode="hard"`): the count is checked on the finished text only; SMC cannot prune.
+# - **prefix** (`mode="prefix"`): a grammar mask of SAN-shaped moves, and the legality of each move
+#   as a prefix-closed constraint: a particle dies as soon as it completes an illegal move.
+# - **legal mask** (`mode="legal_mask"`, `rewards.chess_mask`): each particle carries its board, and
+#   the proposal allows only tokens that keep the text on a legal path. No particle can die; the
+#   weight is the LM's mass on the legal tokens. It asks the moves to be written exactly as
+#   python-chess writes them (move numbers, "x", "+"), which the lenient reading of the other two
+#   does not, so its $Z$ is at most theirs.
+#
+# SMC with $N$ = 32 particles, two seeds per cell; a run is *dead* when every particle died (no
+# estimate at all). Every game the legal mask returns is then replayed by python-chess.
+
+# %%
+from ppl_lm.models import chess_game
+
+if SMOKE:  # a random character-level LM: a half-move with its number is up to 8 characters
+    lm_chess, chess_moves, N_chess, chess_seeds, T_base, T_move = ppl_lm.tiny_char_transformer(seed=0), [2, 4], 8, [0, 1], 10, 8
+else:  # SmolLM2's tokens: about 3-4 per half-move with its number
+    lm_chess, chess_moves, N_chess, chess_seeds, T_base, T_move = lm, [4, 8], 32, [0, 1], 12, 5
+chess_modes = {"deferred": "hard", "prefix": "prefix", "legal mask": "legal_mask"}
+opening = chess_game.context[chess_game.context.index("1."):]
+chess_rows, chess_games = [], []
+# The table shows what SMC's warnings would say (few effective draws, collapsed genealogies).
+warnings.filterwarnings("ignore", message=".*(path_degeneracy|too_few_draws).*")
+t_chess = time.perf_counter()
+for k in chess_moves:
+    for label, mode in chess_modes.items():
+        model = chess_game.build(lm_chess, min_moves=k, mode=mode, max_new_tokens=T_base + T_move * k)
+        for seed in chess_seeds:
+            post, dt = run(model, "smc", chess_game.context, num_particles=N_chess, seed=seed)
+            chess_rows.append(dict(k=k, mode=label, seed=seed, t=dt, post=post,
+                                   lz=None if post is None else post.log_evidence,
+                                   se=None if post is None else post.log_evidence_se,
+                                   kish=0.0 if post is None else post.ess,
+                                   n_eff=0.0 if post is None else ess(post)))
+            if post is not None and mode == "legal_mask":
+                chess_games.append((k, seed, post.texts[int(torch.argmax(post.log_weights))]))
+t_chess = time.perf_counter() - t_chess
+print(f"{LM_NAME}, SMC N={N_chess}, seeds {chess_seeds}; {t_chess:.0f} s for the section's {len(chess_rows)} runs")
+print(f"{'min_moves':>9}  {'condition':10}  {'dead runs':>9}  {'Kish ESS':>8}  {'n_eff':>5}  "
+      f"{'log Z ± se (per seed)':34}  wall time")
+for k in chess_moves:
+    for label in chess_modes:
+        rs = [r for r in chess_rows if r["k"] == k and r["mode"] == label]
+        lz = ", ".join("dead" if r["lz"] is None else f"{r['lz']:.1f} ± {r['se'] or math.nan:.1f}" for r in rs)
+        print(f"{k:>9}  {label:10}  {sum(r['lz'] is None for r in rs):>5} / {len(rs)}  "
+              f"{np.mean([r['kish'] for r in rs]):>8.1f}  {np.mean([r['n_eff'] for r in rs]):>5.1f}  {lz:34}  "
+              + ", ".join(f"{r['t']:.0f} s" for r in rs))
+
+# %%
+import chess
+
+
+def replay(text, n):
+    """python-chess replays the opening and the next ``n`` half-moves of ``opening + text`` (move
+    numbers skipped); returns the board, or raises ValueError at an illegal move."""
+    board = chess.Board()
+    items = [w for w in (opening + text).split() if not w.rstrip(".").isdigit()]
+    for item in items[: 4 + n]:
+        if board.is_game_over():  # a game python-chess ends (mate, fivefold repetition) before n
+            break
+        board.push_san(item)
+    assert len(board.move_stack) == 4 + n or board.is_game_over(), (text, board.move_stack)
+    return board
+
+
+for k, seed, text in chess_games:
+    print(f"min_moves {k}, seed {seed}: {opening + text!r}\n    python-chess: {chess_game.check(text)}")
+k, seed, text = chess_games[-1]
+print(f"\nthe position after min_moves {k} half-moves of the last game:\n{replay(text, k).unicode(empty_square='·')}")
+
+# %%
+# The legal mask: no run dies, and every particle it returns (not only the top ones) is a legal
+# game of at least min_moves half-moves (or one python-chess declares over): a real replay.
+for r in chess_rows:
+    if r["mode"] == "legal mask":
+        assert r["post"] is not None and torch.isfinite(r["post"].log_weights).all(), r
+        for text in r["post"].texts:
+            replay(text, r["k"])
+        assert all(chess_game.check(t).startswith("legal") for t in r["post"].texts)
+
+# %% [markdown]
 # ## What the numbers say
 
 # %%
@@ -374,6 +464,10 @@ print(f"{LM_NAME} pins: " + ", ".join(f"p={r['p']:.1e} → IS {r['is_']:.3f} / S
                                      for r in lm_rows))
 print(f"{LM_NAME} keywords: " + ", ".join(f"{r['w']!r} {r['hits']}/{N_kw}" for r in kw_rows))
 print(f"{LM_NAME} factorisation hits: " + ", ".join(f"N={r['N']}: {r['hits']}/{N_fac}" for r in fac_rows))
+for k in chess_moves:
+    print(f"{LM_NAME} chess, min_moves {k}: " + "; ".join(
+        f"{label} {sum(r['lz'] is None for r in rs)}/{len(rs)} dead, n_eff {np.mean([r['n_eff'] for r in rs]):.1f}"
+        for label in chess_modes for rs in [[r for r in chess_rows if r["k"] == k and r["mode"] == label]]))
 
 # %% [markdown]
 # **Reading the committed run (SmolLM2).**
