@@ -32,6 +32,10 @@ illegal move, checked only on the finished text; SMC cannot prune on it).
 ``mode="soft"`` rewards the number of new legal half-moves instead (capped at ``min_moves``):
 π(x)·exp(n(x)/β), a graded reward that also makes a smoke run on a random LM possible.
 A prompt without "1." makes the condition read the generated text alone.
+
+:func:`check` is python-chess's verdict on one sampled text ("legal: 9 half-moves (to 7. Nc3),
+then text ..." or "... then ILLEGAL 5. Bxd4 ..."): ``ppl-lm run chess_game`` prints it under each
+top sample.
 """
 
 import re
