@@ -5,7 +5,7 @@ likelihood factors (:func:`reward`, :func:`constraint`, :func:`pin`); every way 
 conditioning is an inference backend behind :func:`infer`.
 """
 
-from . import rewards, seeding, tokens
+from . import notebook, rewards, seeding, tokens
 from .conditions import TokenMask, constraint, is_partial, pin, prefix_length, reward, token_constraint
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
