@@ -21,41 +21,20 @@ import torch
 import ppl_lm
 from ppl_lm.inference.exact import enumerate_sequences
 from ppl_lm.inference.svi import dpo
-from toys import LMS
+from toys import LMS, PREF_BETA, PREF_T, kl_logp, pref_model, pref_utility, support_index
 
-T = 2
-BETA = 0.5
-THETA = torch.tensor([1.0, -0.5], dtype=torch.float64)
-N_PAIRS = 1000
-
-
-def features(x: torch.Tensor) -> torch.Tensor:
-    return torch.stack([(x == 2).double().sum(-1), (x == 3).double().sum(-1)], -1)
-
-
-def utility(x: torch.Tensor) -> torch.Tensor:
-    return features(x) @ THETA
-
-
+T, BETA, N_PAIRS = PREF_T, PREF_BETA, 1000
+utility = pref_utility
 _lm = LMS["markov"]()
 _xs = enumerate_sequences(_lm.vocab_size, _lm.eos_id, T)
 _log_pi = _lm.sequence([], max_new_tokens=T).log_prob(_xs).double()
 _prefs = ppl_lm.preferences.simulate_preferences(_lm, [], utility, N_PAIRS, T, seed=0)
+model = pref_model(_lm)
+_kl = kl_logp
 
 
 def _index(y: torch.Tensor) -> torch.Tensor:
-    """Each row of y as its index in the enumerated support."""
-    return (y[:, None, :] == _xs[None]).all(-1).long().argmax(-1)
-
-
-def _kl(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.exp() * (a - b)).sum())
-
-
-def model():
-    x = pyro.sample("x", _lm.sequence([], max_new_tokens=T))
-    ppl_lm.reward("u", utility(x).float(), beta=BETA)
-    return x
+    return support_index(_xs, y)
 
 
 _optimum = dpo.exact_dpo_optimum(_log_pi, _index(_prefs.chosen), _index(_prefs.rejected), BETA)
