@@ -17,6 +17,13 @@ RLHF with a learned reward is then Bayesian conditioning with a learned likeliho
   a latent index s over the draws (uniform), and the factor r_s(x)/β − log Z(θ_s), with each
   log Z(θ_s) from :meth:`RewardModel.log_normalizers` (exact by enumeration on toy LMs, else
   estimated by prior importance sampling: consistent, biased low in log for finite samples).
+
+DPO skips the reward model: ``ppl_lm.infer(model, method="svi", objective="dpo", preferences=prefs)``
+fits the guide to the pairs directly (:mod:`ppl_lm.inference.svi.dpo`); its optimum is the RLHF
+optimum under a free, unregularised reward per text seen in a pair, not under r_θ. When the
+pairs cannot separate two explanations (features equal on every shown text:
+``ppl_lm.models.preferences.ambiguous_raters``), the NUTS posterior of θ spreads over both, a MAP
+reward picks one point, and ``"mixture"`` averages the two explanations' conditionals.
 """
 
 from __future__ import annotations

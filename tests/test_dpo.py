@@ -159,3 +159,28 @@ def test_explicit_beta_overrides_the_models():
     opt1 = dpo.exact_dpo_optimum(_log_pi, _index(_prefs.chosen), _index(_prefs.rejected), 1.0)
     lq = _guide_log_q(post)
     assert _kl(lq, opt1) < TOL < _kl(lq, _optimum)
+
+
+def test_minibatches_resume_from_a_checkpoint(tmp_path):
+    """Minibatches of pairs come from the run's seeded generator, saved in checkpoints: a run stopped at
+    step 12 and resumed from its step-10 checkpoint ends with the uninterrupted run's guide."""
+    opts = {"num_steps": 20, "batch_size": 100, "checkpoint_every": 10, "num_samples": 100}
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_12(step, guide, stats):
+        if step == 12:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _train(checkpoint_dir=str(tmp_path), callback=stop_at_12, **opts)
+    resumed = _train(checkpoint_dir=str(tmp_path), **opts)
+    straight = _train(**opts)
+    assert resumed.info.start_step == 10
+    for k, v in straight.guide.state_dict().items():
+        assert torch.equal(v, resumed.guide.state_dict()[k]), k
+    # a checkpoint of other pairs is refused
+    with pytest.raises(ValueError, match="pairs"):
+        ppl_lm.infer(model, method="svi", objective="dpo", seed=0, progress=False, checkpoint_dir=str(tmp_path),
+                     preferences=ppl_lm.Preferences(_prefs.rejected, _prefs.chosen), **opts)
