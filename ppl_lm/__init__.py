@@ -19,7 +19,7 @@ __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "chat", "tiny_transformer",
     "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
-    "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "report",
+    "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "notebook", "report",
     "Preferences", "RewardModel", "fit_reward", "learned_reward",
 ]
 
