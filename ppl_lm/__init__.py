@@ -5,15 +5,22 @@ likelihood factors (:func:`reward`, :func:`constraint`, :func:`pin`); every way 
 conditioning is an inference backend behind :func:`infer`.
 """
 
+from typing import TYPE_CHECKING
+
 from . import notebook, rewards, seeding, tokens
 from .conditions import TokenMask, constraint, is_partial, pin, prefix_length, reward, token_constraint
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
-from .lm import (LanguageModel, MarkovLM, ToyVocab, TransformersLM, chat, load_lm, tiny_char_transformer,
-                 tiny_transformer)
+from .lm import LanguageModel, MarkovLM, ToyVocab, chat
 from .posterior import Posterior
 from .preferences import Preferences
 from .reward_model import RewardModel, fit_reward, learned_reward
+
+if TYPE_CHECKING:
+    from .lm import TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
+
+# Read from ppl_lm.lm on first use, so `import ppl_lm` does not import the transformers side.
+_FROM_LM = ("TransformersLM", "load_lm", "tiny_transformer", "tiny_char_transformer")
 
 __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "chat", "tiny_transformer",
@@ -31,3 +38,12 @@ def report(posteriors, out_dir, **kwargs):
     from .reporting import report as _report
 
     return _report(posteriors, out_dir, **kwargs)
+
+
+def __getattr__(name: str):
+    if name in _FROM_LM:
+        from . import lm
+
+        value = globals()[name] = getattr(lm, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

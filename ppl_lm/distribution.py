@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
 
 from ppl_lm import seeding as _random
-from .lm.base import LanguageModel
 from .tokens import after_eos_mask, as_prompt_tensor
+
+if TYPE_CHECKING:  # the LM protocol is used for annotations only: ppl_lm.lm.base imports this module
+    from .lm.base import LanguageModel
 
 __all__ = ["SequenceDistribution", "encode_texts", "row_cache"]
 

@@ -16,7 +16,7 @@ import torch
 
 import ppl_lm
 from ppl_lm import cli
-from ppl_lm.lm import hf
+from ppl_lm.lm.hf import loading
 
 KEYWORD_BUILD = ("keywords", "mode", "beta", "max_new_tokens")
 
@@ -29,7 +29,7 @@ def no_lm_load(monkeypatch):
         raise AssertionError("the LM was loaded before the input was checked")
 
     monkeypatch.setattr(cli, "load_language_model", boom)
-    monkeypatch.setattr(hf, "_cache_entry", boom)
+    monkeypatch.setattr(loading, "cache_entry", boom)
     import transformers
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)

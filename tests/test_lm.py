@@ -151,10 +151,10 @@ PLANTED = {
         lambda mp: mp.setattr(ppl_lm.TransformersLM, "reorder", _reorder_logprobs_only)),
     "one-pass scoring drops the first EOS": (
         TestTinyTransformer, "test_sample_logprobs_equal_fresh_scoring",
-        lambda mp: mp.setattr(ppl_lm.lm.hf, "after_eos_mask", _eos_not_scored)),
+        lambda mp: mp.setattr(ppl_lm.lm.hf.model, "after_eos_mask", _eos_not_scored)),
     "EOS not scored breaks normalisation": (
         TestTinyTransformer, "test_sequences_sum_to_one",
-        lambda mp: mp.setattr(ppl_lm.lm.hf, "after_eos_mask", _eos_not_scored)),
+        lambda mp: mp.setattr(ppl_lm.lm.hf.model, "after_eos_mask", _eos_not_scored)),
     "one-pass scoring reads the prompt one token short": (
         TestTinyTransformer, "test_incremental_state_equals_one_pass_scoring", _plant_prompt_off_by_one),
     "sampler at temperature 2/3, reporting the model's log-probs": (
@@ -258,3 +258,28 @@ def test_shared_prompt_scoring_equals_one_pass_with_gradients():
     assert lm.token_logprobs(rows, tokens).shape == (6, 5)
     torch.testing.assert_close(lm.token_logprobs(prompt, tokens[:1]), one[:1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lm.token_logprobs(prompt, tokens[:, :1]), one[:, :1], atol=1e-5, rtol=1e-5)
+
+
+def _fresh_interpreter(code: str) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_the_core_and_toy_lms_load_without_the_transformers_side():
+    """``import ppl_lm`` (or ``ppl_lm.distribution``) and a toy LM's run import neither
+    transformers nor ``ppl_lm.lm.hf``; the first use of one of its names loads it."""
+    out = _fresh_interpreter(
+        "import sys, pyro, ppl_lm.distribution\n"
+        "import ppl_lm\n"
+        "lm = ppl_lm.MarkovLM.random(3, eos_id=0, seed=0)\n"
+        "def model():\n"
+        "    pyro.sample('x', lm.sequence([], max_new_tokens=2))\n"
+        "ppl_lm.infer(model, method='smc', num_particles=8, seed=0, progress=False)\n"
+        "heavy = ('transformers', 'peft', 'ppl_lm.lm.hf', 'ppl_lm.lm.lora', 'ppl_lm.lm.testing')\n"
+        "print('TOY', sorted(m for m in heavy if m in sys.modules))\n"
+        "print('LAZY', ppl_lm.TransformersLM is ppl_lm.lm.hf.TransformersLM, 'ppl_lm.lm.hf' in sys.modules)\n")
+    assert "TOY []" in out and "LAZY True True" in out, out

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.lm.hf import STATIC_BLOCK, _StaticKV
+from ppl_lm.lm.hf import STATIC_BLOCK
+from ppl_lm.lm.hf.kv_cache import StaticState
 from toys import soft_reward
 
 CUDA = torch.cuda.is_available()
@@ -106,7 +107,7 @@ def test_cache_is_sized_from_check_context_and_overflow_is_a_clear_error():
     with torch.no_grad():
         lm.check_context(3, STATIC_BLOCK + 10)  # needs 3 + 74 positions: two blocks
         state = lm.start(prompt, 2)
-        assert isinstance(state.data, _StaticKV) and state.data.capacity == 2 * STATIC_BLOCK
+        assert isinstance(state.data, StaticState) and state.data.capacity == 2 * STATIC_BLOCK
         lm.check_context(3, 5)
         state = lm.start(prompt, 2)
         assert state.data.capacity == STATIC_BLOCK
@@ -146,7 +147,7 @@ def test_compiled_caches_are_pooled_only_once_no_state_holds_them():
         fresh = lm.start(prompt, 3)
         assert fresh.data.cache is not cache_a and fresh.data.cache is not b.data.cache
         assert torch.allclose(lm.extend(c, tok).logprobs, lm.extend(fresh, tok).logprobs, atol=1e-6)
-        assert len(lm._pool[(3, STATIC_BLOCK, lm.device)]) == 3
+        assert len(lm.kv_mode.pool[(3, STATIC_BLOCK, lm.device)]) == 3
 
 
 def test_compiled_step_takes_more_shapes_than_dynamos_default_limit():
@@ -156,16 +157,16 @@ def test_compiled_step_takes_more_shapes_than_dynamos_default_limit():
     with torch.no_grad():
         for B in range(1, limit + 3):
             lm.sample([1, 2], B, 2, generator=torch.Generator().manual_seed(B))
-    assert len(lm._compiled_shapes) == limit + 2
+    assert len(lm.kv_mode.compiled_shapes) == limit + 2
 
 
 def test_trainable_lm_under_autograd_keeps_the_dynamic_cache():
     lm = ppl_lm.tiny_transformer(6, eos_id=0).with_kv_cache("static")
     lm.model.lm_head.weight.requires_grad_(True)
     state = lm.start(torch.tensor([1, 2]), 2)
-    assert not isinstance(state.data, _StaticKV)
+    assert not isinstance(state.data, StaticState)
     with torch.no_grad():
-        assert isinstance(lm.start(torch.tensor([1, 2]), 2).data, _StaticKV)
+        assert isinstance(lm.start(torch.tensor([1, 2]), 2).data, StaticState)
 
 
 def test_bad_kv_cache_name():

@@ -32,10 +32,10 @@ def test_cache_key_changes_with_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv(hf.CACHE_ENV, str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF1")
-    first = hf._cache_entry(str(tmp_path), "m.gguf")
+    first = hf.cache_entry(str(tmp_path), "m.gguf")
     assert first.parent == tmp_path / "cache" and first.name.startswith("m-")
     f.write_bytes(b"GGUF22")  # another size (and mtime): another entry, never a stale cache
-    assert hf._cache_entry(str(tmp_path), "m.gguf") != first
+    assert hf.cache_entry(str(tmp_path), "m.gguf") != first
 
 
 @pytest.mark.integration

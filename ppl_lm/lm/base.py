@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..distribution import SequenceDistribution
 from ..tokens import after_eos_mask, as_prompt_tensor, categorical
 
 __all__ = ["LanguageModel", "LMState", "ragged_rows", "start_rows"]
@@ -163,9 +164,7 @@ class LanguageModel:
         """Total log-probability ``[B]`` of each continuation (EOS included, padding ignored)."""
         return self.token_logprobs(prompt, tokens).sum(-1)
 
-    def sequence(self, prompt: Any = None, max_new_tokens: int = 16):
+    def sequence(self, prompt: Any = None, max_new_tokens: int = 16) -> SequenceDistribution:
         """The Pyro distribution of continuations of ``prompt``: π(x | prompt)."""
-        from ..distribution import SequenceDistribution
-
         return SequenceDistribution(self, prompt, max_new_tokens)
 
