@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 import ppl_lm
 from lm_conformance import LMConformance
 from ppl_lm.lm import LMState, LoraLM, PositionalMarkovLM
+from ppl_lm.lm.hf import kv_cache
 from ppl_lm.lm.lora import full_transformer
 from ppl_lm.tokens import as_prompt_tensor
 
@@ -116,6 +117,10 @@ def _reorder_logprobs_only(self, state, index):
     return LMState(state.logprobs[index.to(state.logprobs.device)], state.data, state.length)
 
 
+def _cache_not_reordered(self, index, length):
+    return self
+
+
 def _eos_not_scored(tokens, eos_id):
     return torch.cumsum((tokens == eos_id).long(), -1) > 0  # masks the first EOS too
 
@@ -143,12 +148,18 @@ def _plant_first_row_prompt(monkeypatch):
 
 PLANTED = {
     # bug: (a conformance class, the check that must fail, how to plant it)
-    "reorder forgets the KV cache (dynamic)": (
+    "reorder forgets the KV cache (LM)": (
         TestTinyTransformer, "test_reorder_follows_rows",
         lambda mp: mp.setattr(ppl_lm.TransformersLM, "reorder", _reorder_logprobs_only)),
-    "reorder forgets the KV cache (static)": (
+    "reorder forgets the KV cache (dynamic strategy)": (
+        TestTinyTransformer, "test_reorder_follows_rows",
+        lambda mp: mp.setattr(kv_cache.DynamicState, "reorder", _cache_not_reordered)),
+    "reorder forgets the KV cache (static strategy)": (
         TestTinyTransformerStaticCache, "test_reorder_follows_rows",
-        lambda mp: mp.setattr(ppl_lm.TransformersLM, "reorder", _reorder_logprobs_only)),
+        lambda mp: mp.setattr(kv_cache.StaticState, "reorder", _cache_not_reordered)),
+    "reorder forgets the KV cache (compiled strategy)": (
+        TestTinyTransformerCompiled, "test_reorder_follows_rows",
+        lambda mp: mp.setattr(kv_cache.StaticState, "reorder", _cache_not_reordered)),
     "one-pass scoring drops the first EOS": (
         TestTinyTransformer, "test_sample_logprobs_equal_fresh_scoring",
         lambda mp: mp.setattr(ppl_lm.lm.hf.model, "after_eos_mask", _eos_not_scored)),
