@@ -10,6 +10,11 @@ A mode starts states (:meth:`DynamicMode.start`, :meth:`DynamicMode.start_ragged
 each state it starts (a :class:`KVState`) extends and reorders itself, so the LM's ``extend`` and
 ``reorder`` never ask which mode, or which fallback (a trainable LM under autograd keeps the
 dynamic cache; ragged prompts are left-padded), made a state.
+
+>>> import ppl_lm
+>>> lm = ppl_lm.tiny_transformer().with_kv_cache("static")
+>>> type(lm.kv_mode).__name__, type(lm.start([1, 2], 3).data).__name__
+('StaticMode', 'StaticState')
 """
 
 from __future__ import annotations

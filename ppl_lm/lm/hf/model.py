@@ -53,7 +53,8 @@ class TransformersLM(LanguageModel):
     Args:
         model: a transformers causal LM (eval mode).
         tokenizer: its tokenizer, or ``None`` for token ids only (``vocab`` gives toy text).
-        kv_cache: how decode steps (``extend``) keep keys and values:
+        kv_cache: how decode steps (``extend``) keep keys and values (one strategy each, in
+            :mod:`ppl_lm.lm.hf.kv_cache`):
 
             - ``"dynamic"`` (default): transformers' ``DynamicCache``, grown by one position a
               step (a new allocation per layer per step: fine on CPU, overhead-bound on GPU).
