@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from ppl_lm.inference._runtime import (
 from ppl_lm.inference.mh.latents import check_updatable, random_walk_sites, update_other_latents
 from ppl_lm.inference.mh.moves import MOVES, EditBatch, check_moves, content_length, draw_positions, log_q_token
 from ppl_lm.inference.mh.start import initial_states
-from ppl_lm.inference.mh.state import ChainState, ModelLayout, mh_accept
+from ppl_lm.inference.mh.state import ChainState, ModelLayout, mh_accept, site_masks
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
 from ppl_lm import seeding as _random
@@ -89,7 +90,9 @@ class EditKernel(MCMCKernel):
         self.layout = ModelLayout(args, kwargs, list(sites), seq, others, next(iter(seq), None))
         values = initial_states(self.model, self.layout, self.num_chains, self.initial_samples, self.init_budget,
                                 self._score, self.progress)
-        self.state = ChainState(values, self._score(values), len(MOVES), random_walk_sites(others))
+        scores = self._score(values)
+        self.layout = dataclasses.replace(self.layout, masks=site_masks(scores.trace, seq))
+        self.state = ChainState(values, scores, len(MOVES), random_walk_sites(others))
         zeros = torch.zeros(self.num_chains, dtype=torch.long)
         self._initial_params = {"x": self._main().clone(), "accepted": zeros, "move": zeros.clone()}
 
@@ -204,7 +207,8 @@ class EditKernel(MCMCKernel):
         z_uniform = torch.randint(V - 1, (C,), generator=g)
         z_uniform = z_uniform + (z_uniform >= eos).long()
         log_move_probs = {m: self.move_probs[i].log() for i, m in enumerate(MOVES)}
-        return EditBatch(x, n, eos, V, log_move_probs, pos, k, lq, z, z_uniform, tok_lp_x, y, y_lp, g)
+        return EditBatch(x, n, eos, V, log_move_probs, pos, k, lq, z, z_uniform, tok_lp_x, y, y_lp, g, site,
+                         self.layout.masks.get(site.name, ()))
 
     @torch.no_grad()
     def _lm_pass(self, site: EditSite, x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, sel: torch.Tensor):

@@ -13,9 +13,18 @@ proposes the current state with ``log_rev = -inf``: the accept step rejects it, 
 target invariant. Every move maps canonical sequences (content, then EOS padding) to canonical
 sequences.
 
+``masked_suffix`` respects token masks (``ppl_lm.token_constraint``): choose ``k`` uniformly in
+``{0, ..., min(n, T-1)}`` and redraw positions ``k..T-1`` from ``q(y_t | y_<t) = π(y_t | y_<t) · 1[y_t ∈ A_t] / Z_t``, where ``A_t`` is the
+set every mask allows after ``y_<t`` (only completing tokens at the last position) and
+``Z_t = π(A_t | y_<t)``. The reverse redraws ``x[k:]`` from ``x[:k] = y[:k]`` under the same
+masks, so forward ``1/K(x) · Π_t q(y_t | y_<t)`` and reverse ``1/K(y) · Π_t q(x_t | x_<t)`` are
+both exact and the Hastings ratio reduces to ``K(x)/K(y) · Π Z_t(x) / Π Z_t(y)``. A proposal
+that reaches a prefix with no allowed token (or a reverse through a token the masks forbid) is
+rejected. With no mask on the site it is the plain suffix move.
+
 Adding a move is one function and one row of :data:`MOVES`; the row says where the move edits
-(``"token"``: a content position, ``"gap"``: a gap between tokens, ``"suffix"``: a start from
-which the LM regenerates the rest), since the kernel draws that position before its LM pass.
+(:class:`Move`: a content position, a gap between tokens, or a suffix start), since the kernel
+draws that position before its LM pass.
 """
 
 from __future__ import annotations
@@ -23,13 +32,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from ppl_lm import seeding as _random
+from ppl_lm.lm.base import start_rows
+from ppl_lm.tokens import categorical
+
 __all__ = ["DEFAULT_MOVES", "MOVES", "EditBatch", "Move", "check_moves", "content_length", "delete_move",
-           "draw_positions", "insert_move", "log_q_token", "substitute_move", "substitute_uniform_move",
-           "suffix_move"]
+           "draw_positions", "insert_move", "log_q_token", "masked_log_q", "masked_suffix_move", "substitute_move",
+           "substitute_uniform_move", "suffix_move"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,8 @@ class EditBatch:
         y: ``x[:k]`` followed by a suffix drawn from the LM ``[C, T]`` (``x`` for other chains).
         y_lp: the LM's log-probability of each drawn token of ``y`` ``[C, T]`` (0 elsewhere).
         generator: the random stream, for a move that draws more than the above.
+        site: the edited site (its LM and each chain's prompt rows), for a move that runs the LM.
+        masks: the token masks (``ppl_lm.token_constraint``) on the edited site.
     """
 
     x: torch.Tensor
@@ -69,6 +84,8 @@ class EditBatch:
     y: torch.Tensor
     y_lp: torch.Tensor
     generator: torch.Generator | None = None
+    site: Any = None
+    masks: tuple = ()
 
     @property
     def T(self) -> int:
@@ -192,11 +209,86 @@ def delete_move(b: EditBatch) -> Proposal:
     return _unless_impossible(b, b.n >= 1, dele, log_fwd, log_rev)
 
 
+def masked_log_q(logp: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The next-token law ``logp`` ``[B, V]`` restricted to ``allowed`` and renormalised
+    (rows with no allowed mass all ``-inf``).
+
+    >>> import torch
+    >>> masked_log_q(torch.log(torch.tensor([[0.5, 0.25, 0.25]])), torch.tensor([[True, False, True]])).exp()
+    tensor([[0.6667, 0.0000, 0.3333]], dtype=torch.float64)
+    """
+    masked = logp.double().masked_fill(~allowed, -math.inf)
+    z = torch.logsumexp(masked, -1, keepdim=True)
+    return torch.where(torch.isfinite(z), masked - z, torch.full_like(masked, -math.inf))
+
+
+def masked_suffix_move(b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``masked_suffix`` move on an :class:`~ppl_lm.inference.mh.moves.EditBatch` (see the module)."""
+    y, lq_y, lq_x = _masked_pass(b)
+    idx = torch.arange(b.T)[None, :]
+    after_k = idx >= b.k[:, None]
+    x_part = after_k & (idx <= content_length(b.x, b.eos)[:, None])  # x[k:] through its EOS
+    y_part = after_k & (idx <= content_length(y, b.eos)[:, None])
+    K = torch.clamp(b.n + 1, max=b.T)
+    K_y = torch.clamp(content_length(y, b.eos) + 1, max=b.T)
+    log_fwd = -K.double().log() + torch.where(y_part, lq_y, 0.0).sum(-1)
+    log_rev = -K_y.double().log() + torch.where(x_part, lq_x, 0.0).sum(-1)
+    ok = torch.isfinite(log_fwd)  # a prefix with no allowed token: nothing proposed
+    return (torch.where(ok[:, None], y, b.x), torch.where(ok, log_fwd, torch.zeros_like(log_fwd)),
+            torch.where(ok, log_rev, torch.full_like(log_rev, -math.inf)))
+
+
+@torch.no_grad()
+def _masked_pass(b):
+    """One incremental LM pass over ``2C`` rows: ``x`` teacher-forced and ``y`` = ``x[:k]`` then
+    masked draws. Returns ``(y [C, T], log q(y_t) [C, T], log q(x_t) [C, T])`` under the masks."""
+    site, x, k = b.site, b.x, b.k
+    lm, (C, T), eos = site.lm, x.shape, b.eos
+    dev = lm.device
+    gen = _random.generator(dev)
+    prompt, lengths = site.prompt, site.prompt_lengths
+    if prompt.dim() > 1:
+        prompt = torch.cat([prompt, prompt])
+    if lengths is not None:
+        lengths = torch.cat([lengths, lengths])
+    state = start_rows(lm, prompt.to(dev), 2 * C, lengths)
+    states = [m.start(2 * C) for m in b.masks]
+    xd, kd = x.to(dev), k.to(dev)
+    ys = xd.clone()
+    lq_x = torch.zeros(C, T, dtype=torch.float64)
+    lq_y = torch.zeros(C, T, dtype=torch.float64)
+    done = torch.zeros(C, dtype=torch.bool, device=dev)
+    for t in range(T):
+        logp = state.logprobs.float()
+        allowed = torch.ones_like(logp, dtype=torch.bool)
+        for s in states:
+            allowed = allowed & s.allowed(t + 1 == T).to(dev)
+        lq = masked_log_q(logp, allowed)
+        lq_x[:, t] = lq[:C].gather(-1, xd[:, t : t + 1])[:, 0].cpu()
+        ly = lq[C:]
+        stuck = ~torch.isfinite(ly).any(-1)
+        s_tok = categorical(torch.where(stuck[:, None], torch.zeros_like(ly), ly).float(), gen)
+        tok = torch.where(t < kd, xd[:, t], torch.where(done, torch.full_like(s_tok, eos), s_tok))
+        lp_tok = ly.gather(-1, tok[:, None])[:, 0]
+        lq_y[:, t] = torch.where(t < kd, torch.zeros_like(lp_tok), lp_tok).cpu()
+        ys[:, t] = tok
+        done = done | (tok == eos)
+        both = torch.cat([xd[:, t], tok])
+        for s in states:
+            s.advance(both.cpu())
+        if t + 1 < T:
+            state = lm.extend(state, both)
+    return ys.cpu(), lq_y, lq_x
+
+
 class Move(NamedTuple):
     """A row of :data:`MOVES`: the move's function and where it edits (drawn before the LM pass)."""
 
     propose: Callable[[EditBatch], Proposal]
-    edits: str = "token"  # "token": a content position; "gap": one of n+1 gaps; "suffix": a suffix start
+    #: "token": a content position; "gap": one of n+1 gaps; "suffix": a suffix start k, and the
+    #: kernel's LM pass regenerates x[k:] (``EditBatch.y``); "start": a suffix start k, and the
+    #: move regenerates the suffix itself.
+    edits: str = "token"
 
 
 #: name -> move, in the order of the move indices the sampler records (``stats["move"]``).
@@ -206,6 +298,7 @@ MOVES: dict[str, Move] = {
     "substitute_uniform": Move(substitute_uniform_move),
     "insert": Move(insert_move, "gap"),
     "delete": Move(delete_move),
+    "masked_suffix": Move(masked_suffix_move, "start"),
 }
 DEFAULT_MOVES = {"suffix": 0.4, "substitute": 0.25, "substitute_uniform": 0.05, "insert": 0.15, "delete": 0.15}
 
@@ -237,7 +330,7 @@ def draw_positions(move: torch.Tensor, u: torch.Tensor, n: torch.Tensor, T: int)
     other moves).
     """
     edits = [row.edits for row in MOVES.values()]
-    is_suffix = _index_in(move, [i for i, e in enumerate(edits) if e == "suffix"])
+    is_suffix = _index_in(move, [i for i, e in enumerate(edits) if e in ("suffix", "start")])
     is_gap = _index_in(move, [i for i, e in enumerate(edits) if e == "gap"])
     K = torch.clamp(n + 1, max=T)
     k = torch.where(is_suffix, (u * K).floor().long().clamp(max=K - 1), torch.full_like(n, T))

@@ -9,7 +9,10 @@ from typing import Any
 import torch
 from ppl_lm.inference._runtime import Scores
 
-__all__ = ["ChainState", "ModelLayout", "mh_accept"]
+from ppl_lm.conditions.factors import factor_of
+from ppl_lm.conditions.masks import TokenMask
+
+__all__ = ["ChainState", "ModelLayout", "mh_accept", "site_masks"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class ModelLayout:
         others: every other latent site (Gibbs if finite, random-walk MH if continuous).
         site: the main sequence site (the Posterior's ``samples``): the first, ``None`` when
             every text is observed.
+        masks: the token masks (``ppl_lm.token_constraint``) on each sequence site.
     """
 
     args: tuple
@@ -31,6 +35,7 @@ class ModelLayout:
     seq: dict
     others: dict
     site: str | None
+    masks: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -124,3 +129,16 @@ def mh_accept(new_target: torch.Tensor, log_target: torch.Tensor, log_fwd: torch
     if torch.isnan(log_alpha).any():
         raise FloatingPointError("NaN in the MH acceptance ratio: the LM or a reward returned NaN")
     return torch.rand(len(log_alpha), dtype=torch.float64, generator=generator).log() < log_alpha
+
+
+def site_masks(trace, seq: dict) -> dict[str, tuple[TokenMask, ...]]:
+    """The token masks of each sequence site, read off a scored trace of the model."""
+    masks: dict[str, list[TokenMask]] = {name: [] for name in seq}
+    for node in trace.nodes.values():
+        f = factor_of(node)
+        if f is None or not isinstance(f.mask, TokenMask):
+            continue
+        target = f.site if f.site is not None else (next(iter(seq)) if len(seq) == 1 else None)
+        if target in masks:
+            masks[target].append(f.mask)
+    return {k: tuple(v) for k, v in masks.items()}
