@@ -23,16 +23,6 @@ from ppl_lm import rewards
 from ppl_lm.diagnostics.estimators import sequence_ess
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small tensor ops; on a shared 2-core machine a second intra-op
-    thread makes them several times slower (threads wait on each other), so use one here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _lms: dict = {}
 _exact: dict = {}
 

@@ -4,8 +4,9 @@ A move is a function of an :class:`EditBatch` (the current states of every chain
 LM pass read from them) that returns ``(proposal [C, T], log_fwd [C], log_rev [C])``: a proposed
 state for every chain, the log-probability of proposing it, and the log-probability of the
 reverse move proposing the current state from it. The kernel draws one move per chain, evaluates
-each drawn move on the whole batch (a move is a few tensor operations), keeps each chain's own
-row and accepts it with one Metropolis–Hastings step on
+each drawn move on the whole batch (most moves are a few tensor operations on what the kernel's
+LM pass read; ``masked_suffix`` runs its own pass), keeps each chain's own row and accepts it with
+one Metropolis–Hastings step on
 ``log target' - log target + log_rev - log_fwd``.
 
 A move that has nothing to act on (delete from an empty sequence, insert into a full one)
