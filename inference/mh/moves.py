@@ -308,7 +308,7 @@ def check_moves(moves: Mapping[str, float] | None) -> torch.Tensor:
     """Move probabilities ``[len(MOVES)]`` (normalised) from a dict move -> probability.
 
     >>> check_moves({"suffix": 3.0, "delete": 1.0}).tolist()
-    [0.75, 0.0, 0.0, 0.0, 0.25]
+    [0.75, 0.0, 0.0, 0.0, 0.25, 0.0]
     """
     if moves is None:
         moves = DEFAULT_MOVES
