@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.diagnostics import inference_data as idata_mod
+from ppl_lm import resampling
 from test_composition import truth, world_prompt
 from toys import LMS, hard_constraint
 
@@ -108,10 +108,10 @@ def test_planted_unweighted_draws_fail_the_check(method, monkeypatch):
     """The check above catches the old bug: the weighted draws put in ``posterior`` as they are."""
     post = run(method)
 
-    def unweighted(log_w, num, generator=None):
-        return torch.arange(len(log_w))[torch.isfinite(log_w)]  # every draw once, weights ignored
+    def unweighted(weights, num=None, scheme="multinomial", generator=None):
+        return torch.arange(len(weights))[weights > 0]  # every draw once, weights ignored
 
-    monkeypatch.setattr(idata_mod, "systematic_resample", unweighted)
+    monkeypatch.setattr(resampling, "resample", unweighted)
     assert misses(post.to_inference_data(), reference_draws(method, post))
 
 

@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from .. import posterior as _posterior
-from .estimators import MIN_DRAWS_FOR_SE, _arviz, kish_ess, mcmc_diagnostics, pareto_khat, systematic_resample
+from .. import resampling
+from .estimators import MIN_DRAWS_FOR_SE, _arviz, kish_ess, mcmc_diagnostics, pareto_khat
 
 if TYPE_CHECKING:
     from ..posterior import Posterior
@@ -265,7 +266,7 @@ def _resampled(post: Posterior, num_draws: int | None, seed: int | None) -> tupl
         raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
     seed = int(post.seed or 0) if seed is None else int(seed)
     g = torch.Generator().manual_seed(seed)
-    idx = systematic_resample(post.log_weights, int(num_draws), g)
+    idx = resampling.resample(torch.softmax(post.log_weights.double(), 0), int(num_draws), "systematic", g)
     # Systematic resampling returns copies side by side; shuffled, they are exchangeable draws and
     # ArviZ's autocorrelation-based ESS reads them as such.
     return idx[torch.randperm(len(idx), generator=g)].numpy(), seed
