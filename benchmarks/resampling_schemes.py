@@ -5,9 +5,12 @@ SMC (``method="smc"``) with each scheme of ``ppl_lm.resampling.SCHEMES`` on ever
 Each (problem, LM, scheme) cell is ``--seeds`` runs of ``--replicates`` independent replicates
 (``num_replicates``: independent SMC runs batched together) of ``--particles`` particles, so
 it holds seeds × replicates independent log Ẑ. The script prints, per cell, the bias
-E[log Ẑ] − log Z and the variance Var(log Ẑ), each with its standard error (the variance's from
-the fourth moment), the variance as a ratio to multinomial (today's default), and the number of
-resampling events per replicate. Rows with a dead replicate (Ẑ = 0) report how many.
+E[log Ẑ] − log Z and the variance Var(log Ẑ) over the live replicates, each with its standard
+error (the variance's from the fourth moment); the variance as a ratio to multinomial (today's
+default) and the z-score of the difference paired by replicate (same seed and index: the same
+draws up to the first resampling); E[Ẑ/Z] over every replicate (dead ones, Ẑ = 0, included: it
+must be 1, SMC's Ẑ being unbiased whatever the scheme); the number of resampling events per
+replicate and of dead replicates.
 
     python benchmarks/resampling_schemes.py                       # N = 32, 8 seeds x 500 replicates
     python benchmarks/resampling_schemes.py --ess-threshold 1.0   # resample at every step
@@ -31,18 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import _bench  # noqa: E402
 
 
-def moments(x: torch.Tensor) -> dict:
-    """Mean and variance of independent draws ``x`` with their standard errors."""
-    n = len(x)
-    m = float(x.mean())
-    d = x - m
-    var = float((d**2).sum()) / (n - 1)
-    m4 = float((d**4).mean())
-    var_se = math.sqrt(max(m4 - var**2 * (n - 3) / (n - 1), 0.0) / n)
-    return {"bias": m, "bias_se": math.sqrt(var / n), "var": var, "var_se": var_se, "n": n}
-
-
-def cell(model, args, exact_log_z: float, scheme: str, opts: dict) -> dict:
+def log_z_errors(model, args, exact_log_z: float, scheme: str, opts: dict) -> tuple[torch.Tensor, float, float]:
+    """log Ẑ − log Z of every replicate of the cell (−inf where a replicate died), the mean number of
+    resampling events per replicate, and the wall time."""
     import ppl_lm
 
     logs, resamplings, t0 = [], [], time.perf_counter()
@@ -54,11 +48,28 @@ def cell(model, args, exact_log_z: float, scheme: str, opts: dict) -> dict:
                                 ess_threshold=opts["ess_threshold"])
         logs.append(torch.tensor(post.info.log_evidence_replicates, dtype=torch.float64))
         resamplings.append(torch.tensor(post.info.num_resampling, dtype=torch.float64))
-    x = torch.cat(logs)
-    dead = int((~torch.isfinite(x)).sum())
-    out = moments(x[torch.isfinite(x)] - exact_log_z)
-    out.update(dead=dead, resamplings=float(torch.cat(resamplings).mean()), seconds=time.perf_counter() - t0)
-    return out
+    return torch.cat(logs) - exact_log_z, float(torch.cat(resamplings).mean()), time.perf_counter() - t0
+
+
+def stats(x: torch.Tensor, base: torch.Tensor) -> dict:
+    """Bias and variance of log Ẑ (live replicates) with standard errors (the variance's from the
+    fourth moment); mean and variance of Ẑ/Z over every replicate (dead ones give 0); and the
+    variance difference to ``base`` (multinomial) paired by replicate: the same seed and replicate
+    index share every draw up to the first resampling, so the pairing removes most of the noise."""
+    live = torch.isfinite(x)
+    y = x[live]
+    n = len(y)
+    d = y - y.mean()
+    var = float((d**2).sum()) / (n - 1)
+    var_se = math.sqrt(max(float((d**4).mean()) - var**2 * (n - 3) / (n - 1), 0.0) / n)
+    z = torch.exp(x)  # Ẑ / Z, 0 for a dead replicate
+    both = live & torch.isfinite(base)
+    a, b = x[both], base[both]
+    diff = (a - a.mean()) ** 2 - (b - b.mean()) ** 2
+    return {"bias": float(y.mean()), "bias_se": math.sqrt(var / n), "var": var, "var_se": var_se, "n": n,
+            "dead": int((~live).sum()), "z_mean": float(z.mean()), "z_mean_se": float(z.std()) / math.sqrt(len(z)),
+            "z_var": float(z.var()), "dvar": float(diff.mean()),
+            "dvar_se": float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")}
 
 
 def main(argv=None) -> None:
@@ -84,9 +95,8 @@ def main(argv=None) -> None:
     opts = {"particles": a.particles, "replicates": a.replicates, "seeds": a.seeds, "ess_threshold": a.ess_threshold}
     print(f"SMC log Ẑ by resampling scheme: N = {a.particles} particles, {a.seeds} seeds x {a.replicates} "
           f"replicates per cell, ess_threshold = {a.ess_threshold}")
-    head = (f"{'problem':17s} {'lm':11s} {'scheme':11s} {'bias':>16s} {'Var(log Ẑ)':>18s} {'/multi':>6s} "
-            f"{'resampl.':>8s} {'dead':>4s} {'s':>5s}")
-    print(head)
+    print(f"{'problem':16s} {'lm':11s} {'scheme':11s} {'bias of log Ẑ':>17s} {'Var(log Ẑ)':>17s} {'/multi':>6s} "
+          f"{'paired z':>8s} {'E[Ẑ/Z]':>15s} {'resampl.':>8s} {'dead':>4s} {'s':>5s}")
     rows, ratios = [], {s: [] for s in SCHEMES}
     for lm_name in a.lms or list(LMS):
         for name in a.problems or list(PROBLEMS):
@@ -94,21 +104,25 @@ def main(argv=None) -> None:
             exact = ppl_lm.infer(model, *args, method="exact")
             base = None
             for scheme in SCHEMES:
-                r = cell(model, args, exact.log_evidence, scheme, opts)
-                base = base or r
-                ratio = r["var"] / base["var"] if base["var"] > 0 else float("nan")
-                ratios[scheme].append(ratio)
-                rows.append({"problem": name, "lm": lm_name, "scheme": scheme, "ratio_to_multinomial": ratio, **r})
-                print(f"{name:17s} {lm_name:11s} {scheme:11s} {r['bias']:+8.4f} ± {r['bias_se']:.4f} "
-                      f"{r['var']:9.5f} ± {r['var_se']:.5f} {ratio:6.2f} {r['resamplings']:8.2f} {r['dead']:4d} "
-                      f"{r['seconds']:5.1f}", flush=True)
-    print("\ngeometric mean of Var(log Ẑ) / Var_multinomial over the cells:")
+                x, resamplings, seconds = log_z_errors(model, args, exact.log_evidence, scheme, opts)
+                base = x if base is None else base
+                r = stats(x, base)
+                ratio = r["var"] / float(base[torch.isfinite(base)].var())
+                zscore = r["dvar"] / r["dvar_se"] if r["dvar_se"] > 0 else 0.0
+                if resamplings > 0:  # without resampling every scheme gives the same draws
+                    ratios[scheme].append(ratio)
+                rows.append({"problem": name, "lm": lm_name, "scheme": scheme, "ratio_to_multinomial": ratio,
+                             "paired_z": zscore, "resamplings": resamplings, "seconds": seconds, **r})
+                print(f"{name:16s} {lm_name:11s} {scheme:11s} {r['bias']:+8.4f} ± {r['bias_se']:.4f} "
+                      f"{r['var']:8.5f} ± {r['var_se']:.5f} {ratio:6.3f} {zscore:+8.1f} "
+                      f"{r['z_mean']:6.3f} ± {r['z_mean_se']:.3f} {resamplings:8.2f} {r['dead']:4d} {seconds:5.1f}",
+                      flush=True)
+    print("\ngeometric mean of Var(log Ẑ) / Var_multinomial over the cells that resample:")
     summary = {}
     for scheme, rs in ratios.items():
-        good = [x for x in rs if x > 0 and math.isfinite(x)]
-        summary[scheme] = math.exp(sum(math.log(x) for x in good) / len(good)) if good else float("nan")
-        print(f"  {scheme:11s} {summary[scheme]:.3f}  (range {min(good):.2f}-{max(good):.2f})" if good else
-              f"  {scheme:11s} -")
+        summary[scheme] = math.exp(sum(math.log(x) for x in rs) / len(rs)) if rs else float("nan")
+        print(f"  {scheme:11s} {summary[scheme]:.3f}" + (f"  (range {min(rs):.3f}-{max(rs):.3f}, {len(rs)} cells)"
+                                                         if rs else ""))
     _bench.emit("resampling_schemes", {"options": opts, "rows": rows, "geometric_mean_ratio": summary})
 
 

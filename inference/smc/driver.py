@@ -122,9 +122,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
         finally:
             bar.close()
         return combine(parts, num_particles, num_replicates, chunk_size, sites,
-                        {"resampling": resampling, "ess_threshold": ess_threshold,
-                         "proposal": "lm" if qlm is None else "guide",
-                         "token_masks": sum(len(m) for m in masks.values())})
+                       {"resampling": resampling, "ess_threshold": ess_threshold,
+                        "proposal": "lm" if qlm is None else "guide",
+                        "token_masks": sum(len(m) for m in masks.values())})
 
 
 def _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size):
