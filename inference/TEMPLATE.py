@@ -3,14 +3,21 @@
 Copy this file to ``inference/<name>.py`` and replace the part of :func:`run` marked
 "the algorithm". What is here runs as it stands: the simplest correct backend, self-normalised
 importance sampling with the prior as proposal, so a copy works before anything is changed.
+``docs/ARCHITECTURE.md`` ("Adding a backend") explains where it sits.
 
-The contract every backend keeps (DESIGN.md, "The runtime"):
+The contract every backend keeps:
 
-1. **One signature.** ``run(model, *args, seed=0, model_kwargs=None, <named options>) -> Posterior``.
-   Options are keyword-only, with defaults: :func:`ppl_lm.infer` reads them off this signature,
-   so an unknown or misspelt option is already a clear error ("did you mean ...?"). Check each
-   option's value first, before any expensive work, with an error that names it and the fix.
-   Accept ``progress`` (the tests turn bars off). Spell options as the other backends do
+1. **One signature, described.** ``run(model, *args, seed=0, model_kwargs=None, <named options>)
+   -> Posterior``, decorated by ``@describe(kind=..., info=...)`` (:mod:`ppl_lm.backends`): the
+   kind of its draws (``Kind.EXACT``, ``Kind.WEIGHTED``, ``Kind.MCMC``; the diagnostics, the
+   report and the CLI read it, never the backend's name) and its Info type. Options are
+   keyword-only, each with an annotation, a default and a line in ``Args:``; that is the one
+   place an option is written: the options dataclass, the CLI flag (``--num-samples``) and its
+   help are made from it. Put the checks in the annotation (``PositiveInt``, ``AtLeastTwo``,
+   ``Fraction``, ``Literal[...]`` from :mod:`ppl_lm.validation`): they run before any work, in
+   ``infer``, in a direct ``run(...)`` call and in the CLI before the LM loads. Check anything
+   else first thing in ``run``, with an error that names the option and the fix. Accept
+   ``progress`` (the tests turn bars off). Spell options as the other backends do
    (``num_samples``, ``num_particles``, ``num_chains``, ``chunk_size``).
 2. **Read the model only through** :mod:`ppl_lm.inference._runtime`: :func:`latent_sites` (which
    sites the model has; :func:`single_sequence_site` when the backend handles exactly one
@@ -24,8 +31,11 @@ The contract every backend keeps (DESIGN.md, "The runtime"):
    ``rhat``, ``bulk_ess`` for chains); leave the others ``None``. ``post.ess`` follows from them.
    Facts of the run that are not diagnostics go in a frozen :class:`~ppl_lm.posterior.Info`
    subclass (:class:`TemplateInfo` here), never in a dict of string keys.
-5. **Register and test it.** Add the name to ``METHODS`` in ``ppl_lm/infer.py`` (then
-   ``ppl_lm.infer(model, method="<name>")`` works) and a row to ``BACKENDS`` in
+5. **Register and test it.** One line in ``BUILTIN`` in ``ppl_lm/backends.py`` (or, outside the
+   project, ``ppl_lm.backends.register("<name>", "<module>")``); then ``ppl_lm.infer(model,
+   method="<name>")``, ``ppl-lm run/compare --method <name>`` with its flags, the report and
+   ``to_inference_data`` work (``tests/test_template.py`` proves it on a copy of this file). Add a
+   row to ``BACKENDS`` in
    ``tests/test_conformance.py``, e.g. for this one::
 
        "<name>": Row(dict(num_samples=20_000), lambda f: 20_000 * f, 20_000),
@@ -39,16 +49,17 @@ The contract every backend keeps (DESIGN.md, "The runtime"):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding
-from ppl_lm.diagnostics.estimators import log_evidence_se, pareto_khat
+from ppl_lm.backends import Kind, describe
+from ppl_lm.diagnostics.estimators import log_evidence_se, log_mean_exp, pareto_khat
 from ppl_lm.inference._runtime import cat_scores, finish, latent_sites, make_posterior, run_model
 from ppl_lm.posterior import Info, Posterior
+from ppl_lm.validation import PositiveInt
 
 __all__ = ["run", "TemplateInfo"]
 
@@ -63,8 +74,9 @@ class TemplateInfo(Info):
     chunk_size: int = 0
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 1000,
-        chunk_size: int = 1024, progress: bool = True) -> Posterior:
+@describe(kind=Kind.WEIGHTED, info=TemplateInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: PositiveInt = 1000,
+        chunk_size: PositiveInt = 1024, progress: bool = True) -> Posterior:
     """Self-normalised importance sampling with the prior as proposal (the template's algorithm).
 
     Args:
@@ -94,10 +106,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     >>> type(post.info).__name__, post.info.num_samples, post.rhat is None
     ('TemplateInfo', 2000, True)
     """
-    # 1. Option values, checked before any work.
-    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    # 1. Option values were checked by @describe, from their annotations, before this line.
     kwargs = dict(model_kwargs or {})
 
     with seeding.seeded(seed), torch.no_grad():
@@ -120,7 +129,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         # ... to here: leave ``scores`` (the values of every latent site) and ``log_w``.
 
     # 4. The Posterior: weights normalised by make_posterior, typed diagnostics, typed info.
-    log_z = float(torch.logsumexp(log_w, 0) - math.log(num_samples))
+    log_z = float(log_mean_exp(log_w))
     post = make_posterior(METHOD, scores, log_w, sites, log_evidence=log_z,
                           log_evidence_se=log_evidence_se(log_w), khat=pareto_khat(log_w),
                           info=TemplateInfo(num_samples=num_samples, chunk_size=chunk_size))

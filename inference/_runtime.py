@@ -27,7 +27,7 @@ import torch
 from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.util import site_is_subsample
 
-from ppl_lm.conditions.factors import trial_run
+from ppl_lm.conditions.factors import SequenceSites, factor_of, trial_run
 from ppl_lm.distribution import SequenceDistribution, row_cache
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
@@ -123,12 +123,43 @@ def trace_model(fn: Callable, args: tuple, kwargs: dict, n: int):
     return _trace_until(fn, args, kwargs, n, None)[0]
 
 
+def run_guide(guide: Callable, args: tuple, kwargs: dict, n: int, *, detach: bool = True):
+    """One vectorised run of a guide (a proposal program) in the particle plate.
+
+    Returns ``(trace, log_q)``: ``log_q`` maps each latent site the guide samples to its
+    per-particle log-probability ``[n]`` (by the runtime's one rule, :func:`site_log_prob`),
+    detached unless ``detach=False`` (a trained guide's gradient). Replay the model on the trace
+    with ``run_model(..., guide_trace=trace)``; :func:`check_guide_sites` then compares the sites.
+    """
+    tr = trace_model(guide, args, kwargs, n)
+    log_q = {}
+    for name, site in tr.nodes.items():
+        if is_latent(site):
+            lq = site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site))
+            log_q[name] = lq.detach() if detach else lq
+    if not log_q:
+        raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
+    return tr, log_q
+
+
+def check_guide_sites(guide_sites, model_latent, *, cover_all: bool) -> None:
+    """A clear error when a guide samples a site the model does not have as a latent site, or
+    (``cover_all``) leaves one of the model's latent sites to the prior."""
+    extra = sorted(set(guide_sites) - set(model_latent))
+    if extra:
+        raise ValueError(f"the guide samples site(s) {extra} that the model does not have as latent sites")
+    missing = [k for k in model_latent if k not in guide_sites]
+    if cover_all and missing:
+        raise ValueError(f"the model's latent site(s) {missing} are not sampled by the guide; the guide must "
+                         "cover every latent site of the model")
+
+
 def _trace_until(fn: Callable, args: tuple, kwargs: dict, n: int, stop):
     """:func:`trace_model`, stopped (``poutine.escape``) at the first sample site where ``stop(msg)``
     holds when ``stop`` is given: ``(trace of the sites before it, its message or None)``."""
     tracer = poutine.trace(fn if stop is None else poutine.escape(fn, escape_fn=stop))
     try:
-        with pyro.plate(PARTICLE_PLATE, n, dim=-1):
+        with SequenceSites(), pyro.plate(PARTICLE_PLATE, n, dim=-1):
             tracer(*args, **kwargs)
     except NonlocalExit as exit_:
         if stop is None:
@@ -231,16 +262,16 @@ def score_trace(tr, n: int, *, score_latent: bool = True, defer_observed_after: 
     for name, site in tr.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        meta = site["infer"].get("ppl_lm")
+        meta = factor_of(site)
         if site["is_observed"]:
             if deferring and sequence_base(site["fn"]) is not None:
                 continue
             lp = site_log_prob(name, observed_log_prob(site), n, particle_dim(site)).to(log_lik.device)
             log_lik = log_lik + lp
-            if meta is not None and meta["kind"] == "reward":
-                rewards[name] = site_log_prob(name, meta["r"], n)
-            elif meta is not None and meta["kind"] == "constraint":
-                ok = torch.as_tensor(meta["ok"]).bool()
+            if meta is not None and meta.kind == "reward":
+                rewards[name] = site_log_prob(name, meta.r, n)
+            elif meta is not None and meta.kind == "constraint":
+                ok = torch.as_tensor(meta.ok).bool()
                 cons[name] = ok.expand(n) if ok.dim() == 0 else ~site_log_prob(name, ~ok, n).bool()
             elif sequence_base(site["fn"]) is not None:
                 obs[name] = lp
@@ -314,7 +345,7 @@ def first_latent_site(model: Callable, args: tuple, kwargs: dict, site: str | No
     def stop_here(msg):
         return is_latent(msg) and (site is None or msg["name"] == site)
 
-    with poutine.block():
+    with poutine.block(), SequenceSites():
         try:
             poutine.escape(model, escape_fn=stop_here)(*args, **kwargs)
         except NonlocalExit as exit_:

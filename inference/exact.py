@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from ppl_lm import seeding as _random
+from ppl_lm.backends import Kind, describe
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import cat_scores, check_has_latent, finish, latent_sites, make_posterior, row_cache, run_model
 from ppl_lm.posterior import Info, Posterior
 from ppl_lm.tokens import support_size
+from ppl_lm.validation import PositiveInt
 from tqdm.auto import tqdm
 
 __all__ = ["run", "enumerate_sequences", "support_size", "site_support", "ExactInfo"]
@@ -55,8 +57,9 @@ def site_support(name: str, d) -> torch.Tensor:
         "continuous latents (or condition the site on a value with pyro.poutine.condition)")
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_support: int = 200_000,
-        chunk_size: int = 8192, progress: bool = True) -> Posterior:
+@describe(kind=Kind.EXACT, info=ExactInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_support: PositiveInt = 200_000,
+        chunk_size: PositiveInt = 8192, progress: bool = True) -> Posterior:
     """Enumerate the joint support of every latent site; exact posterior weights and ``log_evidence``.
 
     The support is the product of each latent site's values in program order: the canonical
@@ -71,9 +74,6 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, max_suppo
         chunk_size: joint values scored per model call.
         progress: a progress bar over the chunks (when there are several).
     """
-    for name, value in (("max_support", max_support), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     kwargs = dict(model_kwargs or {})
     with _random.seeded(seed), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)

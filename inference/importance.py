@@ -14,20 +14,21 @@ trained SVI guide) the weight is log p(x, obs) - log q(x).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
-from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, pareto_khat
+from ppl_lm.backends import Kind, describe
+from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, log_mean_exp, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference._runtime import (
-    cat_scores, check_has_latent, finish, is_latent, latent_sites, make_posterior, observed_sequences, particle_dim, row_cache, run_model,
-    site_log_prob, trace_model,
+    cat_scores, check_guide_sites, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, row_cache,
+    run_guide, run_model,
 )
 from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.validation import PositiveInt
 
 __all__ = ["run", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
 
@@ -47,8 +48,9 @@ class ImportanceInfo(Info):
 TOKENS_PER_CHUNK = 1 << 15
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 1000,
-        chunk_size: int | None = None, guide=None, progress: bool = True) -> Posterior:
+@describe(kind=Kind.WEIGHTED, info=ImportanceInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: PositiveInt = 1000,
+        chunk_size: PositiveInt | None = None, guide=None, progress: bool = True) -> Posterior:
     """Self-normalised importance sampling with the prior or a guide as proposal.
 
     Args:
@@ -79,10 +81,6 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     >>> abs(post.log_evidence - (-1.0986)) < 0.1  # log(1/3); 0.1 is 4.5 standard errors at N=4000
     True
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if guide is not None and not callable(guide):
         raise TypeError(f"guide must be a callable with the model's signature (or None), got {type(guide).__name__}")
     kwargs = dict(model_kwargs or {})
@@ -108,7 +106,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         log_w = torch.cat(log_ws)
 
     normalise(log_w)  # the clear errors: NaN weights, or every weight zero
-    log_z = float(torch.logsumexp(log_w, 0) - math.log(num_samples))
+    log_z = float(log_mean_exp(log_w))
     info = ImportanceInfo(num_samples=num_samples, chunk_size=chunk_size,
                           proposal="prior" if guide is None else "guide", num_nonzero=int(torch.isfinite(log_w).sum()))
     post = make_posterior("importance", scores, log_w, sites, log_evidence=log_z, info=info,
@@ -135,22 +133,12 @@ def _chunk(model, args, kwargs, n: int, guide):
         # sites here costs no second LM pass; the weight is the likelihood alone.
         scores = run_model(model, args, kwargs, n, score_latent=True)
         return scores, scores.log_likelihood.double()
-    guide_tr = trace_model(guide, args, kwargs, n)
-    guide_scores = score_guide(guide_tr, n)
-    if not guide_scores:
-        raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
+    guide_tr, guide_scores = run_guide(guide, args, kwargs, n)
     scores = run_model(model, args, kwargs, n, guide_trace=guide_tr, score_latent=True)
-    unknown = set(guide_scores) - set(scores.latent_log_prob)
-    if unknown:
-        raise ValueError(f"the guide samples site(s) {sorted(unknown)} that the model does not have as latent sites")
+    check_guide_sites(guide_scores, scores.latent_log_prob, cover_all=False)
     # Latent sites the guide leaves out were drawn from the prior: their log p cancels.
     log_w = scores.log_likelihood.double()
     for name, lq in guide_scores.items():
         log_w = log_w + scores.latent_log_prob[name].double() - lq.double()
     return scores, log_w
 
-
-def score_guide(tr, n: int) -> dict[str, torch.Tensor]:
-    """Per-particle log q ``[n]`` of each latent site a guide's trace samples (the runtime's rule)."""
-    return {name: site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).detach()
-            for name, site in tr.nodes.items() if is_latent(site)}

@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from ppl_lm.backends import Kind, describe
+from ppl_lm.validation import NonNegativeInt, PositiveInt
 from ppl_lm.inference._runtime import (
     Scores,
     check_has_latent,
@@ -565,9 +567,10 @@ def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
     return float((iid.sum() / sd.sum()) ** 2)
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: int = 500, num_chains: int = 4,
-        warmup_steps: int = 200, thin: int = 1, moves: Mapping[str, float] | None = None, progress: bool = True,
-        initial_samples: torch.Tensor | None = None, init_budget: int | None = None) -> Posterior:
+@describe(kind=Kind.MCMC, info=MHInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: PositiveInt = 500,
+        num_chains: PositiveInt = 4, warmup_steps: NonNegativeInt = 200, thin: PositiveInt = 1, moves: Mapping[str, float] | None = None, progress: bool = True,
+        initial_samples: torch.Tensor | None = None, init_budget: PositiveInt | None = None) -> Posterior:
     """MH over edits: ``num_chains`` batched chains of ``num_samples`` kept draws each.
 
     Args:

@@ -22,35 +22,41 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import importlib.util
 import inspect
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import traceback
 import types
 import typing
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "load_script", "build_parser"]
 
 log = logging.getLogger("ppl_lm.cli")
 
-#: The backends ``compare`` runs when neither ``--methods`` nor the script's ``methods`` says.
-DEFAULT_COMPARE = ("importance", "smc", "mh", "svi")
-
 #: What a model script must define (models/README.md says so too).
 REQUIRED_SCRIPT_ATTRS = ("build", "context")
 
-#: Command-line flags that map to backend options (flag dest -> option name).
-OPTION_FLAGS = ("num_samples", "num_particles", "num_chains", "warmup_steps", "num_steps", "guide", "chunk_size",
-                "objective", "checkpoint_dir", "lora_targets")
-SVI_FLAGS = ("guide", "objective", "checkpoint_dir", "lora_targets")  # flags of --method svi only
+#: Backend options the CLI sets itself (``progress`` from ``--quiet``), never as a flag of their own.
+RUNTIME_OPTIONS = ("progress",)
+
+
+def default_compare() -> tuple[str, ...]:
+    """The backends ``compare`` runs when neither ``--methods`` nor the script's ``methods`` says:
+    every registered one that samples (an enumeration runs only when asked, as the reference)."""
+    from .backends import Kind, get, names
+
+    return tuple(m for m in names() if get(m).kind is not Kind.EXACT)
 
 
 class CLIError(Exception):
@@ -235,36 +241,42 @@ def _options(method: str, module: ModuleType, args, strict: bool) -> dict[str, A
     named, _ = _backend_params(method)
     defaults = getattr(module, "methods", None) or {}
     opts = dict(defaults.get(method, {})) if isinstance(defaults, dict) else {}
-    for flag in OPTION_FLAGS:
+    flags = option_flags()
+    for flag, spec in flags.items():
         value = getattr(args, flag, None)
         if value is None:
             continue
-        if flag in SVI_FLAGS and method != "svi":
+        if method not in spec.methods:
             if strict:
-                raise CLIError(f"--{flag.replace('_', '-')} applies to --method svi only")
-            continue
-        if flag not in named:
-            if strict:
-                takes = sorted(set(OPTION_FLAGS) & named - (set(SVI_FLAGS) if method != "svi" else set()))
+                takes = sorted(f for f, s in flags.items() if method in s.methods)
                 raise CLIError(
-                    f"method {method!r} does not take --{flag.replace('_', '-')}"
-                    + (f"; it takes {', '.join('--' + t.replace('_', '-') for t in takes)}" if takes else ""))
+                    f"method {method!r} does not take --{flag.replace('_', '-')}; it takes "
+                    + (", ".join("--" + t.replace("_", "-") for t in takes) or "no option flags")
+                    + f" (--{flag.replace('_', '-')} is an option of {', '.join(spec.methods)})")
             continue
         opts[flag] = value
     if "progress" in named:
         opts["progress"] = not args.quiet
-    if method == "svi":
-        _check_resume(opts.get("checkpoint_dir"), getattr(args, "resume", False))
+    if "checkpoint_dir" in named:
+        _check_resume(method, opts.get("checkpoint_dir"), getattr(args, "resume", False))
     elif strict and getattr(args, "resume", False):
-        raise CLIError("--resume applies to --method svi only (it continues an svi checkpoint)")
+        takes = [m for m, f in _methods_with("checkpoint_dir")]
+        raise CLIError(f"--resume applies to --method {' or '.join(takes)} only (it continues a checkpointed run)")
     return opts
 
 
-def _check_resume(checkpoint_dir: str | None, resume: bool) -> None:
-    """A checkpoint is continued only when asked (``--resume``), never found and resumed silently."""
-    import os
+def _methods_with(option: str) -> list[tuple[str, Any]]:
+    from .backends import get, names
 
-    from ppl_lm.inference.svi.checkpoint import CHECKPOINT_FILE
+    return [(m, get(m)) for m in names() if option in get(m).option_names]
+
+
+def _check_resume(method: str, checkpoint_dir: str | None, resume: bool) -> None:
+    """A checkpoint is continued only when asked (``--resume``), never found and resumed silently.
+    The backend's module names its checkpoint file (``CHECKPOINT_FILE``)."""
+    from .infer import backend
+
+    CHECKPOINT_FILE = backend(method).CHECKPOINT_FILE
 
     if checkpoint_dir is None:
         if resume:
@@ -272,10 +284,10 @@ def _check_resume(checkpoint_dir: str | None, resume: bool) -> None:
         return
     exists = os.path.exists(os.path.join(checkpoint_dir, CHECKPOINT_FILE))
     if exists and not resume:
-        raise CLIError(f"{checkpoint_dir} already holds an svi checkpoint; pass --resume to continue that run "
+        raise CLIError(f"{checkpoint_dir} already holds a {method} checkpoint; pass --resume to continue that run "
                        "(same model, context, --set values and options), or choose another --checkpoint-dir")
     if resume and not exists:
-        raise CLIError(f"--resume: {checkpoint_dir} holds no svi checkpoint ({CHECKPOINT_FILE}) to continue")
+        raise CLIError(f"--resume: {checkpoint_dir} holds no {method} checkpoint ({CHECKPOINT_FILE}) to continue")
 
 
 def _infer(model, ctx: tuple, method: str, seed: int, opts: dict, files: list[str]):
@@ -585,7 +597,7 @@ def cmd_compare(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
         defaults = getattr(module, "methods", None)
-        methods = list(defaults) if isinstance(defaults, dict) and defaults else list(DEFAULT_COMPARE)
+        methods = list(defaults) if isinstance(defaults, dict) and defaults else list(default_compare())
     if not methods:
         raise CLIError("--methods is empty; give a comma-separated list, e.g. importance,smc,mh,svi")
     for m in methods:
@@ -609,7 +621,9 @@ def cmd_compare(args) -> int:
                 print(f"{m} failed (its error is listed with the warnings below)", file=sys.stderr, flush=True)
             failed[m] = _error_text(err)
             continue
-        if m == "exact":
+        from .backends import Kind
+
+        if post.kind is Kind.EXACT:
             exact = post
         else:
             posts[m] = post
@@ -621,7 +635,7 @@ def cmd_compare(args) -> int:
     _print_warnings(report_warnings(shown, reference, failed))
     for m in methods:
         if m not in failed:
-            _print_run(m, exact if m == "exact" else posts[m], args.top, labels=getattr(module, "labels", None))
+            _print_run(m, posts.get(m, exact), args.top, labels=getattr(module, "labels", None))
     if args.report and shown:
         from .reporting import report
 
@@ -662,6 +676,8 @@ def _int_at_least(low: int, what: str):
         if v < low:
             raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
         return v
+    parse.low = low
+    parse.__name__ = "int"  # argparse's "invalid int value" message
     return parse
 
 
@@ -669,37 +685,113 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
-def _lora_targets(text: str) -> list[str] | str:
-    """An argparse type: ``all-linear``, or comma-separated module names (``q_proj,v_proj``)."""
-    if text.strip() == "all-linear":
-        return "all-linear"
-    names = [t.strip() for t in text.split(",")]
-    if not all(n.isidentifier() for n in names):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated module names (e.g. q_proj,v_proj or c_attn) or all-linear, got {text!r}")
-    return names
+@dataclass(frozen=True)
+class OptionFlag:
+    """A command-line flag made from backend options of one name (``--num-particles``)."""
+
+    parse: Callable[[str], Any]
+    choices: tuple | None
+    metavar: str | None
+    help: str
+    methods: tuple[str, ...]
+
+
+def _names_or_choice(choices: tuple[str, ...]):
+    """An argparse type: one of ``choices`` (e.g. ``all-linear``), or comma-separated names
+    (``q_proj,v_proj``)."""
+    def parse(text: str) -> list[str] | str:
+        if text.strip() in choices:
+            return text.strip()
+        names = [t.strip() for t in text.split(",")]
+        if not all(n.isidentifier() for n in names):
+            raise argparse.ArgumentTypeError(f"expected comma-separated names (e.g. q_proj,v_proj) or {' or '.join(choices)}, "
+                                             f"got {text!r}")
+        return names
+    return parse
+
+
+def _flag_type(annotation) -> tuple[Callable, tuple | None, str | None] | None:
+    """How a flag parses an option of this annotation (type, choices, metavar), or ``None`` when the
+    option is not one a command line can give (a guide object, a callback, a tensor)."""
+    from .validation import AtLeast, int_phrase, strip_optional
+
+    ann, _ = strip_optional(annotation)
+    alts = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+    literal = next((a for a in alts if typing.get_origin(a) is typing.Literal), None)
+    if literal is not None:
+        choices = typing.get_args(literal)
+        if any(typing.get_origin(a) is list for a in alts):
+            return _names_or_choice(choices), None, "NAMES"
+        return str, choices, None
+    if len(alts) != 1:
+        return None
+    base, rules = ann, ()
+    if typing.get_origin(ann) is typing.Annotated:
+        base, *rules = typing.get_args(ann)
+    if base is int:
+        low = min((r.low for r in rules if isinstance(r, AtLeast)), default=None)
+        return (int if low is None else _int_at_least(low, int_phrase(low))), None, "N"
+    if base in (float, str):
+        return base, None, None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _flags(registered: tuple[str, ...]) -> dict[str, OptionFlag]:
+    from .backends import get
+
+    specs: dict[str, tuple] = {}
+    for m in registered:
+        for opt in get(m).option_specs():
+            if opt.name in RUNTIME_OPTIONS:
+                continue
+            how = _flag_type(opt.annotation)
+            if how is None:
+                continue
+            if opt.name in specs:
+                parse, choices, metavar, help, methods = specs[opt.name]
+                if choices and how[1]:
+                    choices = tuple(dict.fromkeys(choices + how[1]))  # each backend checks its own
+                elif parse is not how[0]:
+                    parse = _loosest(parse, how[0], opt.name)
+                specs[opt.name] = (parse, choices, metavar, help, methods + (m,))
+            else:
+                specs[opt.name] = (*how, _flag_help(opt.help), (m,))
+    return {name: OptionFlag(*spec) for name, spec in specs.items()}
+
+
+def _flag_help(doc: str) -> str:
+    """A docstring's option line as flag help: its first sentence, without reST markup."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")
+    first = re.split(r"(?<!e\.g)(?<!i\.e)\.\s", text + " ", maxsplit=1)[0].strip().rstrip(".")
+    return first.replace("%", "%%")
+
+
+def _loosest(a, b, name: str):
+    """Two backends' parsers of one flag: the integer one with the lower bound (each backend then
+    checks its own bound before the LM loads); a clear error if they parse different types."""
+    lows = [getattr(p, "low", 0 if p is int else None) for p in (a, b)]
+    if None in lows:
+        raise TypeError(f"backend option {name!r} has different types in different backends; a CLI flag needs one")
+    return a if lows[0] <= lows[1] else b
+
+
+def option_flags() -> dict[str, OptionFlag]:
+    """Every backend option a command line can give, one flag per option name (shared by the
+    backends that have it), generated from the backends' own descriptions."""
+    from .backends import names
+
+    return _flags(names())
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a model name (see `ppl-lm list`) or the path to a model script (.py)")
-    p.add_argument("--num-samples", type=_positive_int, help="samples (importance, mh per chain, svi)")
-    p.add_argument("--num-particles", type=_positive_int, help="particles (smc; svi: draws per step)")
-    p.add_argument("--num-chains", type=_positive_int, help="chains (mh)")
-    p.add_argument("--warmup-steps", type=_nonneg_int, help="warm-up transitions per chain (mh)")
-    p.add_argument("--num-steps", type=_positive_int, help="optimisation steps (svi)")
-    p.add_argument("--guide", help="svi guide: lora (default for transformer LMs) or full")
-    p.add_argument("--lora-targets", type=_lora_targets, metavar="NAMES",
-                   help="svi, guide lora: the layers LoRA adapts, comma-separated (e.g. q_proj,v_proj; c_attn for "
-                        "GPT-2) or all-linear (every linear layer but the head). Default: found from the architecture")
-    p.add_argument("--objective", choices=["reverse", "forward", "forward_then_reverse"],
-                   help="svi objective: reverse (the ELBO, default) or forward (distribution matching)")
-    p.add_argument("--checkpoint-dir", metavar="DIR",
-                   help="svi: write checkpoints to DIR (a killed run can be continued with --resume)")
+    for flag, spec in option_flags().items():
+        p.add_argument("--" + flag.replace("_", "-"), type=spec.parse, choices=spec.choices, metavar=spec.metavar,
+                       help=f"{spec.help} [{', '.join(spec.methods)}]")
     p.add_argument("--resume", action="store_true",
-                   help="svi: continue the run checkpointed in --checkpoint-dir (refused if the model, context, "
-                        "--set values, LM or options differ)")
-    p.add_argument("--chunk-size", type=_positive_int,
-                   help="particles held in memory at once (importance, smc; default: from the model size)")
+                   help="continue the run checkpointed in --checkpoint-dir (refused if the model, context, --set "
+                        "values, LM or options differ) [" + ", ".join(m for m, _ in _methods_with("checkpoint_dir")) + "]")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="torch device for the LM, e.g. cpu or cuda")
     p.add_argument("--threads", type=_positive_int, metavar="N",
@@ -740,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Including exact (toy LMs) adds it as the reference.")
     _common(p)
     p.add_argument("--methods", help="comma-separated methods (default: the script's methods, else "
-                                     + ",".join(DEFAULT_COMPARE) + ")")
+                                     + ",".join(default_compare()) + ")")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("list", help="list the available models", description="List the available models.")
     p.set_defaults(func=cmd_list)

@@ -76,7 +76,7 @@ def main(argv=None) -> None:
 
     post = ppl_lm.infer(model, method="exact")
     print("Toy Markov LM (tokens a, b, c and EOS), condition: contains 'b', reward: -length/2")
-    print(f"  exact log Z = {post.log_evidence:.4f} over {post.info['support_size']} sequences")
+    print(f"  exact log Z = {post.log_evidence:.4f} over {post.info.support_size} sequences")
     order = torch.argsort(post.log_weights, descending=True)[:5]
     for i in order.tolist():
         print(f"  p = {post.weights[i].item():.4f}   {post.texts[i]!r}")

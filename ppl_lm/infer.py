@@ -2,47 +2,34 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import inspect
 import time
 from typing import Callable
 
+from .backends import METHODS, get
 from .posterior import Posterior
 
 __all__ = ["infer", "METHODS", "backend", "backend_options"]
 
-METHODS = ("exact", "importance", "smc", "mh", "svi")
-
-# Parameters of a backend's ``run`` that are not options.
-_NOT_OPTIONS = ("model", "args", "seed", "model_kwargs")
-
 
 def backend(method: str):
-    """The module ``ppl_lm.inference.<method>``; a clear error for unknown names."""
-    if method not in METHODS:
-        near = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown inference method {method!r}{hint} Choose one of {', '.join(METHODS)}")
-    return importlib.import_module(f"ppl_lm.inference.{method}")
+    """The run function's module of the registered backend ``method``; a clear error for unknown names."""
+    import importlib
+
+    return importlib.import_module(get(method).run.__module__)
 
 
 def backend_options(method: str) -> dict[str, inspect.Parameter]:
     """The named options of a backend (the keyword parameters of its ``run``, with defaults)."""
-    params = inspect.signature(backend(method).run).parameters
-    return {k: p for k, p in params.items() if k not in _NOT_OPTIONS and p.kind is p.KEYWORD_ONLY}
+    from .backends import keyword_options
+
+    return keyword_options(get(method).run)
 
 
 def check_options(method: str, options: dict) -> None:
-    """Raise a clear error naming any option ``method`` does not have, with the nearest valid one."""
-    valid = backend_options(method)
-    for key in options:
-        if key not in valid:
-            near = difflib.get_close_matches(key, list(valid), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise TypeError(
-                f"unknown option {key!r} for method={method!r}{hint} Valid options: {', '.join(valid)}. "
-                "Arguments of the model itself go in model_kwargs={...}")
+    """Raise a clear error naming any option ``method`` does not have (with the nearest valid one),
+    or a value its annotation refuses."""
+    get(method).check_options(options)
 
 
 def infer(model: Callable, *args, method: str = "importance", seed: int = 0, model_kwargs: dict | None = None,
@@ -52,7 +39,8 @@ def infer(model: Callable, *args, method: str = "importance", seed: int = 0, mod
     Args:
         model: a vectorised Pyro model (``lm.sequence`` sites plus factors; see DESIGN).
         *args: the model's positional arguments (its context, e.g. the prompt).
-        method: ``"exact"``, ``"importance"``, ``"smc"``, ``"mh"`` or ``"svi"``.
+        method: a registered backend (:data:`METHODS`: ``"exact"``, ``"importance"``, ``"smc"``,
+            ``"mh"``, ``"svi"``, and any added by :func:`ppl_lm.backends.register`).
         seed: same seed, same samples (on CPU).
         model_kwargs: the model's keyword arguments (e.g. ``{"beta": 0.5}``).
         **options: the backend's named options (``num_samples``, ``num_particles``, ``num_chains``...);
@@ -72,19 +60,19 @@ def infer(model: Callable, *args, method: str = "importance", seed: int = 0, mod
     """
     from .seeding import check_seed
 
-    mod = backend(method)
-    check_options(method, options)
+    b = get(method)
+    b.check_options(options)
     check_seed(seed)
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise TypeError(f"model_kwargs must be a dict of the model's keyword arguments, got {type(model_kwargs).__name__}")
     if not callable(model):
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
-    if "model_kwargs" in inspect.signature(mod.run).parameters:
+    if "model_kwargs" in inspect.signature(b.run).parameters:
         options["model_kwargs"] = model_kwargs
     elif model_kwargs:
         raise TypeError(f"method={method!r} does not take model_kwargs yet; bind them with functools.partial(model, ...)")
     t0 = time.perf_counter()
-    post = mod.run(model, *args, seed=seed, **options)
-    post.seed = seed
+    post = b.run(model, *args, seed=seed, **options)
+    post.method, post.kind, post.seed = method, b.kind, seed
     post.wall_time = time.perf_counter() - t0
     return post

@@ -11,46 +11,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from .diagnostics.estimators import kish_ess
+from .backends import Kind, kind_of
+from .diagnostics.estimators import kish_ess, normalise
 
-__all__ = ["Posterior", "Info", "normalise", "ess_of"]
-
-
-def normalise(log_w: torch.Tensor) -> torch.Tensor:
-    """Log-weights shifted so that logsumexp == 0. Raises if every weight is zero."""
-    log_w = log_w.detach().double()
-    if torch.isnan(log_w).any():
-        raise FloatingPointError("NaN in the log-weights: a reward or the LM produced NaN")
-    z = torch.logsumexp(log_w, 0)
-    if not torch.isfinite(z):
-        raise ValueError(
-            "no sample satisfies the condition: every weight is zero (log-weight -inf). "
-            "The condition may be too rare for this many samples; use more samples, SMC, "
-            "or a trained guide (method='svi')."
-        )
-    return (log_w - z).float()
-
-
-ess_of = kish_ess  # the one Kish ESS (ppl_lm.diagnostics.estimators)
+__all__ = ["Posterior", "Info", "normalise"]
 
 
 @dataclass(frozen=True)
 class Info:
     """Base of each backend's run facts (a frozen dataclass per backend, e.g. ``SMCInfo``).
 
-    Typed fields are the interface. A read-only mapping view (``info["name"]``, ``info.get``,
-    ``"name" in info``) is kept for notebooks written against the earlier dict.
+    Typed fields are the interface (``post.info.num_particles``). The read-only mapping view
+    (``info["name"]``, ``info.get(name)``) of notebooks written against the earlier dict still
+    reads, with a DeprecationWarning; ``"name" in info`` and :meth:`as_dict` do not warn.
     """
 
     def _names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self))
 
+    def _deprecated(self, how: str) -> None:
+        import warnings
+
+        warnings.warn(f"{how} on {type(self).__name__} is deprecated: read the field, info.NAME "
+                      "(getattr(info, NAME, default) where it may be absent)", DeprecationWarning, stacklevel=3)
+
     def __getitem__(self, key: str) -> Any:
+        self._deprecated("info[NAME]")
         if key not in self._names():
             raise KeyError(f"{type(self).__name__} has no field {key!r}; fields: {', '.join(self._names())}")
         return getattr(self, key)
 
     def get(self, key: str, default: Any = None) -> Any:
+        self._deprecated("info.get(NAME)")
         return getattr(self, key) if key in self._names() else default
 
     def __contains__(self, key: object) -> bool:
@@ -64,6 +56,13 @@ class Info:
 
     def __iter__(self):
         return iter(self._names())
+
+    @staticmethod
+    def from_dict(facts: dict[str, Any]) -> "Info":
+        """A frozen Info record with these fields (for run facts given as a dict)."""
+        cls = dataclasses.make_dataclass("DictInfo", [(k, Any, dataclasses.field(default=None)) for k in facts],
+                                         bases=(Info,), frozen=True)
+        return cls(**facts)
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, for JSON and report settings."""
@@ -81,6 +80,8 @@ class Posterior:
         log_weights: ``[N]``, normalised (logsumexp == 0); uniform for MCMC.
         log_evidence: estimate of log Z, or ``None`` where the backend gives none.
         method: backend name.
+        kind: what the draws are (:class:`~ppl_lm.backends.Kind`: exact support, weighted draws,
+            Markov chains), from the backend's description; shared code branches on it.
         lm: the language model of the main site (for ``texts``).
         stats: per-sample arrays (``log_prior``, ``log_likelihood``, ``length``, ``reward:NAME``...).
         chain: ``[N]`` chain index of each sample (MCMC), else zeros.
@@ -118,16 +119,21 @@ class Posterior:
     seed: int | None = None
     wall_time: float | None = None
     ancestor: torch.Tensor | None = None
+    kind: Kind | None = None
 
     def __post_init__(self):
         if self.samples is not None:
             self.samples = self.samples.long()
         if self.chain is None:
             self.chain = torch.zeros(len(self.log_weights), dtype=torch.long)
-        if isinstance(self.info, dict):  # a backend still reporting a plain dict
-            for name in ("log_evidence_se", "khat"):
-                if getattr(self, name) is None and self.info.get(name) is not None:
-                    setattr(self, name, self.info[name])
+        if self.kind is None:
+            self.kind = kind_of(self.method)
+        if isinstance(self.info, dict):  # the one shim for the earlier dict of run facts
+            import warnings
+
+            warnings.warn("Posterior(info={...}) is deprecated: give a frozen Info dataclass (e.g. the backend's "
+                          "own); the dict is read as one", DeprecationWarning, stacklevel=3)
+            self.info = Info.from_dict(self.info)
         for name in ("log_evidence_se", "khat", "rhat", "bulk_ess"):
             v = getattr(self, name)
             if v is not None:
@@ -151,7 +157,7 @@ class Posterior:
         """Effective sample size: ArviZ's bulk ESS for MCMC (the smallest over the scalar summaries,
         capped at the number of draws: anti-correlated chains can give ArviZ more, which no estimate
         here can use), Kish's for weighted samples."""
-        if self.bulk_ess is None and self.method == "mh" and self.stats:
+        if self.bulk_ess is None and self.kind is Kind.MCMC and self.stats:
             from .diagnostics.estimators import mcmc_diagnostics
             from .diagnostics.inference_data import chain_draws
 
@@ -164,7 +170,7 @@ class Posterior:
     @property
     def is_mcmc(self) -> bool:
         """True for Markov-chain output (uniform weights, chain × draw layout)."""
-        return self.bulk_ess is not None or self.method == "mh"
+        return self.kind is Kind.MCMC
 
     @property
     def texts(self) -> list[str]:
@@ -227,7 +233,7 @@ class Posterior:
         for k in torch.unique(v).tolist():
             hit = (v == k).double()
             p = float((W * hit).sum())
-            if self.info.get("support_size"):  # an enumeration: exact probabilities
+            if self.kind is Kind.EXACT:  # an enumeration: exact probabilities
                 se = 0.0
             elif self.is_mcmc and len(v) % max(self.num_chains, 1) == 0:
                 from .diagnostics.estimators import mcmc_mean_se

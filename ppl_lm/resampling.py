@@ -16,14 +16,19 @@ SMC (``ppl_lm.inference.smc``, option ``resampling=``) and the equal-weight post
 
 from __future__ import annotations
 
-import difflib
+import typing
+from typing import Literal
 
 import torch
 
-__all__ = ["SCHEMES", "check_scheme", "resample"]
+from .validation import check_value
 
+__all__ = ["Scheme", "SCHEMES", "resample"]
+
+#: A scheme's name, as an option's annotation (``resampling: Scheme = "multinomial"``).
+Scheme = Literal["multinomial", "stratified", "systematic", "residual"]
 #: The schemes :func:`resample` knows, in the order the benchmarks list them.
-SCHEMES = ("multinomial", "stratified", "systematic", "residual")
+SCHEMES: tuple[str, ...] = typing.get_args(Scheme)
 
 
 def resample(weights: torch.Tensor, num: int | None = None, scheme: str = "multinomial",
@@ -64,22 +69,8 @@ def resample(weights: torch.Tensor, num: int | None = None, scheme: str = "multi
     return idx.view(*W.shape[:-1], num)
 
 
-def check_scheme(scheme: str) -> None:
-    """Raise a ValueError naming the choices (and the nearest one) unless ``scheme`` is in :data:`SCHEMES`.
-
-    >>> check_scheme("sytematic")
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown resampling scheme 'sytematic'; choose one of multinomial, stratified, systematic, residual (did you mean 'systematic'?)
-    """
-    if scheme not in SCHEMES:
-        near = difflib.get_close_matches(str(scheme), SCHEMES, n=1)
-        raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {', '.join(SCHEMES)}"
-                         + (f" (did you mean {near[0]!r}?)" if near else ""))
-
-
 def _check(weights: torch.Tensor, num, scheme: str) -> torch.Tensor:
-    check_scheme(scheme)
+    check_value("scheme", scheme, Scheme)
     if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
         raise ValueError(f"num must be a positive integer (draws per row), got {num!r}")
     if not isinstance(weights, torch.Tensor) or weights.dim() not in (1, 2) or weights.shape[-1] < 1:

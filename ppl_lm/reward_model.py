@@ -198,7 +198,7 @@ def fit_reward(prefs: Preferences, features: Callable[[torch.Tensor], torch.Tens
 def _nuts(model, num_samples, warmup_steps, num_chains, progress) -> tuple[torch.Tensor, dict]:
     from pyro.infer.mcmc import MCMC, NUTS
 
-    from .diagnostics.estimators import _arviz
+    from .diagnostics.estimators import import_arviz
 
     chains = []
     for _ in range(num_chains):  # one after another: no worker processes
@@ -206,7 +206,7 @@ def _nuts(model, num_samples, warmup_steps, num_chains, progress) -> tuple[torch
         mcmc.run()
         chains.append(mcmc.get_samples()["theta"])
     draws = torch.stack(chains)  # [C, S, d]
-    az = _arviz()
+    az = import_arviz()
     diagnostics = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

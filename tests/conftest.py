@@ -8,7 +8,18 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/toys.py is shared by test
 
 # One intra-op thread: the tests are many small tensor ops, which run fastest (and never
 # oversubscribe a shared machine) single-threaded. PPL_LM_THREADS overrides.
-torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
+THREADS = int(os.environ.get("PPL_LM_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every test module starts at the suite's thread count (one), and a test that changes it (the
+    CLI's --threads) cannot slow the modules after it: on a shared 2-core machine a second
+    intra-op thread makes small tensor ops several times slower."""
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

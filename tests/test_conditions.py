@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ppl_lm
+from ppl_lm.conditions.factors import factor_of
 from ppl_lm.conditions import partial_prefix
 
 
@@ -24,7 +25,8 @@ def test_reward_is_factor_r_over_beta_and_records_r():
     site = tr.nodes["r"]
     assert site["is_observed"]
     assert torch.allclose(site["fn"].log_prob(site["value"]), r / 0.25)
-    assert torch.equal(site["infer"]["ppl_lm"]["r"], r) and site["infer"]["ppl_lm"]["beta"] == 0.25
+    meta = factor_of(site)
+    assert meta.kind == "reward" and torch.equal(meta.r, r) and meta.beta == 0.25
 
 
 @pytest.mark.parametrize("beta", [0, -1.0, math.inf, math.nan])

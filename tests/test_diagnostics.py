@@ -21,19 +21,11 @@ import torch
 
 import ppl_lm
 from ppl_lm import diagnostics as D
-from ppl_lm.diagnostics.inference_data import _arviz
+from ppl_lm.diagnostics.inference_data import import_arviz
 from ppl_lm.posterior import Posterior, normalise
 from toys import PROBLEMS, markov_lm
 
-az = _arviz()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+az = import_arviz()
 
 
 @pytest.fixture(scope="module")

@@ -281,7 +281,7 @@ def test_set_value_of_a_text_option_is_the_text(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--num-samples", "5"], "method 'smc' does not take --num-samples; it takes --chunk-size, --num-particles"),
+    (["--num-samples", "5"], "method 'smc' does not take --num-samples; it takes --chunk-size, --ess-threshold, --num-particles"),
     (["--chunk-size", "1"], "--method smc: chunk_size must be an integer >= 2 or None, got 1"),
     (["--resume"], "--resume applies to --method svi only"),
     (["--seed", "-1"], "--method smc: seed"),

@@ -17,21 +17,12 @@ import pytest
 import torch
 
 import ppl_lm
+from ppl_lm.conditions.factors import factor_of
 import ppl_lm.models as models
 from ppl_lm.conditions import partial_prefix
 from ppl_lm.inference._runtime import run_model
 
 NAMES = models.names()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny LM's matrices are far too small for threads to pay; on a busy machine extra
-    OpenMP threads make each call orders of magnitude slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +273,8 @@ def test_no_e_is_a_token_mask(lm):
     x = batch(lm, " a big cat sat.", " the cat", " An Ox", T=32)
     s = score(mod.build(lm), (mod.context,), x)
     assert s.constraints["no_e"].tolist() == [True, False, True]
-    meta = s.trace.nodes["no_e"]["infer"]["ppl_lm"]
-    assert isinstance(meta["mask"], ppl_lm.TokenMask) and meta["prefix_closed"]
+    meta = factor_of(s.trace.nodes["no_e"])
+    assert isinstance(meta.mask, ppl_lm.TokenMask) and meta.prefix_closed and meta.site == "x"
 
 
 _AS_SCRIPT = """

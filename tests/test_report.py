@@ -15,18 +15,11 @@ import torch
 
 import ppl_lm
 from ppl_lm import diagnostics as D
-from ppl_lm.posterior import Posterior, normalise
+from ppl_lm.backends import Kind
+from ppl_lm.posterior import Info, Posterior, normalise
 from toys import PROBLEMS, markov_lm
 
 R = importlib.import_module("ppl_lm.reporting.figures")  # the figure functions
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +57,13 @@ def hand_mh(exact, C=2, S=40, seed=0):
 def hand_svi(exact, steps=30):
     """An SVI-shaped Posterior: exact draws re-weighted, plus a training trace."""
     post = hand_mh(exact, 1, 200, seed=1)
-    post.method, post.chain = "svi", torch.zeros(len(post), dtype=torch.long)
+    post.method, post.kind, post.chain = "svi", Kind.WEIGHTED, torch.zeros(len(post), dtype=torch.long)
     post.stats = {k: v for k, v in post.stats.items() if k not in ("accepted", "move")}
     post.log_weights = normalise(torch.linspace(-1, 1, len(post)))
     post.log_evidence = exact.log_evidence + 0.05
     post.seed, post.wall_time, post.log_evidence_se = 0, 2.0, 0.03
-    post.info = {"trace": {"elbo": np.linspace(-2, exact.log_evidence - 0.1, steps),
-                           "kl_prior": np.linspace(0, 1, steps), "reward:r": np.linspace(0, 1, steps)}}
+    post.info = Info.from_dict({"trace": {"elbo": np.linspace(-2, exact.log_evidence - 0.1, steps),
+                                          "kl_prior": np.linspace(0, 1, steps), "reward:r": np.linspace(0, 1, steps)}})
     return post
 
 

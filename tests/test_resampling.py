@@ -154,7 +154,7 @@ def test_smc_accepts_every_scheme():
 
 
 def test_bad_input_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown resampling scheme 'sytematic'.*did you mean 'systematic'"):
+    with pytest.raises(ValueError, match=r"scheme must be one of .*; got 'sytematic' \(did you mean 'systematic'\?\)"):
         resample(W, scheme="sytematic")
     with pytest.raises(ValueError, match="sum to 1.*torch.softmax"):
         resample(torch.tensor([0.2, 0.2]))

@@ -6,6 +6,9 @@ The algorithm is described in the package notes (:mod:`ppl_lm.inference.smc`); o
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 from ppl_lm.inference._runtime import (
     check_has_latent,
@@ -18,13 +21,16 @@ from ppl_lm.inference._runtime import (
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
+from ppl_lm.backends import Kind, describe
 from ppl_lm.conditions import TokenMask, partial_prefix
+from ppl_lm.conditions.factors import factor_of
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.lm import LanguageModel
 from ppl_lm.posterior import Posterior
-from ppl_lm.resampling import SCHEMES, check_scheme
+from ppl_lm.resampling import SCHEMES, Scheme
+from ppl_lm.validation import AtLeastTwo, Fraction, PositiveInt
 
-from .islands import combine, default_chunk_size, sweep_plan
+from .islands import SMCInfo, combine, default_chunk_size, sweep_plan
 from .sweep import Stage, Sweep, SweepSpec
 
 __all__ = ["OBSERVED", "RESAMPLING", "run"]
@@ -32,12 +38,15 @@ __all__ = ["OBSERVED", "RESAMPLING", "run"]
 #: The values of ``resampling=``: every scheme of :mod:`ppl_lm.resampling`.
 RESAMPLING = SCHEMES
 #: The values of ``observed=``.
-OBSERVED = ("prefix", "end")
+Observed = Literal["prefix", "end"]
+OBSERVED: tuple[str, ...] = typing.get_args(Observed)
 
 
-def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: int = 256,
-        ess_threshold: float = 0.5, resampling: str = "multinomial", num_replicates: int = 1,
-        chunk_size: int | None = None, guide=None, observed: str = "prefix", progress: bool = True) -> Posterior:
+@describe(kind=Kind.WEIGHTED, info=SMCInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: AtLeastTwo = 256,
+        ess_threshold: Fraction = 0.5, resampling: Scheme = "multinomial", num_replicates: PositiveInt = 1,
+        chunk_size: AtLeastTwo | None = None, guide=None, observed: Observed = "prefix",
+        progress: bool = True) -> Posterior:
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
@@ -90,9 +99,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
     >>> abs(post.log_evidence - (-1.0986)) < 0.1  # log(1/3); 0.1 is 4.5 standard errors at N=4000
     True
     """
-    _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size)
-    if observed not in OBSERVED:
-        raise ValueError(f"observed must be one of {OBSERVED}, got {observed!r}")
+    # The options' values are checked by @describe, from their annotations, before this body runs.
     kwargs = dict(model_kwargs or {})
     with _random.seeded(seed), torch.no_grad(), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)
@@ -127,18 +134,6 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
                         "token_masks": sum(len(m) for m in masks.values())})
 
 
-def _check_options(num_particles, ess_threshold, resampling, num_replicates, chunk_size):
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-        raise ValueError(f"num_particles must be an integer >= 2, got {num_particles!r}")
-    if isinstance(num_replicates, bool) or not isinstance(num_replicates, int) or num_replicates < 1:
-        raise ValueError(f"num_replicates must be a positive integer, got {num_replicates!r}")
-    if not isinstance(ess_threshold, (int, float)) or not 0.0 <= ess_threshold <= 1.0:
-        raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
-    check_scheme(resampling)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 2):
-        raise ValueError(f"chunk_size must be an integer >= 2 or None, got {chunk_size!r}")
-
-
 def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
     if guide is None:
         return None
@@ -165,10 +160,10 @@ def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> d
         scores = run_model(model, args, kwargs, 1, data=empty, score_latent=False)
     masks: dict[str, list[TokenMask]] = {name: [] for name in seq}
     for name, site in scores.trace.nodes.items():
-        meta = (site.get("infer") or {}).get("ppl_lm") or {}
-        if not isinstance(meta.get("mask"), TokenMask):
+        meta = factor_of(site)
+        if meta is None or not isinstance(meta.mask, TokenMask):
             continue
-        target = meta.get("site")
+        target = meta.site
         if target is None and len(seq) == 1:
             target = next(iter(seq))
         if target not in masks:
@@ -177,5 +172,5 @@ def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> d
                 f"sequence sites {list(seq)}, so SMC cannot tell whose tokens its mask follows. Pass the sampled "
                 "sequence itself (ppl_lm.token_constraint(name, x, mask) with x = pyro.sample(...)), or use "
                 "ppl_lm.constraint(name, mask.check(x), prefix_closed=True)")
-        masks[target].append(meta["mask"])
+        masks[target].append(meta.mask)
     return masks

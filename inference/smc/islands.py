@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 from ppl_lm.inference._runtime import cat_scores, finish, make_posterior
 
-from ppl_lm.diagnostics.estimators import genealogy_diagnostics
+from ppl_lm.diagnostics.estimators import genealogy_diagnostics, log_mean_exp, normalise
 from ppl_lm.distribution import SequenceDistribution
-from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.posterior import Info, Posterior
 
 from .genealogy import path_degeneracy
 
@@ -109,7 +109,7 @@ def combine(parts: list[SweepResult], N: int, R: int, chunk_size: int, sites: di
     log_z_r = torch.full((R,), -math.inf, dtype=torch.float64)
     for r in range(R):
         log_z_r[r] = torch.logsumexp(log_a_u[rep_u == r] + log_z_u[rep_u == r], 0)
-    log_z = float(torch.logsumexp(log_z_r, 0) - math.log(R))
+    log_z = float(log_mean_exp(log_z_r, 0))
     # Particle j of island u gets weight a_u · Ẑ_u · W_uj (W normalised within the island).
     final, eves, offset = [], [], 0
     for p in parts:

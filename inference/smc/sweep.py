@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.conditions import partial_prefix
-from ppl_lm.diagnostics.estimators import kish_ess_rows
+from ppl_lm.diagnostics.estimators import kish_ess_rows, log_mean_exp
 from ppl_lm.lm import LanguageModel
 from ppl_lm.lm.base import start_rows
 from ppl_lm.resampling import resample
@@ -352,7 +352,7 @@ class Sweep:
         index = torch.arange(spec.B).view(spec.R, spec.N).clone()
         offset = (torch.arange(spec.R) * spec.N)[need, None]
         index[need] = resample(torch.softmax(lw, -1)[need], spec.N, spec.resampling, gen) + offset
-        st.log_z[need] += torch.logsumexp(lw[need], -1) - math.log(spec.N)
+        st.log_z[need] += log_mean_exp(lw[need], -1)
         lw[need] = 0.0
         st.num_resampling[need] += 1
         st.reorder(index.reshape(-1))
@@ -382,7 +382,7 @@ class Sweep:
         return SweepResult(
             scores=scores, draws=draw_rows(scores.values, names, spec.B), log_w=st.log_w, eve=st.eve,
             size=spec.N, replicates=spec.replicates,
-            log_z=st.log_z + torch.logsumexp(lw, -1) - math.log(spec.N),
+            log_z=st.log_z + torch.logsumexp(lw, -1) - math.log(spec.N),  # Ẑ of each island
             rel_var=eve_relative_variance(lw, st.eve, st.num_resampling),
             num_resampling=st.num_resampling, ess_history=st.ess_history, steps=st.steps,
         )

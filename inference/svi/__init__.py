@@ -45,6 +45,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from typing import Literal
+
+from ppl_lm.backends import Kind, describe
+from ppl_lm.validation import AtLeastTwo, NonNegativeInt, PositiveInt
 from ppl_lm.inference.svi import checkpoint as _ckpt
 from ppl_lm.inference.svi import checks
 from ppl_lm.inference.svi.elbo import OBJECTIVES, PROPOSALS, make_loss, particle_terms
@@ -144,12 +148,16 @@ class SVIError(ValueError):
         self.guide, self.info = guide, info
 
 
-def run(model, *args, seed: int = 0, objective: str = "reverse", proposal: str = "guide", num_steps: int = 200,
-        num_particles: int = 8, lr: float | None = None, guide=None, num_samples: int = 1000, contexts=None,
-        checkpoint_dir: str | None = None, checkpoint_every: int = 50, relax_penalty: float | None = 10.0,
-        log_evidence_ref: float | None = None, progress: bool = True, lora_r: int = 8, lora_alpha: float = 16,
-        lora_targets=None, lr_decay: float = 0.1, clip_norm: float | None = 1.0,
-        crosscheck_samples: int | None = None, callback=None, model_kwargs: dict | None = None) -> Posterior:
+@describe(kind=Kind.WEIGHTED, info=SVIInfo)
+def run(model, *args, seed: int = 0,
+        objective: Literal["reverse", "forward", "forward_then_reverse"] = "reverse",
+        proposal: Literal["guide", "prior"] = "guide", num_steps: NonNegativeInt = 200,
+        num_particles: AtLeastTwo = 8, lr: float | None = None,
+        guide: Literal["lora", "full"] | SequenceGuide | None = None, num_samples: PositiveInt = 1000,
+        contexts=None, checkpoint_dir: str | None = None, checkpoint_every: PositiveInt = 50,
+        relax_penalty: float | None = 10.0, log_evidence_ref: float | None = None, progress: bool = True,
+        lora_r: PositiveInt = 8, lora_alpha: float = 16, lora_targets: Literal["all-linear"] | list[str] | None = None,
+        lr_decay: float = 0.1, clip_norm: float | None = 1.0, crosscheck_samples: NonNegativeInt | None = None, callback=None, model_kwargs: dict | None = None) -> Posterior:
     """Train a guide by SVI, then importance-weight its draws against the exact target.
 
     Args:

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from ppl_lm.conditions.factors import factor_of
 from ppl_lm.inference._runtime import (
     is_latent,
     fixed_values,
@@ -149,7 +150,7 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
     out.values = scores.values
     for name, r in scores.rewards.items():
         out.rewards[name] = r.float()
-        out.betas[name] = scores.trace.nodes[name]["infer"]["ppl_lm"]["beta"]
+        out.betas[name] = factor_of(scores.trace.nodes[name]).beta
     for name, ok in scores.constraints.items():
         out.constraints[name] = ok.bool()
     if torch.isnan(out.log_prior).any() or torch.isnan(out.log_likelihood).any() or torch.isnan(log_q).any():

@@ -1,7 +1,12 @@
 """Conditions as likelihood factors: soft rewards, hard constraints, pinned tokens.
 
 Every condition is a ``pyro.factor``-style site (a ``Unit`` distribution, observed) whose
-``infer["ppl_lm"]`` entry records what diagnostics need (the raw reward r, β, kind).
+``infer["ppl_lm"]`` entry is a typed :class:`Factor` record of what backends and diagnostics need
+(the raw reward r and β, or whether the condition holds; :func:`factor_of` reads it).
+
+Conditions that need to know which ``lm.sequence`` site produced a tensor (a pin checks token ids
+against that LM's vocabulary; SMC advances a token mask with that site's tokens) ask the
+:class:`SequenceSites` messenger the runtime runs every model under.
 """
 
 from __future__ import annotations
@@ -9,21 +14,87 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.poutine.messenger import Messenger
 
 from .masks import TokenMask
 
 __all__ = ["reward", "constraint", "pin", "token_constraint", "is_partial", "prefix_length", "partial_prefix",
-           "trial_run"]
+           "trial_run", "Factor", "factor_of", "SequenceSites"]
 
 # The number of generated tokens being scored while a backend (SMC) re-runs the model on a prefix;
 # None while it scores finished sequences. A ContextVar: each thread and task sees its own.
 _PREFIX: contextvars.ContextVar[int | None] = contextvars.ContextVar("ppl_lm_prefix_length", default=None)
 _TRIAL: contextvars.ContextVar[bool] = contextvars.ContextVar("ppl_lm_trial_run", default=False)
+_SITES: contextvars.ContextVar["SequenceSites | None"] = contextvars.ContextVar("ppl_lm_sequence_sites", default=None)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """What a condition site records beside its log-factor (its ``infer["ppl_lm"]``).
+
+    Attributes:
+        kind: ``"reward"`` (soft, r/β) or ``"constraint"`` (hard, 0 or -inf).
+        r, beta: the raw reward per sequence and its temperature (rewards).
+        ok: whether the condition holds per sequence (constraints).
+        prefix_closed: a failing prefix fails every completion (SMC may prune on prefixes).
+        mask: the :class:`TokenMask` of a ``token_constraint`` (SMC proposes from it).
+        site: the name of the sequence site the mask constrains (``None`` when not known).
+    """
+
+    kind: Literal["reward", "constraint"]
+    r: torch.Tensor | None = None
+    beta: float | None = None
+    ok: torch.Tensor | None = None
+    prefix_closed: bool = False
+    mask: TokenMask | None = None
+    site: str | None = None
+
+
+def factor_of(site: dict[str, Any]) -> Factor | None:
+    """The :class:`Factor` record of a traced site, ``None`` for a site that is not a condition."""
+    meta = (site.get("infer") or {}).get("ppl_lm")
+    return meta if isinstance(meta, Factor) else None
+
+
+class SequenceSites(Messenger):
+    """While a model runs under it, records which ``lm.sequence`` site produced each value, so that a
+    condition given ``x`` can find its site (and LM) without reading Pyro's handler stack. The
+    runtime (:mod:`ppl_lm.inference._runtime`) runs every model under one; outside it, the
+    conditions that would use it skip what needs it (a pin's vocabulary check)."""
+
+    def __init__(self):
+        super().__init__()
+        self._by_id: dict[int, tuple[str, Any, torch.Tensor]] = {}
+        self._tokens: list = []
+
+    def __enter__(self):
+        self._tokens.append(_SITES.set(self))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _SITES.reset(self._tokens.pop())
+        return super().__exit__(*exc)
+
+    def _postprocess_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        from ..distribution import SequenceDistribution
+
+        fn = msg["fn"]
+        while hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if isinstance(fn, SequenceDistribution):
+            self._by_id[id(msg["value"])] = (msg["name"], fn, msg["value"])
+
+    def site_of(self, x: torch.Tensor):
+        entry = self._by_id.get(id(x))
+        return None if entry is None or entry[2] is not x else entry[:2]
 
 
 def is_partial() -> bool:
@@ -56,7 +127,7 @@ def partial_prefix(n: int):
         _PREFIX.reset(token)
 
 
-def _factor(name: str, log_factor: torch.Tensor, meta: dict) -> None:
+def _factor(name: str, log_factor: torch.Tensor, meta: Factor) -> None:
     unit = dist.Unit(log_factor)
     pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True, "ppl_lm": meta})
 
@@ -113,7 +184,7 @@ def reward(name: str, r, beta: float = 1.0) -> None:
         if not _TRIAL.get():
             raise ValueError(_non_finite_message(name, r.detach()))
         r = torch.zeros_like(r)  # a placeholder's reward is never used
-    _factor(name, r / beta, {"kind": "reward", "r": r.detach(), "beta": float(beta)})
+    _factor(name, r / beta, Factor("reward", r=r.detach(), beta=float(beta)))
 
 
 def constraint(name: str, ok, prefix_closed: bool = False) -> None:
@@ -128,7 +199,7 @@ def constraint(name: str, ok, prefix_closed: bool = False) -> None:
     ok = _as_tensor(name, ok, "constraint")
     if ok.dtype != torch.bool:
         raise TypeError(f"constraint {name!r} needs a boolean tensor, got dtype {ok.dtype}")
-    meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": prefix_closed}
+    meta = Factor("constraint", ok=ok.detach(), prefix_closed=prefix_closed)
     if is_partial() and not prefix_closed:
         _factor(name, torch.zeros(ok.shape), meta)
         return
@@ -180,25 +251,11 @@ def _vocab_size_of(x: torch.Tensor) -> int | None:
 
 
 def _sequence_site_of(x: torch.Tensor):
-    """``(name, SequenceDistribution)`` of the sequence site whose value is ``x`` in the trace being
-    recorded, or ``None`` (``x`` is a slice, a hand-made tensor, or nothing is traced)."""
-    from pyro.poutine.runtime import _PYRO_STACK
-    from pyro.poutine.trace_messenger import TraceMessenger
-
-    from ..distribution import SequenceDistribution
-
-    for frame in _PYRO_STACK:
-        if not isinstance(frame, TraceMessenger):
-            continue
-        for site in frame.trace.nodes.values():
-            if site.get("type") != "sample" or site.get("value") is not x:
-                continue
-            fn = site["fn"]
-            while hasattr(fn, "base_dist"):
-                fn = fn.base_dist
-            if isinstance(fn, SequenceDistribution):
-                return site["name"], fn
-    return None
+    """``(name, SequenceDistribution)`` of the sequence site whose value is ``x`` in the model run
+    under way (:class:`SequenceSites`), or ``None`` (``x`` is a slice, a hand-made tensor, or the
+    model runs outside the runtime)."""
+    sites = _SITES.get()
+    return None if sites is None else sites.site_of(x)
 
 
 def _partial_length(x: torch.Tensor) -> int:
@@ -230,7 +287,6 @@ def token_constraint(name: str, x: torch.Tensor, mask: TokenMask) -> None:
     # The sequence site the mask constrains (None when x is not a site's value): SMC advances the
     # mask with that site's tokens.
     site = _sequence_site_of(x)
-    meta = {"kind": "constraint", "ok": ok.detach(), "prefix_closed": True, "mask": mask,
-            "site": None if site is None else site[0]}
+    meta = Factor("constraint", ok=ok.detach(), prefix_closed=True, mask=mask, site=None if site is None else site[0])
     lf = torch.zeros(ok.shape).masked_fill(~ok, -math.inf)
     _factor(name, lf, meta)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
+from ..backends import Kind
 from ..posterior import Posterior
 from .inference_data import log_evidence_se_reason
 from .warnings import InferenceWarning
@@ -31,7 +32,7 @@ def _estimate(post: Posterior) -> tuple[float, float] | None:
     if post.log_evidence is None or not math.isfinite(post.log_evidence):
         return None
     se = post.log_evidence_se
-    se = 0.0 if post.info.get("support_size") and se is None else se  # an enumeration's log Z is exact
+    se = 0.0 if post.kind is Kind.EXACT and se is None else se  # an enumeration's log Z is exact
     if se is None or not math.isfinite(se) or log_evidence_se_reason(post):
         return None  # no error bar (e.g. one SMC ancestor's se of 1.0): nothing to compare against
     return float(post.log_evidence), float(se)
@@ -54,8 +55,7 @@ def disagreeing_backends(posteriors: Mapping[str, Posterior], *, z: float = DISA
     >>> import torch
     >>> from ppl_lm import Posterior
     >>> def post(lz, se):
-    ...     return Posterior(torch.zeros(40, 1), torch.full((40,), -3.6889), lz, "importance",
-    ...                      info={"log_evidence_se": se})
+    ...     return Posterior(torch.zeros(40, 1), torch.full((40,), -3.6889), lz, "importance", log_evidence_se=se)
     >>> disagreeing_backends({"a": post(-1.0, 0.1), "b": post(-1.1, 0.1)})
     []
     >>> [w.code for w in disagreeing_backends({"a": post(-1.0, 0.1), "b": post(-3.0, 0.1)})]

@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["mcmc_mean_se", "kish_ess", "kish_ess_rows", "log_evidence_se", "pareto_khat", "mcmc_diagnostics",
-           "genealogy_diagnostics", "KHAT_THRESHOLD", "RHAT_THRESHOLD", "MIN_DRAWS_FOR_SE"]
+__all__ = ["normalise", "log_mean_exp", "mcmc_mean_se", "kish_ess", "kish_ess_rows", "log_evidence_se", "pareto_khat",
+           "mcmc_diagnostics", "genealogy_diagnostics", "KHAT_THRESHOLD", "RHAT_THRESHOLD", "MIN_DRAWS_FOR_SE"]
 
 #: Pareto k-hat above which importance weights are too heavy-tailed to trust (Vehtari et al., 2024).
 KHAT_THRESHOLD = 0.7
@@ -24,7 +24,7 @@ RHAT_THRESHOLD = 1.01
 MIN_DRAWS_FOR_SE = 10
 
 
-def _arviz():
+def import_arviz():
     # ArviZ 0.23 announces its refactor with a FutureWarning on import; it says nothing to users.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -36,6 +36,35 @@ def _arviz():
 def _normalised(log_w: torch.Tensor) -> torch.Tensor:
     log_w = log_w.detach().double()
     return log_w - torch.logsumexp(log_w, 0)
+
+
+def normalise(log_w: torch.Tensor) -> torch.Tensor:
+    """Log-weights shifted so that logsumexp == 0 (float32, as ``Posterior.log_weights``).
+    Raises on NaN, and when every weight is zero.
+
+    >>> normalise(torch.log(torch.tensor([1.0, 3.0]))).exp().tolist()
+    [0.25, 0.75]
+    """
+    log_w = log_w.detach().double()
+    if torch.isnan(log_w).any():
+        raise FloatingPointError("NaN in the log-weights: a reward or the LM produced NaN")
+    z = torch.logsumexp(log_w, 0)
+    if not torch.isfinite(z):
+        raise ValueError(
+            "no sample satisfies the condition: every weight is zero (log-weight -inf). "
+            "The condition may be too rare for this many samples; use more samples, SMC, "
+            "or a trained guide (method='svi')."
+        )
+    return (log_w - z).float()
+
+
+def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """log((1/N) Σ exp(log_w)) along ``dim``: the log of an average weight, e.g. log Ẑ.
+
+    >>> round(float(log_mean_exp(torch.log(torch.tensor([1.0, 3.0])))), 6)  # log 2
+    0.693147
+    """
+    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
 
 
 def kish_ess(log_w: torch.Tensor) -> float:
@@ -98,7 +127,7 @@ def pareto_khat(log_w: torch.Tensor) -> float:
         return float("inf") if share > 0.5 else float("nan")
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, k = _arviz().psislw(x)
+        _, k = import_arviz().psislw(x)
     k = float(k)
     return k if math.isfinite(k) else float("inf")
 
@@ -111,7 +140,7 @@ def mcmc_mean_se(draws: np.ndarray | torch.Tensor) -> float:
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        se = float(_arviz().mcse(a, method="mean"))
+        se = float(import_arviz().mcse(a, method="mean"))
     return se if math.isfinite(se) else float("nan")
 
 
@@ -125,7 +154,7 @@ def mcmc_diagnostics(draws: dict[str, np.ndarray | torch.Tensor]) -> tuple[dict[
         ``(rhat, ess)``: dicts name -> value.
     """
     rhat, ess = {}, {}
-    az = _arviz()
+    az = import_arviz()
     for name, v in draws.items():
         a = v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float64)
         if a.ndim != 2 or a.shape[1] < 4 or np.ptp(a) == 0 or not np.isfinite(a).all():

@@ -48,9 +48,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..backends import Kind
+from ..validation import check_int
 from .. import posterior as _posterior
 from .. import resampling
-from .estimators import MIN_DRAWS_FOR_SE, _arviz, kish_ess, mcmc_diagnostics, pareto_khat
+from .estimators import MIN_DRAWS_FOR_SE, import_arviz, kish_ess, mcmc_diagnostics, pareto_khat
 
 if TYPE_CHECKING:
     from ..posterior import Posterior
@@ -204,10 +206,10 @@ def effective_draws(post: Posterior) -> float:
     """
     if is_mcmc(post):
         return float(post.ess)
-    if post.info.get("support_size"):
+    if post.kind is Kind.EXACT:
         return math.inf
     n = kish_ess(post.log_weights)
-    lineage = post.info.get("n_eff_genealogy")
+    lineage = getattr(post.info, "n_eff_genealogy", None)
     if lineage is not None and math.isfinite(float(lineage)):
         n = min(n, float(lineage))
     return n
@@ -262,8 +264,7 @@ def _resampled(post: Posterior, num_draws: int | None, seed: int | None) -> tupl
     """Indices ``[M]`` of ``M`` equal-weight draws (systematic resampling, shuffled), and the seed used."""
     if num_draws is None:
         num_draws = default_num_draws(post)
-    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+    check_int("num_draws", num_draws)
     seed = int(post.seed or 0) if seed is None else int(seed)
     g = torch.Generator().manual_seed(seed)
     idx = resampling.resample(torch.softmax(post.log_weights.double(), 0), int(num_draws), "systematic", g)
@@ -307,7 +308,7 @@ def to_inference_data(post: Posterior, *, num_draws: int | None = None, seed: in
     (4000, 7)
     """
     _check(post)
-    az = _arviz()
+    az = import_arviz()
     scalars = _scalars(post)
     if not scalars:
         raise ValueError("this Posterior has no per-sample summaries (post.stats) and no samples: nothing to put "
@@ -347,7 +348,7 @@ def to_inference_data(post: Posterior, *, num_draws: int | None = None, seed: in
         idata = az.from_dict(posterior=dict(posterior), sample_stats=dict(sample_stats), attrs=attrs)
     for group in ("posterior", "sample_stats"):  # also on the groups, for code that reads only one
         idata[group].attrs.update(attrs)
-    trace = post.info.get("trace")
+    trace = getattr(post.info, "trace", None)
     if isinstance(trace, dict) and trace:
         ds = _trace_dataset(trace)
         if ds is not None:
@@ -401,7 +402,7 @@ def psis_khat(post: Posterior) -> float | None:
     """
     if post.khat is not None:
         return post.khat
-    if post.info.get("support_size") or is_mcmc(post):  # an enumeration's weights are exact
+    if post.kind is Kind.EXACT or is_mcmc(post):  # an enumeration's weights are exact
         return None
     k = pareto_khat(post.log_weights)
     return None if math.isnan(k) else k
@@ -420,7 +421,7 @@ def chain_draws(post: Posterior) -> dict[str, np.ndarray]:
 
 def rhat(post: Posterior) -> dict[str, float] | None:
     """Rank-normalised split R-hat per scalar summary (``None`` for a single chain or no chains)."""
-    by_stat = post.info.get("rhat_by_stat")
+    by_stat = getattr(post.info, "rhat_by_stat", None)
     if by_stat:
         return dict(by_stat)
     if not is_mcmc(post) or post.num_chains < 2:
@@ -431,8 +432,8 @@ def rhat(post: Posterior) -> dict[str, float] | None:
 
 def acceptance(post: Posterior) -> dict | None:
     """``{"overall": rate, "moves": {move: rate}}`` for MH, else ``None``."""
-    moves = post.info.get("acceptance")
-    overall = post.info.get("acceptance_overall")
+    moves = getattr(post.info, "acceptance", None)
+    overall = getattr(post.info, "acceptance_overall", None)
     accepted = _sampler_stats(post).get("accepted")
     if overall is None and accepted is not None:
         overall = float(torch.as_tensor(accepted).double().mean())
@@ -488,7 +489,7 @@ def summary(post: Posterior) -> dict[str, Any]:
         "ess": ess(post),
         "ess_note": ess_note(post),
         "effective_draws": effective_draws(post),
-        "n_eff_genealogy": post.info.get("n_eff_genealogy"),
+        "n_eff_genealogy": getattr(post.info, "n_eff_genealogy", None),
         "khat": None if k_reason else k,
         "khat_reason": k_reason,
         "rhat": post.rhat if post.rhat is not None else (None if not r else max(r.values())),
@@ -508,9 +509,9 @@ def log_evidence_se_reason(post: Posterior) -> str | None:
     :data:`MIN_DRAWS_FOR_SE` ancestors behind SMC's one genealogy (with a single ancestor the
     Lee-Whiteley estimate is 1.0 whatever the truth), or fewer effective weighted draws (one draw
     carrying every weight gives the delta method's se 1.0, too)."""
-    if post.log_evidence_se is None or post.info.get("support_size"):
+    if post.log_evidence_se is None or post.kind is Kind.EXACT:
         return None
-    eves, reps = post.info.get("num_eves"), post.info.get("num_replicates") or 1
+    eves, reps = getattr(post.info, "num_eves", None), getattr(post.info, "num_replicates", None) or 1
     if eves is not None and reps < 2:
         if int(eves) < MIN_DRAWS_FOR_SE:
             return f"path degeneracy: {int(eves)} ancestor{'s' if int(eves) != 1 else ''}, fewer than {MIN_DRAWS_FOR_SE}"
@@ -524,7 +525,7 @@ def log_evidence_se_reason(post: Posterior) -> str | None:
 
 def khat_reason(post: Posterior, khat: float | None) -> str | None:
     """Why a weighted posterior has no k-hat to show (``None`` where it has one, or needs none)."""
-    if is_mcmc(post) or post.info.get("support_size"):
+    if is_mcmc(post) or post.kind is Kind.EXACT:
         return None
     if khat is not None and khat == -math.inf:
         return "the largest weights are tied: no tail to fit"

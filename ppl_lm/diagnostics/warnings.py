@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..backends import Kind
 from ..tokens import support_size
 from .estimators import KHAT_THRESHOLD, RHAT_THRESHOLD
 
@@ -107,7 +108,7 @@ def more_draws_advice(post: Posterior) -> str:
 
 
 def _is_enumeration(post: Posterior) -> bool:
-    return bool(post.info.get("support_size"))
+    return post.kind is Kind.EXACT
 
 
 def diagnose(post: Posterior) -> list[InferenceWarning]:
@@ -166,8 +167,8 @@ def verdict(post: Posterior) -> str:
     from .inference_data import effective_draws
 
     def reason(w: InferenceWarning) -> str:
-        if w.code == "path_degeneracy" and post.info.get("num_eves") is not None:
-            k = int(post.info.get("num_eves"))
+        if w.code == "path_degeneracy" and getattr(post.info, "num_eves", None) is not None:
+            k = int(getattr(post.info, "num_eves", None))
             return f"path degeneracy, {k} ancestor{'s' if k != 1 else ''}"
         if w.code == "khat" and post.khat is not None:
             return f"heavy-tailed weights (k-hat {post.khat:.2f})"

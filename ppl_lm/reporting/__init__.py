@@ -29,9 +29,9 @@ from typing import Mapping
 import numpy as np
 
 from ..posterior import Posterior
-from .figures import FIGURES, _figure_specs, _png
+from .figures import FIGURES, figure_specs, png
 from .render import (
-    CSS, _html_samples, _html_table, marginal_rows, _html_warnings, _md_samples, _md_table, _md_warnings, _settings, _table,
+    CSS, html_samples, html_table, marginal_rows, html_warnings, md_samples, md_table, md_warnings, settings_rows, table_rows,
     report_warnings, summary_rows, verdict_html, verdict_md,
 )
 
@@ -122,16 +122,16 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
     from .. import __version__
 
     rows = summary_rows(posteriors, exact)
-    head, cells = _table(rows, exact is not None)
-    settings = [[n, p.method, _settings(p)] for n, p in posteriors.items()]
+    head, cells = table_rows(rows, exact is not None)
+    settings = [[n, p.method, settings_rows(p)] for n, p in posteriors.items()]
     warned = report_warnings(posteriors, exact, failed)
 
     figures = []  # (file, section, caption, base64)
-    for fname, section, caption, draw in _figure_specs(posteriors, exact):
+    for fname, section, caption, draw in figure_specs(posteriors, exact):
         fig = draw()
         if fig is None:
             continue
-        data = _png(fig)
+        data = png(fig)
         (tmp / fname).write_bytes(data)
         figures.append((fname, section, caption, base64.b64encode(data).decode("ascii")))
 
@@ -148,9 +148,9 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">ppl-lm {html.escape(__version__)} · {now}</p>',
         f'<p class="desc">{html.escape(description)}</p>' if description else "",
-        f"<h2>Warnings ({len(warned)})</h2>" if warned else "<h2>Warnings</h2>", _html_warnings(warned),
+        f"<h2>Warnings ({len(warned)})</h2>" if warned else "<h2>Warnings</h2>", html_warnings(warned),
         "<h2>Verdict</h2>", verdict_html(rows),
-        "<h2>Summary</h2>", _html_table(head, cells),
+        "<h2>Summary</h2>", html_table(head, cells),
         '<p class="note">ESS: Kish\'s effective sample size of the weights (weighted samples) or ArviZ\'s bulk '
         "ESS (MCMC); in brackets ESS / N. SMC genealogy n_eff: how many independent draws SMC's particles are "
         "worth given their shared ancestors. Means E[·] are posterior (weighted) means. k-hat: Pareto shape of "
@@ -158,7 +158,7 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         "chains' summaries (&lt; 1.01 good). ⚠ marks a value past its threshold. — with a reason: the number is "
         "undefined or would be no error bar (one ancestor, a handful of effective draws, tied weights). Error vs exact: "
         "each mean minus the exact one, worst first, in Monte Carlo sd (exact sd / √effective draws; ⚠ past 4).</p>",
-        "<h3>Run settings</h3>", _html_table(["backend", "method", "settings"], settings, numbers=False),
+        "<h3>Run settings</h3>", html_table(["backend", "method", "settings"], settings, numbers=False),
     ]
     for sec, heading in (("distributions", "Reward distributions"), ("weights", "Weight diagnostics")):
         figs = [f for f in figures if f[1] == sec]
@@ -176,29 +176,29 @@ def _build(posteriors, exact, tmp: Path, title: str, top_k: int, limit: int,
         parts.append("<h2>Discrete latents</h2>")
         parts.append('<p class="note">The posterior probability of each value of every discrete latent site, '
                      "with its standard error (0 for exact enumeration).</p>")
-        parts.append(_html_table(["backend", "site", "value", "probability", "se"],
+        parts.append(html_table(["backend", "site", "value", "probability", "se"],
                                  [[n, *r] for n, rows_ in marginals.items() for r in rows_]))
     parts.append("<h2>Samples</h2>")
     parts.append(f'<p class="note">The {top_k} distinct samples with the largest total posterior weight '
                  "(count: how many times each occurs).</p>")
     for n, p in posteriors.items():
         parts.append(f"<h3>{html.escape(n)}</h3>")
-        parts.append(_html_samples(p, top_k, limit))
+        parts.append(html_samples(p, top_k, limit))
     parts.append("</body></html>")
     (tmp / "report.html").write_text("\n".join(parts), encoding="utf-8")
 
     md = [f"# {title}", ""] + ([description, ""] if description else []) + [
-          "## Warnings", "", _md_warnings(warned), "", "## Verdict", "", verdict_md(rows), "",
-          "## Summary", "", _md_table(head, cells), "", "## Run settings", "",
-          _md_table(["backend", "method", "settings"], settings), ""]
+          "## Warnings", "", md_warnings(warned), "", "## Verdict", "", verdict_md(rows), "",
+          "## Summary", "", md_table(head, cells), "", "## Run settings", "",
+          md_table(["backend", "method", "settings"], settings), ""]
     for fname, _, caption, _ in figures:
         md += [f"![{caption}]({fname})", ""]
     if any(marginals.values()):
-        md += ["## Discrete latents", "", _md_table(["backend", "site", "value", "probability", "se"],
+        md += ["## Discrete latents", "", md_table(["backend", "site", "value", "probability", "se"],
                                                     [[n, *r] for n, rows_ in marginals.items() for r in rows_]), ""]
     md.append("## Samples")
     for n, p in posteriors.items():
-        md += ["", f"### {n}", "", _md_samples(p, top_k, limit)]
+        md += ["", f"### {n}", "", md_samples(p, top_k, limit)]
     (tmp / "summary.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
     names = [f[0] for f in figures] + ["summary.md", "summary.json", "report.html"]

@@ -11,9 +11,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ..backends import Kind
 from .. import diagnostics as D
-from ..diagnostics.inference_data import _arviz
-from .render import _fmt
+from ..diagnostics.inference_data import import_arviz
+from .render import fmt
 from ..posterior import Posterior
 
 
@@ -147,12 +148,12 @@ def fig_rewards(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
 
 def _khat_text(k: float) -> str:
     """k-hat as shown: "—: tied" where the largest weights are tied (no tail), else the number."""
-    return "— (tied weights)" if k == -math.inf else _fmt(k, 2)
+    return "— (tied weights)" if k == -math.inf else fmt(k, 2)
 
 
 def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = None):
     """Sorted normalised importance weights (N·w against rank / N) and k-hat per weighted backend."""
-    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and not p.info.get("support_size")}
+    weighted = {n: p for n, p in posteriors.items() if not D.is_mcmc(p) and p.kind is not Kind.EXACT}
     if not weighted:
         return None
     colors = _colors(posteriors)
@@ -201,7 +202,7 @@ def fig_weights(posteriors: Mapping[str, Posterior], exact: Posterior | None = N
     ax2.legend(fontsize=7)
     for i, (k, f) in enumerate(zip(ks, finite)):
         if f:
-            ax2.text(i - 0.2, max(k, 0) + 0.02, _fmt(k, 2), ha="center", fontsize=7)
+            ax2.text(i - 0.2, max(k, 0) + 0.02, fmt(k, 2), ha="center", fontsize=7)
     ticks = [n if f else f"{n}\n(k-hat {'—' if k is None else _khat_text(k)})"
              for n, k, f in zip(names, ks, finite)]
     ax2.set_xticks(pos, ticks)
@@ -264,7 +265,7 @@ def fig_mh_trace(name: str, post: Posterior):
 
 def fig_mh_rank(name: str, post: Posterior):
     """ArviZ rank plot: uniform histograms per chain mean the chains mix."""
-    az = _arviz()
+    az = import_arviz()
     idata = D.to_inference_data(post)
     names = _trace_vars(idata)
     fig = _figure(3.6 * len(names), 3.0)
@@ -311,7 +312,7 @@ def _svi_title(key: str) -> str:
 
 def fig_svi(name: str, post: Posterior, exact: Posterior | None = None):
     """SVI curves: the ELBO, E_q[r], the KL terms, and any other per-step trace, against the step."""
-    trace = post.info.get("trace")
+    trace = getattr(post.info, "trace", None)
     if not isinstance(trace, dict) or not trace:
         return None
     arrays = {}
@@ -350,15 +351,15 @@ def fig_svi(name: str, post: Posterior, exact: Posterior | None = None):
 
 def fig_smc(name: str, post: Posterior):
     """SMC: the effective sample size per token step (before resampling), as a fraction of N."""
-    hist = post.info.get("ess_history")
+    hist = getattr(post.info, "ess_history", None)
     if hist is None or len(hist) == 0:
         return None
     y = np.asarray(hist, dtype=float).reshape(len(hist), -1).mean(-1)
-    n = float(post.info.get("num_particles") or len(post))
+    n = float(getattr(post.info, "num_particles", None) or len(post))
     fig = _figure(7, 3)
     ax = fig.subplots()
     ax.plot(np.arange(1, len(y) + 1), y / n, "o-", ms=3, color=PALETTE[0], label="ESS / N")
-    thr = post.info.get("ess_threshold")
+    thr = getattr(post.info, "ess_threshold", None)
     if isinstance(thr, (int, float)):
         ax.axhline(thr, color="#b22222", ls="--", lw=1, label=f"resampling threshold {thr:g}")
     ax.set_ylim(0, 1.05)
@@ -376,7 +377,7 @@ def _constants_caption(posteriors, exact) -> str:
             + ".") if const else ""
 
 
-def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], Any]]]:
+def figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], Any]]]:
     """(file name, section, caption, draw) for every figure of the report, in order."""
     mod = sys.modules[__name__]  # look functions up at call time (tests replace them)
     specs = [
@@ -397,10 +398,10 @@ def _figure_specs(posteriors, exact) -> list[tuple[str, str, str, Callable[[], A
                           lambda n=n, p=p: mod.fig_mh_trace(n, p)))
             specs.append((f"rank_{slug}.png", n, f"{n}: rank plots (uniform when the chains mix).",
                           lambda n=n, p=p: mod.fig_mh_rank(n, p)))
-        if p.info.get("ess_history") is not None:
+        if getattr(p.info, "ess_history", None) is not None:
             specs.append((f"smc_{slug}.png", n, f"{n}: ESS / N per token step; below the threshold the "
                           "particles are resampled.", lambda n=n, p=p: mod.fig_smc(n, p)))
-        if isinstance(p.info.get("trace"), dict):
+        if isinstance(getattr(p.info, "trace", None), dict):
             specs.append((f"svi_{slug}.png", n, f"{n}: SVI objective and its terms per step.",
                           lambda n=n, p=p: mod.fig_svi(n, p, exact)))
     return specs
@@ -411,7 +412,7 @@ def _slug(name: str, i: int) -> str:
     return s or f"posterior{i}"
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()

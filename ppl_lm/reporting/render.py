@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import diagnostics as D
 from ..diagnostics.compare import disagreeing_backends
+from ..diagnostics.estimators import KHAT_THRESHOLD, RHAT_THRESHOLD
 from ..diagnostics.warnings import InferenceWarning
 from ..posterior import Posterior
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # -- numbers ------------------------------------------------------------------------------------
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "—"
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
@@ -84,9 +85,8 @@ def mean_errors(post: Posterior, exact: Posterior) -> dict[str, dict[str, float]
 
 
 def _info(post: Posterior, key: str):
-    """A run-level fact of ``post`` by name (``info`` as a dict or as a typed Info record)."""
-    info = post.info
-    return info.get(key) if isinstance(info, Mapping) else getattr(info, key, None)
+    """A run-level fact of ``post`` by name (a field of its typed Info record; ``None`` if it has none)."""
+    return getattr(post.info, key, None)
 
 
 def _genealogy(row: dict) -> float | None:
@@ -95,8 +95,8 @@ def _genealogy(row: dict) -> float | None:
 
 
 #: Above these a diagnostic is marked in the table (the thresholds of the warnings' detectors).
-RHAT_MAX = 1.01
-KHAT_MAX = 0.7
+RHAT_MAX = RHAT_THRESHOLD
+KHAT_MAX = KHAT_THRESHOLD
 FLAG = " ⚠"
 
 
@@ -114,7 +114,7 @@ def _mean_columns(rows: list[dict]) -> list[str]:
     return sorted(names, key=order)
 
 
-def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
+def table_rows(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the summary table (shared by HTML and Markdown)."""
     means = _mean_columns(rows)
     # One ESS on the page (Posterior.ess); SMC's genealogy-based count is another quantity, in its
@@ -129,34 +129,34 @@ def _table(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]]]:
     head += ["wall time"]
     cells = []
     for r in rows:
-        lz = _fmt(r["log_evidence"], 4)
+        lz = fmt(r["log_evidence"], 4)
         if r["log_evidence"] is not None and r["log_evidence_se"] is not None:
-            lz += f" ± {_fmt(r['log_evidence_se'], 4)}"
+            lz += f" ± {fmt(r['log_evidence_se'], 4)}"
         elif r["log_evidence"] is not None and r.get("log_evidence_se_reason"):
             lz += f" ± —\n({r['log_evidence_se_reason']})"  # no fake error bar
-        samples = _fmt(r["num_samples"])
+        samples = fmt(r["num_samples"])
         if r["num_chains"] > 1:
             samples += f" ({r['num_chains']} chains)"
-        acc = _fmt(r["acceptance"])
+        acc = fmt(r["acceptance"])
         if r["acceptance_moves"]:
-            acc += "\n" + ", ".join(f"{k} {_fmt(v, 2)}" for k, v in r["acceptance_moves"].items())
+            acc += "\n" + ", ".join(f"{k} {fmt(v, 2)}" for k, v in r["acceptance_moves"].items())
         khat, rhat = r["khat"], r["rhat"]
-        ess = f"{_fmt(r['ess'], 1)} ({_fmt(r['ess'] / r['num_samples'], 2)})"
+        ess = f"{fmt(r['ess'], 1)} ({fmt(r['ess'] / r['num_samples'], 2)})"
         if r.get("ess_note"):
             ess += f"\n{r['ess_note']}"
         row = [r["name"], r["method"], samples, lz, ess]
         if lineages:
-            row += [_fmt(_genealogy(r), 1)]
-        k_cell = _flagged(_fmt(khat, 2), khat is not None and khat > KHAT_MAX)
+            row += [fmt(_genealogy(r), 1)]
+        k_cell = _flagged(fmt(khat, 2), khat is not None and khat > KHAT_MAX)
         if khat is None and r.get("khat_reason"):
             k_cell += f"\n({r['khat_reason']})"
         row += [k_cell,
-                _flagged(_fmt(rhat), rhat is not None and not rhat <= RHAT_MAX), acc]
-        row += [_fmt(r["means"].get(m)) for m in means]
+                _flagged(fmt(rhat), rhat is not None and not rhat <= RHAT_MAX), acc]
+        row += [fmt(r["means"].get(m)) for m in means]
         if exact:
             errors = r.get("error_vs_exact")
-            row += ["reference" if errors is None else _error_cell(errors), _fmt(r["tv_to_exact"]),
-                    _fmt(r["log_evidence_error"], 4)]
+            row += ["reference" if errors is None else _error_cell(errors), fmt(r["tv_to_exact"]),
+                    fmt(r["log_evidence_error"], 4)]
         row += [_fmt_time(r["wall_time"])]
         cells.append(row)
     return head, cells
@@ -245,7 +245,7 @@ def _html_cell(c: str, numeric: bool) -> str:
     return f'<td class="{cls}">{body}</td>' if cls else f"<td>{body}</td>"
 
 
-def _html_table(head: list[str], rows: list[list[str]], numbers: bool = True) -> str:
+def html_table(head: list[str], rows: list[list[str]], numbers: bool = True) -> str:
     """An HTML table; with ``numbers``, cells after the first two that read as numbers are right-aligned."""
     out = ['<div class="wide"><table>', "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -255,7 +255,7 @@ def _html_table(head: list[str], rows: list[list[str]], numbers: bool = True) ->
     return "\n".join(out)
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
+def md_table(head: list[str], rows: list[list[str]]) -> str:
     esc = lambda c: c.replace("|", "\\|").replace("\n", " — ")  # noqa: E731
     lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
@@ -284,7 +284,7 @@ def _samples_rows(post: Posterior, k: int) -> tuple[list[str], list[dict]]:
     return cols[:4], top
 
 
-def _html_samples(post: Posterior, k: int, limit: int) -> str:
+def html_samples(post: Posterior, k: int, limit: int) -> str:
     if post.samples is None:
         return f'<p class="note">{html.escape(NO_TEXT_NOTE)}</p>'
     cols, top = _samples_rows(post, k)
@@ -293,9 +293,9 @@ def _html_samples(post: Posterior, k: int, limit: int) -> str:
     body = []
     for i, s in enumerate(top, 1):
         body.append(
-            f'<tr><td class="num">{i}</td><td class="num">{html.escape(_fmt(s["weight"], 4))}</td>'
+            f'<tr><td class="num">{i}</td><td class="num">{html.escape(fmt(s["weight"], 4))}</td>'
             f'<td class="num">{s["count"]}</td>'
-            + "".join(f'<td class="num">{html.escape(_fmt(s["stats"].get(c)))}</td>' for c in cols)
+            + "".join(f'<td class="num">{html.escape(fmt(s["stats"].get(c)))}</td>' for c in cols)
             + f'<td class="text">{_html_text(s["text"], limit)}</td></tr>')
     note = rejected_note(int((post.weights <= 0).sum()), len(post))
     return "<table>" + head + "".join(body) + "</table>" + (f'<p class="note">{html.escape(note)}</p>' if note else "")
@@ -306,16 +306,16 @@ NO_TEXT_NOTE = "Every lm.sequence(...) site of this model is observed: there is 
 
 def marginal_rows(post: Posterior) -> list[list[str]]:
     """``[site, value, probability, standard error]`` of every discrete scalar latent."""
-    return [[name, str(value), _fmt(p, 4), _fmt(se, 4)]
+    return [[name, str(value), fmt(p, 4), fmt(se, 4)]
             for name, m in D.discrete_marginals(post).items() for value, (p, se) in m.items()]
 
 
-def _md_samples(post: Posterior, k: int, limit: int) -> str:
+def md_samples(post: Posterior, k: int, limit: int) -> str:
     if post.samples is None:
         return NO_TEXT_NOTE
     cols, top = _samples_rows(post, k)
     head = ["#", "weight", "count"] + cols + ["text"]
-    rows = [[str(i), _fmt(s["weight"], 4), str(s["count"])] + [_fmt(s["stats"].get(c)) for c in cols]
+    rows = [[str(i), fmt(s["weight"], 4), str(s["count"])] + [fmt(s["stats"].get(c)) for c in cols]
             + [_md_text(s["text"], limit)] for i, s in enumerate(top, 1)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -324,7 +324,7 @@ def _md_samples(post: Posterior, k: int, limit: int) -> str:
 
 
 def _n(v) -> str:
-    return _fmt(int(v)) if isinstance(v, (int, np.integer)) or float(v).is_integer() else _fmt(v)
+    return fmt(int(v)) if isinstance(v, (int, np.integer)) or float(v).is_integer() else fmt(v)
 
 
 def _moves(v) -> str:
@@ -344,10 +344,10 @@ SETTING_WORDS: dict[str, Callable[[Any], str]] = {
     "num_steps": lambda v: f"{_n(v)} optimisation steps",  # SVI only (SMC's is its token count)
     "guide": lambda v: f"{v} guide",
     "objective": lambda v: f"{v} objective",
-    "lr": lambda v: f"learning rate {_fmt(v)}",
+    "lr": lambda v: f"learning rate {fmt(v)}",
     "proposal": lambda v: f"proposal: {v}",
     "resampling": lambda v: f"{v} resampling",
-    "ess_threshold": lambda v: f"resampling when ESS / N < {_fmt(v, 2)}",
+    "ess_threshold": lambda v: f"resampling when ESS / N < {fmt(v, 2)}",
     "chunk_size": lambda v: f"{_n(v)} particles in memory at once",
 }
 
@@ -356,7 +356,7 @@ def _svi_draws(v) -> str:
     return f"{_n(v)} guide draws per step"
 
 
-def _settings(post: Posterior) -> str:
+def settings_rows(post: Posterior) -> str:
     """The run's settings in words, e.g. ``64 particles, multinomial resampling when ESS / N < 0.50, seed 0``."""
     out = []
     trained = post.guide is not None  # num_steps and num_particles are then the guide's training's
@@ -396,7 +396,7 @@ def report_warnings(posteriors: Mapping[str, Posterior], exact: Posterior | None
     return out
 
 
-def _html_warnings(items: list[tuple[str, InferenceWarning]]) -> str:
+def html_warnings(items: list[tuple[str, InferenceWarning]]) -> str:
     if not items:
         return '<p class="ok">No warnings: no check on these runs found a problem.</p>'
     rows = "".join(
@@ -406,10 +406,10 @@ def _html_warnings(items: list[tuple[str, InferenceWarning]]) -> str:
             f"<th>what to do</th></tr>{rows}</table></div>")
 
 
-def _md_warnings(items: list[tuple[str, InferenceWarning]]) -> str:
+def md_warnings(items: list[tuple[str, InferenceWarning]]) -> str:
     if not items:
         return "No warnings: no check on these runs found a problem."
-    return _md_table(["backend", "warning", "what it means", "what to do"],
+    return md_table(["backend", "warning", "what it means", "what to do"],
                      [[n, w.code, w.message, w.fix] for n, w in items])
 
 
