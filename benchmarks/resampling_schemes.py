@@ -9,8 +9,10 @@ E[log Ẑ] − log Z and the variance Var(log Ẑ) over the live replicates, eac
 error (the variance's from the fourth moment); the variance as a ratio to multinomial (today's
 default) and the z-score of the difference paired by replicate (same seed and index: the same
 draws up to the first resampling); E[Ẑ/Z] over every replicate (dead ones, Ẑ = 0, included: it
-must be 1, SMC's Ẑ being unbiased whatever the scheme); the number of resampling events per
-replicate and of dead replicates.
+must be 1, SMC's Ẑ being unbiased whatever the scheme); the genealogy standard error of the
+pooled log Ẑ (Lee–Whiteley: exact for multinomial, an approximation otherwise) as a ratio to the
+one from the replicates' spread ("se gen.", mean over seeds; 1 is calibrated); the number of
+resampling events per replicate and of dead replicates.
 
     python benchmarks/resampling_schemes.py                       # N = 32, 8 seeds x 500 replicates
     python benchmarks/resampling_schemes.py --ess-threshold 1.0   # resample at every step
@@ -34,12 +36,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import _bench  # noqa: E402
 
 
-def log_z_errors(model, args, exact_log_z: float, scheme: str, opts: dict) -> tuple[torch.Tensor, float, float]:
+def log_z_errors(model, args, exact_log_z: float, scheme: str, opts: dict) -> tuple[torch.Tensor, float, float, float]:
     """log Ẑ − log Z of every replicate of the cell (−inf where a replicate died), the mean number of
-    resampling events per replicate, and the wall time."""
+    resampling events per replicate, the mean ratio of the genealogy standard error of the pooled
+    log Ẑ (Lee–Whiteley, per replicate) to the one from the replicates' spread, and the wall time."""
     import ppl_lm
 
-    logs, resamplings, t0 = [], [], time.perf_counter()
+    logs, resamplings, se_ratio, t0 = [], [], [], time.perf_counter()
     for seed in range(opts["seeds"]):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -48,7 +51,9 @@ def log_z_errors(model, args, exact_log_z: float, scheme: str, opts: dict) -> tu
                                 ess_threshold=opts["ess_threshold"])
         logs.append(torch.tensor(post.info.log_evidence_replicates, dtype=torch.float64))
         resamplings.append(torch.tensor(post.info.num_resampling, dtype=torch.float64))
-    return torch.cat(logs) - exact_log_z, float(torch.cat(resamplings).mean()), time.perf_counter() - t0
+        se_ratio.append(post.info.log_evidence_se_genealogy / post.log_evidence_se)
+    return (torch.cat(logs) - exact_log_z, float(torch.cat(resamplings).mean()), sum(se_ratio) / len(se_ratio),
+            time.perf_counter() - t0)
 
 
 def stats(x: torch.Tensor, base: torch.Tensor) -> dict:
@@ -96,7 +101,7 @@ def main(argv=None) -> None:
     print(f"SMC log Ẑ by resampling scheme: N = {a.particles} particles, {a.seeds} seeds x {a.replicates} "
           f"replicates per cell, ess_threshold = {a.ess_threshold}")
     print(f"{'problem':16s} {'lm':11s} {'scheme':11s} {'bias of log Ẑ':>17s} {'Var(log Ẑ)':>17s} {'/multi':>6s} "
-          f"{'paired z':>8s} {'E[Ẑ/Z]':>15s} {'resampl.':>8s} {'dead':>4s} {'s':>5s}")
+          f"{'paired z':>8s} {'E[Ẑ/Z]':>15s} {'se gen.':>7s} {'resampl.':>8s} {'dead':>4s} {'s':>5s}")
     rows, ratios = [], {s: [] for s in SCHEMES}
     for lm_name in a.lms or list(LMS):
         for name in a.problems or list(PROBLEMS):
@@ -104,7 +109,7 @@ def main(argv=None) -> None:
             exact = ppl_lm.infer(model, *args, method="exact")
             base = None
             for scheme in SCHEMES:
-                x, resamplings, seconds = log_z_errors(model, args, exact.log_evidence, scheme, opts)
+                x, resamplings, se_ratio, seconds = log_z_errors(model, args, exact.log_evidence, scheme, opts)
                 base = x if base is None else base
                 r = stats(x, base)
                 ratio = r["var"] / float(base[torch.isfinite(base)].var())
@@ -112,10 +117,12 @@ def main(argv=None) -> None:
                 if resamplings > 0:  # without resampling every scheme gives the same draws
                     ratios[scheme].append(ratio)
                 rows.append({"problem": name, "lm": lm_name, "scheme": scheme, "ratio_to_multinomial": ratio,
-                             "paired_z": zscore, "resamplings": resamplings, "seconds": seconds, **r})
+                             "paired_z": zscore, "resamplings": resamplings, "se_genealogy_ratio": se_ratio,
+                             "seconds": seconds, **r})
                 print(f"{name:16s} {lm_name:11s} {scheme:11s} {r['bias']:+8.4f} ± {r['bias_se']:.4f} "
                       f"{r['var']:8.5f} ± {r['var_se']:.5f} {ratio:6.3f} {zscore:+8.1f} "
-                      f"{r['z_mean']:6.3f} ± {r['z_mean_se']:.3f} {resamplings:8.2f} {r['dead']:4d} {seconds:5.1f}",
+                      f"{r['z_mean']:6.3f} ± {r['z_mean_se']:.3f} {se_ratio:7.3f} {resamplings:8.2f} {r['dead']:4d} "
+                      f"{seconds:5.1f}",
                       flush=True)
     print("\ngeometric mean of Var(log Ẑ) / Var_multinomial over the cells that resample:")
     summary = {}
