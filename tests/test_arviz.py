@@ -24,6 +24,7 @@ import torch
 
 import ppl_lm
 from ppl_lm import resampling
+from ppl_lm.diagnostics.warnings import PplLmWarning
 from test_composition import truth, world_prompt
 from toys import LMS, hard_constraint
 
@@ -89,7 +90,7 @@ def run(method: str):
     if method not in _posts:
         options, _ = ROWS[method]
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ppl_lm.diagnostics.warnings.PplLmWarning)
+            warnings.simplefilter("ignore", PplLmWarning)
             _posts[method] = ppl_lm.infer(world_prompt(LMS["markov"]()), method=method, seed=0, progress=False,
                                           **options)
     return _posts[method]
@@ -177,7 +178,7 @@ def test_plots_run_on_a_hard_constraint_posterior(method):
 
     model, args = hard_constraint(LMS["markov"]())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ppl_lm.diagnostics.warnings.PplLmWarning)
+        warnings.simplefilter("ignore", PplLmWarning)
         post = ppl_lm.infer(model, *args, method=method, seed=0, progress=False,
                             **{"importance": {"num_samples": 400}, "smc": {"num_particles": 400}, "exact": {},
                                "mh": {"num_samples": 50, "num_chains": 2, "warmup_steps": 20}}[method])
