@@ -65,6 +65,9 @@ class SMCInfo(Info):
     num_steps: int = 0
 
 
+SMCInfo.__module__ = "ppl_lm.inference.smc"  # its public home: reprs, pickles and the backend checks read it
+
+
 def default_chunk_size(d: SequenceDistribution) -> int:
     """Rows per sweep within :data:`TOKENS_PER_SWEEP` tokens and :data:`LOGITS_PER_SWEEP` logits."""
     rows = min(TOKENS_PER_SWEEP // (d.prompt.shape[-1] + d.max_new_tokens), LOGITS_PER_SWEEP // d.lm.vocab_size)
