@@ -32,6 +32,10 @@ illegal move, checked only on the finished text; SMC cannot prune on it).
 ``mode="soft"`` rewards the number of new legal half-moves instead (capped at ``min_moves``):
 π(x)·exp(n(x)/β), a graded reward that also makes a smoke run on a random LM possible.
 A prompt without "1." makes the condition read the generated text alone.
+
+:func:`check` is python-chess's verdict on one sampled text ("legal: 9 half-moves (to 7. Nc3),
+then text ..." or "... then ILLEGAL 5. Bxd4 ..."): ``ppl-lm run chess_game`` prints it under each
+top sample.
 """
 
 import re
@@ -91,6 +95,71 @@ def legal_prefix(text: str, complete: bool, limit: int | None = None) -> tuple[b
             return False, n
         n += 1
     return True, n
+
+
+def check(text: str, prompt: str = context) -> str:
+    """python-chess's one-line verdict on the game that ``text`` continues from ``prompt``.
+
+    The prompt's movetext (from its "1.", if any) is replayed, then the items of ``text`` one by
+    one (move numbers skipped, "3.Bb5" read as "Bb5"): how many new legal half-moves it makes and
+    what ends them: an ILLEGAL move (a SAN-shaped item python-chess cannot play in the position),
+    the game being over (checkmate, stalemate, fivefold repetition...), a result, other text, or
+    the end of the text. (Whether the legal ones are enough is the condition's business: after
+    ``min_moves`` of them, the legal-mask mode lets any text follow a space, even an illegal move.)
+    ``ppl-lm run chess_game`` prints the verdict beside each top sample.
+
+    >>> check(" Bb5 a6 4. Ba4 Nf6 and so on")
+    "legal: 4 half-moves (to 4... Nf6), then text 'and so on'"
+    >>> check(" Bb5 a6 4. Bxd4 Nf6")
+    'legal: 2 half-moves (to 3... a6), then ILLEGAL 4. Bxd4 (illegal in the position)'
+    """
+    import chess
+
+    m = re.search(r"(?<![\w.])1\.", prompt)
+    board = chess.Board()
+    for item in prompt[m.start():].split() if m else ():
+        move = _move(item)
+        try:
+            if move:
+                board.push_san(move)
+        except ValueError:
+            return f"the prompt's opening is not a legal game at {item!r}"
+    items, n, last = text.split(), 0, ""
+    for i, item in enumerate(items):
+        if board.is_game_over():
+            break
+        move = _move(item)
+        if move is None:
+            continue
+        if move in RESULTS or not re.fullmatch(SAN, move):
+            return _verdict(n, last, f"the result {move}" if move in RESULTS else f"text {_quote(items[i:])}")
+        number = f"{board.fullmove_number}{'.' if board.turn == chess.WHITE else '...'} {move}"
+        try:
+            board.push_san(move)
+        except ValueError as err:
+            why = "ambiguous" if isinstance(err, chess.AmbiguousMoveError) else "illegal in the position"
+            return _verdict(n, last, f"ILLEGAL {number} ({why})") if n else f"ILLEGAL first move {number} ({why})"
+        n, last = n + 1, number
+    else:
+        i = len(items)
+    if board.is_game_over():
+        end = board.outcome().termination.name.lower().replace("_", " ")
+        return _verdict(n, last, f"game over ({end})" + (f", then {_quote(items[i:])}" if items[i:] else ""))
+    return _verdict(n, last, "")
+
+
+def _move(item: str) -> str | None:
+    """The move of a movetext item ("3.Bb5" -> "Bb5"), or None for a bare move number."""
+    return None if re.fullmatch(NUM, item) else re.sub(rf"^{NUM}", "", item)
+
+
+def _quote(items: list[str], n: int = 40) -> str:
+    text = " ".join(items)
+    return repr(text if len(text) <= n else text[:n] + "…")
+
+
+def _verdict(n: int, last: str, then: str) -> str:
+    return f"legal: {n} half-moves" + (f" (to {last})" if n else "") + (f", then {then}" if then else "")
 
 
 @rewards.text_reward

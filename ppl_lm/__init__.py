@@ -5,7 +5,7 @@ likelihood factors (:func:`reward`, :func:`constraint`, :func:`pin`); every way 
 conditioning is an inference backend behind :func:`infer`.
 """
 
-from . import rewards, seeding, tokens
+from . import notebook, rewards, seeding, tokens
 from .conditions import TokenMask, constraint, is_partial, pin, prefix_length, reward, token_constraint
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
@@ -19,7 +19,7 @@ __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "chat", "tiny_transformer",
     "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
-    "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "report",
+    "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "notebook", "report",
     "Preferences", "RewardModel", "fit_reward", "learned_reward",
 ]
 

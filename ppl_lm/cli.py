@@ -11,7 +11,10 @@ MODEL is a name from ``ppl_lm.models`` or the path of a Python script. A script 
 ``build(lm, **kw) -> model`` (a vectorised Pyro model), ``context`` (the model's default
 argument: a tuple of arguments or one value, e.g. a prompt), and optionally ``methods``
 (method -> default options), ``description`` and ``toy_context`` (the context used with
-``--lm tiny``).
+``--lm tiny``), and ``check(text, *context) -> str``: a one-line verdict on a sampled text, given
+the model's arguments (e.g. ``models/chess_game.py`` replays the game with python-chess: "legal: 9
+half-moves ..." or "... ILLEGAL 5. Bxd4 ..."), printed under each of the top samples by ``run`` and
+``compare``.
 
 An exception raised by the script's own code is reported as ``error in script.py:LINE: ...``
 (exit status 2) rather than as a deep traceback; ``--traceback`` shows the full one.
@@ -132,6 +135,8 @@ def load_script(model: str) -> ModuleType:
                 "and context (the model's default argument)")
     if not callable(module.build):
         raise CLIError(f"{_where(module)}: `build` must be a function build(lm, **kw) -> model")
+    if not callable(getattr(module, "check", print)):
+        raise CLIError(f"{_where(module)}: `check` must be a function check(text, *context) -> str (or absent)")
     return module
 
 
@@ -520,9 +525,9 @@ def _print_warnings(items, out=None) -> None:
         print(file=out)
 
 
-def _print_run(name: str, post, top_k: int, out=None, labels: dict | None = None) -> None:
+def _print_run(name: str, post, top_k: int, out=None, labels: dict | None = None, check=None) -> None:
     """One run's summary line, means, discrete latents' posteriors (``labels``: site -> value names)
-    and top samples."""
+    and top samples, each with ``check(text)``'s one-line verdict under it (see :func:`_checker`)."""
     from . import diagnostics as D
 
     out = out or sys.stdout
@@ -564,8 +569,28 @@ def _print_run(name: str, post, top_k: int, out=None, labels: dict | None = None
         print("  top samples (weight, count, text):", file=out)
         for t in top:
             print(f"    {t['weight']:.4f}  ×{t['count']:<4d} {_short(t['text'])}", file=out)
+            if check is not None:
+                print(f"{'':18}check: {_verdict(check, t['text'])}", file=out)
         if rejected:
             print(f"    ({rejected_note(rejected, len(post))})", file=out)
+
+
+def _checker(module: ModuleType, ctx: tuple):
+    """The script's optional hook ``check(text, *context) -> str`` bound to the run's context
+    (``text -> verdict``), or None when the script defines none."""
+    hook = getattr(module, "check", None)  # load_script made sure it is callable
+    return None if hook is None else (lambda text: hook(text, *ctx))
+
+
+def _verdict(check, text: str) -> str:
+    """``check(text)`` on one line; the hook's own exception is shown in its place (the run's
+    results are still printed)."""
+    try:
+        verdict = str(check(text))
+    except Exception as err:  # noqa: BLE001 - a bug in the script's hook must not hide the results
+        return f"(check raised {_error_text(err)})"
+    verdict = " ".join(verdict.split())
+    return verdict if len(verdict) <= 160 else verdict[:160] + "…"
 
 
 def _describe(module: ModuleType, ctx: tuple, lm_spec: str) -> str:
@@ -581,7 +606,7 @@ def cmd_run(args) -> int:
     log.info("running %s on %s with %s", method, args.model, opts)
     post = _infer(model, ctx, method, args.seed, opts, files)
     _print_warnings([(method, w) for w in post.warnings])
-    _print_run(args.model, post, args.top, labels=getattr(module, "labels", None))
+    _print_run(args.model, post, args.top, labels=getattr(module, "labels", None), check=_checker(module, ctx))
     if args.report:
         from .reporting import report
 
@@ -635,7 +660,8 @@ def cmd_compare(args) -> int:
     _print_warnings(report_warnings(shown, reference, failed))
     for m in methods:
         if m not in failed:
-            _print_run(m, posts.get(m, exact), args.top, labels=getattr(module, "labels", None))
+            _print_run(m, posts.get(m, exact), args.top, labels=getattr(module, "labels", None),
+                       check=_checker(module, ctx))
     if args.report and shown:
         from .reporting import report
 

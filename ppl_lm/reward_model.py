@@ -17,6 +17,13 @@ RLHF with a learned reward is then Bayesian conditioning with a learned likeliho
   a latent index s over the draws (uniform), and the factor r_s(x)/β − log Z(θ_s), with each
   log Z(θ_s) from :meth:`RewardModel.log_normalizers` (exact by enumeration on toy LMs, else
   estimated by prior importance sampling: consistent, biased low in log for finite samples).
+
+DPO skips the reward model: ``ppl_lm.infer(model, method="svi", objective="dpo", preferences=prefs)``
+fits the guide to the pairs directly (:mod:`ppl_lm.inference.svi.dpo`); its optimum is the RLHF
+optimum under a free, unregularised reward per text seen in a pair, not under r_θ. When the
+pairs cannot separate two explanations (features equal on every shown text:
+``ppl_lm.models.preferences.ambiguous_raters``), the NUTS posterior of θ spreads over both, a MAP
+reward picks one point, and ``"mixture"`` averages the two explanations' conditionals.
 """
 
 from __future__ import annotations
@@ -228,6 +235,8 @@ def _autoguide(model, method, num_samples, num_steps, lr) -> torch.Tensor:
         loss = svi.step()
         if not math.isfinite(loss):
             raise FloatingPointError("the reward model's loss is not finite: check the features for huge values")
+    if method in ("map", "laplace"):
+        _polish(model, guide)
     if method == "laplace":
         guide = guide.laplace_approximation()  # the Hessian at the MAP: needs autograd
     with torch.no_grad():
@@ -235,6 +244,29 @@ def _autoguide(model, method, num_samples, num_steps, lr) -> torch.Tensor:
             return guide.median()["theta"][None]
         # one site, θ, unconstrained: the guide's joint Normal over its latent vector is θ's law
         return guide.get_posterior().sample(torch.Size([num_samples]))
+
+
+def _polish(model, guide) -> None:
+    """Finish a point estimate by L-BFGS on its deterministic loss, −log p(θ, D) at the point.
+
+    Adam's per-coordinate steps crawl along a flat ridge of the posterior (features the pairs
+    cannot tell apart, where only the prior curves the loss), stopping short of the MAP; L-BFGS
+    reaches it.
+    """
+    from pyro.infer import Trace_ELBO
+
+    params = [p.unconstrained() for p in (pyro.get_param_store()[k] for k in pyro.get_param_store().keys())]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+    elbo = Trace_ELBO()
+
+    def closure():
+        opt.zero_grad()
+        loss = elbo.differentiable_loss(model, guide)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
 
 
 def learned_reward(name: str, rm: RewardModel, x: torch.Tensor, beta: float, uncertainty: str = "mean",

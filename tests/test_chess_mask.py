@@ -464,3 +464,114 @@ def test_chess_game_legal_mask_mode_on_the_char_lm():
     assert not replay(opening, " Bb5 a6 Ba4 Nf6", 4) and not replay(opening, " Bb5 a6 4. Ba4 Nf9", 4)
     with pytest.raises(ValueError, match="mode"):
         chess_game.build(lm, mode="legal")
+
+
+# -- python-chess's verdict on a sampled game (chess_game.check, printed by the CLI) ------------
+
+
+def test_check_replays_the_game_with_python_chess():
+    """chess_game.check against games python-chess writes itself: a random legal continuation is
+    "legal" with its exact count; the same game with one move made illegal (or ambiguous) is
+    "ILLEGAL" at that move; mate ends the game; a result or prose ends the moves."""
+    import random
+
+    from ppl_lm.models import chess_game
+
+    rng, board = random.Random(0), chess.Board()
+    for san in ("e4", "e5", "Nf3", "Nc6"):
+        board.push_san(san)
+    for _ in range(12):
+        board.push(rng.choice(list(board.legal_moves)))
+    game = chess.Board().variation_san(board.move_stack)
+    text = game[len("1. e4 e5 2. Nf3 Nc6 3."):]
+    items = text.split()
+    number = f"{board.fullmove_number - 1}..." if board.turn == chess.WHITE else f"{board.fullmove_number}."
+    assert chess_game.check(text) == f"legal: 12 half-moves (to {number} {items[-1]})"
+    k = next(i for i in range(3, len(items)) if not items[i].endswith("."))  # a move, not a number
+    bad = " " + " ".join(items[:k] + ["Qxa8"] + items[k + 1:])
+    before = chess.Board()
+    for san in [*"e4 e5 Nf3 Nc6".split(), *(w for w in items[:k] if not w.endswith("."))]:
+        before.push_san(san)
+    with pytest.raises(chess.IllegalMoveError):  # the planted move is illegal where it stands
+        before.push_san("Qxa8")
+    verdict = chess_game.check(bad)
+    assert verdict.startswith("legal: ") and "ILLEGAL" in verdict and "Qxa8 (illegal in the position)" in verdict
+    n_before = sum(not w.endswith(".") for w in items[:k])
+    assert verdict.startswith(f"legal: {n_before} half-moves"), verdict
+    assert chess_game.check(" Bxd4") == "ILLEGAL first move 3. Bxd4 (illegal in the position)"
+    assert chess_game.check(" Nd2", "1. d4 d5 2. Nf3 Nf6 3.") == "ILLEGAL first move 3. Nd2 (ambiguous)"
+    assert chess_game.check(" Bc4 Nf6 4. Qxf7# 1-0", "1. e4 e5 2. Qh5 Nc6 3.") == (
+        "legal: 3 half-moves (to 4. Qxf7#), then game over (checkmate), then '1-0'")
+    assert chess_game.check(" Bb5 a6 1/2-1/2") == "legal: 2 half-moves (to 3... a6), then the result 1/2-1/2"
+    assert chess_game.check(" Bb5 a6\n[Event") == "legal: 2 half-moves (to 3... a6), then text '[Event'"
+    assert chess_game.check("1. d4 d5 2.c4", "A game:") == "legal: 3 half-moves (to 2. c4)"  # no "1." in the prompt
+    assert chess_game.check(" e4", "1. e4 e5 2. Ke3") == "the prompt's opening is not a legal game at 'Ke3'"
+
+
+PLANTED = '''
+import re
+
+import pyro
+
+import ppl_lm
+from ppl_lm.models.chess_game import check, context
+
+def build(lm, text=" Bb5 a6 4. Ba4 Nf6"):
+    """Every particle writes exactly ``text`` (a regex mask of the literal)."""
+    mask = ppl_lm.rewards.regex_mask(lm, re.escape(text))
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=len(text) + 1))
+        ppl_lm.token_constraint("planted", x, mask)
+        return x
+    return model
+'''
+
+
+def _run_cli(argv, capsys) -> str:
+    from ppl_lm import cli
+
+    assert cli.main(["run", *argv, "--lm", "tiny", "--quiet", "--seed", "0"]) == 0
+    return capsys.readouterr().out
+
+
+def _checks(out: str) -> list[str]:
+    return [line.split("check: ", 1)[1] for line in out.splitlines() if line.strip().startswith("check: ")]
+
+
+def test_cli_prints_python_chess_verdict_of_each_top_sample(tmp_path, capsys):
+    """`ppl-lm run` prints the script's check(text, *context) under each top sample: a planted legal
+    game is "legal", a planted illegal one "ILLEGAL" at its move, and the verdict replays the
+    run's own context (Bb5 is illegal after 1. d4 d5 2.)."""
+    path = tmp_path / "planted.py"
+    path.write_text(PLANTED)
+    smc = [str(path), "--method", "smc", "--num-particles", "4"]
+    assert _checks(_run_cli(smc, capsys)) == ["legal: 4 half-moves (to 4... Nf6)"]
+    out = _run_cli([*smc, "--set", "text= Bb5 a6 4. Bxd4 Nf6"], capsys)
+    assert "' Bb5 a6 4. Bxd4 Nf6'" in out
+    assert _checks(out) == ["legal: 2 half-moves (to 3... a6), then ILLEGAL 4. Bxd4 (illegal in the position)"]
+    out = _run_cli([*smc, "--set", "text= Bb5 a6", "--context", "1. d4 d5 2."], capsys)
+    assert _checks(out) == ["ILLEGAL first move 2. Bb5 (illegal in the position)"]
+    # The real script, on the tiny LM: every game the legal mask returns is legal, by python-chess.
+    out = _run_cli(["chess_game", "--method", "smc", "--num-particles", "16", "--set", "min_moves=3",
+                    "--set", "max_new_tokens=40", "--top", "4"], capsys)
+    verdicts = _checks(out)
+    assert len(verdicts) >= 2 and all(int(v.split()[1]) >= 3 for v in verdicts if v.startswith("legal:")), out
+    assert all(v.startswith("legal:") for v in verdicts), out
+
+
+def test_cli_check_hook_errors(tmp_path, capsys):
+    """A hook that raises shows its error in place of the verdict (the results are still printed);
+    a `check` that is not a function is a clear error before anything runs."""
+    from ppl_lm import cli
+
+    path = tmp_path / "broken.py"
+    path.write_text(PLANTED.replace("from ppl_lm.models.chess_game import check, context",
+                                    "from ppl_lm.models.chess_game import context\n"
+                                    "def check(text, prompt):\n    return 1 / 0"))
+    out = _run_cli([str(path), "--method", "smc", "--num-particles", "4"], capsys)
+    assert "log Z" in out and _checks(out) == ["(check raised ZeroDivisionError: division by zero)"]
+    path.write_text(PLANTED.replace("from ppl_lm.models.chess_game import check, context",
+                                    "from ppl_lm.models.chess_game import context\ncheck = 'yes'"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", str(path), "--method", "smc", "--lm", "tiny"])
+    assert e.value.code == 2 and "`check` must be a function" in capsys.readouterr().err

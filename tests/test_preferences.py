@@ -207,3 +207,84 @@ def test_mixture_without_normalizers_names_the_fix():
     rm = ppl_lm.RewardModel(DRAWS, features)
     with pytest.raises(ValueError, match="log_normalizers=rm.log_normalizers"):
         ppl_lm.infer(_model(lm, rm, "mixture"), method="exact", progress=False)
+
+
+# -- ambiguous raters: "kinder world" and "restricted text" explain the same pairs -----------------------------
+from ppl_lm.models import preferences as model_prefs  # noqa: E402
+
+_amb = model_prefs.ambiguous_raters()
+_amb_xs = enumerate_sequences(_amb.lm.vocab_size, _amb.lm.eos_id, _amb.max_new_tokens)
+_amb_prefs = ppl_lm.Preferences.from_jsonl(model_prefs.AMBIGUOUS_DATA)
+
+
+def _amb_grid():
+    """The exact posterior of θ (prior N(0, I), fit_reward's default) on a 801² grid over [-4, 4]²."""
+    c, r = _amb_prefs.tokens(_amb.lm, _amb.max_new_tokens)
+    delta = _amb.features(c) - _amb.features(r)
+    g = torch.linspace(-4, 4, 801, dtype=torch.float64)
+    th = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    lp = -0.5 * (th**2).sum(-1) + torch.nn.functional.logsigmoid(th @ delta.T).sum(-1)
+    return th, torch.softmax(lp, 0), float(g[1] - g[0])
+
+
+def _kinder_side(theta: torch.Tensor) -> torch.Tensor:
+    """r_θ(kinder probe) − r_θ(restricted probe) = θ_e − 2·θ_w: > 0 is the kinder-world explanation."""
+    return theta[..., 1] - 2 * theta[..., 0]
+
+
+def test_ambiguous_utilities_agree_on_every_shown_text_and_not_on_probes():
+    T_ = _amb.max_new_tokens
+    shown = torch.isfinite(_amb.shown.sequence([], max_new_tokens=T_).log_prob(_amb_xs))
+    assert int(shown.sum()) > 20 and not bool(shown.all())
+    assert torch.equal(_amb.kinder(_amb_xs[shown]), _amb.restricted(_amb_xs[shown]))
+    k, r = _amb.probe("kinder")[None], _amb.probe("restricted")[None]
+    assert float(_amb.kinder(k) - _amb.restricted(k)) == 1.5 and float(_amb.restricted(r) - _amb.kinder(r)) == 1.5
+    # the pairs cannot tell them apart: same seed, same pairs from either rater
+    a = ppl_lm.preferences.simulate_preferences(_amb.shown, [], _amb.kinder, 50, T_, seed=3)
+    b = ppl_lm.preferences.simulate_preferences(_amb.shown, [], _amb.restricted, 50, T_, seed=3)
+    assert torch.equal(a.chosen, b.chosen) and torch.equal(a.rejected, b.rejected)
+
+
+def test_shipped_ambiguous_file_is_what_its_recipe_makes():
+    made = model_prefs.make_ambiguous_prefs()
+    assert (made.chosen, made.rejected) == (_amb_prefs.chosen, _amb_prefs.rejected)
+    assert len(_amb_prefs) == 200
+
+
+def test_bayesian_reward_keeps_both_explanations_and_map_picks_one():
+    """NUTS's share of draws on the kinder side matches the exact posterior's (30%: both explanations
+    kept); MAP is one point, the exact mode, on the restricted side (only because the wording feature has
+    the larger scale: nothing in the pairs chooses)."""
+    th, p, spacing = _amb_grid()
+    exact = float((p * (_kinder_side(th) > 0)).sum())
+    assert 0.15 < exact < 0.85
+    T_ = _amb.max_new_tokens
+    rm = ppl_lm.fit_reward(_amb_prefs, _amb.features, method="nuts", num_samples=300, warmup_steps=200,
+                           lm=_amb.lm, max_new_tokens=T_, seed=0)
+    got = float((_kinder_side(rm.samples) > 0).double().mean())
+    assert abs(got - exact) <= 4 * math.sqrt(exact * (1 - exact) / 100), (got, exact)  # 100 effective draws
+    rm_map = ppl_lm.fit_reward(_amb_prefs, _amb.features, method="map", lm=_amb.lm, max_new_tokens=T_)
+    assert torch.all((rm_map.samples[0] - th[p.argmax()]).abs() <= 2 * spacing + 0.02), (rm_map.samples, th[p.argmax()])
+    assert float(_kinder_side(rm_map.samples[0])) < -0.5
+
+
+def test_probe_shifts_per_uncertainty_mode():
+    """With exact draws of θ (from the grid posterior), the probes' log-odds shift (kinder minus restricted
+    probe, log q/π) of each conditional, by the exact backend: "mean" leans to "restricted" as MAP does;
+    "mixture", the average of both explanations' optima, lies between MAP and the kinder truth, nearer 0."""
+    th, p, _ = _amb_grid()
+    g = torch.Generator().manual_seed(0)
+    rm = ppl_lm.RewardModel(th[torch.multinomial(p, 500, replacement=True, generator=g)], _amb.features)
+    T_ = _amb.max_new_tokens
+    log_z = rm.log_normalizers(_amb.lm, [], T_, 1.0)
+    shift = {}
+    for mode in ("mean", "marginal", "mixture"):
+        def model(mode=mode):
+            x = pyro.sample("x", _amb.lm.sequence([], max_new_tokens=T_))
+            ppl_lm.learned_reward("rm", rm, x, 1.0, uncertainty=mode, log_normalizers=log_z if mode == "mixture" else None)
+
+        probs = ppl_lm.infer(model, method="exact", progress=False).probabilities()
+        k, r = (tuple(_amb.probe(n).tolist()) for n in ("kinder", "restricted"))
+        shift[mode] = math.log(probs[k] / probs[r])  # the prior gives both probes the same probability
+    assert shift["mean"] < -0.5 and shift["marginal"] < -0.5
+    assert shift["mean"] < shift["mixture"] < 0, shift

@@ -123,3 +123,40 @@ def tv_tolerance(exact, n_eff: float) -> float:
     """Three times the expected TV: the TV of a correct estimator stays below it at any seed
     with overwhelming probability (its fluctuation is far smaller than its mean)."""
     return 3.0 * expected_tv(exact, n_eff)
+
+
+# -- a preference toy: DPO against exact (tests/test_dpo.py, benchmarks/dpo_exact.py) -----------------
+#: Two new tokens: the positional "full" guide can then be any distribution over the 21 texts.
+PREF_T, PREF_BETA = 2, 0.5
+PREF_THETA = torch.tensor([1.0, -0.5], dtype=torch.float64)
+
+
+def pref_features(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = [count of token 2, count of token 3] ``[N, 2]``."""
+    return torch.stack([(x == 2).double().sum(-1), (x == 3).double().sum(-1)], -1)
+
+
+def pref_utility(x: torch.Tensor) -> torch.Tensor:
+    """The rater's utility u = θ*·φ ``[N]``."""
+    return pref_features(x) @ PREF_THETA
+
+
+def pref_model(lm):
+    """π·e^{u/β}: the true-utility posterior, whose β DPO reads."""
+
+    def model():
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=PREF_T))
+        ppl_lm.reward("u", pref_utility(x).float(), beta=PREF_BETA)
+        return x
+
+    return model
+
+
+def support_index(support: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each row of ``y`` as its index among the rows of the enumerated ``support``."""
+    return (y[:, None, :] == support[None]).all(-1).long().argmax(-1)
+
+
+def kl_logp(a: torch.Tensor, b: torch.Tensor) -> float:
+    """KL(a‖b) of two log-probability vectors over one support."""
+    return float((a.exp() * (a - b)).sum())

@@ -62,7 +62,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             ``log_evidence_se`` of a single replicate) is unbiased (Lee & Whiteley) only for
             multinomial: on the toy problems the others' was 0.82-0.99 of the true one at
             ``ess_threshold=0.5`` and as low as 0 when resampling at every step
-            (benchmarks/RESULTS.md, section 13); use ``num_replicates >= 10`` for their error bar.
+            (benchmarks/RESULTS.md, section 14); use ``num_replicates >= 10`` for their error bar.
         num_replicates: independent SMC runs, batched together (``num_replicates ·
             num_particles`` rows). Their log Z estimates are averaged (in Z, so unbiased), their
             particles pooled with weights Ẑ_r·W_ri, and with two or more ``log_evidence_se`` is

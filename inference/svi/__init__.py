@@ -10,12 +10,17 @@ trained on one of two objectives (:mod:`ppl_lm.inference.svi.elbo`):
 - ``objective="forward"``: KL(π′‖q), self-normalised importance-weighted maximum likelihood on
   the guide's own draws (``proposal="guide"``) or the prior's (``proposal="prior"``)
   (distribution matching: mass-covering);
-- ``objective="forward_then_reverse"``: forward for the first half of the steps, then reverse.
+- ``objective="forward_then_reverse"``: forward for the first half of the steps, then reverse;
+- ``objective="dpo"`` with ``preferences=``: direct preference optimisation
+  (:mod:`~ppl_lm.inference.svi.dpo`): the Bradley–Terry loss of the pairs under the implicit
+  reward β·log(q/π), with the model's LM as the reference π and the model's β. No draws of q
+  enter training; its minimiser is the RLHF optimum under the maximum-likelihood reward of the
+  pairs (free per text seen; not unique off them).
 
 One training loop (:mod:`~ppl_lm.inference.svi.training`; the data-parallel runner uses the
 same one): Adam, the gradient's global norm clipped, the step size decaying geometrically,
 non-finite steps skipped. Every run estimates both KL directions over training from its own
-draws (``post.info.kl_trace`` and ``post.info["trace"]``), and after training cross-
+draws (``post.info.kl_trace`` and ``post.info.trace``), and after training cross-
 checks the guide against prior importance sampling (``crosscheck_samples``): log Ẑ from the
 prior minus the ELBO of the guide's draws estimates KL(q‖π′) with its standard error.
 
@@ -51,6 +56,7 @@ from ppl_lm.backends import Kind, describe
 from ppl_lm.validation import AtLeastTwo, NonNegativeInt, PositiveInt
 from ppl_lm.inference.svi import checkpoint as _ckpt
 from ppl_lm.inference.svi import checks
+from ppl_lm.inference.svi.dpo import DEFAULT_BATCH_SIZE, DPOLoss, model_beta, prepare_pairs
 from ppl_lm.inference.svi.elbo import OBJECTIVES, PROPOSALS, make_loss, particle_terms
 from ppl_lm.inference.svi.guides import (
     GUIDE_KINDS,
@@ -73,6 +79,7 @@ from ppl_lm.posterior import Info, Posterior
 __all__ = [
     "CHECKPOINT_FILE",
     "DEFAULT_LR",
+    "PAIR_OBJECTIVES",
     "SCHEDULES",
     "Crosscheck",
     "SVIError",
@@ -91,6 +98,8 @@ CHECKPOINT_FILE = _ckpt.CHECKPOINT_FILE
 DEFAULT_LR = {"lora": 2e-3, "full_markov": 0.1, "full_transformer": 0.01, "latents": 0.1}
 #: Objectives that switch estimators during the run.
 SCHEDULES = ("forward_then_reverse",)
+#: Objectives trained on preference pairs instead of draws (``preferences=``).
+PAIR_OBJECTIVES = ("dpo",)
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,7 @@ class Crosscheck:
 
 @dataclass(frozen=True)
 class SVIInfo(Info):
-    """What an SVI run reports about its training (``post.info``); ``info["trace"]`` etc. still read."""
+    """What an SVI run reports about its training (``post.info``: ``post.info.trace``, ``post.info.kl_trace`` ...)."""
 
     objective: str = "reverse"
     proposal: str = "guide"
@@ -138,6 +147,9 @@ class SVIInfo(Info):
     kl_trace: KLTrace | None = None
     crosscheck: Crosscheck | None = None
     correction: Info | None = None  # the importance correction's facts (num_samples, chunk_size...)
+    beta: float | None = None  # objective="dpo": the implicit reward's temperature
+    batch_size: int | None = None  # objective="dpo": pairs per step
+    num_pairs: int | None = None  # objective="dpo": pairs trained on
 
 
 class SVIError(ValueError):
@@ -150,14 +162,16 @@ class SVIError(ValueError):
 
 @describe(kind=Kind.WEIGHTED, info=SVIInfo)
 def run(model, *args, seed: int = 0,
-        objective: Literal["reverse", "forward", "forward_then_reverse"] = "reverse",
+        objective: Literal["reverse", "forward", "forward_then_reverse", "dpo"] = "reverse",
         proposal: Literal["guide", "prior"] = "guide", num_steps: NonNegativeInt = 200,
         num_particles: AtLeastTwo = 8, lr: float | None = None,
         guide: Literal["lora", "full"] | SequenceGuide | None = None, num_samples: PositiveInt = 1000,
         contexts=None, checkpoint_dir: str | None = None, checkpoint_every: PositiveInt = 50,
         relax_penalty: float | None = 10.0, log_evidence_ref: float | None = None, progress: bool = True,
         lora_r: PositiveInt = 8, lora_alpha: float = 16, lora_targets: Literal["all-linear"] | list[str] | None = None,
-        lr_decay: float = 0.1, clip_norm: float | None = 1.0, crosscheck_samples: NonNegativeInt | None = None, callback=None, model_kwargs: dict | None = None) -> Posterior:
+        lr_decay: float = 0.1, clip_norm: float | None = 1.0, crosscheck_samples: NonNegativeInt | None = None,
+        callback=None, preferences=None, beta: float | None = None, batch_size: PositiveInt | None = None,
+        model_kwargs: dict | None = None) -> Posterior:
     """Train a guide by SVI, then importance-weight its draws against the exact target.
 
     Args:
@@ -166,12 +180,13 @@ def run(model, *args, seed: int = 0,
             (:mod:`~ppl_lm.inference.svi.joint`), trained on one ELBO over the whole joint.
         *args: the model's arguments (the context the returned posterior is for).
         seed: same seed, same training and samples (on CPU).
-        objective: ``"reverse"`` (the ELBO, KL(q‖π′)), ``"forward"`` (KL(π′‖q)) or
-            ``"forward_then_reverse"`` (forward for the first half of the steps).
+        objective: ``"reverse"`` (the ELBO, KL(q‖π′)), ``"forward"`` (KL(π′‖q)),
+            ``"forward_then_reverse"`` (forward for the first half of the steps) or ``"dpo"``
+            (the DPO loss of ``preferences``; see :mod:`~ppl_lm.inference.svi.dpo`).
         proposal: where the forward objective's draws come from: ``"guide"`` or ``"prior"``.
         num_steps: optimisation steps (a resumed run counts the steps already done). 0 only
             with a trained guide object (``guide=post.guide``): its draws are weighted, untrained.
-        num_particles: draws per step (>= 2), in one vectorised plate.
+        num_particles: draws per step (>= 2), in one vectorised plate (unused by ``"dpo"``).
         lr: Adam step size at the start; default by guide (:data:`DEFAULT_LR`): LoRA 2e-3,
             full Markov table 0.1, full transformer 0.01, no latent sequence (a guide over the
             other latents only) 0.1.
@@ -197,16 +212,28 @@ def run(model, *args, seed: int = 0,
         crosscheck_samples: prior importance draws for the guide-vs-prior cross-check after
             training (default ``min(num_samples, 256)``; 0 skips it).
         callback: ``callback(step, guide, stats)`` after each step, off the training clock.
+        preferences: ``objective="dpo"`` only: the pairs (:class:`ppl_lm.Preferences`, token ids
+            ``[n, T]`` with T the site's ``max_new_tokens``, or texts the site's LM encodes). A
+            pair's ``context`` is the model's positional argument for that pair; without
+            contexts every pair answers ``*args``.
+        beta: ``objective="dpo"`` only: β of the implicit reward β·(log q − log π). Default: the
+            model's own β, the temperature of its reward factor(s) (``ppl_lm.reward``,
+            ``ppl_lm.learned_reward``), so that DPO and the model target the same π·e^{r/β}; a
+            clear error if the model has none, or several different ones.
+        batch_size: ``objective="dpo"`` only: pairs per step, drawn without replacement by the
+            seeded generator (default ``min(n, 64)``; ``>= n``: the full, deterministic loss).
         model_kwargs: keyword arguments of the model.
 
     Returns:
         A :class:`Posterior` of ``num_samples`` importance-weighted guide draws, with
-        ``log_evidence`` and ``info["log_evidence_se"]`` from importance sampling, the trained
+        ``log_evidence`` and ``log_evidence_se`` from importance sampling, the trained
         guide at ``post.guide``, typed training facts at ``post.info`` (:class:`SVIInfo`:
-        the KL trace in both directions, the cross-check) and ``info["trace"]``: per-step arrays
+        the KL trace in both directions, the cross-check) and ``info.trace``: per-step arrays
         ``elbo``, ``kl_prior`` (KL(q‖π)), ``reward:NAME`` (E_q[r], raw), ``ok:NAME``,
         ``grad_norm`` (before clipping), ``seconds``, and ``kl_reverse``/``kl_forward`` (± ``_se``)
-        over a trailing window of steps; given ``log_evidence_ref``, ``kl_posterior``.
+        over a trailing window of steps; given ``log_evidence_ref``, ``kl_posterior``. DPO's
+        trace has ``dpo_loss``, ``dpo_accuracy`` and ``dpo_margin`` per step instead of the
+        draw-based entries (it draws nothing from the guide in training).
 
     Raises:
         SVIError: no guide draw satisfies a hard condition after training (the guide is kept).
@@ -214,6 +241,7 @@ def run(model, *args, seed: int = 0,
     kwargs = dict(model_kwargs or {})
     _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, lr_decay, clip_norm,
                    log_evidence_ref, contexts, objective, proposal, crosscheck_samples)
+    _check_pair_options(objective, preferences, beta, batch_size, contexts, proposal)
     if num_steps == 0 and not isinstance(guide, SequenceGuide):
         raise ValueError(
             "num_steps=0 trains nothing: the draws would come from an untrained guide (at initialisation, the "
@@ -226,10 +254,16 @@ def run(model, *args, seed: int = 0,
     with seeding.seeded(seed), row_cache():  # observed texts scored once per run
         if not isinstance(guide, SequenceGuide):
             check_has_latent(latent_sites(model, args, kwargs, placeholder=True), "svi")
+        pairs = None
+        if objective in PAIR_OBJECTIVES:  # the pairs and β checked before a guide is built or trained
+            pairs = prepare_pairs(model, args, kwargs, preferences)
+            beta = float(beta) if beta is not None else model_beta(model, args, kwargs)
+            batch_size = min(batch_size or DEFAULT_BATCH_SIZE, len(pairs))
         g = build_guide(model, args, kwargs, guide, lora_r, lora_alpha, lora_targets, seed)
         if lr is None:
             lr = default_lr(g)
-        losses = _losses(objective, proposal, num_particles, relax_penalty)
+        losses = (DPOLoss(pairs, beta, batch_size),) if pairs is not None else _losses(
+            objective, proposal, num_particles, relax_penalty)
         schedule = _schedule(losses, num_steps)
         path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_FILE)
         fp = None
@@ -240,7 +274,8 @@ def run(model, *args, seed: int = 0,
                 "clip_norm": clip_norm, "contexts": contexts,
                 # the step-size schedule depends on the run's length, unless it is constant
                 "num_steps": num_steps if lr_decay != 1 or objective in SCHEDULES else None,
-                "params": {k: tuple(v.shape) for k, v in g.parameters().items()}})
+                "params": {k: tuple(v.shape) for k, v in g.parameters().items()},
+                **({} if pairs is None else {"beta": beta, "batch_size": batch_size, "pairs": _pairs_digest(pairs)})})
         watch = _AdmissibleWatch(num_steps, num_particles, callback)
         try:
             res = train(model, args, kwargs, g, schedule, num_steps=num_steps, lr=lr, lr_decay=lr_decay,
@@ -270,7 +305,9 @@ def run(model, *args, seed: int = 0,
                        clip_norm=clip_norm, relax_penalty=relax_penalty, train_time=res.train_time,
                        seconds_per_step=seconds_per_step, step_seconds=res.step_seconds,
                        skipped_steps=res.nonfinite_steps, elbo=elbo, trace=trace, kl_trace=kt, crosscheck=cross,
-                       correction=correction)
+                       correction=correction, beta=beta if pairs is not None else None,
+                       batch_size=batch_size if pairs is not None else None,
+                       num_pairs=len(pairs) if pairs is not None else None)
 
     found = checks.nonfinite(res.nonfinite_steps, len(trace.get("elbo", ())))
     # Divergence is judged on the ELBO where the ELBO is what is maximised (reverse, and the
@@ -278,7 +315,9 @@ def run(model, *args, seed: int = 0,
     # its own KL(π′‖q) estimate from guide draws cannot see mass the guide has not found yet (it
     # rose in a sound run on the two-mode toy), so forward runs are judged by the KL bound and
     # the cross-check against prior draws instead.
-    if objective != "forward":
+    if objective in PAIR_OBJECTIVES:
+        found += checks.loss_divergence(trace.get("dpo_loss", np.zeros(0)), "the DPO loss")
+    elif objective != "forward":
         elbo_trace = trace.get("elbo", np.zeros(0))
         found += checks.divergence(elbo_trace[num_steps // 2:] if objective in SCHEDULES else elbo_trace)
     found += checks.kl_beyond_posterior(trace.get("kl_prior", np.zeros(0)), _reward_range(res.rewards))
@@ -454,6 +493,40 @@ def _no_admissible_message(trace, num_samples) -> str:
     return f"svi: {what}. The trained guide is kept at err.guide."
 
 
+def _pairs_digest(pairs) -> str:
+    """A fingerprint of the pairs a DPO checkpoint was trained on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (pairs.chosen, pairs.rejected, pairs.context_index):
+        h.update(t.cpu().numpy().tobytes())
+    h.update(repr(pairs.contexts).encode())
+    return h.hexdigest()[:16]
+
+
+def _check_pair_options(objective, preferences, beta, batch_size, contexts, proposal):
+    """The options of the pair objectives (DPO), checked before any work."""
+    if objective not in PAIR_OBJECTIVES:
+        for name, v in (("preferences", preferences), ("beta", beta), ("batch_size", batch_size)):
+            if v is not None:
+                raise ValueError(f"{name}= is an option of objective='dpo' (training on preference pairs); "
+                                 f"objective={objective!r} does not read it. Pass objective='dpo', or drop {name}=")
+        return
+    if preferences is None:
+        raise ValueError("objective='dpo' trains on preference pairs: pass preferences=ppl_lm.Preferences(chosen, "
+                         "rejected) (or Preferences.from_jsonl(path))")
+    if contexts is not None:
+        raise ValueError("objective='dpo' reads each pair's context from the preferences (Preferences(..., "
+                         "context=[...])); contexts= is for the sampling objectives")
+    if proposal != "guide":
+        raise ValueError("objective='dpo' draws nothing in training; proposal= is for objective='forward'")
+    if beta is not None and not (isinstance(beta, (int, float)) and not isinstance(beta, bool)
+                                 and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (pairs per step), got {batch_size!r}")
+
+
 def _correction_seed(seed: int) -> int:
     return (int(seed) * 1_000_003 + 12_345) % (2**62)
 
@@ -481,8 +554,9 @@ def _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, 
     if contexts is not None and (isinstance(contexts, (str, bytes)) or not hasattr(contexts, "__len__")
                                  or len(contexts) == 0):
         raise ValueError("contexts must be a non-empty list of model arguments (one entry per context)")
-    if objective not in OBJECTIVES + SCHEDULES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES + SCHEDULES)}")
+    known = OBJECTIVES + SCHEDULES + PAIR_OBJECTIVES
+    if objective not in known:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(known)}")
     if proposal not in PROPOSALS:
         raise ValueError(f"unknown proposal {proposal!r}; choose one of {', '.join(PROPOSALS)}")
     if objective == "reverse" and proposal != "guide":

@@ -13,10 +13,10 @@ import numpy as np
 
 from ppl_lm.diagnostics.warnings import InferenceWarning
 
-__all__ = ["crosscheck", "divergence", "kl_beyond_posterior", "nonfinite"]
+__all__ = ["crosscheck", "divergence", "kl_beyond_posterior", "loss_divergence", "nonfinite"]
 
 _LR_FIX = ("lower lr (e.g. by 3x), keep the default clip_norm, or raise num_particles; "
-           "post.info['trace'] shows where it happened")
+           "post.info.trace shows where it happened")
 
 
 def _windows(x: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +36,19 @@ def divergence(elbo: np.ndarray) -> list[InferenceWarning]:
     return _fell(mean, se, w, "the ELBO", "fell")
 
 
-def _fell(mean: np.ndarray, se: np.ndarray, w: int, what: str, verb: str) -> list[InferenceWarning]:
+def loss_divergence(loss: np.ndarray, what: str = "the loss") -> list[InferenceWarning]:
+    """A minimised loss (DPO's): its last window lies above its best window by more than 4 standard errors."""
+    x = np.asarray(loss, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) < 20:
+        return []
+    w = max(5, len(x) // 10)
+    mean, se = _windows(-x, w)
+    return _fell(mean, se, w, what, "rose", sign=-1.0)
+
+
+def _fell(mean: np.ndarray, se: np.ndarray, w: int, what: str, verb: str, sign: float = 1.0) -> list[InferenceWarning]:
+    """``mean`` per window should rise; ``sign`` says how to print it (−1: a loss, printed as itself)."""
     best = int(np.argmax(mean))
     drop = mean[best] - mean[-1]
     noise = math.hypot(se[best], se[-1])
@@ -44,7 +56,7 @@ def _fell(mean: np.ndarray, se: np.ndarray, w: int, what: str, verb: str) -> lis
         return []
     return [InferenceWarning(
         "svi_divergence",
-        f"{what} {verb} from {mean[best]:.3f} (window ending at step {(best + 1) * w}) to {mean[-1]:.3f} in the "
+        f"{what} {verb} from {sign * mean[best]:.3f} (window ending at step {(best + 1) * w}) to {sign * mean[-1]:.3f} in the "
         f"last window, {drop / max(noise, 1e-12):.0f} standard errors below its best: training diverged.",
         _LR_FIX)]
 

@@ -60,6 +60,7 @@ __all__ = [
     "make_loss",
     "particle_terms",
     "summarise",
+    "trace_guide",
 ]
 
 OBJECTIVES = ("reverse", "forward")
@@ -103,6 +104,23 @@ def _relaxed(scores, n: int, penalty: float) -> torch.Tensor:
     return total
 
 
+def trace_guide(guide: Callable, args: tuple, kwargs: dict, n: int,
+                values: dict | None = None) -> tuple[poutine.Trace, torch.Tensor]:
+    """Run ``guide`` for ``n`` particles (its latent sites fixed to ``values`` ``[n, ...]`` if given):
+    its trace and ``log q`` per particle ``[n]``, differentiable w.r.t. the guide's parameters."""
+    g = guide if values is None else poutine.replay(guide, trace=fixed_values(values))
+    guide_tr = trace_model(g, args, kwargs, n)
+    log_q = torch.zeros(n)
+    found = False
+    for name, site in guide_tr.nodes.items():
+        if is_latent(site):
+            found = True
+            log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).float()
+    if not found:
+        raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
+    return guide_tr, log_q
+
+
 def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, num_particles: int, *,
                    relax_penalty: float | None = None, values: dict | None = None,
                    proposal: str = "guide") -> ParticleTerms:
@@ -124,16 +142,8 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
             prior = run_model(model, args, kwargs, n)
         values = prior.values
         log_proposal = prior.log_prior.float()
-    g = guide if values is None else poutine.replay(guide, trace=fixed_values(values))
-    guide_tr = trace_model(g, args, kwargs, n)
-    log_q = torch.zeros(n)
-    guide_latent = []
-    for name, site in guide_tr.nodes.items():
-        if is_latent(site):
-            guide_latent.append(name)
-            log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).float()
-    if not guide_latent:
-        raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
+    guide_tr, log_q = trace_guide(guide, args, kwargs, n, values)
+    guide_latent = [name for name, site in guide_tr.nodes.items() if is_latent(site)]
     with torch.no_grad():
         scores = run_model(model, args, kwargs, n, guide_trace=guide_tr)
     missing = [k for k in scores.values if k not in guide_latent]

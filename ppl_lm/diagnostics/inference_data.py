@@ -27,7 +27,7 @@ Layout of :func:`to_inference_data`:
 * ``weighted_posterior`` and ``weighted_sample_stats`` (weighted posteriors only): the weighted
   draws themselves (those with positive weight), with ``log_weight`` (normalised) and
   ``sample_index``. Weighted estimates come from these (:func:`weighted_stats`).
-* ``svi_trace`` (SVI only): one variable per per-step array of ``post.info["trace"]``.
+* ``svi_trace`` (SVI only): one variable per per-step array of ``post.info.trace``.
 * ``attrs``: method, seed, log_evidence, log_evidence_se, ess, khat, wall_time, acceptance...;
   for weighted posteriors also ``kish_ess``, ``effective_draws``, ``num_weighted_draws``,
   ``num_zero_weight`` and ``resampling_seed`` (only scalars and strings: it writes to netCDF).

@@ -24,9 +24,7 @@
 # %%
 import contextlib
 import io
-import logging
 import math
-import os
 import time
 import warnings
 
@@ -43,12 +41,7 @@ import ppl_lm
 from ppl_lm import rewards
 
 %matplotlib inline
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # imported by peft; its CPU notice is noise
-# One thread by default: on a shared CPU, two threads per process spin-wait on each other and run
-# many times slower. Set PPL_LM_THREADS on a machine of your own.
-torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
-SMOKE = os.environ.get("PPL_LM_SMOKE") == "1"
-print("mode:", "smoke (tiny LMs)" if SMOKE else "real (SmolLM2-135M-Instruct)")
+SMOKE = ppl_lm.notebook.setup()  # one torch thread (PPL_LM_THREADS), smoke mode (PPL_LM_SMOKE=1)
 
 # %% [markdown]
 # ## 1. Exactly, on a toy LM

@@ -21,7 +21,6 @@
 import contextlib
 import io
 import math
-import os
 import time
 import warnings
 
@@ -38,11 +37,7 @@ from ppl_lm.inference.svi.joint import LATENT_SCALE
 from ppl_lm.models import worlds
 
 %matplotlib inline
-# One thread by default: on a shared CPU, two threads per process spin-wait on each other and run
-# many times slower. Set PPL_LM_THREADS on a machine of your own.
-torch.set_num_threads(int(os.environ.get("PPL_LM_THREADS", "1")))
-SMOKE = os.environ.get("PPL_LM_SMOKE") == "1"
-print("mode:", "smoke (tiny LMs)" if SMOKE else "real (SmolLM2-135M-Instruct)")
+SMOKE = ppl_lm.notebook.setup()  # one torch thread (PPL_LM_THREADS), smoke mode (PPL_LM_SMOKE=1)
 BETA = 0.25
 
 # %% [markdown]
