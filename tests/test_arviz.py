@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import ppl_lm
-from ppl_lm.diagnostics import inference_data as idata_mod
+from ppl_lm import resampling
+from ppl_lm.diagnostics.warnings import PplLmWarning
 from test_composition import truth, world_prompt
 from toys import LMS, hard_constraint
 
@@ -89,7 +90,7 @@ def run(method: str):
     if method not in _posts:
         options, _ = ROWS[method]
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ppl_lm.diagnostics.warnings.PplLmWarning)
+            warnings.simplefilter("ignore", PplLmWarning)
             _posts[method] = ppl_lm.infer(world_prompt(LMS["markov"]()), method=method, seed=0, progress=False,
                                           **options)
     return _posts[method]
@@ -108,10 +109,10 @@ def test_planted_unweighted_draws_fail_the_check(method, monkeypatch):
     """The check above catches the old bug: the weighted draws put in ``posterior`` as they are."""
     post = run(method)
 
-    def unweighted(log_w, num, generator=None):
-        return torch.arange(len(log_w))[torch.isfinite(log_w)]  # every draw once, weights ignored
+    def unweighted(weights, num=None, scheme="multinomial", generator=None):
+        return torch.arange(len(weights))[weights > 0]  # every draw once, weights ignored
 
-    monkeypatch.setattr(idata_mod, "systematic_resample", unweighted)
+    monkeypatch.setattr(resampling, "resample", unweighted)
     assert misses(post.to_inference_data(), reference_draws(method, post))
 
 
@@ -177,7 +178,7 @@ def test_plots_run_on_a_hard_constraint_posterior(method):
 
     model, args = hard_constraint(LMS["markov"]())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ppl_lm.diagnostics.warnings.PplLmWarning)
+        warnings.simplefilter("ignore", PplLmWarning)
         post = ppl_lm.infer(model, *args, method=method, seed=0, progress=False,
                             **{"importance": {"num_samples": 400}, "smc": {"num_particles": 400}, "exact": {},
                                "mh": {"num_samples": 50, "num_chains": 2, "warmup_steps": 20}}[method])

@@ -337,9 +337,9 @@ def test_chunk_covering_every_row_is_one_sweep(soft):
 def test_default_chunk_bounds_tokens_and_logits(soft, monkeypatch):
     lm, model, args, _ = soft
     d = lm.sequence(list(args[0]) if args else [], max_new_tokens=6)
-    rows_by_tokens = smc.TOKENS_PER_SWEEP // (d.prompt.shape[-1] + 6)
-    assert smc.default_chunk_size(d) == min(rows_by_tokens, smc.LOGITS_PER_SWEEP // lm.vocab_size)
-    monkeypatch.setattr(smc, "LOGITS_PER_SWEEP", 300 * lm.vocab_size)  # as if the vocabulary were huge
+    rows_by_tokens = smc.islands.TOKENS_PER_SWEEP // (d.prompt.shape[-1] + 6)
+    assert smc.default_chunk_size(d) == min(rows_by_tokens, smc.islands.LOGITS_PER_SWEEP // lm.vocab_size)
+    monkeypatch.setattr(smc.islands, "LOGITS_PER_SWEEP", 300 * lm.vocab_size)  # as if the vocabulary were huge
     post = _run(model, *args, num_particles=1000, seed=0)
     assert post.info["chunk_size"] == 300 and post.info["num_islands"] == 4 and len(post) == 1000
 
@@ -377,28 +377,17 @@ def test_every_particle_dead_is_a_clear_error(soft):
 
 def test_bad_options_models_and_guides(soft):
     lm, model, args, _ = soft
-    for bad in (dict(num_particles=1), dict(ess_threshold=1.5), dict(resampling="stratified"),
-                dict(num_replicates=0)):
+    for bad in (dict(num_particles=1), dict(ess_threshold=1.5), dict(num_replicates=0)):
         with pytest.raises(ValueError):
             _run(model, *args, **bad)
+    with pytest.raises(ValueError, match="did you mean 'stratified'"):
+        _run(model, *args, resampling="stratifed")
     with pytest.raises(TypeError, match=r"\.lm"):
         _run(model, *args, guide=lambda *a: None)
     # Several sequence sites are supported (tests/test_composition.py); none is a clear error.
     # Every sequence observed (tests/test_observed.py) runs; nothing latent at all names the fix.
     with pytest.raises(ValueError, match="no latent site.*log_prob"):
         _run(lambda: pyro.sample("x", lm.sequence([], max_new_tokens=2), obs=torch.tensor([1, 0])))
-
-
-def test_resample_indices():
-    g = torch.Generator().manual_seed(0)
-    W = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
-    idx = smc.resample_indices(W, "systematic", g)
-    counts = torch.stack([torch.bincount(r, minlength=4) for r in idx])
-    # Systematic: each particle gets floor or ceil of N·W_i offspring, zero weights none.
-    assert ((counts >= torch.floor(4 * W)) & (counts <= torch.ceil(4 * W))).all()
-    many = smc.resample_indices(W[:1].expand(4000, -1).contiguous(), "multinomial", g)
-    freq = torch.bincount(many.reshape(-1), minlength=4).double() / many.numel()
-    assert torch.allclose(freq, W[0], atol=0.01) and freq[3] == 0
 
 
 def test_svi_guide_object_is_a_token_proposal(soft):

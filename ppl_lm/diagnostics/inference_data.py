@@ -51,7 +51,8 @@ import torch
 from ..backends import Kind
 from ..validation import check_int
 from .. import posterior as _posterior
-from .estimators import MIN_DRAWS_FOR_SE, import_arviz, kish_ess, mcmc_diagnostics, pareto_khat, systematic_resample
+from .. import resampling
+from .estimators import MIN_DRAWS_FOR_SE, import_arviz, kish_ess, mcmc_diagnostics, pareto_khat
 
 if TYPE_CHECKING:
     from ..posterior import Posterior
@@ -266,7 +267,7 @@ def _resampled(post: Posterior, num_draws: int | None, seed: int | None) -> tupl
     check_int("num_draws", num_draws)
     seed = int(post.seed or 0) if seed is None else int(seed)
     g = torch.Generator().manual_seed(seed)
-    idx = systematic_resample(post.log_weights, int(num_draws), g)
+    idx = resampling.resample(torch.softmax(post.log_weights.double(), 0), int(num_draws), "systematic", g)
     # Systematic resampling returns copies side by side; shuffled, they are exchangeable draws and
     # ArviZ's autocorrelation-based ESS reads them as such.
     return idx[torch.randperm(len(idx), generator=g)].numpy(), seed

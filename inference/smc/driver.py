@@ -1,0 +1,178 @@
+"""``run``: SMC's options, its stages (one per sequence site) and the sweeps of a run.
+
+The algorithm is described in the package notes (:mod:`ppl_lm.inference.smc`); one sweep is
+:class:`.sweep.Sweep`, the plan of sweeps and their pooling are in :mod:`.islands`.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+import torch
+from ppl_lm.inference._runtime import (
+    check_has_latent,
+    latent_sites,
+    observed_sequences,
+    row_cache,
+    run_model,
+    sequence_sites,
+)
+from tqdm.auto import tqdm
+
+from ppl_lm import seeding as _random
+from ppl_lm.backends import Kind, describe
+from ppl_lm.conditions import TokenMask, partial_prefix
+from ppl_lm.conditions.factors import factor_of
+from ppl_lm.distribution import SequenceDistribution
+from ppl_lm.lm import LanguageModel
+from ppl_lm.posterior import Posterior
+from ppl_lm.resampling import SCHEMES, Scheme
+from ppl_lm.validation import AtLeastTwo, Fraction, PositiveInt
+
+from .islands import SMCInfo, combine, default_chunk_size, sweep_plan
+from .sweep import Stage, Sweep, SweepSpec
+
+__all__ = ["OBSERVED", "RESAMPLING", "run"]
+
+#: The values of ``resampling=``: every scheme of :mod:`ppl_lm.resampling`.
+RESAMPLING = SCHEMES
+#: The values of ``observed=``.
+Observed = Literal["prefix", "end"]
+OBSERVED: tuple[str, ...] = typing.get_args(Observed)
+
+
+@describe(kind=Kind.WEIGHTED, info=SMCInfo)
+def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: AtLeastTwo = 256,
+        ess_threshold: Fraction = 0.5, resampling: Scheme = "multinomial", num_replicates: PositiveInt = 1,
+        chunk_size: AtLeastTwo | None = None, guide=None, observed: Observed = "prefix",
+        progress: bool = True) -> Posterior:
+    """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
+
+    Args:
+        model: a vectorised Pyro model; its latent ``lm.sequence(...)`` sites are advanced in program
+            order (see the module notes), other latent sites are drawn from their prior, observed
+            text is scored once its prompt exists; ``*args`` and ``model_kwargs`` are its arguments.
+        seed: same seed, same samples (on CPU).
+        num_particles: particles per replicate (at least 2).
+        ess_threshold: resample when ESS < ``ess_threshold · num_particles`` (0 never, 1 at
+            almost every step).
+        resampling: one of :data:`ppl_lm.resampling.SCHEMES` (``"multinomial"``, ``"stratified"``,
+            ``"systematic"``, ``"residual"``). The genealogy standard error of log Z (the one
+            ``log_evidence_se`` of a single replicate) is unbiased (Lee & Whiteley) only for
+            multinomial: on the toy problems the others' was 0.82-0.99 of the true one at
+            ``ess_threshold=0.5`` and as low as 0 when resampling at every step
+            (benchmarks/RESULTS.md, section 14); use ``num_replicates >= 10`` for their error bar.
+        num_replicates: independent SMC runs, batched together (``num_replicates ·
+            num_particles`` rows). Their log Z estimates are averaged (in Z, so unbiased), their
+            particles pooled with weights Ẑ_r·W_ri, and with two or more ``log_evidence_se`` is
+            the spread between replicates (use ten or more for a usable error bar).
+        chunk_size: the most particles advanced together (bounds memory: their KV cache and
+            next-token log-probs). Replicates are batched up to it; a replicate with more
+            particles runs as independent islands of at most ``chunk_size`` particles, one after
+            another (see the module notes). ``None`` allows 64k tokens (prompt plus new tokens)
+            and 64M next-token logits per sweep (1365 rows on SmolLM2's 49k vocabulary).
+            Another chunk size gives different, equally valid, results.
+        guide: an object whose ``.lm`` is a :class:`LanguageModel` over the same vocabulary,
+            used as the token proposal of the first sequence site with the model's prompt
+            (weights corrected by π/q); later sequence sites are proposed from their own LM.
+        observed: when an observed text whose prompt reads the sequence being advanced is scored
+            (see the module notes): ``"prefix"`` (at every token, under the prompt the prefix
+            gives: a twist; rows whose prompt did not change are read from the run's cache) or
+            ``"end"`` (once the sequence has ended: one pass per particle, but the weights jump
+            there; on the toy rows its ESS fell to 6 of 2,000 where ``"prefix"`` kept hundreds).
+        progress: show a progress bar over tokens.
+
+    Returns:
+        A :class:`Posterior` of the final particles (``log_weights`` pooled over replicates),
+        ``log_evidence_se`` and an :class:`SMCInfo` (genealogy effective count ``n_eff_genealogy``,
+        ``num_eves``, ``num_resampling`` per island, ``ess_history`` of the first sweep, options);
+        a ``path_degeneracy`` warning when the final particles descend from too few ancestors.
+
+    Raises:
+        ValueError: bad options, an unsupported model, or every particle of a replicate died.
+
+    >>> import torch, pyro, ppl_lm
+    >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.zeros(3, 3), eos_id=0)
+    >>> def model():
+    ...     x = pyro.sample("x", lm.sequence([], max_new_tokens=2))
+    ...     ppl_lm.constraint("starts_b", x[..., 0] == 1, prefix_closed=True)
+    >>> post = ppl_lm.infer(model, method="smc", num_particles=4000, progress=False)
+    >>> abs(post.log_evidence - (-1.0986)) < 0.1  # log(1/3); 0.1 is 4.5 standard errors at N=4000
+    True
+    """
+    # The options' values are checked by @describe, from their annotations, before this body runs.
+    kwargs = dict(model_kwargs or {})
+    with _random.seeded(seed), torch.no_grad(), row_cache():
+        sites = latent_sites(model, args, kwargs, placeholder=True)
+        check_has_latent(sites, "smc")
+        seq = sequence_sites(sites)
+        if chunk_size is None:
+            sized = [*seq.values(), *observed_sequences(model, args, kwargs).values()]
+            chunk_size = min((default_chunk_size(d) for d in sized), default=max(2, num_particles))
+        first = next(iter(seq), None)
+        qlm = None if first is None else _proposal_lm(guide, seq[first].lm)
+        if guide is not None and first is None:
+            raise ValueError("an SMC guide proposes the tokens of a latent sequence site, and this model has none "
+                             "(every lm.sequence(...) site is observed); leave guide= out")
+        masks = _token_masks(model, args, kwargs, seq)
+        stages = [Stage(name, masks[name], qlm if name == first else None) for name in seq]
+        plan = sweep_plan(num_particles, num_replicates, chunk_size)
+        parts = []
+        bar = tqdm(total=num_particles * num_replicates, desc="smc", unit="particle",
+                   disable=not progress or len(plan) == 1)
+        try:
+            for n, reps in plan:
+                sweep = Sweep(SweepSpec(model, args, kwargs, stages, n, reps, ess_threshold, resampling, observed))
+                sweep.run(progress and len(plan) == 1, sum(d.max_new_tokens for d in seq.values()))
+                parts.append(sweep.result())
+                del sweep  # free its KV cache before the next sweep allocates one
+                bar.update(n * len(reps))
+        finally:
+            bar.close()
+        return combine(parts, num_particles, num_replicates, chunk_size, sites,
+                       {"resampling": resampling, "ess_threshold": ess_threshold,
+                        "proposal": "lm" if qlm is None else "guide",
+                        "token_masks": sum(len(m) for m in masks.values())})
+
+
+def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
+    if guide is None:
+        return None
+    q = getattr(guide, "lm", None)
+    if not isinstance(q, LanguageModel):
+        raise TypeError(
+            "an SMC guide must expose a LanguageModel as its .lm attribute (the token proposal), e.g. "
+            f"the guide trained by method='svi'; got {type(guide).__name__} with .lm = {type(q).__name__}"
+        )
+    if q.vocab_size != lm.vocab_size or q.eos_id != lm.eos_id:
+        raise ValueError(
+            f"the guide's LM (vocab {q.vocab_size}, EOS {q.eos_id}) must share the model LM's vocabulary "
+            f"(vocab {lm.vocab_size}, EOS {lm.eos_id})"
+        )
+    return q
+
+
+def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> dict[str, list[TokenMask]]:
+    """The TokenMasks of the model's token-level constraints, by the sequence site each constrains,
+    from one partial run on empty sequences."""
+    empty = {name: torch.full((1, d.max_new_tokens), d.lm.eos_id, dtype=torch.long, device=d.lm.device)
+             for name, d in seq.items()}
+    with partial_prefix(0):
+        scores = run_model(model, args, kwargs, 1, data=empty, score_latent=False)
+    masks: dict[str, list[TokenMask]] = {name: [] for name in seq}
+    for name, site in scores.trace.nodes.items():
+        meta = factor_of(site)
+        if meta is None or not isinstance(meta.mask, TokenMask):
+            continue
+        target = meta.site
+        if target is None and len(seq) == 1:
+            target = next(iter(seq))
+        if target not in masks:
+            raise ValueError(
+                f"token_constraint {name!r} constrains a tensor that is not the value of one of the model's "
+                f"sequence sites {list(seq)}, so SMC cannot tell whose tokens its mask follows. Pass the sampled "
+                "sequence itself (ppl_lm.token_constraint(name, x, mask) with x = pyro.sample(...)), or use "
+                "ppl_lm.constraint(name, mask.check(x), prefix_closed=True)")
+        masks[target].append(meta.mask)
+    return masks
