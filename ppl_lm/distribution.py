@@ -12,6 +12,7 @@ from pyro.distributions import TorchDistribution, constraints
 
 from ppl_lm import seeding as _random
 from .tokens import after_eos_mask, as_prompt_tensor
+from .validation import check_int
 
 if TYPE_CHECKING:  # the LM protocol is used for annotations only: ppl_lm.lm.base imports this module
     from .lm.base import LanguageModel
@@ -112,8 +113,7 @@ class SequenceDistribution(TorchDistribution):
 
     def __init__(self, lm: LanguageModel, prompt: Any = None, max_new_tokens: int = 16,
                  batch_shape=torch.Size(), validate_args=None):
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens)
         self.lm = lm
         self.prompt_lengths: torch.Tensor | None = None  # [N] for ragged prompts (right-padded)
         if _is_prompt_batch(prompt):

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from .validation import check_int
+
 __all__ = ["Preferences", "simulate_preferences"]
 
 
@@ -153,8 +155,7 @@ def simulate_preferences(lm, prompt, utility, n: int, max_new_tokens: int, *, te
 
     Pairs whose two texts are identical are redrawn. Returns token-id preferences (``[n, T]``).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_int("n", n)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     from . import seeding

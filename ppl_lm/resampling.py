@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .validation import check_value
+from .validation import check_int, check_value
 
 __all__ = ["Scheme", "SCHEMES", "resample"]
 
@@ -71,8 +71,7 @@ def resample(weights: torch.Tensor, num: int | None = None, scheme: str = "multi
 
 def _check(weights: torch.Tensor, num, scheme: str) -> torch.Tensor:
     check_value("scheme", scheme, Scheme)
-    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
-        raise ValueError(f"num must be a positive integer (draws per row), got {num!r}")
+    check_int("num", num, optional=True)  # draws per row
     if not isinstance(weights, torch.Tensor) or weights.dim() not in (1, 2) or weights.shape[-1] < 1:
         raise ValueError("weights must be a tensor [N] or [R, N] with N >= 1, got "
                          f"{tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__}")

@@ -38,6 +38,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from .validation import check_int
 from . import seeding
 from .preferences import Preferences
 
@@ -48,9 +49,7 @@ UNCERTAINTY = ("mean", "marginal", "mixture")
 
 
 def _pos_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return v
+    return check_int(name, v)
 
 
 @dataclass

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from ppl_lm.backends import Kind, describe
 from ppl_lm.inference._runtime import Scores, finish, row_cache, stats_from_scores
@@ -110,12 +109,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     >>> bool((post.samples[:, 0] == 1).all()), post.samples.shape
     (True, torch.Size([100, 3]))
     """
-    for name, val, lo in (("num_samples", num_samples, 1), ("num_chains", num_chains, 1),
-                          ("warmup_steps", warmup_steps, 0), ("thin", thin, 1)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
-    if init_budget is not None and (isinstance(init_budget, bool) or not isinstance(init_budget, int) or init_budget < 1):
-        raise ValueError(f"init_budget must be a positive integer, got {init_budget!r}")
+    # num_samples, num_chains, warmup_steps, thin and init_budget were checked by @describe (annotations)
     kernel = EditKernel(model, num_chains=int(num_chains), moves=moves, thin=int(thin),
                         initial_samples=initial_samples, init_budget=init_budget, progress=progress)
     with _random.seeded(seed), row_cache():

@@ -49,22 +49,22 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from typing import Literal
 
 from ppl_lm.backends import Kind, describe
 from ppl_lm.validation import AtLeastTwo, NonNegativeInt, PositiveInt
 from ppl_lm.inference.svi import checkpoint as _ckpt
 from ppl_lm.inference.svi import checks
+from ppl_lm.inference.svi.admissible import AdmissibleWatch, NothingAdmissible, no_admissible_message
+from ppl_lm.inference.svi.crosscheck import Crosscheck, correction_seed, crosscheck
 from ppl_lm.inference.svi.dpo import DEFAULT_BATCH_SIZE, DPOLoss, model_beta, prepare_pairs
-from ppl_lm.inference.svi.elbo import OBJECTIVES, PROPOSALS, make_loss, particle_terms
+from ppl_lm.inference.svi.elbo import OBJECTIVES, PROPOSALS, make_loss
 from ppl_lm.inference.svi.guides import (
     GUIDE_KINDS,
     SequenceGuide,
     make_guide,
     model_site,
 )
-from ppl_lm.inference.svi.kl import kl_estimates
 from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 
 import ppl_lm
@@ -100,28 +100,6 @@ DEFAULT_LR = {"lora": 2e-3, "full_markov": 0.1, "full_transformer": 0.01, "laten
 SCHEDULES = ("forward_then_reverse",)
 #: Objectives trained on preference pairs instead of draws (``preferences=``).
 PAIR_OBJECTIVES = ("dpo",)
-
-
-@dataclass(frozen=True)
-class Crosscheck:
-    """The trained guide against prior importance sampling (independent draws), nats ± se.
-
-    ``kl_reverse = log Ẑ_prior − ELBO`` (the ELBO of the correction's guide draws) estimates
-    KL(q‖π′); ``kl_at_prior = log Ẑ_prior − E_π[log L]`` is KL(π‖π′), where training started;
-    ``kl_forward`` is KL(π′‖q) on the prior's draws (weights e^{log L}).
-    """
-
-    num_samples: int
-    log_evidence: float
-    log_evidence_se: float
-    elbo: float
-    elbo_se: float
-    kl_reverse: float
-    kl_reverse_se: float
-    kl_forward: float
-    kl_forward_se: float
-    kl_at_prior: float
-    kl_at_prior_se: float
 
 
 @dataclass(frozen=True)
@@ -276,12 +254,12 @@ def run(model, *args, seed: int = 0,
                 "num_steps": num_steps if lr_decay != 1 or objective in SCHEDULES else None,
                 "params": {k: tuple(v.shape) for k, v in g.parameters().items()},
                 **({} if pairs is None else {"beta": beta, "batch_size": batch_size, "pairs": _pairs_digest(pairs)})})
-        watch = _AdmissibleWatch(num_steps, num_particles, callback)
+        watch = AdmissibleWatch(num_steps, num_particles, callback)
         try:
             res = train(model, args, kwargs, g, schedule, num_steps=num_steps, lr=lr, lr_decay=lr_decay,
                         clip_norm=clip_norm, contexts=contexts, checkpoint_path=path,
                         checkpoint_every=checkpoint_every, fingerprint=fp, progress=progress, callback=watch)
-        except _NothingAdmissible as stop:
+        except NothingAdmissible as stop:
             raise SVIError(str(stop), guide=g, info=SVIInfo(
                 objective=objective, proposal=proposal, guide=g.kind, num_steps=num_steps,
                 num_particles=num_particles, lr=lr, lr_decay=lr_decay, clip_norm=clip_norm,
@@ -328,14 +306,14 @@ def run(model, *args, seed: int = 0,
         with warnings.catch_warnings():  # its diagnoses are re-made (and raised) as the svi run's, below
             warnings.simplefilter("ignore", PplLmWarning)
             post = ppl_lm.infer(model, *args, method="importance", guide=g, num_samples=num_samples,
-                                seed=_correction_seed(seed), progress=progress, model_kwargs=kwargs)
+                                seed=correction_seed(seed), progress=progress, model_kwargs=kwargs)
     except ValueError as err:
         if "every weight is zero" not in str(err):
             raise
-        raise SVIError(_no_admissible_message(trace, num_samples), guide=g, info=info_with()) from err
+        raise SVIError(no_admissible_message(trace, num_samples), guide=g, info=info_with()) from err
     cross = None
     if crosscheck_samples:
-        cross = _crosscheck(model, args, kwargs, g, post, crosscheck_samples, seed, progress)
+        cross = crosscheck(model, args, kwargs, g, post, crosscheck_samples, seed, progress)
         found += checks.crosscheck(cross.kl_reverse, cross.kl_reverse_se, cross.kl_at_prior, cross.kl_at_prior_se,
                                    float(post.log_evidence), float(post.log_evidence_se or 0.0),
                                    cross.log_evidence, cross.log_evidence_se)
@@ -411,88 +389,6 @@ def _reward_range(rewards: dict) -> float | None:
     return float(sum((hi - lo) / beta for lo, hi, beta in rewards.values()))
 
 
-def _crosscheck(model, args, kwargs, g, post, n, seed, progress) -> Crosscheck:
-    """Prior importance sampling against the guide: both KLs and the evidence, with se."""
-    with warnings.catch_warnings():  # a reference run: its own diagnoses are not the user's
-        warnings.simplefilter("ignore", PplLmWarning)
-        prior = ppl_lm.infer(model, *args, method="importance", num_samples=n, seed=_correction_seed(seed + 1),
-                             progress=progress, model_kwargs=kwargs)
-    log_z, log_z_se = float(prior.log_evidence), float(prior.log_evidence_se or 0.0)
-    # the correction's raw log-weights are f = log p − log q of its guide draws
-    f = (post.log_weights.double() + float(post.log_evidence) + math.log(len(post))).double()
-    elbo = float(f.mean()) if torch.isfinite(f).all() else -math.inf
-    elbo_se = float(f.std() / math.sqrt(len(f))) if math.isfinite(elbo) else math.nan
-    lik = prior.stats["log_likelihood"].double()
-    e_lik = float(lik.mean()) if torch.isfinite(lik).all() else -math.inf
-    kl_at_prior = log_z - e_lik
-    kl_at_prior_se = math.hypot(log_z_se, float(lik.std() / math.sqrt(len(lik)))) if math.isfinite(e_lik) else math.nan
-    with torch.no_grad(), seeding.seeded(seed):
-        t = particle_terms(model, g, args, kwargs, len(prior), values=dict(prior.values))
-    fwd = kl_estimates(t.log_q, t.log_prior, t.log_likelihood, log_proposal=t.log_prior)
-    return Crosscheck(n, log_z, log_z_se, elbo, elbo_se, log_z - elbo, math.hypot(log_z_se, elbo_se),
-                      fwd.kl_forward, fwd.kl_forward_se, kl_at_prior, kl_at_prior_se)
-
-
-#: What to do when no draw satisfies a hard condition (said by the early stop and after training).
-_HARD_CONDITION_ADVICE = (
-    "the condition may be impossible under this LM and max_new_tokens, or too rare to be found by sampling. "
-    "Check the condition (evaluate it on a text that should pass), make it a token mask (ppl_lm.token_constraint) "
-    "so that method='smc' proposes only allowed tokens, or turn it into a reward")
-
-
-class _NothingAdmissible(Exception):
-    """Training stopped early: no draw has satisfied a hard condition (see _AdmissibleWatch)."""
-
-
-class _AdmissibleWatch:
-    """The training callback that stops a run whose draws never satisfy a hard condition.
-
-    While no draw satisfies a hard condition, that condition gives the gradient nothing (every
-    draw has the same relaxed penalty, or weight zero in the forward objective), so training
-    cannot learn it and the final correction would find no admissible draw. After
-    ``max(PROBE_STEPS, num_steps // 10)`` such steps the run stops with the advice, instead of
-    after all of them.
-    """
-
-    PROBE_STEPS = 20
-
-    def __init__(self, num_steps: int, num_particles: int, callback=None):
-        self.after = min(num_steps, max(self.PROBE_STEPS, num_steps // 10))
-        self.num_particles, self.callback = num_particles, callback
-        self.seen: dict[str, bool] = {}
-        self.steps = 0
-
-    def __call__(self, step, guide, stats):
-        self.steps += 1
-        for k, v in stats.items():
-            if k.startswith("ok:"):
-                self.seen[k[3:]] = self.seen.get(k[3:], False) or bool(v > 0)
-        never = [k for k, ok in self.seen.items() if not ok]
-        if never and self.steps >= self.after:
-            raise _NothingAdmissible(
-                f"svi: stopped after {self.steps} training step(s) ({self.steps * self.num_particles} draws, from the "
-                f"prior onwards): no draw satisfied the hard condition(s) {', '.join(never)}, so training gets no "
-                f"signal from them and no guide draw could be weighted: {_HARD_CONDITION_ADVICE}. The guide is kept "
-                "at err.guide")
-        if self.callback is not None:
-            self.callback(step, guide, stats)
-
-
-def _no_admissible_message(trace, num_samples) -> str:
-    oks = {k[3:]: v for k, v in trace.items() if k.startswith("ok:")}
-    seen = {k: float(np.nanmax(v)) if len(v) else 0.0 for k, v in oks.items()}
-    never = [k for k, v in seen.items() if not v > 0]
-    if never:
-        what = (f"no draw of the guide, in training (from the prior onwards) or in the {num_samples} final "
-                f"draws, satisfied the hard condition(s) {', '.join(never)}: {_HARD_CONDITION_ADVICE}")
-    else:
-        what = (f"training drew texts satisfying the hard condition(s) (at most "
-                f"{', '.join(f'{k}: {v:.0%}' for k, v in seen.items())} of a step's draws), but none of the "
-                f"{num_samples} final guide draws did. Use more num_samples, more num_steps, or "
-                "objective='forward'")
-    return f"svi: {what}. The trained guide is kept at err.guide."
-
-
 def _pairs_digest(pairs) -> str:
     """A fingerprint of the pairs a DPO checkpoint was trained on."""
     import hashlib
@@ -523,28 +419,12 @@ def _check_pair_options(objective, preferences, beta, batch_size, contexts, prop
     if beta is not None and not (isinstance(beta, (int, float)) and not isinstance(beta, bool)
                                  and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer (pairs per step), got {batch_size!r}")
-
-
-def _correction_seed(seed: int) -> int:
-    return (int(seed) * 1_000_003 + 12_345) % (2**62)
 
 
 def _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, lr_decay, clip_norm,
                    log_evidence_ref, contexts, objective, proposal, crosscheck_samples):
-    def pos_int(name, v, zero_ok=False):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
-
-    pos_int("num_steps", num_steps, zero_ok=True)
-    pos_int("num_samples", num_samples)
-    pos_int("checkpoint_every", checkpoint_every)
-    if crosscheck_samples is not None:
-        pos_int("crosscheck_samples", crosscheck_samples, zero_ok=True)
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-        raise ValueError(f"num_particles must be an integer >= 2 (the baseline needs two draws), "
-                         f"got {num_particles!r}")
+    # the integers (num_steps, num_samples, checkpoint_every, crosscheck_samples, num_particles >= 2: the
+    # baseline needs two draws) and the choices were checked by @describe, from run's annotations
     for name, v in (("lr", lr), ("lr_decay", lr_decay), ("clip_norm", clip_norm)):
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

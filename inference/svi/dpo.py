@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ppl_lm.validation import check_int
 from ppl_lm.conditions.factors import factor_of
 from ppl_lm import seeding
 from ppl_lm.inference._runtime import latent_sites, run_model, sequence_sites
@@ -178,8 +179,7 @@ class DPOLoss:
     def __init__(self, pairs: PreferencePairs, beta: float, batch_size: int = DEFAULT_BATCH_SIZE):
         if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer (pairs per step), got {batch_size!r}")
+        check_int("batch_size", batch_size)
         self.pairs, self.beta, self.batch_size = pairs, float(beta), min(batch_size, len(pairs))
         self.last: dict[str, float] = {}
         self.last_draws = torch.empty(0, 4)

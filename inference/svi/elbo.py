@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from ppl_lm.validation import check_int
 from ppl_lm.conditions.factors import factor_of
 from ppl_lm.inference._runtime import (
     is_latent,
@@ -217,9 +218,7 @@ class _ScoreFunctionLoss(ELBO):
     relax_penalty: float | None = None
 
     def __init__(self, num_particles: int):
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-            raise ValueError(f"num_particles must be an integer >= 2 (a baseline needs two draws), "
-                             f"got {num_particles!r}")
+        check_int("num_particles", num_particles, 2)  # a baseline needs two draws
         super().__init__(num_particles=num_particles, max_plate_nesting=1, vectorize_particles=False)
         self.last: dict[str, float] = {}
         self.last_draws = torch.empty(0, 4)
