@@ -11,6 +11,10 @@ backend calls :func:`check_int` directly.
 Traceback (most recent call last):
 ...
 ValueError: num_samples must be a positive integer, got True
+>>> check_value("guide", "adaptor", Literal["lora", "full"] | dict | None)
+Traceback (most recent call last):
+...
+TypeError: guide must be one of 'lora', 'full', or a dict; got 'adaptor'
 >>> check_value("resampling", "sytematic", Literal["multinomial", "systematic"])
 Traceback (most recent call last):
 ...
@@ -99,8 +103,10 @@ def check_value(name: str, value: Any, annotation: Any) -> None:
     annotation, optional = strip_optional(annotation)
     if value is None and optional:
         return
-    errors = []
+    errors, kinds = [], []
     for alt in _alternatives(annotation):
+        if isinstance(alt, type):
+            kinds.append(alt.__name__)
         origin = typing.get_origin(alt)
         try:
             if origin is Literal:
@@ -114,6 +120,10 @@ def check_value(name: str, value: Any, annotation: Any) -> None:
             return
         except ValueError as err:
             errors.append(err)
+    if errors and kinds:  # e.g. ``Literal["lora", "full"] | SequenceGuide``: say both
+        msg = str(errors[0])
+        cut = max(msg.rfind("; got"), msg.rfind(", got"))
+        raise TypeError(f"{msg[:cut]}, or a {' or a '.join(kinds)}{msg[cut:]}")
     if errors:
         raise errors[0]
 

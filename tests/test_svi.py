@@ -432,7 +432,7 @@ def test_same_seed_same_result():
 
 @pytest.mark.parametrize("bad,match", [
     (dict(num_particles=1), "num_particles"), (dict(num_steps=-1), "num_steps"), (dict(lr=0.0), "lr"),
-    (dict(guide="adapter"), "unknown guide"), (dict(num_samples=0), "num_samples"),
+    (dict(guide="adapter"), "guide must be one of .lora., .full., or a SequenceGuide"), (dict(num_samples=0), "num_samples"),
     (dict(log_evidence_ref=float("nan")), "log_evidence_ref"), (dict(contexts=[]), "contexts"),
     (dict(guide=lambda: None), "SequenceGuide"),
 ])
