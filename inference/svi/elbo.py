@@ -41,13 +41,14 @@ import torch
 from ppl_lm.validation import check_int
 from ppl_lm.conditions.factors import factor_of
 from ppl_lm.inference._runtime import (
+    check_guide_sites,
     is_latent,
     fixed_values,
     observed_log_prob,
     particle_dim,
+    run_guide,
     run_model,
     site_log_prob,
-    trace_model,
 )
 from pyro import poutine
 from pyro.infer import ELBO
@@ -110,15 +111,10 @@ def trace_guide(guide: Callable, args: tuple, kwargs: dict, n: int,
     """Run ``guide`` for ``n`` particles (its latent sites fixed to ``values`` ``[n, ...]`` if given):
     its trace and ``log q`` per particle ``[n]``, differentiable w.r.t. the guide's parameters."""
     g = guide if values is None else poutine.replay(guide, trace=fixed_values(values))
-    guide_tr = trace_model(g, args, kwargs, n)
+    guide_tr, by_site = run_guide(g, args, kwargs, n, detach=False)  # the runtime's one guide scoring
     log_q = torch.zeros(n)
-    found = False
-    for name, site in guide_tr.nodes.items():
-        if is_latent(site):
-            found = True
-            log_q = log_q + site_log_prob(name, site["fn"].log_prob(site["value"]), n, particle_dim(site)).float()
-    if not found:
-        raise ValueError("the guide samples no latent site; it must sample the model's latent site(s)")
+    for lq in by_site.values():
+        log_q = log_q + lq.float()
     return guide_tr, log_q
 
 
@@ -147,13 +143,7 @@ def particle_terms(model: Callable, guide: Callable, args: tuple, kwargs: dict, 
     guide_latent = [name for name, site in guide_tr.nodes.items() if is_latent(site)]
     with torch.no_grad():
         scores = run_model(model, args, kwargs, n, guide_trace=guide_tr)
-    missing = [k for k in scores.values if k not in guide_latent]
-    if missing:
-        raise ValueError(f"the model's latent site(s) {missing} are not sampled by the guide; the guide must "
-                         "cover every latent site of the model")
-    extra = sorted(set(guide_latent) - set(scores.values))
-    if extra:
-        raise ValueError(f"the guide samples site(s) {extra} that the model does not have as latent sites")
+    check_guide_sites(guide_latent, list(scores.values), cover_all=True)
     log_lik = scores.log_likelihood.float()
     if relax_penalty is not None and (log_lik == -math.inf).any():
         log_lik = _relaxed(scores, n, relax_penalty)
