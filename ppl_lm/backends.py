@@ -115,7 +115,7 @@ class _Description:
     @property
     def options(self) -> type:
         if self._options is None:
-            self._options = _options_dataclass(self.run)
+            self._options = _options_dataclass(self.run, self.info)
         return self._options
 
 
@@ -273,14 +273,12 @@ def docstring_args(fn: Callable) -> dict[str, str]:
     return out
 
 
-def _options_dataclass(run: Callable) -> type:
-    fn = inspect.unwrap(run)
+def _options_dataclass(run: Callable, info: type) -> type:
+    """The frozen dataclass of ``run``'s options, named after its Info type (``SMCInfo`` -> ``SMCOptions``)."""
     hints, helps = _hints(run), docstring_args(run)
     fields = []
     for name, p in keyword_options(run).items():
         default = None if p.default is p.empty else p.default
         fields.append((name, hints.get(name, Any), dataclasses.field(default=default, metadata={"help": helps.get(name, "")})))
-    title = "".join(part.capitalize() for part in fn.__module__.rsplit(".", 1)[-1].split("_"))
-    if title.lower() in ("smc", "mh", "svi"):
-        title = title.upper()
+    title = info.__name__.removesuffix("Info") or "Backend"
     return dataclasses.make_dataclass(f"{title}Options", fields, frozen=True)
