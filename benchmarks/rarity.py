@@ -61,11 +61,11 @@ def run_method(method, model, prompt, opts, seed):
         except ValueError as err:  # every weight zero: no sample met the condition
             return {"ok": False, "error": str(err).split(".")[0], "wall_s": time.perf_counter() - t0}
     res = {"ok": True, "wall_s": time.perf_counter() - t0, "log_z": post.log_evidence, "ess": post.ess,
-           "n_eff": post.info.get("n_eff_genealogy"), "num_eves": post.info.get("num_eves"),
+           "n_eff": getattr(post.info, "n_eff_genealogy", None), "num_eves": getattr(post.info, "num_eves", None),
            "distinct": len({tuple(r) for r, w in zip(post.samples.tolist(), post.log_weights.tolist())
                              if w > -math.inf}), "log_z_se": post.log_evidence_se}
     if method == "svi":
-        res["train_s"] = post.info.get("train_time")
+        res["train_s"] = getattr(post.info, "train_time", None)
     return res
 
 

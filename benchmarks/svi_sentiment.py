@@ -94,21 +94,21 @@ def main() -> None:
         post = ppl_lm.infer(model, args.prompt, method="svi", guide="lora", num_steps=args.steps,
                             num_particles=args.particles, lr=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                             num_samples=args.is_samples, progress=not args.no_progress, seed=args.seed)
-        tr = post.info["trace"]
+        tr = post.info.trace
         w = max(1, min(args.window, args.steps // 2 or 1))
 
         keys = ("elbo", "reward:sentiment", "kl_prior")
         start = {k: float(tr[k][:w].mean()) for k in keys}
         end = {k: float(tr[k][-w:].mean()) for k in keys}
         ev = evaluate(lm, post.guide.lm, args.prompt, args.tokens, args.eval_samples, args.seed + 1)
-        sec = post.info["step_seconds"]
+        sec = post.info.step_seconds
         median_s = float(torch.tensor(sec[1:] if len(sec) > 1 else sec).median())
         row = {"beta": beta, "start": start, "end": end, "eval": ev,
-               "seconds_per_step": post.info["seconds_per_step"], "median_step_s": median_s, "steps": args.steps,
+               "seconds_per_step": post.info.seconds_per_step, "median_step_s": median_s, "steps": args.steps,
                "log_evidence": post.log_evidence, "log_evidence_se": post.log_evidence_se,
                "is_ess": post.ess, "is_samples": len(post)}
         rows.append(row)
-        print(f"\nβ = {beta}: {post.info['seconds_per_step']:.2f} s/step over {args.steps} steps "
+        print(f"\nβ = {beta}: {post.info.seconds_per_step:.2f} s/step over {args.steps} steps "
               f"(median {median_s:.2f} s without the first, warm-up, step)")
         print(f"  start (first {w} steps): ELBO {start['elbo']:+.3f}  E_q[r] {start['reward:sentiment']:+.3f}  "
               f"KL(q‖π) {start['kl_prior']:.3f}")
@@ -118,7 +118,7 @@ def main() -> None:
         print(f"  {args.eval_samples} fresh samples: reward guide {rg:+.3f} ± {rgs:.3f} vs prior {rp:+.3f} ± {rps:.3f}; "
               f"KL(q‖π) {kl:.3f} ± {kls:.3f}")
         print(f"  IS correction ({len(post)} guide draws): log Z {post.log_evidence:+.3f} ± "
-              f"{post.info['log_evidence_se']:.3f}, ESS {post.ess:.1f}")
+              f"{post.log_evidence_se:.3f}, ESS {post.ess:.1f}")
         for text in ev["examples_guide"]:
             print(f"    guide: {args.prompt}{text!r}")
         for text in ev["examples_prior"]:

@@ -188,7 +188,7 @@ def main(argv=None):
             opts["clip_norm"] = v["clip"]
         # seconds per step from a short probe, so that num_steps (and the lr schedule) fits the budget
         probe = ppl_lm.infer(model, prompt, method="svi", num_steps=3, **{**opts, "num_samples": 2, "crosscheck_samples": 0})
-        cpu = np.diff(np.concatenate([[0.0], probe.info["trace"]["cpu_seconds"]]))
+        cpu = np.diff(np.concatenate([[0.0], probe.info.trace["cpu_seconds"]]))
         s_step = float(sorted(cpu)[1])  # CPU seconds of one thread per step (the machine is shared)
         num_steps = max(2, int(minutes * 60 / s_step))
         print(f"[{label}] {s_step:.2f} CPU s/step in the probe -> {num_steps} steps", flush=True)
@@ -211,7 +211,7 @@ def main(argv=None):
         wall = time.perf_counter() - t0
         info = post.info
         kt = info.kl_trace
-        cpu_total = float(post.info["trace"]["cpu_seconds"][-1])
+        cpu_total = float(post.info.trace["cpu_seconds"][-1])
         hit = next((c[1] for c in curve if c[2]["kl_reverse"] <= 0.2), float("nan"))
         print(f"[{label}] {num_steps} steps, training {cpu_total:.0f} CPU s, {info.train_time:.0f} s wall "
               f"(wall with evaluations {wall:.0f} s); "

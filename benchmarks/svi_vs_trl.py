@@ -114,7 +114,7 @@ def run_ours(lm, args, seed):
                         num_particles=args.particles, lr=args.lr, lr_decay=args.lr_decay, clip_norm=args.clip_norm,
                         lora_r=8, lora_alpha=16, num_samples=2, crosscheck_samples=0, seed=seed, progress=False,
                         callback=on_step)
-    tr = post.info["trace"]
+    tr = post.info.trace
     train_s = float(tr["cpu_seconds"][-1])
     J = np.asarray(tr["reward:sentiment"]) - beta * np.asarray(tr["kl_prior"])
     return {"J": J, "reward": np.asarray(tr["reward:sentiment"]), "kl": np.asarray(tr["kl_prior"]),

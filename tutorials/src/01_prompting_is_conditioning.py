@@ -235,7 +235,7 @@ for name in ("IS", "SMC", "MH"):
     se = post.log_evidence_se if post.log_evidence is not None else None
     ok = post.expectation(rewards.contains(lm, post.samples, word).float())
     # ESS: Kish's for IS; SMC's genealogy-based n_eff; MH's ArviZ bulk ESS (autocorrelation).
-    ess = post.info.get("n_eff_genealogy", post.ess)
+    ess = getattr(post.info, "n_eff_genealogy", post.ess)
     distinct = len({tuple(x) for x, w in zip(post.samples.tolist(), post.weights.tolist()) if w > 0})
     rows.append((name, lz, float("nan") if se is None else se, ess, results[name + "_time"], ok, distinct))
 print(f"condition: contains {word!r} within {T2} tokens after {prompt_text!r}")

@@ -296,7 +296,7 @@ for objective in ("reverse", "forward"):
 post = posts["reverse"]
 
 # %%
-tr = post.info["trace"]
+tr = post.info.trace
 steps_s = np.arange(1, len(tr["elbo"]) + 1)
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.3))
 axes[0].plot(steps_s, tr["reward:sentiment"], ".-")

@@ -74,7 +74,7 @@ def pinned(lm, prompt, pins, T, as_mask=False):
 def ess(post):
     """Effective sample size: Kish's for IS; for SMC its genealogy-based n_eff (after resampling,
     the Kish ESS of the final weights overstates how many independent draws the particles are worth)."""
-    return post.info.get("n_eff_genealogy", post.ess)
+    return getattr(post.info, "n_eff_genealogy", post.ess)
 
 
 def plot_ess(ax, p, e, floor, marker, label, **kw):
@@ -268,7 +268,7 @@ def keyword(lm, prompt, w, T):
 kw_rows = []
 for w in words:
     post, dt = run(keyword(lm, prompt, w, T_kw), "importance", num_samples=N_kw, seed=0)
-    hits = 0 if post is None else post.info["num_nonzero"]
+    hits = 0 if post is None else post.info.num_nonzero
     kw_rows.append(dict(w=w, p=hits / N_kw, ess=0.0 if post is None else post.ess / N_kw, hits=hits, t=dt))
     print(f"contains {w!r:10} within {T_kw} tokens: {hits}/{N_kw} hits, ESS/N = {kw_rows[-1]['ess']:.3f} ({dt:.0f} s)")
 
@@ -323,7 +323,7 @@ model_fac = factorisation.build(lm_fac, max_new_tokens=T_fac)
 fac_rows = []
 for n in Ns:
     post, dt = run(model_fac, "importance", n, num_samples=N_fac, seed=0)
-    hits = 0 if post is None else post.info["num_nonzero"]
+    hits = 0 if post is None else post.info.num_nonzero
     example = "" if post is None else post.texts[int(torch.argmax(post.log_weights))]
     fac_rows.append(dict(N=n, hits=hits, p=hits / N_fac, t=dt, example=example, post=post,
                          lz=None if post is None else post.log_evidence))

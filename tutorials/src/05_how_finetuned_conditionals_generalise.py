@@ -71,7 +71,7 @@ post = ppl_lm.infer(model, train_contexts[0], method="svi", guide="lora", contex
                     num_steps=n_steps, num_particles=n_particles, lr=lr, num_samples=N, seed=0, progress=False)
 guide = post.guide
 print(f"SVI over {len(train_contexts)} contexts: {n_steps} steps × {n_particles} draws, "
-      f"{post.info['seconds_per_step']:.1f} s/step, {time.perf_counter() - t0:.0f} s in all")
+      f"{post.info.seconds_per_step:.1f} s/step, {time.perf_counter() - t0:.0f} s in all")
 
 # %% [markdown]
 # ## Reward and KL on training and held-out contexts
