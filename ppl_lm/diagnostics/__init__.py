@@ -12,7 +12,7 @@ _FROM = {
     "inference_data": (
         "EXACT_DRAWS", "SAMPLE_STAT_KEYS", "acceptance", "default_num_draws", "effective_draws", "chain_draws",
         "discrete_marginals", "ess", "is_mcmc", "psis_khat", "rhat", "sample_text", "stat_names", "summary",
-        "to_inference_data", "top_samples", "weighted_mean", "weighted_stats", "weights_kish_ess"),
+        "to_inference_data", "top_samples", "weighted_mean", "weighted_stats"),
     "estimators": ("kish_ess", "log_evidence_se", "mcmc_diagnostics", "pareto_khat"),
     "warnings": ("InferenceWarning",),
 }

@@ -73,7 +73,6 @@ __all__ = [
     "top_samples",
     "sample_text",
     "stat_names",
-    "weights_kish_ess",
     "chain_draws",
     "SAMPLE_STAT_KEYS",
 ]
@@ -600,8 +599,3 @@ def top_samples(post: Posterior, k: int = 10) -> list[dict[str, Any]]:
         out.append({"text": sample_text(post, row), "weight": weight, "count": count,
                     "index": i, "stats": stats})
     return out
-
-
-def weights_kish_ess(post: Posterior) -> float:
-    """Kish's ESS of the weights, whatever the backend reports as ``post.ess``."""
-    return kish_ess(post.log_weights)
