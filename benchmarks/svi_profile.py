@@ -7,16 +7,12 @@ sampling, no grad), ``prior pass`` (``TransformersLM.token_logprobs`` with the a
 grad), ``guide pass`` (the same with the adapter on, differentiable), ``backward``; ``other`` is
 the rest of the step (Pyro tracing and replay, the reward, the ELBO terms, Adam).
 
-Two variants run interleaved in one process (ABBA over ``--repeats`` steps each, after a
-warm-up step each), medians per phase:
+Medians per phase over ``--repeats`` steps, after one warm-up step. (Until 2026-12-03 it also ran
+the implementation before 2026-11-26, a one-pass scorer and an exponential-race sampler, side by side;
+that variant patched a private sampler the library no longer has; its result, 1.25x a step, is in
+``RESULTS.md``.)
 
-- ``current``: the library as it is;
-- ``one-pass`` (the implementation before 2026-11-26): every scoring pass reads the prompt
-  once per row (one forward over prompt + continuation for each of the B rows, logits at
-  every position) and the sampler is the exponential race (one Exp(1) draw per vocabulary
-  entry per row per step).
-
-    python benchmarks/svi_profile.py --threads 1          # 6 steps per variant
+    python benchmarks/svi_profile.py --threads 1          # 6 steps
     python benchmarks/svi_profile.py --smoke              # tiny model, seconds
 """
 
@@ -39,23 +35,6 @@ PROMPT = "I watched the new movie last night and"
 PHASES = ("step", "sample", "prior pass", "guide pass", "backward", "other")
 
 
-def one_pass_token_logprobs(self, prompt, tokens):
-    """The scoring pass before 2026-11-26: prompt + continuation, one forward per row."""
-    from ppl_lm.tokens import after_eos_mask, as_prompt_tensor
-
-    prompt = self._prompt_rows(as_prompt_tensor(prompt, self), tokens.shape[0])
-    P, T = prompt.shape[-1], tokens.shape[-1]
-    logits = self.model(input_ids=torch.cat([prompt, tokens], -1), use_cache=False).logits
-    lp = torch.log_softmax(logits[:, P - 1 : P - 1 + T].float(), -1).gather(-1, tokens[..., None])[..., 0]
-    return lp * after_eos_mask(tokens, self.eos_id).logical_not()
-
-
-def exponential_race(logprobs, generator):
-    """The sampler before 2026-11-26: argmax(logp − log E), E ~ Exp(1) per vocabulary entry."""
-    e = torch.empty(logprobs.shape, dtype=torch.float32, device=logprobs.device).exponential_(generator=generator)
-    return (logprobs.float() - e.log()).argmax(-1)
-
-
 class PhaseClock:
     """Wraps the LM entry points and ``Tensor.backward`` to time the phases of a step."""
 
@@ -64,11 +43,9 @@ class PhaseClock:
 
         self.mod, self.layers = lm_module, layers
         self.times: dict[str, float] = collections.defaultdict(float)
-        self.scorer = {"current": lm_module.TransformersLM.token_logprobs, "one-pass": one_pass_token_logprobs}
-        self.sampler = {"current": lm_module._categorical, "one-pass": exponential_race}
-        self.variant = "current"
         clock = self
-        sample, backward = lm_module.LanguageModel.sample, torch.Tensor.backward
+        sample, score = lm_module.LanguageModel.sample, lm_module.TransformersLM.token_logprobs
+        backward = torch.Tensor.backward
 
         def timed_sample(*a, **k):
             with clock.timed("sample"):
@@ -77,7 +54,7 @@ class PhaseClock:
         def timed_score(lm_self, prompt, tokens):
             on = any(not layer._disable_adapters for layer in clock.layers)
             with clock.timed("guide pass" if on else "prior pass"):
-                return clock.scorer[clock.variant](lm_self, prompt, tokens)
+                return score(lm_self, prompt, tokens)
 
         def timed_backward(t, *a, **k):
             with clock.timed("backward"):
@@ -94,10 +71,6 @@ class PhaseClock:
             yield
         finally:
             self.times[key] += time.perf_counter() - t0
-
-    def use(self, variant: str) -> None:
-        self.variant = variant
-        self.mod._categorical = self.sampler[variant]
 
 
 def main(argv=None):
@@ -128,29 +101,24 @@ def main(argv=None):
     clock = PhaseClock(lm, [m for m in lm.model.modules() if isinstance(m, BaseTunerLayer)])
     svi = SVI(model, guide, ClippedAdam({"lr": 1e-3, "clip_norm": 10.0}),
               loss=RLOO_ELBO(args.particles, relax_penalty=10.0))
-    variants = ("current", "one-pass")
-    runs = {v: collections.defaultdict(list) for v in variants}
-    order = list(variants) + [v for r in range(args.repeats) for v in (variants if r % 2 == 0 else variants[::-1])]
+    runs = collections.defaultdict(list)
     with ppl_lm.seeding.seeded(args.seed):
-        for i, v in enumerate(order):
-            clock.use(v)
+        for i in range(args.repeats + 1):
             clock.times.clear()
             t0 = time.perf_counter()
             svi.step(PROMPT)
             total = time.perf_counter() - t0
-            if i < len(variants):
+            if i == 0:
                 continue  # warm-up
-            runs[v]["step"].append(total)
-            runs[v]["other"].append(total - sum(clock.times.values()))
+            runs["step"].append(total)
+            runs["other"].append(total - sum(clock.times.values()))
             for k, t in clock.times.items():
-                runs[v][k].append(t)
-    med = {v: {k: statistics.median(runs[v][k]) if runs[v][k] else 0.0 for k in PHASES} for v in variants}
-    print(f"{'phase':12s} {'one-pass':>9s} {'current':>9s}   (median s over {args.repeats} steps each)")
+                runs[k].append(t)
+    med = {k: statistics.median(runs[k]) if runs[k] else 0.0 for k in PHASES}
+    print(f"{'phase':12s} {'median s':>9s} {'share':>6s}   (over {args.repeats} steps)")
     for k in PHASES:
-        print(f"{k:12s} {med['one-pass'][k]:9.3f} {med['current'][k]:9.3f}")
-    speedup = med["one-pass"]["step"] / med["current"]["step"]
-    print(f"step: current {speedup:.2f}x faster than one-pass")
-    _bench.emit("svi_profile", {"args": vars(args), "phases": med, "speedup": speedup})
+        print(f"{k:12s} {med[k]:9.3f} {med[k] / med['step']:6.1%}")
+    _bench.emit("svi_profile", {"args": vars(args), "phases": med})
 
 
 if __name__ == "__main__":
