@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from . import notebook, rewards, seeding, tokens
 from .conditions import TokenMask, constraint, is_partial, pin, prefix_length, reward, token_constraint
+from .diagnostics.bounds import EvidenceBounds, ExactDraws, KLSandwich, exact_draws, kl_sandwich, log_evidence_bounds
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
 from .lm import LanguageModel, MarkovLM, ToyVocab, chat
@@ -28,6 +29,7 @@ __all__ = [
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
     "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "notebook", "report",
     "Preferences", "RewardModel", "fit_reward", "learned_reward",
+    "exact_draws", "ExactDraws", "log_evidence_bounds", "EvidenceBounds", "kl_sandwich", "KLSandwich",
 ]
 
 __version__ = "0.1.0"

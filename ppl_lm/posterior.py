@@ -98,6 +98,9 @@ class Posterior:
             errors of :meth:`marginal` sum over these groups.
         warnings: typed diagnoses of the run (:class:`~ppl_lm.diagnostics.InferenceWarning`),
             empty when every check passed.
+        evidence_bounds: the :class:`~ppl_lm.diagnostics.bounds.EvidenceBounds` that
+            :func:`ppl_lm.log_evidence_bounds` computed from exact draws (``None`` before);
+            ``log_evidence_bounds`` reads it.
     """
 
     samples: torch.Tensor | None
@@ -120,6 +123,7 @@ class Posterior:
     wall_time: float | None = None
     ancestor: torch.Tensor | None = None
     kind: Kind | None = None
+    evidence_bounds: Any = None
 
     def __post_init__(self):
         if self.samples is not None:
@@ -147,6 +151,17 @@ class Posterior:
         lz = "None" if self.log_evidence is None else f"{self.log_evidence:.4f}"
         return (f"Posterior(method={self.method!r}, num_samples={len(self)}, "
                 f"log_evidence={lz}, ess={self.ess:.1f})")
+
+    @property
+    def log_evidence_bounds(self) -> tuple[float, float] | None:
+        """``(lower, upper)``: stochastic bounds on log Z, E[lower] ≤ log Z ≤ E[upper]; the exact
+        backend's is (log Z, log Z). ``None`` until :func:`ppl_lm.log_evidence_bounds` has computed
+        the upper bound from exact draws (MCMC: always ``None``, it gives no log Z)."""
+        if self.evidence_bounds is not None:
+            return tuple(self.evidence_bounds)
+        if self.kind is Kind.EXACT and self.log_evidence is not None:
+            return (self.log_evidence, self.log_evidence)
+        return None
 
     @property
     def weights(self) -> torch.Tensor:

@@ -312,7 +312,7 @@ class Sweep:
         stuck = ~torch.isfinite(log_mass)  # no allowed token has proposal mass: the particle dies
         if bool(stuck.any()):
             logq_m = torch.where(stuck[:, None], torch.zeros_like(logq_m), logq_m)
-        tok = categorical(logq_m, gen)
+        tok = self._choose(logq_m, gen, t)
         done = s.done.to(tok.device)
         tok = torch.where(done, torch.full_like(tok, s.eos), tok)
         lp = logp.gather(-1, tok[:, None])[:, 0].double()
@@ -325,6 +325,16 @@ class Sweep:
         inc = torch.where(done, torch.zeros_like(inc), inc)
         lp = torch.where(done, torch.zeros_like(lp), lp)
         return tok, lp.cpu(), inc.cpu()
+
+    def _choose(self, logq_m: torch.Tensor, gen, t: int) -> torch.Tensor:
+        """The token at position ``t`` of every row, drawn from the (masked) proposal ``logq_m``
+        (conditional SMC overrides it to keep its reference rows)."""
+        return categorical(logq_m, gen)
+
+    def _ancestors(self, probs: torch.Tensor, need: torch.Tensor, gen) -> torch.Tensor:
+        """Ancestor indices ``[k, N]`` within each of the ``k`` replicates being resampled (the rows
+        of ``need``), from their normalised weights ``probs`` (conditional SMC overrides it)."""
+        return resample(probs, self.spec.N, self.spec.resampling, gen)
 
     def _rescore(self, rows: torch.Tensor, t: int | None) -> torch.Tensor:
         """The factors the model applies before its next latent site without a value, for ``rows``
@@ -351,7 +361,7 @@ class Sweep:
         gen = _random.generator("cpu")
         index = torch.arange(spec.B).view(spec.R, spec.N).clone()
         offset = (torch.arange(spec.R) * spec.N)[need, None]
-        index[need] = resample(torch.softmax(lw, -1)[need], spec.N, spec.resampling, gen) + offset
+        index[need] = self._ancestors(torch.softmax(lw, -1)[need], need, gen) + offset
         st.log_z[need] += log_mean_exp(lw[need], -1)
         lw[need] = 0.0
         st.num_resampling[need] += 1

@@ -455,8 +455,9 @@ def summary(post: Posterior) -> dict[str, Any]:
     """The numbers of a report table: one flat dict per posterior.
 
     Keys: method, num_samples, num_chains, log_evidence, log_evidence_se (``None`` with
-    ``log_evidence_se_reason`` when it is no error bar), ess (with ``ess_note`` when capped),
-    effective_draws (:func:`effective_draws`), n_eff_genealogy (SMC's genealogy-based count of
+    ``log_evidence_se_reason`` when it is no error bar), log_evidence_bounds ((lower, upper)
+    once :func:`ppl_lm.log_evidence_bounds` has bounded log Z from exact draws, else ``None``),
+    ess (with ``ess_note`` when capped), effective_draws (:func:`effective_draws`), n_eff_genealogy (SMC's genealogy-based count of
     independent draws, else ``None``), khat (``None`` with ``khat_reason`` when undefined), rhat
     (the largest R-hat, or ``None``), acceptance (overall rate or ``None``), acceptance_moves,
     means (weighted mean of each reward, constraint and the length), marginals
@@ -485,6 +486,7 @@ def summary(post: Posterior) -> dict[str, Any]:
         "log_evidence": None if post.log_evidence is None else float(post.log_evidence),
         "log_evidence_se": None if se_reason else se,
         "log_evidence_se_reason": se_reason,
+        "log_evidence_bounds": None if post.evidence_bounds is None else tuple(post.evidence_bounds),
         "ess": ess(post),
         "ess_note": ess_note(post),
         "effective_draws": effective_draws(post),

@@ -134,6 +134,8 @@ def table_rows(rows: list[dict], exact: bool) -> tuple[list[str], list[list[str]
             lz += f" ± {fmt(r['log_evidence_se'], 4)}"
         elif r["log_evidence"] is not None and r.get("log_evidence_se_reason"):
             lz += f" ± —\n({r['log_evidence_se_reason']})"  # no fake error bar
+        if r.get("log_evidence_bounds") is not None:  # from exact draws (ppl_lm.log_evidence_bounds)
+            lz += "\nbounds [{}, {}]".format(*(fmt(v, 4) for v in r["log_evidence_bounds"]))
         samples = fmt(r["num_samples"])
         if r["num_chains"] > 1:
             samples += f" ({r['num_chains']} chains)"
