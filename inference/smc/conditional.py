@@ -63,9 +63,12 @@ class ConditionalSweep(Sweep):
         tok[rows] = ref
         return tok
 
+    def _check_alive(self, where: str) -> None:
+        # Called before every resampling, which resets the weights: a dead reference is caught here.
+        _check_reference(self.reference_log_w(), self.spec.replicates)
+        super()._check_alive(where)
+
     def _ancestors(self, probs: torch.Tensor, need: torch.Tensor, gen) -> torch.Tensor:
-        # Resampling resets the weights, so a reference that died must be caught here.
-        _check_reference(self.reference_log_w()[need], [r for r, k in zip(self.spec.replicates, need) if k])
         index = super()._ancestors(probs, need, gen)
         index[:, 0] = 0  # the reference survives; the other N − 1 resample from all N
         return index
@@ -126,8 +129,6 @@ def log_evidence_replicates(model, *args, model_kwargs: dict | None = None, num_
                 ref = {k: _padded(reference[k][reps], seq[k]) for k in seq}
                 sweep = ConditionalSweep(spec, ref)
             sweep.run(False, sum(d.max_new_tokens for d in seq.values()))
-            if reference is not None:
-                _check_reference(sweep.reference_log_w(), reps)
             out[reps] = sweep.result().log_z
             del sweep  # free its KV cache before the next sweep allocates one
     return out
