@@ -309,11 +309,14 @@ class KLSandwich:
 
     KL(q‖π′) = log Z − ELBO ∈ ``kl_reverse`` and KL(π′‖q) = EUBO − log Z ∈ ``kl_forward``, with
     log Z ∈ [max(lower, ELBO), min(upper, EUBO)]. The ends carry the Monte Carlo error of the ELBO
-    (guide draws) and the EUBO (exact draws), given as ``elbo_se`` and ``eubo_se``.
+    (guide draws), the EUBO (exact draws) and the log Z bounds: ``kl_reverse_se`` and
+    ``kl_forward_se`` (widen each end by two of them for about 95 %).
     """
 
     kl_reverse: tuple[float, float]
     kl_forward: tuple[float, float]
+    kl_reverse_se: float
+    kl_forward_se: float
     elbo: float
     elbo_se: float
     eubo: float
@@ -359,6 +362,7 @@ def kl_sandwich(post, model, *args, exact, model_kwargs: dict | None = None, gui
     elbo_se = float(f.std() / math.sqrt(len(f))) if math.isfinite(elbo) else math.nan
     lower, upper = tuple(bounds)
     lo, hi = max(lower, elbo), min(upper, eubo)
+    bound_se = max(getattr(bounds, "lower_se", 0.0) or 0.0, getattr(bounds, "upper_se", 0.0) or 0.0)
     return KLSandwich(
         kl_reverse=(max(lo - elbo, 0.0), max(hi - elbo, 0.0)), kl_forward=(max(eubo - hi, 0.0), max(eubo - lo, 0.0)),
-        elbo=elbo, elbo_se=elbo_se, eubo=eubo, eubo_se=eubo_se, log_evidence_bounds=(lower, upper))
+        kl_reverse_se=math.hypot(elbo_se, bound_se), kl_forward_se=math.hypot(eubo_se, bound_se), elbo=elbo, elbo_se=elbo_se, eubo=eubo, eubo_se=eubo_se, log_evidence_bounds=(lower, upper))
