@@ -37,7 +37,7 @@ def mean_se(x: torch.Tensor) -> tuple[float, float]:
 
 def importance_sides(model, args, draws, n: int, runs: int):
     import ppl_lm
-    from ppl_lm.diagnostics.bounds import reference_log_weights
+    from ppl_lm.inference.bounds import reference_log_weights
 
     lo, up = [], []
     for s in range(runs):

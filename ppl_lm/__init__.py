@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from . import notebook, rewards, seeding, tokens
 from .conditions import TokenMask, constraint, is_partial, pin, prefix_length, reward, token_constraint
-from .diagnostics.bounds import EvidenceBounds, ExactDraws, KLSandwich, exact_draws, kl_sandwich, log_evidence_bounds
 from .distribution import SequenceDistribution
 from .infer import METHODS, infer
 from .lm import LanguageModel, MarkovLM, ToyVocab, chat
@@ -18,10 +17,13 @@ from .preferences import Preferences
 from .reward_model import RewardModel, fit_reward, learned_reward
 
 if TYPE_CHECKING:
+    from .inference.bounds import EvidenceBounds, ExactDraws, KLSandwich, exact_draws, kl_sandwich, log_evidence_bounds
     from .lm import TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
 
 # Read from ppl_lm.lm on first use, so `import ppl_lm` does not import the transformers side.
 _FROM_LM = ("TransformersLM", "load_lm", "tiny_transformer", "tiny_char_transformer")
+# Read from ppl_lm.inference.bounds on first use: the core does not import the backends.
+_FROM_BOUNDS = ("exact_draws", "ExactDraws", "log_evidence_bounds", "EvidenceBounds", "kl_sandwich", "KLSandwich")
 
 __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "chat", "tiny_transformer",
@@ -47,5 +49,10 @@ def __getattr__(name: str):
         from . import lm
 
         value = globals()[name] = getattr(lm, name)
+        return value
+    if name in _FROM_BOUNDS:
+        import importlib
+
+        value = globals()[name] = getattr(importlib.import_module("ppl_lm.inference.bounds"), name)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -98,7 +98,7 @@ class Posterior:
             errors of :meth:`marginal` sum over these groups.
         warnings: typed diagnoses of the run (:class:`~ppl_lm.diagnostics.InferenceWarning`),
             empty when every check passed.
-        evidence_bounds: the :class:`~ppl_lm.diagnostics.bounds.EvidenceBounds` that
+        evidence_bounds: the :class:`~ppl_lm.inference.bounds.EvidenceBounds` that
             :func:`ppl_lm.log_evidence_bounds` computed from exact draws (``None`` before);
             ``log_evidence_bounds`` reads it.
     """

@@ -72,6 +72,9 @@ The package, by job: :mod:`.driver` (``run``: options, stages, the sweeps of a r
 each sweep holds, and islands and replicates pooled into one Posterior), :mod:`.genealogy` (the
 Eve-based variance of log Z and the path-degeneracy check; the genealogy effective count is
 :func:`ppl_lm.diagnostics.estimators.genealogy_diagnostics`).
+
+:mod:`.conditional` holds one particle of each replicate to an exact draw (conditional SMC): its
+log Ẑ is a stochastic upper bound on log Z (:func:`ppl_lm.log_evidence_bounds`).
 """
 
 from ppl_lm.diagnostics.estimators import genealogy_diagnostics

@@ -41,8 +41,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from ppl_lm.inference._runtime import latent_sites, row_cache, run_model
+from ppl_lm.inference.smc import SMCInfo
+from ppl_lm.inference.smc.conditional import log_evidence_replicates
 
-from ..backends import Kind
+from ppl_lm import seeding
+from ppl_lm.backends import Kind
+from ppl_lm.infer import infer
+from ppl_lm.posterior import Posterior
+from ppl_lm.validation import PositiveInt, check_value
 
 __all__ = ["ExactDraws", "exact_draws", "EvidenceBounds", "log_evidence_bounds", "KLSandwich", "kl_sandwich"]
 
@@ -90,18 +97,12 @@ def exact_draws(model, *args, num_samples: int, method: str = "exact", seed: int
     that has not provably mixed), SMC particles and importance draws (weighted, biased for any
     finite N).
     """
-    from ppl_lm import seeding
-    from ppl_lm.inference._runtime import row_cache, run_model
-    from ppl_lm.validation import check_value, PositiveInt
-
     check_value("num_samples", num_samples, PositiveInt)
     check_value("max_proposals", max_proposals, PositiveInt)
     check_value("chunk_size", chunk_size, PositiveInt)
     kwargs = dict(model_kwargs or {})
     if method == "exact":
-        import ppl_lm
-
-        post = ppl_lm.infer(model, *args, method="exact", model_kwargs=kwargs, progress=False)
+        post = infer(model, *args, method="exact", model_kwargs=kwargs, progress=False)
         return _from_exact_posterior(post, num_samples, seed)
     if method != "rejection":
         raise ValueError(f"method must be 'exact' (enumeration) or 'rejection', got {method!r}")
@@ -143,8 +144,6 @@ def _from_exact_posterior(post, num_samples: int, seed: int) -> ExactDraws:
 
 def _exact(exact, model, args, kwargs, seed: int) -> ExactDraws:
     """``exact`` as :class:`ExactDraws`, or a clear error for draws that are not exact."""
-    from ppl_lm.posterior import Posterior
-
     if isinstance(exact, ExactDraws):
         return exact
     if isinstance(exact, Posterior):
@@ -158,8 +157,6 @@ def _exact(exact, model, args, kwargs, seed: int) -> ExactDraws:
     if isinstance(exact, dict):
         return ExactDraws({k: torch.as_tensor(v) for k, v in exact.items()}, "given")
     if isinstance(exact, torch.Tensor):
-        from ppl_lm.inference._runtime import latent_sites
-
         sites = latent_sites(model, args, kwargs, placeholder=True)
         if len(sites) != 1:
             raise ValueError(f"exact= as one tensor gives the draws of one latent site, and the model has "
@@ -217,13 +214,14 @@ def log_evidence_bounds(post, model, *args, exact, model_kwargs: dict | None = N
         guide: the proposal of a run made with ``guide=`` (an SVI posterior carries its own).
         seed: the conditional SMC's seed.
         **smc_options: override the SMC run's options for the conditional sweeps
-            (``num_particles``, ``ess_threshold``, ``observed``, ``chunk_size``).
+            (``num_particles``, ``ess_threshold``, ``observed``, ``chunk_size``). The sweeps
+            resample multinomially whatever the run used (the conditional law of the other
+            schemes is not that of :mod:`ppl_lm.inference.smc.conditional`), and each must fit
+            in one chunk (no islands).
 
     Returns:
         An :class:`EvidenceBounds` (``lower``, ``upper``, their standard errors, ``gap``).
     """
-    from ppl_lm.inference.smc import SMCInfo
-
     kwargs = dict(model_kwargs or {})
     if post.kind is Kind.EXACT:
         b = EvidenceBounds(post.log_evidence, post.log_evidence, estimator="exact", num_particles=len(post))
@@ -243,8 +241,6 @@ def log_evidence_bounds(post, model, *args, exact, model_kwargs: dict | None = N
 
 
 def _smc_bounds(post, model, args, kwargs, draws: ExactDraws, guide, seed: int, options: dict) -> EvidenceBounds:
-    from ppl_lm.inference.smc.conditional import log_evidence_replicates
-
     info = post.info
     if info.proposal != "lm" and guide is None:
         raise ValueError(f"this SMC run proposed from a {info.proposal!r}: pass the same object as guide= so the "
@@ -266,8 +262,6 @@ def _smc_bounds(post, model, args, kwargs, draws: ExactDraws, guide, seed: int, 
 def reference_log_weights(model, args, kwargs, values: dict, guide) -> torch.Tensor:
     """log w(x*) ``[M]`` of exact draws under an importance proposal: log L(x*) for the prior,
     log p(x*) + log L(x*) − log q(x*) for a guide."""
-    from ppl_lm.inference._runtime import row_cache, run_model
-
     M = len(next(iter(values.values())))
     with torch.no_grad(), row_cache():
         if guide is None:
@@ -338,9 +332,7 @@ def kl_sandwich(post, model, *args, exact, model_kwargs: dict | None = None, gui
         num_samples: guide draws for the ELBO when ``post``'s draws are not the guide's
             (default ``len(post)``).
     """
-    from ppl_lm import seeding
-    from ppl_lm.inference._runtime import row_cache
-    from ppl_lm.inference.svi.elbo import particle_terms
+    from ppl_lm.inference.svi.elbo import particle_terms  # the guide side loads only when a guide is bracketed
 
     kwargs = dict(model_kwargs or {})
     g = guide if guide is not None else post.guide
