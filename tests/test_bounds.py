@@ -206,6 +206,20 @@ def _other_guide(seed: int):
     return q, guide
 
 
+def _sandwich_tolerances(exact, log_q: torch.Tensor, n: int) -> tuple[float, float]:
+    """Four standard errors of each end of the KL sandwich, exact from enumeration: the ELBO's (n
+    guide draws), the EUBO's (n exact draws) and log Ẑ's (n guide draws; delta method,
+    sqrt((1/f − 1)/n) with f the exact ESS fraction of the guide's weights)."""
+    log_post = exact.log_weights.double()
+    p_post, p_q = log_post.exp(), log_q.exp()
+    log_w = log_post - log_q + exact.log_evidence
+    sd_elbo = float(((p_q * (log_w - (p_q * log_w).sum()) ** 2).sum()).sqrt()) / math.sqrt(n)
+    sd_eubo = float(((p_post * (log_w - (p_post * log_w).sum()) ** 2).sum()).sqrt()) / math.sqrt(n)
+    f_q = float(torch.exp(2 * torch.logsumexp(log_q + log_w, 0) - torch.logsumexp(log_q + 2 * log_w, 0)))
+    sd_z = math.sqrt((1 / f_q - 1) / n)
+    return 4 * math.hypot(sd_elbo, sd_z), 4 * math.hypot(sd_eubo, sd_z)
+
+
 def test_kl_sandwich_brackets_both_exact_kls():
     model, args, exact, _ = _problem("markov", "soft_reward")
     q, guide = _other_guide(11)
@@ -218,16 +232,30 @@ def test_kl_sandwich_brackets_both_exact_kls():
     post = ppl_lm.infer(model, *args, method="importance", guide=guide, num_samples=4000, seed=0, progress=False)
     draws = ppl_lm.exact_draws(model, *args, num_samples=4000, seed=5)
     s = ppl_lm.kl_sandwich(post, model, *args, exact=draws, guide=guide)
-    # The ends carry the ELBO's, the EUBO's and log Ẑ's Monte Carlo error: their exact sds from
-    # enumeration (log Ẑ's by the delta method, sqrt((1/f − 1)/N) with f the exact ESS fraction of
-    # the guide's weights).
-    log_w = log_post - log_q + exact.log_evidence
-    sd_elbo = float(((p_q * (log_w - (p_q * log_w).sum()) ** 2).sum()).sqrt()) / math.sqrt(4000)
-    sd_eubo = float(((p_post * (log_w - (p_post * log_w).sum()) ** 2).sum()).sqrt()) / math.sqrt(4000)
-    f_q = float(torch.exp(2 * torch.logsumexp(log_q + log_w, 0) - torch.logsumexp(log_q + 2 * log_w, 0)))
-    sd_z = math.sqrt((1 / f_q - 1) / 4000)
-    tol_rev, tol_fwd = 4 * math.hypot(sd_elbo, sd_z), 4 * math.hypot(sd_eubo, sd_z)
+    tol_rev, tol_fwd = _sandwich_tolerances(exact, log_q, 4000)
     assert s.kl_reverse[0] - tol_rev <= kl_rev <= s.kl_reverse[1] + tol_rev, (s, kl_rev)
     assert s.kl_forward[0] - tol_fwd <= kl_fwd <= s.kl_forward[1] + tol_fwd, (s, kl_fwd)
     # and the brackets are tight: their width is the log Z gap
+    assert s.kl_reverse[1] - s.kl_reverse[0] < 0.1 and s.kl_forward[1] - s.kl_forward[0] < 0.1
+
+
+def test_kl_sandwich_of_an_svi_guide():
+    """An SVI posterior carries its guide, and its draws are the guide's (the ELBO is read off them)."""
+    from ppl_lm.inference.svi.elbo import particle_terms
+
+    model, args, exact, _ = _problem("markov", "pin_soft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = ppl_lm.infer(model, *args, method="svi", num_steps=30, guide="full", num_samples=4000,
+                            num_particles=16, seed=0, progress=False)
+    s = ppl_lm.kl_sandwich(post, model, *args, exact=ppl_lm.exact_draws(model, *args, num_samples=4000, seed=6))
+    assert post.log_evidence_bounds == s.log_evidence_bounds
+    with torch.no_grad():
+        log_q = particle_terms(model, post.guide, args, {}, len(exact), values=exact.values).log_q.double()
+    log_post = exact.log_weights.double()
+    kl_rev = float((log_q.exp() * (log_q - log_post)).sum())
+    kl_fwd = float((log_post.exp() * (log_post - log_q)).sum())
+    tol_rev, tol_fwd = _sandwich_tolerances(exact, log_q, 4000)
+    assert s.kl_reverse[0] - tol_rev <= kl_rev <= s.kl_reverse[1] + tol_rev, (s, kl_rev)
+    assert s.kl_forward[0] - tol_fwd <= kl_fwd <= s.kl_forward[1] + tol_fwd, (s, kl_fwd)
     assert s.kl_reverse[1] - s.kl_reverse[0] < 0.1 and s.kl_forward[1] - s.kl_forward[0] < 0.1
