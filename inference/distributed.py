@@ -238,7 +238,7 @@ def _run_svi(args: argparse.Namespace, out: str | None, rank: int) -> None:
     opts = {k: v for k, v in options["svi"].items() if k in takes}
     ignored = sorted(set(options["svi"]) - set(opts))
     if ignored:
-        log.warning("distributed svi trains the guide only; ignored: %s", ", ".join(ignored))
+        log.info("distributed svi trains the guide only; not used: %s", ", ".join(ignored))
     res = svi_dist.train(model, *ctx, seed=args.seed, **opts)
     if rank == 0:
         summary = {k: float(v[-1]) for k, v in res.trace.items() if len(v)}

@@ -13,6 +13,7 @@ fail the check.
 from __future__ import annotations
 
 import math
+import os
 
 import pyro
 import pyro.distributions as dist
@@ -196,3 +197,41 @@ def test_bad_input():
     with pytest.raises(TypeError, match="Shard"):
         with shards.sharded(object()):
             pass
+
+
+# -- the command line -------------------------------------------------------------------------------
+CLI = ["run", "no_e", "--method", "smc", "--lm", "tiny", "--set", "max_new_tokens=4", "--num-particles", "40",
+       "--chunk-size", "20", "--seed", "2", "--top", "3", "--quiet"]
+
+
+def _result_lines(text: str) -> list[str]:
+    """The printed summary and top samples, without the wall time (the one line that may differ)."""
+    return [line.split(", wall time")[0] for line in text.splitlines() if line.strip()]
+
+
+def test_torchrun_entry_point_prints_the_single_process_result(capsys):
+    """``torchrun --nproc_per_node=2 -m ppl_lm.inference.distributed run ...`` (gloo) prints, on rank 0
+    only, what ``ppl-lm run`` prints in one process with the same seed and chunk size."""
+    import subprocess
+    import sys
+
+    from ppl_lm import cli
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29621",
+                          "-m", "ppl_lm.inference.distributed", *CLI], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert cli.main(CLI) == 0
+    single = capsys.readouterr().out
+    assert "method smc, samples 40" in single
+    assert _result_lines(out.stdout) == _result_lines(single)  # rank 1 printed nothing
+
+
+def test_entry_point_errors(capsys):
+    assert distributed.main(["run", "no_e", "--method", "mh", "--lm", "tiny"]) == 2
+    assert "takes importance, smc, svi" in capsys.readouterr().err
+    assert distributed.main(["run", "no_e", "--method", "smc", "--lm", "tiny", "--out", "g.pt"]) == 2
+    assert "--out saves an SVI guide" in capsys.readouterr().err
+    assert distributed.main(["sample", "no_e"]) == 2
+    assert "the command is `run`" in capsys.readouterr().err
