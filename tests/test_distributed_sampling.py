@@ -163,6 +163,7 @@ def test_planted_bugs_fail(two_ranks, single, name):
     assert abs(logmean - single[name]["log_evidence"]) > 1e-6  # Jensen's gap: log of the mean != mean of logs
 
 
+@pytest.mark.filterwarnings("ignore::ppl_lm.diagnostics.warnings.PplLmWarning")  # 200 particles
 def test_one_process_without_a_group_is_infer():
     model = toy()
     a = distributed.run(model, method="smc", num_particles=200, chunk_size=100, seed=1, progress=False)
@@ -170,6 +171,7 @@ def test_one_process_without_a_group_is_infer():
     assert mismatches(_summary(a), _summary(b)) == []
 
 
+@pytest.mark.filterwarnings("ignore::ppl_lm.diagnostics.warnings.PplLmWarning")  # 200 particles
 def test_islands_draw_the_same_wherever_they_run():
     """The single-process shard hook: skipping island 0 does not change what island 1 draws."""
     model = toy()
