@@ -95,9 +95,11 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
             chunk_size = shard.chunk_size(
                 _default_chunk({**sites, **observed_sequences(model, args, kwargs)}, num_samples), num_samples)
         done = {}
-        bar = tqdm(total=num_samples, desc="importance", unit="sample", disable=not progress)
+        starts = range(0, num_samples, chunk_size)
+        bar = tqdm(total=sum(min(chunk_size, num_samples - s) for i, s in enumerate(starts) if shard.owns(i)),
+                   desc="importance", unit="sample", disable=not progress)
         try:
-            for i, start in enumerate(range(0, num_samples, chunk_size)):
+            for i, start in enumerate(starts):
                 if not shard.owns(i):
                     continue
                 n = min(chunk_size, num_samples - start)

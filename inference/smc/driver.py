@@ -124,8 +124,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
         stages = [Stage(name, masks[name], qlm if name == first else None) for name in seq]
         plan = sweep_plan(num_particles, num_replicates, chunk_size)
         done = {}
-        bar = tqdm(total=num_particles * num_replicates, desc="smc", unit="particle",
-                   disable=not progress or len(plan) == 1)
+        bar = tqdm(total=sum(n * len(reps) for i, (n, reps) in enumerate(plan) if shard.owns(i)), desc="smc",
+                   unit="particle", disable=not progress or len(plan) == 1)
         try:
             for i, (n, reps) in enumerate(plan):
                 if not shard.owns(i):
