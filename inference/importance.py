@@ -23,6 +23,7 @@ from ppl_lm import seeding as _random
 from ppl_lm.backends import Kind, describe
 from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, log_mean_exp, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
+from ppl_lm.inference import shards
 from ppl_lm.inference._runtime import (
     cat_scores, check_guide_sites, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, row_cache,
     run_guide, run_model,
@@ -55,11 +56,12 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
 
     Args:
         model: a vectorised Pyro model; ``*args`` and ``model_kwargs`` are its arguments.
-        seed: same seed, same samples (on CPU), for a given ``chunk_size``.
+        seed: same seed, same samples (on CPU), for a given ``chunk_size``: chunk i draws from its own seed
+            (:func:`ppl_lm.inference.shards.part_seed`), whatever came before it, so the chunks can be drawn by several processes (:mod:`ppl_lm.inference.distributed`).
         num_samples: number of proposals drawn.
         chunk_size: particles per vectorised model run (bounds memory). ``None`` picks about
-            32k tokens (prompt plus new tokens) per chunk. The chunks draw from one random
-            stream, so another chunk size gives different, equally valid, samples.
+            32k tokens (prompt plus new tokens) per chunk. Another chunk size gives different,
+            equally valid, samples.
         guide: proposal; ``None`` is the prior. Otherwise a callable with the model's signature
             that samples the model's latent site(s) under the same names; latent sites the guide
             does not sample are drawn from the prior (their log-probabilities cancel).
@@ -88,22 +90,31 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     with _random.seeded(seed), torch.no_grad(), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)
         check_has_latent(sites, "importance")
+        shard = shards.current()  # which chunks this process draws (all, unless distributed)
         if chunk_size is None:
-            chunk_size = _default_chunk({**sites, **observed_sequences(model, args, kwargs)}, num_samples)
-        parts, log_ws = [], []
-        bar = tqdm(total=num_samples, desc="importance", unit="sample", disable=not progress)
+            chunk_size = shard.chunk_size(
+                _default_chunk({**sites, **observed_sequences(model, args, kwargs)}, num_samples), num_samples)
+        done = {}
+        starts = range(0, num_samples, chunk_size)
+        bar = tqdm(total=sum(min(chunk_size, num_samples - s) for i, s in enumerate(starts) if shard.owns(i)),
+                   desc="importance", unit="sample", disable=not progress)
         try:
-            for start in range(0, num_samples, chunk_size):
+            for i, start in enumerate(starts):
+                if not shard.owns(i):
+                    continue
                 n = min(chunk_size, num_samples - start)
-                scores, log_w = _chunk(model, args, kwargs, n, guide)
+                with shards.part_stream(i):  # chunk i draws the same wherever it runs
+                    scores, log_w = _chunk(model, args, kwargs, n, guide)
                 scores.trace = None  # keep tokens and scalars only
-                parts.append(scores)
-                log_ws.append(log_w.double())
+                done[i] = (scores, log_w.double())
                 bar.update(n)
         finally:
             bar.close()
-        scores = cat_scores(parts) if len(parts) > 1 else parts[0]
-        log_w = torch.cat(log_ws)
+        parts = shard.gather(done)
+        if parts is None:  # another process pools the chunks
+            return None
+        scores = cat_scores([s for s, _ in parts]) if len(parts) > 1 else parts[0][0]
+        log_w = torch.cat([w for _, w in parts])
 
     normalise(log_w)  # the clear errors: NaN weights, or every weight zero
     log_z = float(log_mean_exp(log_w))

@@ -600,6 +600,8 @@ def cmd_run(args) -> int:
     opts = options[method]
     log.info("running %s on %s with %s", method, args.model, opts)
     post = _infer(model, ctx, method, args.seed, opts, files)
+    if post is None:  # a distributed run (ppl_lm.inference.distributed): another rank pools and prints
+        return 0
     _print_warnings([(method, w) for w in post.warnings])
     _print_run(args.model, post, args.top, labels=getattr(module, "labels", None), check=_checker(module, ctx))
     if args.report:

@@ -73,6 +73,8 @@ def infer(model: Callable, *args, method: str = "importance", seed: int = 0, mod
         raise TypeError(f"method={method!r} does not take model_kwargs yet; bind them with functools.partial(model, ...)")
     t0 = time.perf_counter()
     post = b.run(model, *args, seed=seed, **options)
+    if post is None:  # a distributed run: another process pools the parts (ppl_lm.inference.distributed)
+        return None
     post.method, post.kind, post.seed = method, b.kind, seed
     post.wall_time = time.perf_counter() - t0
     return post

@@ -65,7 +65,9 @@ are batched into one sweep; a replicate larger than ``chunk_size`` runs as *isla
 particles, one after another, whose sizes add up to ``num_particles``. Island i of size n_i
 estimates Z by Ẑ_i (unbiased), so Ẑ = Σ_i (n_i/N)·Ẑ_i is unbiased, and island particles are
 pooled with weights (n_i/N)·Ẑ_i·W_ij. Memory is then bounded by the chunk (tokens and a few
-scalars per particle are kept), at the cost of resampling only within islands.
+scalars per particle are kept), at the cost of resampling only within islands. Each sweep draws
+from its own seeded stream (:mod:`ppl_lm.inference.shards`), so islands can also run on several
+processes, pooled exactly as here (:mod:`ppl_lm.inference.distributed`).
 
 The package, by job: :mod:`.driver` (``run``: options, stages, the sweeps of a run),
 :mod:`.sweep` (one batched sweep and its explicit state), :mod:`.islands` (how many particles

@@ -10,6 +10,7 @@ import typing
 from typing import Literal
 
 import torch
+from ppl_lm.inference import shards
 from ppl_lm.inference._runtime import (
     check_has_latent,
     latent_sites,
@@ -53,7 +54,9 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
         model: a vectorised Pyro model; its latent ``lm.sequence(...)`` sites are advanced in program
             order (see the module notes), other latent sites are drawn from their prior, observed
             text is scored once its prompt exists; ``*args`` and ``model_kwargs`` are its arguments.
-        seed: same seed, same samples (on CPU).
+        seed: same seed, same samples (on CPU). Sweep i (an island, or a batch of replicates)
+            draws from its own seed (:func:`ppl_lm.inference.shards.part_seed`), whatever came
+            before it, so the sweeps can run on several processes (:mod:`ppl_lm.inference.distributed`).
         num_particles: particles per replicate (at least 2).
         ess_threshold: resample when ESS < ``ess_threshold · num_particles`` (0 never, 1 at
             almost every step).
@@ -107,9 +110,11 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
         sites = latent_sites(model, args, kwargs, placeholder=True)
         check_has_latent(sites, "smc")
         seq = sequence_sites(sites)
+        shard = shards.current()  # which islands this process runs (all, unless distributed)
         if chunk_size is None:
             sized = [*seq.values(), *observed_sequences(model, args, kwargs).values()]
-            chunk_size = min((default_chunk_size(d) for d in sized), default=max(2, num_particles))
+            chunk_size = shard.chunk_size(min((default_chunk_size(d) for d in sized), default=max(2, num_particles)),
+                                          num_particles * num_replicates)
         first = next(iter(seq), None)
         qlm = None if first is None else _proposal_lm(guide, seq[first].lm)
         if guide is not None and first is None:
@@ -118,18 +123,25 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
         masks = _token_masks(model, args, kwargs, seq)
         stages = [Stage(name, masks[name], qlm if name == first else None) for name in seq]
         plan = sweep_plan(num_particles, num_replicates, chunk_size)
-        parts = []
-        bar = tqdm(total=num_particles * num_replicates, desc="smc", unit="particle",
-                   disable=not progress or len(plan) == 1)
+        done = {}
+        bar = tqdm(total=sum(n * len(reps) for i, (n, reps) in enumerate(plan) if shard.owns(i)), desc="smc",
+                   unit="particle", disable=not progress or len(plan) == 1)
         try:
-            for n, reps in plan:
-                sweep = Sweep(SweepSpec(model, args, kwargs, stages, n, reps, ess_threshold, resampling, observed))
-                sweep.run(progress and len(plan) == 1, sum(d.max_new_tokens for d in seq.values()))
-                parts.append(sweep.result())
+            for i, (n, reps) in enumerate(plan):
+                if not shard.owns(i):
+                    continue
+                with shards.part_stream(i):  # island i draws the same wherever it runs
+                    sweep = Sweep(SweepSpec(model, args, kwargs, stages, n, reps, ess_threshold, resampling,
+                                            observed))
+                    sweep.run(progress and len(plan) == 1, sum(d.max_new_tokens for d in seq.values()))
+                    done[i] = sweep.result()
                 del sweep  # free its KV cache before the next sweep allocates one
                 bar.update(n * len(reps))
         finally:
             bar.close()
+        parts = shard.gather(done)
+        if parts is None:  # another process pools the islands
+            return None
         return combine(parts, num_particles, num_replicates, chunk_size, sites,
                        {"resampling": resampling, "ess_threshold": ess_threshold,
                         "proposal": "lm" if qlm is None else "guide",

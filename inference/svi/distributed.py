@@ -24,13 +24,15 @@ guide construction, and checkpoints (rank 0 writes, every rank resumes).
 
 Launch (``gloo`` on CPU, ``nccl`` on GPU)::
 
-    torchrun --nproc_per_node=4 -m ppl_lm.inference.svi.distributed sentiment --num-steps 200 \\
-        --num-particles 64 --device cuda --out guide.pt
+    torchrun --nproc_per_node=4 -m ppl_lm.inference.distributed run sentiment --method svi \\
+        --num-steps 200 --num-particles 64 --device cuda --out guide.pt
+
+(the one entry point of :mod:`ppl_lm.inference.distributed`, for importance and SMC too; the old
+``-m ppl_lm.inference.svi.distributed MODEL ...`` is forwarded to it).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -44,6 +46,7 @@ import torch.distributed as dist
 from pyro.infer import ELBO
 
 from ppl_lm import seeding as _random
+from ppl_lm.inference.distributed import init, world
 
 from . import checkpoint as _ckpt
 from . import training
@@ -60,31 +63,6 @@ _BASELINES = ("global", "local")
 def block_seed(seed: int, step: int, block: int) -> int:
     """The seed of particle block ``block`` at step ``step`` (independent of the world size)."""
     return (int(seed) * 1_000_003 + int(step) * 10_007 + int(block) * 101 + 1) % (2**62)
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init(backend: str | None = None) -> tuple[int, int]:
-    """Initialise the default process group from torchrun's environment (idempotent).
-
-    ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. Returns
-    ``(rank, world_size)``.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise RuntimeError("no process group and no torchrun environment (RANK, WORLD_SIZE): "
-                               "launch with `torchrun --nproc_per_node=K -m ppl_lm.inference.svi.distributed ...`")
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
-    return world()
 
 
 def _comm_device() -> torch.device:
@@ -352,58 +330,23 @@ def train(model: Callable, *args, num_steps: int = 200, num_particles: int = 8, 
     return TrainResult(g, res.trace, info)
 
 
-def main(argv=None) -> None:
-    """``torchrun --nproc_per_node=K -m ppl_lm.inference.svi.distributed MODEL [options]``: train a LoRA guide."""
-    import importlib
-    import json
+def main(argv=None) -> int:
+    """The former command line, forwarded to the one distributed entry point.
 
-    p = argparse.ArgumentParser(prog="python -m ppl_lm.inference.svi.distributed", description=main.__doc__)
-    p.add_argument("model", help="a model script name in ppl_lm.models (e.g. sentiment) or a module path")
-    p.add_argument("--context", default=None, help="the prompt (default: the script's context)")
-    p.add_argument("--num-steps", type=int, default=100)
-    p.add_argument("--num-particles", type=int, default=None, help="all processes together (default 8 per process)")
-    p.add_argument("--guide", default=None, choices=["lora", "full"], help="default: lora for a transformer LM")
-    p.add_argument("--objective", default="reverse", choices=["reverse", "forward"])
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--checkpoint-dir", default=None, help="resume from / write checkpoints here (rank 0 writes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (each process takes cuda:LOCAL_RANK)")
-    p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
-    p.add_argument("--lm", default=None,
-                   help="LM path (default: the embedded SmolLM2; 'tiny-char': a tiny random character LM, for checks)")
-    p.add_argument("--out", default=None, help="rank 0 saves the guide's weights and the trace here (torch.save)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    import ppl_lm
+    ``python -m ppl_lm.inference.svi.distributed MODEL [options]`` runs
+    ``python -m ppl_lm.inference.distributed run MODEL --method svi [options]`` (``--lm tiny-char``
+    is ``--lm tiny``).
+    """
+    import sys
 
-    if "RANK" in os.environ:
-        rank, size = init(a.backend or ("nccl" if a.device.startswith("cuda") else "gloo"))
-    else:
-        rank, size = world()
-    device = a.device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    name = a.model if "." in a.model else f"ppl_lm.models.{a.model}"
-    mod = importlib.import_module(name)
-    if a.lm == "tiny-char":
-        lm = ppl_lm.tiny_char_transformer(seed=a.seed)
-        lm.model.to(device)
-    else:
-        lm = ppl_lm.load_lm(a.lm, device=device)
-    model = mod.build(lm)
-    context = a.context if a.context is not None else mod.context
-    n = a.num_particles or 8 * size
-    res = train(model, context, num_steps=a.num_steps, num_particles=n, guide=a.guide, lr=a.lr, seed=a.seed,
-                objective=a.objective, checkpoint_dir=a.checkpoint_dir)
-    if rank == 0:
-        summary = {k: float(v[-1]) for k, v in res.trace.items()}
-        log.info("done: %s; %s", json.dumps(res.info), json.dumps(summary))
-        if a.out:
-            torch.save({"guide": res.guide.state_dict(), "trace": res.trace, "info": res.info}, a.out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    from ppl_lm.inference import distributed
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["tiny" if a == "tiny-char" else a for a in argv]
+    log.warning("this entry point moved: use `torchrun ... -m ppl_lm.inference.distributed run MODEL --method svi "
+                "[options]` (same options)")
+    return distributed.main(["run", *argv[:1], "--method", "svi", *argv[1:]])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
