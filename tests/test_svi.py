@@ -129,6 +129,15 @@ def test_forward_gradient_matches_exact_forward_kl_gradient(proposal):
     make the ratio spread more (0.5-4 over seeds 0-3). The exact gradient is 15-80x the noise
     norm, so a bias of a fifth of the gradient gives a ratio of 10 or more.
     """
+    ratio, exact_norm, se_norm = forward_gradient_error(proposal)
+    assert ratio < 6, f"squared error {ratio:.2f}x its Monte Carlo expectation"
+    assert exact_norm > 5 * se_norm, "the test has no power: the gradient is within noise"
+
+
+def forward_gradient_error(proposal: str) -> tuple[float, float, float]:
+    """The forward estimator's mean gradient (40 × 2000 draws) against the exact one on a perturbed
+    guide: its squared error over the summed squared standard errors, the exact gradient's norm and
+    the standard errors' norm."""
     lm = LMS["markov"]()
     model, args = soft_reward(lm)
     guide = make_guide(model, *args)
@@ -151,9 +160,7 @@ def test_forward_gradient_matches_exact_forward_kl_gradient(proposal):
             draws.append(torch.cat([p.grad.reshape(-1) for p in params]).double())
     draws = torch.stack(draws)
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
-    ratio = float(((mean - exact) ** 2).sum() / (se**2).sum())
-    assert ratio < 6, f"squared error {ratio:.2f}x its Monte Carlo expectation"
-    assert float(exact.norm()) > 5 * float(se.norm()), "the test has no power: the gradient is within noise"
+    return float(((mean - exact) ** 2).sum() / (se**2).sum()), float(exact.norm()), float(se.norm())
 
 
 @pytest.mark.parametrize("proposal", ["guide", "prior"])

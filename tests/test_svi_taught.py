@@ -119,3 +119,23 @@ def test_bad_options():
     model, args = two_modes(LMS["markov"]())
     with pytest.raises(ValueError, match="proposal='mixture' is for objective='forward'"):
         ppl_lm.infer(model, *args, method="svi", objective="reverse", proposal="mixture", progress=False)
+
+
+def test_planted_bug_a_mixture_weight_without_the_prior_fails_the_gradient_check(monkeypatch):
+    """Mixture draws weighted as if the guide alone had drawn them (log ρ = log q, the prior's
+    component dropped): the gradient is biased and the exact-gradient check of
+    ``test_svi.py`` (ratio < 6) says so."""
+    from test_svi import forward_gradient_error
+
+    import ppl_lm.inference.svi.taught as taught
+
+    real = taught.mixture_terms
+
+    def guide_only_density(*a, **k):
+        t = real(*a, **k)
+        t.log_proposal = t.log_q.detach()
+        return t
+
+    monkeypatch.setattr(taught, "mixture_terms", guide_only_density)
+    ratio, _, _ = forward_gradient_error("mixture")
+    assert ratio > 6, ratio
