@@ -8,15 +8,18 @@ reference number is exact, by enumerating the 341 sequences:
   KL(π′‖q) is KL* = 0.3325 and its exact ESS/N, 1/Σ π′²/q, is 0.55 (the most importance sampling
   with any guide of this family can keep);
 - the self-normalised forward objective on the guide's own draws (the old ``proposal="guide"``)
-  stops at KL(π′‖q) 0.37–0.42 with exact ESS/N 0.02–0.17 (seeds 0, 1; 1 000–3 000 steps): it never
-  sees the sequences its guide gives almost no mass, and reports ESS/N 0.5–0.6 from its own draws.
+  stops at KL(π′‖q) 0.369–0.377 with exact ESS/N 0.06–0.09 (seeds 0, 1; 1 500 steps × 64 draws;
+  0.363–0.369 and 0.08–0.15 at 1 000 steps): it never sees the sequences its guide gives almost no
+  mass, and usually reports ESS/N 0.54–0.62 from its own draws (when one such sequence is drawn
+  it takes all the weight: ESS/N 0.004 and log Ẑ 0.43 nats high at seed 0, 1 500 steps).
 
-Criteria, each seed: the taught guide is within 0.015 nats of KL* (a fifth of the old
-objective's smallest shortfall, 0.035) and keeps at least 0.4 of the draws (exact ESS/N;
-the best of the family keeps 0.55, the old objective at most 0.17); the corrected posterior's
-TV to the exact one is within the iid bound of the same number of draws (three times the
-expected TV of that many independent exact draws, ``toys.tv_tolerance``), and log Ẑ is within
-0.05 nats of log Z.
+Criteria, each seed (1 500 steps × 64 draws): the taught guide is within 0.02 nats of KL* (it
+reaches 0.337–0.339; the old objective falls 0.036–0.045 short) and keeps at least 0.4 of the
+draws (exact ESS/N: the family's best 0.55, the taught guide 0.52–0.53); the corrected
+posterior's TV to the exact one is within the iid bound of the same number of draws (three times
+the expected TV of that many independent exact draws, ``toys.tv_tolerance``), and log Ẑ is within
+0.05 nats of log Z. (TV and log Z alone do not separate the two objectives at every seed: the old
+objective's rare heavy draws are usually not among the 2 000; benchmarks/RESULTS.md section 15.)
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from toys import (
     LMS, coverage, enumerated_log_posterior, enumerated_log_q, family_optimum, tv_distance, tv_tolerance, two_modes,
 )
 
-STEPS, PARTICLES, DRAWS = 1000, 64, 2000
-KL_SLACK, MIN_ESS = 0.015, 0.4
+STEPS, PARTICLES, DRAWS = 1500, 64, 2000
+KL_SLACK, MIN_ESS = 0.02, 0.4
 
 
 @pytest.fixture(scope="module")
