@@ -19,7 +19,7 @@ draws (exact ESS/N: the family's best 0.55, the taught guide 0.52–0.53); the c
 posterior's TV to the exact one is within the iid bound of the same number of draws (three times
 the expected TV of that many independent exact draws, ``toys.tv_tolerance``), and log Ẑ is within
 0.05 nats of log Z. (TV and log Z alone do not separate the two objectives at every seed: the old
-objective's rare heavy draws are usually not among the 2 000; benchmarks/RESULTS.md section 15.)
+objective's rare heavy draws are usually not among the 2 000; benchmarks/RESULTS.md section 17.)
 """
 
 from __future__ import annotations
