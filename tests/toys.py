@@ -95,6 +95,19 @@ def prefix_prompt(lm):
     return model, ([2, 4],)
 
 
+def two_modes(lm, lam=4.0):
+    """A posterior with two modes the positional Markov guide cannot represent exactly: the
+    reward pays for x_0 = x_2 ∈ {a, c} (the guide sees x_2 only through x_1)."""
+
+    def model(prompt=()):
+        x = pyro.sample("x", lm.sequence(list(prompt), max_new_tokens=T))
+        mode = ((x[..., 0] == 1) & (x[..., 2] == 1)) | ((x[..., 0] == 3) & (x[..., 2] == 3))
+        ppl_lm.reward("r", lam * mode.float(), beta=1.0)
+        return x
+
+    return model, ()
+
+
 PROBLEMS = {
     "soft_reward": soft_reward,
     "hard_constraint": hard_constraint,
@@ -160,3 +173,50 @@ def support_index(support: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def kl_logp(a: torch.Tensor, b: torch.Tensor) -> float:
     """KL(a‖b) of two log-probability vectors over one support."""
     return float((a.exp() * (a - b)).sum())
+
+
+# -- the two-mode toy: what the guide family can reach (tests/test_svi_taught.py, benchmarks/svi_two_modes.py) --
+def enumerated_log_q(model, args, guide) -> torch.Tensor:
+    """The guide's log q of every sequence of the support (differentiable), ``[341]``."""
+    from ppl_lm.inference.exact import enumerate_sequences
+    from ppl_lm.inference.svi.elbo import particle_terms
+
+    support = enumerate_sequences(V, 0, T)
+    return particle_terms(model, guide, args, {}, len(support), values={"x": support}).log_q.double()
+
+
+def enumerated_log_posterior(model, args) -> torch.Tensor:
+    """log π′ of every sequence of the support, ``[341]`` (support order of ``enumerated_log_q``)."""
+    from ppl_lm.inference.exact import enumerate_sequences
+    from ppl_lm.inference.svi.elbo import particle_terms
+    from ppl_lm.inference.svi.guides import make_guide
+
+    support = enumerate_sequences(V, 0, T)
+    exact = ppl_lm.infer(model, *args, method="exact")
+    with torch.no_grad():
+        t = particle_terms(model, make_guide(model, *args), args, {}, len(support), values={"x": support})
+    return (t.log_prior + t.log_likelihood).double() - exact.log_evidence
+
+
+def coverage(log_post: torch.Tensor, log_q: torch.Tensor) -> tuple[float, float]:
+    """Exact KL(π′‖q) and the exact ESS/N of importance sampling with proposal q, 1/Σ π′²/q."""
+    p = log_post.exp()
+    keep = p > 0
+    kl = float((p[keep] * (log_post[keep] - log_q[keep])).sum())
+    return kl, float(1 / (p[keep] ** 2 / log_q[keep].exp()).sum())
+
+
+def family_optimum(model, args, log_post: torch.Tensor, steps: int = 600) -> tuple[float, float]:
+    """The ``full`` guide family's best forward KL and that guide's ESS/N (Adam on the enumerated
+    KL(π′‖q), exact gradients)."""
+    from ppl_lm.inference.svi.guides import make_guide
+
+    guide = make_guide(model, *args)
+    opt = torch.optim.Adam(guide.module.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = -(log_post.exp() * enumerated_log_q(model, args, guide)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return coverage(log_post, enumerated_log_q(model, args, guide))

@@ -8,8 +8,10 @@ trained on one of two objectives (:mod:`ppl_lm.inference.svi.elbo`):
 - ``objective="reverse"``: the ELBO ``E_q[log π + r/β − log q] = (E_q[r] − β·KL(q‖π))/β``, the
   KL-regularised RL objective; ``log Z − ELBO = KL(q‖π′)`` (mode-seeking);
 - ``objective="forward"``: KL(π′‖q), self-normalised importance-weighted maximum likelihood on
-  the guide's own draws (``proposal="guide"``) or the prior's (``proposal="prior"``)
-  (distribution matching: mass-covering);
+  the guide's own draws (``proposal="guide"``), the prior's (``proposal="prior"``), or a
+  defensive mixture of both (``proposal="mixture"``, :mod:`~ppl_lm.inference.svi.taught`: the
+  guide proposes, the weighted draws teach it, and the prior's share finds the mass the guide
+  misses) (distribution matching: mass-covering);
 - ``objective="forward_then_reverse"``: forward for the first half of the steps, then reverse;
 - ``objective="dpo"`` with ``preferences=``: direct preference optimisation
   (:mod:`~ppl_lm.inference.svi.dpo`): the Bradley–Terry loss of the pairs under the implicit
@@ -65,6 +67,7 @@ from ppl_lm.inference.svi.guides import (
     make_guide,
     model_site,
 )
+from ppl_lm.inference.svi.taught import MixtureForwardKL
 from ppl_lm.inference.svi.training import KLTrace, kl_trace, train
 
 import ppl_lm
@@ -141,7 +144,7 @@ class SVIError(ValueError):
 @describe(kind=Kind.WEIGHTED, info=SVIInfo)
 def run(model, *args, seed: int = 0,
         objective: Literal["reverse", "forward", "forward_then_reverse", "dpo"] = "reverse",
-        proposal: Literal["guide", "prior"] = "guide", num_steps: NonNegativeInt = 200,
+        proposal: Literal["guide", "prior", "mixture"] = "guide", num_steps: NonNegativeInt = 200,
         num_particles: AtLeastTwo = 8, lr: float | None = None,
         guide: Literal["lora", "full"] | SequenceGuide | None = None, num_samples: PositiveInt = 1000,
         contexts=None, checkpoint_dir: str | None = None, checkpoint_every: PositiveInt = 50,
@@ -161,7 +164,10 @@ def run(model, *args, seed: int = 0,
         objective: ``"reverse"`` (the ELBO, KL(q‖π′)), ``"forward"`` (KL(π′‖q)),
             ``"forward_then_reverse"`` (forward for the first half of the steps) or ``"dpo"``
             (the DPO loss of ``preferences``; see :mod:`~ppl_lm.inference.svi.dpo`).
-        proposal: where the forward objective's draws come from: ``"guide"`` or ``"prior"``.
+        proposal: where the forward objective's draws come from: ``"guide"`` (its own draws; mass
+            it misses stays unseen), ``"prior"``, or ``"mixture"`` (half prior, half guide, each
+            draw weighted by the mixture's density: a guide taught by importance sampling
+            that cannot lose a mode, :mod:`~ppl_lm.inference.svi.taught`).
         num_steps: optimisation steps (a resumed run counts the steps already done). 0 only
             with a trained guide object (``guide=post.guide``): its draws are weighted, untrained.
         num_particles: draws per step (>= 2), in one vectorised plate (unused by ``"dpo"``).
@@ -437,7 +443,9 @@ def _check_options(num_steps, num_particles, lr, num_samples, checkpoint_every, 
     known = OBJECTIVES + SCHEDULES + PAIR_OBJECTIVES
     if objective not in known:
         raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(known)}")
-    if proposal not in PROPOSALS:
-        raise ValueError(f"unknown proposal {proposal!r}; choose one of {', '.join(PROPOSALS)}")
+    known = PROPOSALS + (MixtureForwardKL.proposal,)
+    if proposal not in known:
+        raise ValueError(f"unknown proposal {proposal!r}; choose one of {', '.join(known)}")
     if objective == "reverse" and proposal != "guide":
-        raise ValueError("objective='reverse' draws from the guide; proposal='prior' is for objective='forward'")
+        raise ValueError(f"objective='reverse' draws from the guide; proposal={proposal!r} is for "
+                         "objective='forward'")

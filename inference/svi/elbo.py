@@ -332,11 +332,17 @@ class ForwardKL(_ScoreFunctionLoss):
 
 def make_loss(objective: str, num_particles: int, *, proposal: str = "guide",
               relax_penalty: float | None = None) -> _ScoreFunctionLoss:
-    """The estimator of ``objective`` ("reverse" or "forward")."""
+    """The estimator of ``objective`` ("reverse" or "forward"; the forward one's draws from ``proposal``:
+    "guide", "prior" or "mixture", :mod:`~ppl_lm.inference.svi.taught`)."""
     if objective == "reverse":
         if proposal != "guide":
-            raise ValueError("objective='reverse' draws from the guide; proposal='prior' is for objective='forward'")
+            raise ValueError(f"objective='reverse' draws from the guide; proposal={proposal!r} is for "
+                             "objective='forward'")
         return RLOO_ELBO(num_particles, relax_penalty=relax_penalty)
     if objective == "forward":
+        if proposal == "mixture":  # the defensive mixture of prior and guide (taught.py)
+            from ppl_lm.inference.svi.taught import MixtureForwardKL
+
+            return MixtureForwardKL(num_particles)
         return ForwardKL(num_particles, proposal=proposal)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
