@@ -16,6 +16,21 @@ from .posterior import Posterior
 from .preferences import Preferences
 from .reward_model import RewardModel, fit_reward, learned_reward
 
+
+def learn_twist(model, *args, **kwargs):
+    """Learn a twist for ``method="smc"`` by contrastive twist learning
+    (:func:`ppl_lm.inference.smc.twists.learn_twist`)."""
+    from .inference.smc.twists import learn_twist as _learn
+
+    return _learn(model, *args, **kwargs)
+
+
+def exact_twist(model, *args, **kwargs):
+    """The optimal twist by enumeration, toy LMs only (:func:`ppl_lm.inference.smc.twists.exact_twist`)."""
+    from .inference.smc.twists import exact_twist as _exact
+
+    return _exact(model, *args, **kwargs)
+
 if TYPE_CHECKING:
     from .lm import TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
 
@@ -27,7 +42,7 @@ __all__ = [
     "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
     "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "notebook", "report",
-    "Preferences", "RewardModel", "fit_reward", "learned_reward",
+    "Preferences", "RewardModel", "fit_reward", "learned_reward", "learn_twist", "exact_twist",
 ]
 
 __version__ = "0.1.0"
