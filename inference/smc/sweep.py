@@ -290,8 +290,8 @@ class Sweep:
                 idx = rows.nonzero()[:, 0]
                 if len(idx):
                     new_twist[idx] = self._rescore(idx, length)
-                    if log_psi is not None and length is not None:  # finished rows keep the exact score
-                        new_twist[idx] = learned_twist(new_twist[idx], log_psi[idx.to(log_psi.device), tok[idx]])
+            if log_psi is not None:
+                new_twist = learned_twist(new_twist, log_psi.gather(-1, tok[:, None])[:, 0], live & ~finished)
             st.log_w = torch.where(alive, st.log_w + inc, st.log_w)
             self._reweight(live, new_twist)
             self._check_alive(f"by token {t + 1} (of {s.T}) of site {st.name!r}")

@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -122,11 +123,12 @@ def twist_logits(twist: Twist, prefix: torch.Tensor, lm_state, active: torch.Ten
     return log_psi
 
 
-def learned_twist(prefix_score: torch.Tensor, log_psi: torch.Tensor) -> torch.Tensor:
-    """The log twist of unfinished particles: log ψ of their prefix, where the model's prefix score
-    keeps them (a pruned prefix stays pruned)."""
+def learned_twist(score: torch.Tensor, log_psi: torch.Tensor, unfinished: torch.Tensor) -> torch.Tensor:
+    """The log twist of each particle after a step: log ψ of its prefix where it is ``unfinished`` and
+    the model's prefix score keeps it (a pruned prefix stays pruned); the model's ``score`` elsewhere
+    (an ended sequence's exact score divides the twist out)."""
     log_psi = log_psi.double().cpu()
-    return torch.where(torch.isfinite(prefix_score), log_psi, prefix_score)
+    return torch.where(unfinished & torch.isfinite(score), log_psi, score)
 
 
 # -- the exact optimal twist (toy LMs) -------------------------------------------------------
@@ -280,7 +282,17 @@ def learn_twist(model, *args, model_kwargs: dict | None = None, twist: Twist | N
         opt = torch.optim.Adam(twist.parameters(), lr=lr)
     for k in range(steps):
         rec = _Recorder(twist)
-        post = smc_run(model, *args, model_kwargs=kwargs, seed=seed + k, twist=rec, **opts)
+        try:
+            with warnings.catch_warnings():  # the training runs' diagnostics (few draws, low ESS) are expected
+                warnings.simplefilter("ignore")
+                post = smc_run(model, *args, model_kwargs=kwargs, seed=seed + k, twist=rec, **opts)
+        except ValueError as err:  # no particle met the condition: no positive draws this step
+            if "every particle died" not in str(err) or positives is None and k + 1 == steps:
+                raise
+            record.loss.append(math.nan)
+            record.log_evidence.append(-math.inf)
+            record.ess.append(0.0)
+            continue
         src = post if positives is None else positives
         pos, pos_log_w = src.values[name].to(torch.long).cpu(), src.log_weights.double().cpu()
         opt.zero_grad()
