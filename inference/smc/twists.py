@@ -238,8 +238,35 @@ def _ctl_loss(twist: Twist, steps: list[tuple], pos: torch.Tensor, pos_log_w: to
     return loss
 
 
+def _regression_loss(twist: Twist, steps: list[tuple], final: torch.Tensor, final_log_w: torch.Tensor,
+                     final_score: torch.Tensor, eos: int) -> torch.Tensor:
+    """Least squares on the optimal twist's one-step identity, on SMC's particles: log ψ(x_{≤t}) =
+    log Σ_v π(v|x_{≤t}) ψ(x_{≤t}, v) (the right side held fixed, as in temporal-difference
+    learning), weighted by the particles' weights at each step, and log ψ(x) = r(x) for each final
+    particle x at its last token (its exact score)."""
+    loss = torch.zeros(())
+    for prefix, logprobs, log_w, _ in steps[1:]:
+        if not len(prefix):
+            continue
+        w = torch.softmax(log_w, 0).float()
+        pred = twist(prefix[:, :-1]).gather(-1, prefix[:, -1:])[:, 0]
+        with torch.no_grad():
+            target = torch.logsumexp(logprobs + twist(prefix), -1).clamp_min(-50.0)
+        loss = loss + (w * (pred - target).square()).sum()
+    ok = torch.isfinite(final_log_w) & torch.isfinite(final_score)
+    if bool(ok.any()):
+        x, w = final[ok], torch.softmax(final_log_w[ok], 0).float()
+        is_eos = torch.cat([(x[:, :-1] == eos), torch.ones(len(x), 1, dtype=torch.bool)], -1)
+        end = is_eos.float().argmax(-1)  # the last token: the first EOS, else the last position
+        for t in end.unique().tolist():
+            rows = (end == t).nonzero()[:, 0]
+            pred = twist(x[rows, :t]).gather(-1, x[rows, t : t + 1])[:, 0]
+            loss = loss + (w[rows] * (pred - final_score[ok][rows].float()).square()).sum()
+    return loss
+
+
 def learn_twist(model, *args, model_kwargs: dict | None = None, twist: Twist | None = None, steps: int = 100,
-                num_particles: int = 256, lr: float = 0.1, positives=None, seed: int = 0,
+                num_particles: int = 256, lr: float = 0.1, objective: str = "ctl", positives=None, seed: int = 0,
                 smc_options: dict | None = None, record: TwistTraining | None = None) -> Twist:
     """Learn a twist for SMC on ``model`` by contrastive twist learning (see the module notes).
 
@@ -255,6 +282,10 @@ def learn_twist(model, *args, model_kwargs: dict | None = None, twist: Twist | N
         steps: Adam steps (0 returns ``twist`` untrained).
         num_particles: SMC particles per step.
         lr: Adam's learning rate.
+        objective: ``"ctl"`` (contrastive twist learning, the default: on the toy pins it reached a
+            lower Var(log Ẑ) per step, benchmarks/RESULTS.md section 15) or ``"regression"`` (least
+            squares on the optimal twist's one-step identity, on SMC's particles, anchored at the
+            final particles' exact scores; ``positives`` are not used).
         positives: a :class:`~ppl_lm.Posterior` whose weighted draws of the site stand for the target
             (e.g. ``method="exact"`` on a toy, or exact draws by rejection); default: each step's
             SMC particles.
@@ -268,6 +299,8 @@ def learn_twist(model, *args, model_kwargs: dict | None = None, twist: Twist | N
     from . import run as smc_run
 
     kwargs = dict(model_kwargs or {})
+    if objective not in ("ctl", "regression"):
+        raise ValueError(f"objective must be 'ctl' or 'regression', got {objective!r}")
     if steps < 0 or num_particles < 2:
         raise ValueError(f"learn_twist needs steps >= 0 and num_particles >= 2, got {steps} and {num_particles}")
     name, d = _site(model, args, kwargs)
@@ -296,12 +329,16 @@ def learn_twist(model, *args, model_kwargs: dict | None = None, twist: Twist | N
         src = post if positives is None else positives
         pos, pos_log_w = src.values[name].to(torch.long).cpu(), src.log_weights.double().cpu()
         opt.zero_grad()
-        loss = _ctl_loss(twist, rec.steps, pos, pos_log_w, d.lm.eos_id)
+        if objective == "ctl":
+            loss = _ctl_loss(twist, rec.steps, pos, pos_log_w, d.lm.eos_id)
+        else:
+            loss = _regression_loss(twist, rec.steps, post.values[name].cpu(), post.log_weights.double().cpu(),
+                                    post.stats["log_likelihood"].cpu(), d.lm.eos_id)
         loss.backward()
         opt.step()
-        record.loss.append(float(loss))
+        record.loss.append(float(loss.detach()))
         record.log_evidence.append(post.log_evidence)
         record.ess.append(post.ess)
-        log.debug("learn_twist: step %d, loss %.4f, log Z %.4f, ESS %.1f", k, float(loss), post.log_evidence, post.ess)
+        log.debug("learn_twist: step %d, loss %.4f, log Z %.4f, ESS %.1f", k, record.loss[-1], post.log_evidence, post.ess)
     record.wall_time = time.perf_counter() - t0
     return twist
