@@ -138,3 +138,31 @@ def test_bad_twists_are_clear_errors():
         _smc(pinned_end, twist=twists.TableTwist(T - 1, 5), num_particles=4)
     with pytest.raises(ValueError, match=r"\[T, V \+ 1, V\]"):
         twists.TableTwist(T, 5, torch.zeros(T, 5, 5))
+
+
+def pinned_start():
+    x = pyro.sample("x", LM.sequence([1], max_new_tokens=T))
+    ppl_lm.pin("start", x, {0: 3, 1: 4, 2: 2})
+
+
+def test_position_twist_holds_the_optimum_of_pins_on_the_first_tokens():
+    """For pins on the first tokens, the one prefix the pins keep makes ψ* a function of (t, v):
+    the PositionTwist read off the exact table gives zero variance; learned by CTL it approaches it."""
+    table = ppl_lm.exact_twist(pinned_start).table.detach()
+    path = [LM.vocab_size, 3, 4, 2, 2]  # the start row, the pins, then any token (the table is flat there)
+    psi = twists.PositionTwist(T, LM.vocab_size)
+    with torch.no_grad():
+        psi.table.copy_(torch.stack([table[t, path[t]] for t in range(T)]))
+    z = ppl_lm.infer(pinned_start, method="exact", progress=False).log_evidence
+    for seed in range(3):
+        assert abs(_smc(pinned_start, twist=psi, num_particles=8, seed=seed).log_evidence - z) < 1e-5
+    learned = ppl_lm.learn_twist(pinned_start, twist=twists.PositionTwist(T, LM.vocab_size), steps=40,
+                                 num_particles=32, seed=0)
+    assert _log_z_variance(pinned_start, learned) < 0.1 * _log_z_variance(pinned_start, None)
+
+
+def test_learn_twist_errors():
+    with pytest.raises(ValueError, match="objective"):
+        ppl_lm.learn_twist(pinned_end, steps=1, objective="reinforce")
+    with pytest.raises(ValueError, match="vocabulary"):
+        ppl_lm.learn_twist(pinned_end, twist=twists.TableTwist(T, 7), steps=1)

@@ -291,7 +291,8 @@ class Sweep:
                 if len(idx):
                     new_twist[idx] = self._rescore(idx, length)
             if log_psi is not None:
-                new_twist = learned_twist(new_twist, log_psi.gather(-1, tok[:, None])[:, 0], live & ~finished)
+                psi_tok = log_psi.gather(-1, tok[:, None].to(log_psi.device))[:, 0]
+                new_twist = learned_twist(new_twist, psi_tok, live & ~finished)
             st.log_w = torch.where(alive, st.log_w + inc, st.log_w)
             self._reweight(live, new_twist)
             self._check_alive(f"by token {t + 1} (of {s.T}) of site {st.name!r}")
