@@ -15,7 +15,12 @@ Columns: Var(log Ẑ) over the live replicates, E[Ẑ/Z] over all of them (dead 
 must be 1: SMC is unbiased with any twist), dead replicates, the mean error of log Ẑ, the
 training wall time (cumulative) and the wall time of one evaluation run (all replicates).
 
+With ``--lm smollm2`` (SmolLM2-135M-Instruct): the prompt of ``rarity.py`` and a hard pin on the
+first ``--k`` tokens of its reference continuation (exact p from ``lm.score``), a
+:class:`PositionTwist` (log ψ = table[t, v]) learned by CTL, against SMC without a twist.
+
     python benchmarks/twists.py
+    python benchmarks/twists.py --lm smollm2 --k 6 --particles 32 --replicates 4 --steps 0 10 30
     python benchmarks/twists.py --smoke
 """
 
@@ -38,14 +43,21 @@ V, T = 8, 6
 PINS = {"1e-4": (2, 3, 2, 4), "1e-5": (3, 2, 7, 1), "1e-6": (3, 1, 6, 2)}
 
 
-def evaluate(model, log_z, twist, args) -> dict:
+def evaluate(model, log_z, twist, args, prompt=(1,)) -> dict:
     import ppl_lm
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        post = ppl_lm.infer(model, [1], method="smc", twist=twist, num_particles=args.particles,
-                            num_replicates=args.replicates, seed=args.seed + 10_000, progress=False)
+        try:
+            post = ppl_lm.infer(model, list(prompt) if isinstance(prompt, tuple) else prompt, method="smc",
+                                twist=twist, num_particles=args.particles, num_replicates=args.replicates,
+                                seed=args.seed + 10_000, progress=False)
+        except ValueError as err:  # every replicate died: Ẑ = 0 for all
+            if "every particle died" not in str(err):
+                raise
+            return {"var": math.nan, "ratio": 0.0, "ratio_se": 0.0, "dead": args.replicates, "err": math.nan,
+                    "eval_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     z = torch.tensor(post.info.log_evidence_replicates, dtype=torch.float64)
     live = torch.isfinite(z)
@@ -63,10 +75,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, nargs="+", default=None, help="training-step checkpoints")
     p.add_argument("--levels", nargs="+", default=list(PINS), choices=list(PINS))
     p.add_argument("--objectives", nargs="+", default=["ctl", "regression"])
+    p.add_argument("--lm", choices=["markov", "smollm2"], default="markov")
+    p.add_argument("--k", type=int, default=6, help="SmolLM2: pinned first tokens")
     args = p.parse_args(argv)
     _bench.setup(args)
     import ppl_lm
-    from ppl_lm.inference.smc.twists import TableTwist, TwistTraining
+    from ppl_lm.inference.smc.twists import PositionTwist, TableTwist, TwistTraining
+
+    if args.lm == "smollm2":
+        return smollm2(args, ppl_lm, PositionTwist, TwistTraining)
 
     args.particles = args.particles or (16 if args.smoke else 64)
     args.replicates = args.replicates or (10 if args.smoke else 200)
@@ -101,11 +118,50 @@ def main(argv=None):
             for k in steps:
                 rec = TwistTraining()
                 if k > done:
-                    ppl_lm.learn_twist(model, [1], twist=tw, steps=k - done, num_particles=args.train_particles,
-                                       objective=objective, seed=args.seed + done, record=rec)
+                    try:
+                        ppl_lm.learn_twist(model, [1], twist=tw, steps=k - done, num_particles=args.train_particles,
+                                           objective=objective, seed=args.seed + done, record=rec)
+                    except ValueError as err:  # every training run died: the twist has collapsed
+                        print(f"{'learned (' + objective + ')':>22s} {k:5d}  training stopped: {err}", flush=True)
+                        break
                 train_s += rec.wall_time
                 done = k
                 show(f"learned ({objective})", k, evaluate(model, log_z, tw, args), train_s)
+    _bench.emit("twists", {"args": vars(args), "rows": rows})
+
+
+def smollm2(args, ppl_lm, PositionTwist, TwistTraining):
+    from rarity import PROMPT
+
+    lm = _bench.smollm2(args)
+    T = 8
+    path = lm.encode(" there lived an old man who loved to")[:T]
+    pins = {i: path[i] for i in range(args.k)}
+
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=T))
+        ppl_lm.pin("pinned", x, pins)
+
+    log_z = float(lm.score(torch.as_tensor(lm.encode(PROMPT)), torch.tensor([path[: args.k]]))[0])
+    args.particles = args.particles or 32
+    args.replicates = args.replicates or 4
+    steps = args.steps or [0, 10, 30]
+    print(f"\nSmolLM2, p = {math.exp(log_z):.3g} (first {args.k} tokens pinned); SMC {args.particles} particles x "
+          f"{args.replicates} replicates per cell", flush=True)
+    rows = []
+    tw, done, train_s = PositionTwist(T, lm.vocab_size), 0, 0.0
+    for k in steps:
+        rec = TwistTraining()
+        if k > done:
+            ppl_lm.learn_twist(model, PROMPT, twist=tw, steps=k - done, num_particles=args.train_particles,
+                               seed=args.seed + done, record=rec)
+        train_s += rec.wall_time
+        done = k
+        res = evaluate(model, log_z, tw if k else None, args, PROMPT)
+        res.update({"p": math.exp(log_z), "twist": "position (ctl)" if k else "none", "steps": k, "train_s": train_s})
+        rows.append(res)
+        print(f"steps {k:4d}: Var(log Z) {res['var']:.4f}  E[Z/Z] {res['ratio']:.3f} ± {res['ratio_se']:.3f}  "
+              f"dead {res['dead']}  err {res['err']:+.3f}  train {train_s:.0f} s  eval {res['eval_s']:.0f} s", flush=True)
     _bench.emit("twists", {"args": vars(args), "rows": rows})
 
 
