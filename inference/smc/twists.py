@@ -24,6 +24,10 @@ twist, or exact draws) and π_t ψ_t the twisted intermediate target (negative d
 particles before each step, the next token summed out exactly). CTL identifies log ψ_t up to a
 constant per position t; that constant changes nothing while every particle ends at the same
 position (e.g. a condition at the last positions), and costs variance, never bias, otherwise.
+The alternative, least squares on the optimal twist's one-step identity (``objective=
+"regression"``), sees only the particles that survive, so nothing tells it that the tokens
+which kill a particle should get ψ = 0; on the toy pins it did not lower the variance at all
+(benchmarks/RESULTS.md, section 15).
 
 >>> import torch, pyro, ppl_lm
 >>> from ppl_lm.inference.smc.twists import exact_twist
@@ -50,8 +54,8 @@ from dataclasses import dataclass, field
 import torch
 from ppl_lm.inference._runtime import latent_sites, sequence_sites
 
-
-__all__ = ["Twist", "TableTwist", "PositionTwist", "TwistTraining", "exact_twist", "learn_twist", "learned_twist", "twist_logits"]
+__all__ = ["Twist", "TableTwist", "PositionTwist", "TwistTraining", "exact_twist", "learn_twist", "learned_twist",
+           "twist_logits"]
 
 log = logging.getLogger(__name__)
 
