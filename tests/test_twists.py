@@ -166,3 +166,13 @@ def test_learn_twist_errors():
         ppl_lm.learn_twist(pinned_end, steps=1, objective="reinforce")
     with pytest.raises(ValueError, match="vocabulary"):
         ppl_lm.learn_twist(pinned_end, twist=twists.TableTwist(T, 7), steps=1)
+
+
+def test_regression_objective_has_no_signal_from_dead_particles():
+    """Why CTL is the default (benchmarks/RESULTS.md section 15): under a hard condition the zero
+    twist satisfies the one-step identity on every surviving particle, so the regression objective
+    does not move it, while CTL does."""
+    reg = ppl_lm.learn_twist(pinned_end, steps=5, num_particles=32, objective="regression", seed=0)
+    ctl = ppl_lm.learn_twist(pinned_end, steps=5, num_particles=32, objective="ctl", seed=0)
+    assert float(reg.table.abs().max()) < 1e-3  # float32 rounding of log Σ π = 0 only
+    assert float(ctl.table.abs().max()) > 0.1
