@@ -16,26 +16,14 @@ from .posterior import Posterior
 from .preferences import Preferences
 from .reward_model import RewardModel, fit_reward, learned_reward
 
-
-def learn_twist(model, *args, **kwargs):
-    """Learn a twist for ``method="smc"`` by contrastive twist learning
-    (:func:`ppl_lm.inference.smc.twists.learn_twist`)."""
-    from .inference.smc.twists import learn_twist as _learn
-
-    return _learn(model, *args, **kwargs)
-
-
-def exact_twist(model, *args, **kwargs):
-    """The optimal twist by enumeration, toy LMs only (:func:`ppl_lm.inference.smc.twists.exact_twist`)."""
-    from .inference.smc.twists import exact_twist as _exact
-
-    return _exact(model, *args, **kwargs)
-
 if TYPE_CHECKING:
+    from .inference.smc.twists import exact_twist, learn_twist
     from .lm import TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
 
 # Read from ppl_lm.lm on first use, so `import ppl_lm` does not import the transformers side.
 _FROM_LM = ("TransformersLM", "load_lm", "tiny_transformer", "tiny_char_transformer")
+# Read from ppl_lm.inference.smc.twists on first use: the core does not import the backends.
+_FROM_TWISTS = ("learn_twist", "exact_twist")
 
 __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "chat", "tiny_transformer",
@@ -60,5 +48,10 @@ def __getattr__(name: str):
         from . import lm
 
         value = globals()[name] = getattr(lm, name)
+        return value
+    if name in _FROM_TWISTS:
+        import importlib
+
+        value = globals()[name] = getattr(importlib.import_module("ppl_lm.inference.smc.twists"), name)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
