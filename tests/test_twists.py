@@ -2,9 +2,10 @@
 
 - The optimal twist (``exact_twist``, by enumeration) gives log Ẑ = log Z at every seed, with 8
   particles, even when sequences end at different positions.
-- Any twist keeps SMC unbiased: with a random twist, the mean of 2,000 independent Ẑ_r is Z within
+- Any twist keeps SMC unbiased: with a random twist, the mean of 1,000 independent Ẑ_r is Z within
   four of its (iid) standard errors, and the pooled particles match the exact posterior; a
-  planted bug (tokens drawn from π·ψ, ψ not divided out of the weights) fails that same check.
+  planted bug (tokens drawn from π·ψ, ψ not divided out of the weights) fails that same check
+  (E[Ẑ/Z] 1.51 ± 0.03 where the correct code gives 1.02 ± 0.03).
 - Contrastive twist learning approaches the optimum: Var(log Ẑ) over independent runs falls with
   training steps.
 """
@@ -74,11 +75,13 @@ def test_exact_twist_refuses_a_twist_a_table_cannot_hold():
 
 def _random_twist(seed: int) -> twists.TableTwist:
     g = torch.Generator().manual_seed(seed)
-    return twists.TableTwist(T, LM.vocab_size, 1.5 * torch.randn(T, LM.vocab_size + 1, LM.vocab_size, generator=g))
+    # log ψ ~ N(0, 0.5²): far from the optimum, yet light enough tails for a 4-se check of E[Ẑ/Z] (at
+    # scale 1.5, 2,000 runs of 8 particles gave max Ẑ/Z 111-321 and a mean 0.9-4.1 se off, by random stream)
+    return twists.TableTwist(T, LM.vocab_size, 0.5 * torch.randn(T, LM.vocab_size + 1, LM.vocab_size, generator=g))
 
 
 def _check_unbiased(model, exact, tw) -> None:
-    post = _smc(model, twist=tw, num_particles=8, num_replicates=2000, ess_threshold=1.0, seed=0)
+    post = _smc(model, twist=tw, num_particles=32, num_replicates=1000, ess_threshold=1.0, seed=0)
     z = torch.exp(torch.tensor(post.info.log_evidence_replicates, dtype=torch.float64) - exact.log_evidence)
     assert abs(float(z.mean()) - 1.0) <= 4 * float(z.std()) / math.sqrt(len(z)), float(z.mean())
     assert tv_distance(post, exact) <= tv_tolerance(exact, post.info.n_eff_genealogy)
