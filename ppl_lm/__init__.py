@@ -18,12 +18,17 @@ from .reward_model import RewardModel, fit_reward, learned_reward
 
 if TYPE_CHECKING:
     from .inference.bounds import EvidenceBounds, ExactDraws, KLSandwich, exact_draws, kl_sandwich, log_evidence_bounds
+    from .inference.smc.twists import exact_twist, learn_twist
     from .lm import TransformersLM, load_lm, tiny_char_transformer, tiny_transformer
 
-# Read from ppl_lm.lm on first use, so `import ppl_lm` does not import the transformers side.
-_FROM_LM = ("TransformersLM", "load_lm", "tiny_transformer", "tiny_char_transformer")
-# Read from ppl_lm.inference.bounds on first use: the core does not import the backends.
-_FROM_BOUNDS = ("exact_draws", "ExactDraws", "log_evidence_bounds", "EvidenceBounds", "kl_sandwich", "KLSandwich")
+# Names read from their module on first use: `import ppl_lm` does not import the transformers side
+# (ppl_lm.lm), and the core does not import the backends (ppl_lm.inference).
+_LAZY = {
+    **dict.fromkeys(("TransformersLM", "load_lm", "tiny_transformer", "tiny_char_transformer"), "ppl_lm.lm"),
+    **dict.fromkeys(("exact_draws", "ExactDraws", "log_evidence_bounds", "EvidenceBounds", "kl_sandwich",
+                     "KLSandwich"), "ppl_lm.inference.bounds"),
+    **dict.fromkeys(("learn_twist", "exact_twist"), "ppl_lm.inference.smc.twists"),
+}
 
 __all__ = [
     "LanguageModel", "MarkovLM", "TransformersLM", "ToyVocab", "load_lm", "chat", "tiny_transformer",
@@ -32,6 +37,7 @@ __all__ = [
     "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "notebook", "report",
     "Preferences", "RewardModel", "fit_reward", "learned_reward",
     "exact_draws", "ExactDraws", "log_evidence_bounds", "EvidenceBounds", "kl_sandwich", "KLSandwich",
+    "learn_twist", "exact_twist",
 ]
 
 __version__ = "0.1.0"
@@ -45,14 +51,9 @@ def report(posteriors, out_dir, **kwargs):
 
 
 def __getattr__(name: str):
-    if name in _FROM_LM:
-        from . import lm
-
-        value = globals()[name] = getattr(lm, name)
-        return value
-    if name in _FROM_BOUNDS:
+    if name in _LAZY:
         import importlib
 
-        value = globals()[name] = getattr(importlib.import_module("ppl_lm.inference.bounds"), name)
+        value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -50,6 +50,16 @@ restrict it to allowed tokens, renormalised; the weight is multiplied by the
 proposal mass of the allowed tokens (for the LM proposal, exactly the LM mass of the allowed set),
 so particles never die on a hard token constraint.
 
+Learned twist (``twist=``, :mod:`.twists`). A twist ψ gives, for the prefixes of the first
+sequence site, log ψ of each next token. Tokens are then proposed from the proposal times ψ
+(renormalised, after the masks), and an unfinished particle's intermediate target is
+π(y_{1:t})·ψ(y_{1:t}) in place of the model's prefix factors, which keep only their pruning (a
+prefix they score −inf stays dead). An ended sequence gets its exact score, and the stage
+boundary the full factors, so ψ is divided out: the weights telescope as above and log Z stays
+unbiased for any ψ. The optimal ψ(y_{1:t}) = E_π[e^{factors} | y_{1:t}] makes every incremental
+weight constant (log Ẑ exact with any number of particles); :func:`.twists.learn_twist` learns
+one by contrastive twist learning.
+
 Resampling when the ESS falls below ``ess_threshold · num_particles`` (any scheme of
 :mod:`ppl_lm.resampling`: multinomial, stratified, systematic or residual).
 ``log_evidence`` is the product over resampling epochs of the mean incremental weights
@@ -71,7 +81,8 @@ processes, pooled exactly as here (:mod:`ppl_lm.inference.distributed`).
 
 The package, by job: :mod:`.driver` (``run``: options, stages, the sweeps of a run),
 :mod:`.sweep` (one batched sweep and its explicit state), :mod:`.islands` (how many particles
-each sweep holds, and islands and replicates pooled into one Posterior), :mod:`.genealogy` (the
+each sweep holds, and islands and replicates pooled into one Posterior), :mod:`.twists` (learned
+and exact twists, and the hook the sweep calls), :mod:`.genealogy` (the
 Eve-based variance of log Z and the path-degeneracy check; the genealogy effective count is
 :func:`ppl_lm.diagnostics.estimators.genealogy_diagnostics`).
 

@@ -33,6 +33,7 @@ from ppl_lm.validation import AtLeastTwo, Fraction, PositiveInt
 
 from .islands import SMCInfo, combine, default_chunk_size, sweep_plan
 from .sweep import Stage, Sweep, SweepSpec
+from .twists import Twist
 
 __all__ = ["OBSERVED", "RESAMPLING", "run"]
 
@@ -47,7 +48,7 @@ OBSERVED: tuple[str, ...] = typing.get_args(Observed)
 def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: AtLeastTwo = 256,
         ess_threshold: Fraction = 0.5, resampling: Scheme = "multinomial", num_replicates: PositiveInt = 1,
         chunk_size: AtLeastTwo | None = None, guide=None, observed: Observed = "prefix",
-        progress: bool = True) -> Posterior:
+        twist: Twist | None = None, progress: bool = True) -> Posterior:
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
@@ -84,6 +85,11 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             gives: a twist; rows whose prompt did not change are read from the run's cache) or
             ``"end"`` (once the sequence has ended: one pass per particle, but the weights jump
             there; on the toy rows its ESS fell to 6 of 2,000 where ``"prefix"`` kept hundreds).
+        twist: a learned twist ψ for the first sequence site (a :class:`~.twists.Twist`, e.g. from
+            :func:`ppl_lm.learn_twist` or, on toys, the optimal :func:`ppl_lm.exact_twist`): tokens are
+            proposed from π·ψ and an unfinished particle's target is π·ψ (the model's prefix scores
+            keep only their pruning); an ended sequence gets its exact score, so the twist is divided
+            out and log Z stays unbiased for any ψ (see :mod:`.twists`).
         progress: show a progress bar over tokens.
 
     Returns:
@@ -121,7 +127,10 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             raise ValueError("an SMC guide proposes the tokens of a latent sequence site, and this model has none "
                              "(every lm.sequence(...) site is observed); leave guide= out")
         masks = _token_masks(model, args, kwargs, seq)
-        stages = [Stage(name, masks[name], qlm if name == first else None) for name in seq]
+        if twist is not None:
+            _check_twist(twist, None if first is None else seq[first])
+        stages = [Stage(name, masks[name], qlm if name == first else None, twist if name == first else None)
+                  for name in seq]
         plan = sweep_plan(num_particles, num_replicates, chunk_size)
         done = {}
         bar = tqdm(total=sum(n * len(reps) for i, (n, reps) in enumerate(plan) if shard.owns(i)), desc="smc",
@@ -144,7 +153,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             return None
         return combine(parts, num_particles, num_replicates, chunk_size, sites,
                        {"resampling": resampling, "ess_threshold": ess_threshold,
-                        "proposal": "lm" if qlm is None else "guide",
+                        "proposal": "lm" if qlm is None else "guide", "twist": twist is not None,
                         "token_masks": sum(len(m) for m in masks.values())})
 
 
@@ -163,6 +172,18 @@ def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
             f"(vocab {lm.vocab_size}, EOS {lm.eos_id})"
         )
     return q
+
+
+def _check_twist(twist, d: SequenceDistribution | None) -> None:
+    if not isinstance(twist, torch.nn.Module):
+        raise TypeError(f"twist= takes a ppl_lm twist (a torch.nn.Module returning log ψ [particles, vocab], e.g. "
+                        f"ppl_lm.learn_twist(model, ...)); got {type(twist).__name__}")
+    if d is None:
+        raise ValueError("a twist guides the tokens of a latent sequence site, and this model has none; leave twist= out")
+    V, T = getattr(twist, "vocab_size", d.lm.vocab_size), getattr(twist, "max_new_tokens", d.max_new_tokens)
+    if V != d.lm.vocab_size or T < d.max_new_tokens:
+        raise ValueError(f"the twist covers {T} positions of a {V}-token vocabulary; the first sequence site has "
+                         f"{d.max_new_tokens} positions of {d.lm.vocab_size} tokens: learn the twist on this model")
 
 
 def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> dict[str, list[TokenMask]]:

@@ -51,6 +51,7 @@ class SMCInfo(Info):
     resampling: str = "multinomial"
     ess_threshold: float = 0.5
     proposal: str = "lm"
+    twist: bool = False
     token_masks: int = 0
     chunk_size: int = 0
     num_sweeps: int = 1

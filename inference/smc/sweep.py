@@ -38,6 +38,7 @@ from ppl_lm.resampling import resample
 from ppl_lm.tokens import categorical
 
 from .genealogy import draw_rows, eve_relative_variance
+from .twists import learned_twist, twist_logits
 
 __all__ = ["Stage", "SweepSpec", "SiteState", "SweepState", "SweepResult", "Sweep"]
 
@@ -46,11 +47,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Stage:
-    """One sequence site, advanced token by token: its name, token masks and proposal LM."""
+    """One sequence site, advanced token by token: its name, token masks, proposal LM and learned
+    twist (:mod:`.twists`; ``None``: the model's prefix scores alone)."""
 
     name: str
     masks: list
     qlm: LanguageModel | None = None
+    twist: Any = None
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,10 @@ class Sweep:
             st.steps += 1
             active = ~s.done
             alive = torch.isfinite(st.log_w)
-            tok, lp, inc = self._propose(t, gen)
+            log_psi = None
+            if s.stage.twist is not None:  # log ψ of every next token: twists the proposal and the target
+                log_psi = twist_logits(s.stage.twist, s.tokens[:, :t], s.lm_state, active & alive, st.log_w, st.twist)
+            tok, lp, inc = self._propose(t, gen, log_psi)
             s.tokens[:, t] = tok
             for m in s.mask_states:
                 m.advance(tok.cpu())
@@ -284,6 +290,9 @@ class Sweep:
                 idx = rows.nonzero()[:, 0]
                 if len(idx):
                     new_twist[idx] = self._rescore(idx, length)
+            if log_psi is not None:
+                psi_tok = log_psi.gather(-1, tok[:, None].to(log_psi.device))[:, 0]
+                new_twist = learned_twist(new_twist, psi_tok, live & ~finished)
             st.log_w = torch.where(alive, st.log_w + inc, st.log_w)
             self._reweight(live, new_twist)
             self._check_alive(f"by token {t + 1} (of {s.T}) of site {st.name!r}")
@@ -294,11 +303,14 @@ class Sweep:
                 break
         bar.update(s.T - t - 1)  # the site's remaining positions: every particle has ended it
 
-    def _propose(self, t: int, gen):
-        """Sample the next token of every row; return (tokens, log π(tok), log incremental weight)."""
+    def _propose(self, t: int, gen, log_psi: torch.Tensor | None = None):
+        """Sample the next token of every row (from the proposal times ψ, if a learned twist gives
+        ``log_psi``); return (tokens, log π(tok), log incremental weight)."""
         s = self.state.site
         logp = s.lm_state.logprobs
         logq = logp if s.q_state is None else s.q_state.logprobs
+        if log_psi is not None:
+            logq = logq + log_psi.to(logq.device, logq.dtype)
         logq_m = logq
         if s.mask_states:
             last = t + 1 == s.T  # only tokens that complete the text (grammar masks)
@@ -316,7 +328,7 @@ class Sweep:
         done = s.done.to(tok.device)
         tok = torch.where(done, torch.full_like(tok, s.eos), tok)
         lp = logp.gather(-1, tok[:, None])[:, 0].double()
-        if s.q_state is None and not s.mask_states:
+        if s.q_state is None and not s.mask_states and log_psi is None:
             inc = torch.zeros_like(lp)
         else:
             lq = logq.gather(-1, tok[:, None])[:, 0].double()
