@@ -172,7 +172,7 @@ def test_learn_twist_errors():
 
 
 def test_regression_objective_has_no_signal_from_dead_particles():
-    """Why CTL is the default (benchmarks/RESULTS.md section 17): under a hard condition the zero
+    """Why CTL is the default (benchmarks/RESULTS.md section 18): under a hard condition the zero
     twist satisfies the one-step identity on every surviving particle, so the regression objective
     does not move it, while CTL does."""
     reg = ppl_lm.learn_twist(pinned_end, steps=5, num_particles=32, objective="regression", seed=0)

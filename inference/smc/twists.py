@@ -27,7 +27,7 @@ position (e.g. a condition at the last positions), and costs variance, never bia
 The alternative, least squares on the optimal twist's one-step identity (``objective=
 "regression"``), sees only the particles that survive, so nothing tells it that the tokens
 which kill a particle should get ψ = 0; on the toy pins it did not lower the variance at all
-(benchmarks/RESULTS.md, section 17).
+(benchmarks/RESULTS.md, section 18).
 
 >>> import torch, pyro, ppl_lm
 >>> from ppl_lm.inference.smc.twists import exact_twist
@@ -315,7 +315,7 @@ def learn_twist(model, *args, model_kwargs: dict | None = None, twist: Twist | N
             E[Ẑ/Z] 1.24 ± 0.25 and Var(log Ẑ) 0.13 with Adam at lr 0.1; 0.999 ± 0.003 and 0.0014 with
             SGD at lr 3).
         objective: ``"ctl"`` (contrastive twist learning, the default: on the toy pins it reached a
-            lower Var(log Ẑ) per step, benchmarks/RESULTS.md section 17) or ``"regression"`` (least
+            lower Var(log Ẑ) per step, benchmarks/RESULTS.md section 18) or ``"regression"`` (least
             squares on the optimal twist's one-step identity, on SMC's particles, anchored at the
             final particles' exact scores; ``positives`` are not used).
         positives: a :class:`~ppl_lm.Posterior` whose weighted draws of the site stand for the target
