@@ -14,6 +14,7 @@ from .infer import METHODS, infer
 from .lm import LanguageModel, MarkovLM, ToyVocab, chat
 from .posterior import Posterior
 from .preferences import Preferences
+from .proposal import PromptedLM, prompted
 from .reward_model import RewardModel, fit_reward, learned_reward
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ __all__ = [
     "tiny_char_transformer",
     "SequenceDistribution", "reward", "constraint", "pin", "token_constraint", "TokenMask",
     "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "notebook", "report",
-    "Preferences", "RewardModel", "fit_reward", "learned_reward",
+    "Preferences", "RewardModel", "fit_reward", "learned_reward", "prompted", "PromptedLM",
 ]
 
 __version__ = "0.1.0"
