@@ -276,3 +276,48 @@ def test_prompted_reads_its_text_before_every_prompt_ragged_rows_too():
     for i, text in enumerate(("Be brief. Hi", "Be brief. Hey")):
         alone = lm.start(torch.tensor(lm.encode(text)), 1)
         torch.testing.assert_close(state.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)
+
+
+# -- SVI: prompt, then fine-tune ---------------------------------------------------------------------
+def _svi(model, **kw):
+    options = dict(guide="full", num_samples=2000, crosscheck_samples=0, progress=False, seed=0)
+    return ppl_lm.infer(model, method="svi", **{**options, **kw})
+
+
+def test_svi_guide_prompt_starts_at_the_prompted_lm():
+    lm = _lm()
+    post = _svi(_model(lm, masked=False), guide_prompt="c", num_steps=1, lr=1e-9)
+    X = enumerate_sequences(4, EOS, T)
+    assert isinstance(post.guide.lm, ppl_lm.PromptedLM)
+    with torch.no_grad():
+        torch.testing.assert_close(post.guide.lm.score([], X), lm.score([3], X), atol=1e-5, rtol=0)
+
+
+def test_svi_guide_prompt_helps_early_and_stays_exact():
+    """After 10 steps the guide started at π(·|"c") has exact ESS fraction 0.76 against 0.40 for the
+    guide started at the prior (seed 0); both runs' log Z are exact within their own tolerance."""
+    lm = _lm()
+    model = _model(lm, masked=False)
+    fracs = {}
+    for text in (None, "c"):
+        post = _svi(model, guide_prompt=text, num_steps=10)
+        log_z, fracs[text], _ = _exact_moments(lm, post.guide.lm, masked=False)
+        assert abs(post.log_evidence - log_z) < _tolerance(fracs[text], 2000)
+    assert fracs["c"] > 1.5 * fracs[None], fracs
+
+
+def test_svi_guide_prompt_errors():
+    from ppl_lm.inference.svi.guides import make_guide
+
+    lm = _lm()
+    model = _model(lm, masked=False)
+    with pytest.raises(ValueError, match="a guide object keeps the context"):
+        _svi(model, guide=make_guide(model, kind="full"), guide_prompt="c", num_steps=1)
+
+    def two_sites():
+        w = pyro.sample("w", pyro.distributions.Categorical(torch.ones(2) / 2))
+        x = pyro.sample("x", lm.sequence([], max_new_tokens=T))
+        ppl_lm.reward("r", (x == 3).sum(-1).float() + w.float(), beta=1.0)
+
+    with pytest.raises(ValueError, match="joint guide"):
+        _svi(two_sites, guide_prompt="c", num_steps=1)
