@@ -321,3 +321,18 @@ def test_svi_guide_prompt_errors():
 
     with pytest.raises(ValueError, match="joint guide"):
         _svi(two_sites, guide_prompt="c", num_steps=1)
+
+
+def test_cli_proposal_flag(tmp_path, monkeypatch, capsys):
+    from test_cli import TOY_SCRIPT, script
+
+    from ppl_lm import cli
+
+    path = script(tmp_path, TOY_SCRIPT)
+    seen, real = [], ppl_lm.infer
+    monkeypatch.setattr(ppl_lm, "infer", lambda *a, **k: seen.append(k) or real(*a, **k))
+    for method, n in (("smc", "--num-particles"), ("importance", "--num-samples")):
+        assert cli.main(["run", path, "--method", method, "--lm", "tiny", "--quiet", n, "40", "--proposal",
+                         "prompted:Write a short one. ", "--set", "max_new_tokens=3", "--top", "0"]) == 0
+        assert seen[-1]["proposal"] == "prompted:Write a short one. "
+    assert "samples 40" in capsys.readouterr().out
