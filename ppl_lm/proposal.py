@@ -14,9 +14,10 @@ any work when the vocabularies differ.
 
 >>> import torch, ppl_lm
 >>> lm = ppl_lm.MarkovLM(torch.zeros(3), torch.tensor([[0., 0, 0], [0, 5, 0], [0, 0, 5]]), eos_id=0)
->>> q = ppl_lm.prompted(lm, "b")        # π(· | "b" + the model's prompt)
->>> round(q.score([], torch.tensor([[2, 0]])).exp().item(), 3)  # P(b | b) P(EOS | b)
-0.974
+>>> q = ppl_lm.prompted(lm, "b")        # q(x | prompt) = π(x | "b" + prompt)
+>>> x = torch.tensor([[2, 2, 0]])
+>>> bool(torch.allclose(q.score([], x), lm.score("b", x)))
+True
 """
 
 from __future__ import annotations

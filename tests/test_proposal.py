@@ -53,10 +53,11 @@ def _model(lm, masked: bool):
     return model
 
 
-def _log_q(q, X: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    """log q(x) of every row of X under q started on the empty prompt, each step restricted to
+def _log_q(q, X: torch.Tensor, allowed: torch.Tensor | None, prompt=()) -> torch.Tensor:
+    """log q(x) of every row of X under q started on ``prompt``, each step restricted to
     ``allowed`` and renormalised (the test's own stepping, independent of the samplers')."""
-    state, out = q.start(torch.zeros(0, dtype=torch.long), len(X)), torch.zeros(len(X), dtype=torch.float64)
+    state = q.start(torch.tensor(prompt, dtype=torch.long), len(X))
+    out = torch.zeros(len(X), dtype=torch.float64)
     done = torch.zeros(len(X), dtype=torch.bool)
     for t in range(X.shape[1]):
         logq = state.logprobs.double()
@@ -197,6 +198,38 @@ def test_trained_guide_is_a_proposal():
     for method in ("importance", "smc"):
         post = _run(method, model, guide)
         assert abs(post.log_evidence - log_z) < _tolerance(frac, N)
+
+
+@pytest.mark.parametrize("method", ["importance", "smc"])
+def test_a_latent_before_the_sequence_and_ragged_prompts(method):
+    """w ~ Bernoulli(0.3) picks the prompt (none, or "a"); the prompted proposal reads "c" before
+    it. Exact moments: E_q[W^k] = Σ_w p(w) Σ_x π(x|w)^k f(x)^k / q(x|w)^(k-1)."""
+    lm = _lm()
+    prompts = ([], [1])
+
+    def model():
+        w = pyro.sample("w", pyro.distributions.Bernoulli(torch.tensor(0.3)))
+        x = pyro.sample("x", lm.sequence([prompts[int(i)] for i in w.reshape(-1).tolist()], max_new_tokens=T))
+        ppl_lm.constraint("first_is_3", x[..., 0] == 3)
+        ppl_lm.reward("threes", (x == 3).sum(-1).float(), beta=0.5)
+
+    q = ppl_lm.prompted(lm, [3])
+    X = enumerate_sequences(4, EOS, T)
+    with torch.no_grad():
+        parts = []
+        for w, pw in ((0, 0.7), (1, 0.3)):
+            lt = math.log(pw) + lm.score(prompts[w], X).double() + _log_f(X).double()
+            keep = torch.isfinite(lt)
+            parts.append((lt[keep], _log_q(q, X, None, prompts[w])[keep]))
+        log_m1 = torch.logsumexp(torch.cat([lt for lt, _ in parts]), 0)
+        log_m2 = torch.logsumexp(torch.cat([2 * lt - lq for lt, lq in parts]), 0)
+    frac = float(torch.exp(2 * log_m1 - log_m2))
+    exact = ppl_lm.infer(model, method="exact")
+    assert abs(float(log_m1) - exact.log_evidence) < 1e-5
+    post = _run(method, model, q)
+    assert abs(post.log_evidence - float(log_m1)) < _tolerance(frac, N)
+    p_w1 = exact.marginal("w")[1.0][0]
+    assert abs(post.marginal("w")[1.0][0] - p_w1) < 4.5 * math.sqrt(p_w1 * (1 - p_w1) / (N * frac))
 
 
 # -- errors before any work -----------------------------------------------------------------------
