@@ -26,7 +26,10 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=None, help="samples / particles per run (default 256)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--methods", nargs="+", default=["importance", "smc"])
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="proposal prompts to try after the prior (default: the 'helps' and 'hurts' prompts)")
     args = p.parse_args(argv)
+    prompts = PROMPTS if args.prompts is None else {"prior": None, **{t: t for t in args.prompts}}
     _bench.setup(args)
     import ppl_lm
     from ppl_lm.models import contains_keyword
@@ -49,7 +52,7 @@ def main(argv=None):
     rows = []
     for method in args.methods:
         size = {"importance": "num_samples", "smc": "num_particles"}[method]
-        for name, text in PROMPTS.items():
+        for name, text in prompts.items():
             proposal = None if text is None else ppl_lm.prompted(lm, text)
             t0 = time.perf_counter()
             try:
@@ -57,7 +60,7 @@ def main(argv=None):
                                     **{size: N})
             except ValueError as err:  # no draw met the condition
                 rows.append({"method": method, "proposal": name, "ok": False, "error": str(err).split(".")[0]})
-                print(f"{method:>10s} {name:>6s}: FAILED {rows[-1]['error']}", flush=True)
+                print(f"{method:>10s} {name!r:>8s}: FAILED {rows[-1]['error']}", flush=True)
                 continue
             wall = time.perf_counter() - t0
             met = sum(1 for w in post.log_weights.tolist() if w > -math.inf)
@@ -67,7 +70,7 @@ def main(argv=None):
                    "num_eves": getattr(post.info, "num_eves", None)}
             rows.append(row)
             extra = f", {row['num_eves']} ancestors" if row["num_eves"] is not None else ""
-            print(f"{method:>10s} {name:>6s}: {wall:7.2f}s ({row['vs_plain']:.1f}x plain)  ESS/N {row['ess_over_n']:.3f}"
+            print(f"{method:>10s} {name!r:>8s}: {wall:7.2f}s ({row['vs_plain']:.1f}x plain)  ESS/N {row['ess_over_n']:.3f}"
                   f"  log Z {row['log_z']:.3f} ± {row['log_z_se'] or 0:.3f}  {met}/{N} meet the condition{extra}",
                   flush=True)
     _bench.emit("prompted_proposal", {"args": vars(args), "plain_s": plain_s, "rows": rows})
