@@ -27,14 +27,15 @@ import torch
 from pyro.poutine.runtime import NonlocalExit
 from pyro.poutine.util import site_is_subsample
 
-from ppl_lm.conditions.factors import SequenceSites, factor_of, trial_run
+from ppl_lm.conditions.factors import SequenceSites, factor_of, partial_prefix, trial_run
+from ppl_lm.conditions.masks import TokenMask
 from ppl_lm.distribution import SequenceDistribution, row_cache
 from ppl_lm.posterior import Posterior, normalise
 from ppl_lm.tokens import lengths
 
 __all__ = ["row_cache", "Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
            "sequence_base", "sequence_sites", "check_has_latent", "is_latent", "observed_log_prob", "observed_sequences", "particle_dim", "single_sequence_site", "first_latent_site", "fixed_values",
-           "PARTICLE_PLATE", "main_site", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
+           "PARTICLE_PLATE", "main_site", "token_masks", "stats_from_scores", "cat_scores", "make_posterior", "finish"]
 
 PARTICLE_PLATE = "particles"
 
@@ -440,3 +441,28 @@ def finish(post: Posterior, extra_warnings: list | None = None) -> Posterior:
     post.warnings = list(extra_warnings or []) + diagnose(post)
     emit(post.warnings, post.method)
     return post
+
+
+def token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> dict[str, list[TokenMask]]:
+    """The TokenMasks of the model's token-level constraints, by the sequence site each constrains,
+    from one partial run on empty sequences (SMC and proposals follow them token by token)."""
+    empty = {name: torch.full((1, d.max_new_tokens), d.lm.eos_id, dtype=torch.long, device=d.lm.device)
+             for name, d in seq.items()}
+    with partial_prefix(0):
+        scores = run_model(model, args, kwargs, 1, data=empty, score_latent=False)
+    masks: dict[str, list[TokenMask]] = {name: [] for name in seq}
+    for name, site in scores.trace.nodes.items():
+        meta = factor_of(site)
+        if meta is None or not isinstance(meta.mask, TokenMask):
+            continue
+        target = meta.site
+        if target is None and len(seq) == 1:
+            target = next(iter(seq))
+        if target not in masks:
+            raise ValueError(
+                f"token_constraint {name!r} constrains a tensor that is not the value of one of the model's "
+                f"sequence sites {list(seq)}, so a sampler cannot tell whose tokens its mask follows. Pass the sampled "
+                "sequence itself (ppl_lm.token_constraint(name, x, mask) with x = pyro.sample(...)), or use "
+                "ppl_lm.constraint(name, mask.check(x), prefix_closed=True)")
+        masks[target].append(meta.mask)
+    return masks

@@ -214,7 +214,8 @@ def log_evidence_bounds(post, model, *args, exact, model_kwargs: dict | None = N
         guide: the proposal of a run made with ``guide=`` (an SVI posterior carries its own).
         seed: the conditional SMC's seed.
         **smc_options: override the SMC run's options for the conditional sweeps
-            (``num_particles``, ``ess_threshold``, ``observed``, ``chunk_size``). The sweeps
+            (``num_particles``, ``ess_threshold``, ``observed``, ``chunk_size``); a run made with
+            ``proposal=`` or ``twist=`` needs the same object again here. The sweeps
             resample multinomially whatever the run used (the conditional law of the other
             schemes is not that of :mod:`ppl_lm.inference.smc.conditional`), and each must fit
             in one chunk (no islands).
@@ -242,13 +243,16 @@ def log_evidence_bounds(post, model, *args, exact, model_kwargs: dict | None = N
 
 def _smc_bounds(post, model, args, kwargs, draws: ExactDraws, guide, seed: int, options: dict) -> EvidenceBounds:
     info = post.info
-    if info.proposal != "lm" and guide is None:
-        raise ValueError(f"this SMC run proposed from a {info.proposal!r}: pass the same object as guide= so the "
-                         "conditional sweeps propose as the run did")
-    unknown = sorted(set(options) - {"num_particles", "ess_threshold", "observed", "chunk_size"})
+    if info.proposal != "lm" and guide is None and options.get("proposal") is None:
+        raise ValueError(f"this SMC run proposed from {info.proposal!r}: pass the same object as guide= (a trained "
+                         "guide) or proposal= so the conditional sweeps propose as the run did")
+    if getattr(info, "twist", False) and options.get("twist") is None:
+        raise ValueError("this SMC run was twisted: pass the same twist= so the conditional sweeps are twisted as the "
+                         "run was")
+    taken = ("num_particles", "ess_threshold", "observed", "chunk_size", "proposal", "twist")
+    unknown = sorted(set(options) - set(taken))
     if unknown:
-        raise TypeError(f"unknown SMC option(s) {unknown} for the conditional sweeps; they take num_particles, "
-                        "ess_threshold, observed, chunk_size")
+        raise TypeError(f"unknown SMC option(s) {unknown} for the conditional sweeps; they take {', '.join(taken)}")
     opts = dict(num_particles=info.num_particles, ess_threshold=info.ess_threshold, guide=guide)
     opts.update(options)
     up = log_evidence_replicates(model, *args, model_kwargs=kwargs, reference=draws.values, seed=seed, **opts)

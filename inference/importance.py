@@ -9,6 +9,12 @@ condition factors): log p(x) cancels, and the sampler's own log-probabilities ar
 ``log_prior`` statistic, so nothing is scored twice. With a guide ``q`` (a callable with the
 model's signature that samples the same latent site(s) inside the particle plate, e.g. the
 trained SVI guide) the weight is log p(x, obs) - log q(x).
+
+With a token ``proposal`` (:mod:`ppl_lm.proposal`: the same LM under another prompt, a smaller LM
+over the same vocabulary, a trained guide's LM) the latent sites before the first sequence site are
+drawn from the prior, that site's tokens from the proposal started on the site's own prompt rows,
+one token at a time, restricted to the tokens its token masks allow and renormalised; the weight is
+log p(x, obs) - log q(x) with that renormalised q (the prior draws cancel).
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.inference import shards
 from ppl_lm.inference._runtime import (
     cat_scores, check_guide_sites, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, row_cache,
-    run_guide, run_model,
+    run_guide, run_model, run_model_until, sequence_base, sequence_sites, token_masks,
 )
+from ppl_lm.lm import LanguageModel
 from ppl_lm.posterior import Info, Posterior, normalise
+from ppl_lm.proposal import proposal_lm, proposal_name, sample_tokens
 from ppl_lm.validation import PositiveInt
 
 __all__ = ["run", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
@@ -42,7 +50,7 @@ class ImportanceInfo(Info):
 
     num_samples: int = 0
     chunk_size: int = 0
-    proposal: str = "prior"  # "prior" or "guide"
+    proposal: str = "prior"  # "prior", "guide", "prompted:<text>" or the proposal LM's type
     num_nonzero: int = 0  # samples with positive weight
 
 
@@ -51,7 +59,8 @@ TOKENS_PER_CHUNK = 1 << 15
 
 @describe(kind=Kind.WEIGHTED, info=ImportanceInfo)
 def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: PositiveInt = 1000,
-        chunk_size: PositiveInt | None = None, guide=None, progress: bool = True) -> Posterior:
+        chunk_size: PositiveInt | None = None, guide=None, proposal: str | LanguageModel | None = None,
+        progress: bool = True) -> Posterior:
     """Self-normalised importance sampling with the prior or a guide as proposal.
 
     Args:
@@ -65,6 +74,12 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         guide: proposal; ``None`` is the prior. Otherwise a callable with the model's signature
             that samples the model's latent site(s) under the same names; latent sites the guide
             does not sample are drawn from the prior (their log-probabilities cancel).
+        proposal: a token proposal for the first latent sequence site: ``"prompted:<text>"`` or
+            ``ppl_lm.prompted(lm, text)`` (the model's LM with ``text`` read before the model's
+            prompt), another :class:`LanguageModel` over the same vocabulary (a smaller LM with
+            the same tokenizer), or a trained guide (``post.guide``); ``None`` or ``"prior"``: the
+            prior. Tokens are drawn from q restricted to the tokens the token masks allow
+            (renormalised) and weighted by π/q exactly. Not with ``guide``.
         progress: show a progress bar over samples.
 
     Returns:
@@ -85,12 +100,16 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     """
     if guide is not None and not callable(guide):
         raise TypeError(f"guide must be a callable with the model's signature (or None), got {type(guide).__name__}")
+    if guide is not None and proposal is not None:
+        raise ValueError("give the proposal once: guide= (a program sampling the model's sites) or proposal= "
+                         "(a token proposal), not both")
     kwargs = dict(model_kwargs or {})
 
     with _random.seeded(seed), torch.no_grad(), row_cache():
         sites = latent_sites(model, args, kwargs, placeholder=True)
         check_has_latent(sites, "importance")
         shard = shards.current()  # which chunks this process draws (all, unless distributed)
+        qlm, masks = _token_proposal(model, args, kwargs, sites, proposal)
         if chunk_size is None:
             chunk_size = shard.chunk_size(
                 _default_chunk({**sites, **observed_sequences(model, args, kwargs)}, num_samples), num_samples)
@@ -104,7 +123,8 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
                     continue
                 n = min(chunk_size, num_samples - start)
                 with shards.part_stream(i):  # chunk i draws the same wherever it runs
-                    scores, log_w = _chunk(model, args, kwargs, n, guide)
+                    scores, log_w = (_chunk(model, args, kwargs, n, guide) if qlm is None
+                                     else _proposal_chunk(model, args, kwargs, n, qlm, masks))
                 scores.trace = None  # keep tokens and scalars only
                 done[i] = (scores, log_w.double())
                 bar.update(n)
@@ -119,7 +139,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
     normalise(log_w)  # the clear errors: NaN weights, or every weight zero
     log_z = float(log_mean_exp(log_w))
     info = ImportanceInfo(num_samples=num_samples, chunk_size=chunk_size,
-                          proposal="prior" if guide is None else "guide", num_nonzero=int(torch.isfinite(log_w).sum()))
+                          proposal="guide" if guide is not None else proposal_name(qlm), num_nonzero=int(torch.isfinite(log_w).sum()))
     post = make_posterior("importance", scores, log_w, sites, log_evidence=log_z, info=info,
                           log_evidence_se=log_evidence_se(log_w), khat=pareto_khat(log_w))
     log.info("importance: N=%d, log Z=%.4f ± %.4f, ESS=%.1f, k-hat=%.2f", num_samples, log_z,
@@ -153,3 +173,31 @@ def _chunk(model, args, kwargs, n: int, guide):
         log_w = log_w + scores.latent_log_prob[name].double() - lq.double()
     return scores, log_w
 
+
+def _token_proposal(model, args, kwargs, sites, proposal):
+    """The proposal LM of the first latent sequence site and that site's token masks (``None, None``
+    for the prior); a clear error before any sampling when the model has no such site or the
+    vocabularies differ."""
+    if proposal is None:
+        return None, None
+    seq = sequence_sites(sites)
+    if not seq:
+        raise ValueError("a token proposal proposes the tokens of a latent lm.sequence(...) site, and this model "
+                         "has none; leave proposal= out")
+    name, d = next(iter(seq.items()))
+    qlm = proposal_lm(proposal, d.lm)
+    return qlm, (None if qlm is None else token_masks(model, args, kwargs, seq)[name])
+
+
+def _proposal_chunk(model, args, kwargs, n: int, qlm: LanguageModel, masks: list):
+    """One vectorised run with the first sequence site's tokens drawn from ``qlm`` (masked,
+    renormalised): (Scores, log-weights ``[n]``)."""
+    # The latent sites before the sequence site, from the prior (they cancel in the weight).
+    head, site = run_model_until(model, args, kwargs, n, {}, sequences_only=True)
+    name, d = site["name"], sequence_base(site["fn"])
+    prompt, lengths = d.prompt_rows(n)
+    tokens, log_q = sample_tokens(qlm, prompt, lengths, n, d.max_new_tokens, [m.start(n) for m in masks],
+                                  _random.generator(qlm.device))
+    scores = run_model(model, args, kwargs, n, data={**head.values, name: tokens.to(d.lm.device)}, score_latent=True)
+    log_w = scores.log_likelihood.double() + scores.latent_log_prob[name].double() - log_q.to(scores.log_likelihood.device)
+    return scores, log_w

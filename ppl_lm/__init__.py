@@ -14,6 +14,7 @@ from .infer import METHODS, infer
 from .lm import LanguageModel, MarkovLM, ToyVocab, chat
 from .posterior import Posterior
 from .preferences import Preferences
+from .proposal import PromptedLM, prompted
 from .reward_model import RewardModel, fit_reward, learned_reward
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ __all__ = [
     "is_partial", "prefix_length", "infer", "METHODS", "Posterior", "rewards", "seeding", "tokens", "notebook", "report",
     "Preferences", "RewardModel", "fit_reward", "learned_reward",
     "exact_draws", "ExactDraws", "log_evidence_bounds", "EvidenceBounds", "kl_sandwich", "KLSandwich",
-    "learn_twist", "exact_twist",
+    "learn_twist", "exact_twist", "prompted", "PromptedLM",
 ]
 
 __version__ = "0.1.0"

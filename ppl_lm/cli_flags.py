@@ -75,6 +75,8 @@ def _flag_type(annotation) -> tuple[Callable, tuple | None, str | None] | None:
         if any(typing.get_origin(a) is list for a in alts):
             return _names_or_choice(choices), None, "NAMES"
         return str, choices, None
+    if str in alts and all(isinstance(a, type) for a in alts):
+        return str, None, None  # an object or its text form (``prompted:<text>``): the command line gives the text
     if len(alts) != 1:
         return None
     base, rules = ann, ()

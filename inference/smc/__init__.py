@@ -41,8 +41,10 @@ no latent sequence site at all (only observed text and other latents) SMC has no
 advance: it is importance sampling with the prior as proposal (one weighting, no resampling or
 move steps), the estimator of ``method="importance"``.
 
-Proposal. The site's LM itself, or, for the first sequence site, ``guide.lm`` (a LanguageModel
-over the same vocabulary, e.g. the trained SVI guide). Token-level constraints
+Proposal. The site's LM itself, or, for the first sequence site, ``proposal=`` (a LanguageModel
+over the same vocabulary started on the site's own prompt rows: ``ppl_lm.prompted(lm, text)``,
+which reads ``text`` before them, a smaller LM with the same tokenizer, or ``guide.lm`` of a
+trained SVI guide, see :mod:`ppl_lm.proposal`; ``guide=`` is the older spelling). Token-level constraints
 (``ppl_lm.token_constraint``: sites carrying a ``TokenMask``, whose per-particle ``MaskState`` is
 started with the stage of the sequence site it constrains, advanced with each of its tokens and
 reordered on resampling; at the last position a grammar mask allows only tokens that complete the text)

@@ -27,9 +27,9 @@ from ppl_lm.inference._runtime import check_has_latent, latent_sites, observed_s
 
 from ppl_lm import seeding as _random
 
-from .driver import _proposal_lm, _token_masks
+from .driver import build_stages
 from .islands import default_chunk_size, sweep_plan
-from .sweep import Stage, Sweep, SweepSpec
+from .sweep import Sweep, SweepSpec
 
 __all__ = ["ConditionalSweep", "log_evidence_replicates"]
 
@@ -80,7 +80,8 @@ class ConditionalSweep(Sweep):
 
 def log_evidence_replicates(model, *args, model_kwargs: dict | None = None, num_particles: int = 256,
                             reference: dict[str, torch.Tensor] | None = None, num_replicates: int | None = None,
-                            ess_threshold: float = 0.5, guide=None, observed: str = "prefix",
+                            ess_threshold: float = 0.5, guide=None, proposal=None, twist=None,
+                            observed: str = "prefix",
                             chunk_size: int | None = None, seed: int = 0) -> torch.Tensor:
     """log Ẑ of independent SMC replicates ``[R]`` (float64): conditional on one reference draw each
     (stochastic upper bounds, E[log Ẑ] ≥ log Z) given ``reference``, plain multinomial SMC
@@ -90,7 +91,8 @@ def log_evidence_replicates(model, *args, model_kwargs: dict | None = None, num_
         reference: each latent sequence site's exact draws ``[R, T]`` (the model's every latent
             site must be a sequence site: other latents have no reference value here).
         num_replicates: ``R`` without ``reference``.
-        num_particles, ess_threshold, guide, observed, chunk_size: as in :func:`ppl_lm.inference.smc.run`;
+        num_particles, ess_threshold, guide, proposal, twist, observed, chunk_size: as in
+            :func:`ppl_lm.inference.smc.run`;
             a replicate must fit in ``chunk_size`` rows (no islands).
 
     >>> import torch, pyro, ppl_lm
@@ -116,10 +118,7 @@ def log_evidence_replicates(model, *args, model_kwargs: dict | None = None, num_
         if num_particles > chunk_size:
             raise ValueError(f"conditional SMC runs each replicate in one sweep, so num_particles={num_particles} "
                              f"must be at most chunk_size={chunk_size}; use fewer particles or a larger chunk_size")
-        first = next(iter(seq))
-        qlm = _proposal_lm(guide, seq[first].lm)
-        masks = _token_masks(model, args, kwargs, seq)
-        stages = [Stage(name, masks[name], qlm if name == first else None) for name in seq]
+        stages, _, _ = build_stages(model, args, kwargs, seq, guide, proposal, twist)
         out = torch.empty(R, dtype=torch.float64)
         for n, reps in sweep_plan(num_particles, R, chunk_size):
             spec = SweepSpec(model, args, kwargs, stages, n, reps, ess_threshold, "multinomial", observed)

@@ -16,18 +16,17 @@ from ppl_lm.inference._runtime import (
     latent_sites,
     observed_sequences,
     row_cache,
-    run_model,
     sequence_sites,
+    token_masks,
 )
 from tqdm.auto import tqdm
 
 from ppl_lm import seeding as _random
 from ppl_lm.backends import Kind, describe
-from ppl_lm.conditions import TokenMask, partial_prefix
-from ppl_lm.conditions.factors import factor_of
 from ppl_lm.distribution import SequenceDistribution
 from ppl_lm.lm import LanguageModel
 from ppl_lm.posterior import Posterior
+from ppl_lm.proposal import proposal_lm, proposal_name
 from ppl_lm.resampling import SCHEMES, Scheme
 from ppl_lm.validation import AtLeastTwo, Fraction, PositiveInt
 
@@ -47,8 +46,8 @@ OBSERVED: tuple[str, ...] = typing.get_args(Observed)
 @describe(kind=Kind.WEIGHTED, info=SMCInfo)
 def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: AtLeastTwo = 256,
         ess_threshold: Fraction = 0.5, resampling: Scheme = "multinomial", num_replicates: PositiveInt = 1,
-        chunk_size: AtLeastTwo | None = None, guide=None, observed: Observed = "prefix",
-        twist: Twist | None = None, progress: bool = True) -> Posterior:
+        chunk_size: AtLeastTwo | None = None, guide=None, proposal: str | LanguageModel | None = None,
+        observed: Observed = "prefix", twist: Twist | None = None, progress: bool = True) -> Posterior:
     """Token-by-token SMC with prefix re-scoring, ESS-triggered resampling and token masks.
 
     Args:
@@ -80,6 +79,12 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
         guide: an object whose ``.lm`` is a :class:`LanguageModel` over the same vocabulary,
             used as the token proposal of the first sequence site with the model's prompt
             (weights corrected by π/q); later sequence sites are proposed from their own LM.
+        proposal: the token proposal of the first sequence site: ``"prompted:<text>"`` or
+            ``ppl_lm.prompted(lm, text)`` (the model's LM with ``text`` read before the model's
+            prompt), another :class:`LanguageModel` over the same vocabulary (a smaller LM with
+            the same tokenizer), or a trained guide (``post.guide``); ``None`` or ``"prior"``: the
+            site's own LM. Each token is weighted by π/q exactly (q restricted to the tokens the
+            token masks allow, renormalised), so the target and log Z do not change. Not with ``guide``.
         observed: when an observed text whose prompt reads the sequence being advanced is scored
             (see the module notes): ``"prefix"`` (at every token, under the prompt the prefix
             gives: a twist; rows whose prompt did not change are read from the run's cache) or
@@ -121,16 +126,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             sized = [*seq.values(), *observed_sequences(model, args, kwargs).values()]
             chunk_size = shard.chunk_size(min((default_chunk_size(d) for d in sized), default=max(2, num_particles)),
                                           num_particles * num_replicates)
-        first = next(iter(seq), None)
-        qlm = None if first is None else _proposal_lm(guide, seq[first].lm)
-        if guide is not None and first is None:
-            raise ValueError("an SMC guide proposes the tokens of a latent sequence site, and this model has none "
-                             "(every lm.sequence(...) site is observed); leave guide= out")
-        masks = _token_masks(model, args, kwargs, seq)
-        if twist is not None:
-            _check_twist(twist, None if first is None else seq[first])
-        stages = [Stage(name, masks[name], qlm if name == first else None, twist if name == first else None)
-                  for name in seq]
+        stages, qlm, masks = build_stages(model, args, kwargs, seq, guide, proposal, twist)
         plan = sweep_plan(num_particles, num_replicates, chunk_size)
         done = {}
         bar = tqdm(total=sum(n * len(reps) for i, (n, reps) in enumerate(plan) if shard.owns(i)), desc="smc",
@@ -153,25 +149,41 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
             return None
         return combine(parts, num_particles, num_replicates, chunk_size, sites,
                        {"resampling": resampling, "ess_threshold": ess_threshold,
-                        "proposal": "lm" if qlm is None else "guide", "twist": twist is not None,
+                        "proposal": "lm" if qlm is None else "guide" if guide is not None else proposal_name(qlm),
+                        "twist": twist is not None,
                         "token_masks": sum(len(m) for m in masks.values())})
 
 
-def _proposal_lm(guide, lm: LanguageModel) -> LanguageModel | None:
+def build_stages(model, args, kwargs, seq: dict[str, SequenceDistribution], guide=None, proposal=None,
+                 twist=None) -> tuple[list[Stage], LanguageModel | None, dict]:
+    """The sweep's stages: each sequence site with its token masks; the first also with the token
+    proposal (``guide=`` or ``proposal=``) and the twist. Returns the stages, the proposal LM (None: the
+    model's own) and the masks by site."""
+    first = next(iter(seq), None)
+    qlm = None if first is None else _proposal(guide, proposal, seq[first].lm)
+    if (guide is not None or proposal is not None) and first is None:
+        raise ValueError("an SMC proposal proposes the tokens of a latent sequence site, and this model has none "
+                         "(every lm.sequence(...) site is observed); leave guide= and proposal= out")
+    masks = token_masks(model, args, kwargs, seq)
+    if twist is not None:
+        _check_twist(twist, None if first is None else seq[first])
+    stages = [Stage(name, masks[name], qlm if name == first else None, twist if name == first else None)
+              for name in seq]
+    return stages, qlm, masks
+
+
+def _proposal(guide, proposal, lm: LanguageModel) -> LanguageModel | None:
+    """The first sequence site's token proposal, from ``guide=`` (whose ``.lm`` proposes) or ``proposal=``."""
     if guide is None:
-        return None
-    q = getattr(guide, "lm", None)
-    if not isinstance(q, LanguageModel):
+        return proposal_lm(proposal, lm)
+    if proposal is not None:
+        raise ValueError("give the token proposal once: guide= (a trained guide) or proposal=, not both")
+    if not isinstance(getattr(guide, "lm", None), LanguageModel):
         raise TypeError(
             "an SMC guide must expose a LanguageModel as its .lm attribute (the token proposal), e.g. "
-            f"the guide trained by method='svi'; got {type(guide).__name__} with .lm = {type(q).__name__}"
+            f"the guide trained by method='svi'; got {type(guide).__name__} with .lm = {type(getattr(guide, 'lm', None)).__name__}"
         )
-    if q.vocab_size != lm.vocab_size or q.eos_id != lm.eos_id:
-        raise ValueError(
-            f"the guide's LM (vocab {q.vocab_size}, EOS {q.eos_id}) must share the model LM's vocabulary "
-            f"(vocab {lm.vocab_size}, EOS {lm.eos_id})"
-        )
-    return q
+    return proposal_lm(guide, lm)
 
 
 def _check_twist(twist, d: SequenceDistribution | None) -> None:
@@ -184,28 +196,3 @@ def _check_twist(twist, d: SequenceDistribution | None) -> None:
     if V != d.lm.vocab_size or T < d.max_new_tokens:
         raise ValueError(f"the twist covers {T} positions of a {V}-token vocabulary; the first sequence site has "
                          f"{d.max_new_tokens} positions of {d.lm.vocab_size} tokens: learn the twist on this model")
-
-
-def _token_masks(model, args, kwargs, seq: dict[str, SequenceDistribution]) -> dict[str, list[TokenMask]]:
-    """The TokenMasks of the model's token-level constraints, by the sequence site each constrains,
-    from one partial run on empty sequences."""
-    empty = {name: torch.full((1, d.max_new_tokens), d.lm.eos_id, dtype=torch.long, device=d.lm.device)
-             for name, d in seq.items()}
-    with partial_prefix(0):
-        scores = run_model(model, args, kwargs, 1, data=empty, score_latent=False)
-    masks: dict[str, list[TokenMask]] = {name: [] for name in seq}
-    for name, site in scores.trace.nodes.items():
-        meta = factor_of(site)
-        if meta is None or not isinstance(meta.mask, TokenMask):
-            continue
-        target = meta.site
-        if target is None and len(seq) == 1:
-            target = next(iter(seq))
-        if target not in masks:
-            raise ValueError(
-                f"token_constraint {name!r} constrains a tensor that is not the value of one of the model's "
-                f"sequence sites {list(seq)}, so SMC cannot tell whose tokens its mask follows. Pass the sampled "
-                "sequence itself (ppl_lm.token_constraint(name, x, mask) with x = pyro.sample(...)), or use "
-                "ppl_lm.constraint(name, mask.check(x), prefix_closed=True)")
-        masks[target].append(meta.mask)
-    return masks

@@ -76,8 +76,9 @@ from ppl_lm.diagnostics.warnings import PplLmWarning
 from ppl_lm.inference._runtime import (
     check_has_latent, finish, latent_sites, observed_sequences, row_cache, sequence_sites,
 )
-from ppl_lm.lm import PositionalMarkovLM, TransformersLM
+from ppl_lm.lm import LanguageModel, PositionalMarkovLM, TransformersLM
 from ppl_lm.posterior import Info, Posterior
+from ppl_lm.proposal import prompted
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -152,7 +153,7 @@ def run(model, *args, seed: int = 0,
         lora_r: PositiveInt = 8, lora_alpha: float = 16, lora_targets: Literal["all-linear"] | list[str] | None = None,
         lr_decay: float = 0.1, clip_norm: float | None = 1.0, crosscheck_samples: NonNegativeInt | None = None,
         callback=None, preferences=None, beta: float | None = None, batch_size: PositiveInt | None = None,
-        model_kwargs: dict | None = None) -> Posterior:
+        guide_prompt: str | None = None, model_kwargs: dict | None = None) -> Posterior:
     """Train a guide by SVI, then importance-weight its draws against the exact target.
 
     Args:
@@ -206,6 +207,12 @@ def run(model, *args, seed: int = 0,
             clear error if the model has none, or several different ones.
         batch_size: ``objective="dpo"`` only: pairs per step, drawn without replacement by the
             seeded generator (default ``min(n, 64)``; ``>= n``: the full, deterministic loss).
+        guide_prompt: "prompt, then fine-tune": a new guide reads this text before the model's
+            prompt, so it starts at π(·|text + prompt) (not at the prior) and is trained from there
+            in that context; its draws are still weighted against the exact target. The guide
+            keeps the text (``post.guide.lm`` is a :class:`ppl_lm.PromptedLM`), so the trained
+            weights are the fine-tuning on top of the instruction. A sequence guide only (one
+            latent ``lm.sequence(...)`` site), not with a guide object.
         model_kwargs: keyword arguments of the model.
 
     Returns:
@@ -244,6 +251,8 @@ def run(model, *args, seed: int = 0,
             beta = float(beta) if beta is not None else model_beta(model, args, kwargs)
             batch_size = min(batch_size or DEFAULT_BATCH_SIZE, len(pairs))
         g = build_guide(model, args, kwargs, guide, lora_r, lora_alpha, lora_targets, seed)
+        if guide_prompt is not None:
+            _prompt_guide(g, guide, guide_prompt)
         if lr is None:
             lr = default_lr(g)
         losses = (DPOLoss(pairs, beta, batch_size),) if pairs is not None else _losses(
@@ -255,7 +264,7 @@ def run(model, *args, seed: int = 0,
             fp = _ckpt.fingerprint(model, args, kwargs, _fingerprint_lm(model, args, kwargs, g), {
                 "seed": seed, "objective": objective, "proposal": proposal, "num_particles": num_particles,
                 "lr": lr, "guide": g.kind, "relax_penalty": relax_penalty, "lr_decay": lr_decay,
-                "clip_norm": clip_norm, "contexts": contexts,
+                "clip_norm": clip_norm, "contexts": contexts, "guide_prompt": guide_prompt,
                 # the step-size schedule depends on the run's length, unless it is constant
                 "num_steps": num_steps if lr_decay != 1 or objective in SCHEDULES else None,
                 "params": {k: tuple(v.shape) for k, v in g.parameters().items()},
@@ -364,6 +373,19 @@ def build_guide(model, args, kwargs, guide, lora_r=8, lora_alpha=16, lora_target
         raise TypeError("a guide object must be a ppl_lm.inference.svi.guides.SequenceGuide (e.g. post.guide of an "
                         "svi run; build one with ppl_lm.inference.svi.guides.make_guide)")
     return guide
+
+
+def _prompt_guide(g, guide, text: str) -> None:
+    """A new sequence guide reads ``text`` before the model's prompt (``guide_prompt``)."""
+    if isinstance(guide, SequenceGuide):
+        raise ValueError("guide_prompt starts a new guide at π(·|text + prompt); a guide object keeps the context it "
+                         "was trained in. Leave guide_prompt out, or pass guide='lora' / 'full'")
+    if type(g) is not SequenceGuide or not isinstance(g.lm, LanguageModel):
+        raise ValueError("guide_prompt needs a model with one latent lm.sequence(...) site and no other latent site "
+                         "(a sequence guide); this model gets a joint guide")
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"guide_prompt must be a non-empty text, got {text!r}")
+    g.lm = prompted(g.lm, text)
 
 
 def default_lr(g) -> float:
