@@ -103,15 +103,26 @@ def _flags(registered: tuple[str, ...]) -> dict[str, OptionFlag]:
             if how is None:
                 continue
             if opt.name in specs:
-                parse, choices, metavar, help, methods = specs[opt.name]
+                parse, choices, metavar, helps, methods = specs[opt.name]
                 if choices and how[1]:
                     choices = tuple(dict.fromkeys(choices + how[1]))  # each backend checks its own
                 elif parse is not how[0]:
                     parse = _loosest(parse, how[0], opt.name)
-                specs[opt.name] = (parse, choices, metavar, help, methods + (m,))
+                helps.setdefault(_flag_help(opt.help), []).append(m)
+                specs[opt.name] = (parse, choices, metavar, helps, methods + (m,))
             else:
-                specs[opt.name] = (*how, _flag_help(opt.help), (m,))
-    return {name: OptionFlag(*spec) for name, spec in specs.items()}
+                specs[opt.name] = (*how, {_flag_help(opt.help): [m]}, (m,))
+    return {name: OptionFlag(parse, choices, metavar, _joined_help(helps), methods)
+            for name, (parse, choices, metavar, helps, methods) in specs.items()}
+
+
+def _joined_help(helps: dict[str, list[str]]) -> str:
+    """One flag's help: the backends' common line, or each backend's own where the option means
+    different things in different backends (``--proposal``: a token proposal, or where SVI's forward
+    draws come from)."""
+    if len(helps) == 1:
+        return next(iter(helps))
+    return "; ".join(f"{', '.join(methods)}: {help}" for help, methods in helps.items())
 
 
 def _flag_help(doc: str) -> str:

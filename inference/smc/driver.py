@@ -79,11 +79,11 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_parti
         guide: an object whose ``.lm`` is a :class:`LanguageModel` over the same vocabulary,
             used as the token proposal of the first sequence site with the model's prompt
             (weights corrected by π/q); later sequence sites are proposed from their own LM.
-        proposal: the token proposal of the first sequence site: ``"prompted:<text>"`` or
+        proposal: a token proposal for the first latent sequence site: ``"prompted:<text>"`` or
             ``ppl_lm.prompted(lm, text)`` (the model's LM with ``text`` read before the model's
             prompt), another :class:`LanguageModel` over the same vocabulary (a smaller LM with
             the same tokenizer), or a trained guide (``post.guide``); ``None`` or ``"prior"``: the
-            site's own LM. Each token is weighted by π/q exactly (q restricted to the tokens the
+            prior. Each token is weighted by π/q exactly (q restricted to the tokens the
             token masks allow, renormalised), so the target and log Z do not change. Not with ``guide``.
         observed: when an observed text whose prompt reads the sequence being advanced is scored
             (see the module notes): ``"prefix"`` (at every token, under the prompt the prefix
