@@ -17,6 +17,7 @@ the fix. Every backend applies this rule, so a model one backend accepts, all ac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from ppl_lm.conditions.factors import SequenceSites, factor_of, partial_prefix, trial_run
 from ppl_lm.conditions.masks import TokenMask
 from ppl_lm.distribution import SequenceDistribution, row_cache
-from ppl_lm.posterior import Posterior, normalise
+from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.tokens import lengths
 
 __all__ = ["row_cache", "Scores", "ModelShapeError", "run_model", "run_model_until", "trace_model", "score_trace", "site_log_prob", "latent_sites",
@@ -438,6 +439,9 @@ def finish(post: Posterior, extra_warnings: list | None = None) -> Posterior:
     and raise each as a Python warning at the user's line. Every backend's ``run`` ends here."""
     from ppl_lm.diagnostics.warnings import diagnose, emit
 
+    dtype = getattr(post.lm, "dtype", None)
+    if dtype is not None and isinstance(post.info, Info):  # the model the target is defined by (bfloat16 or not)
+        post.info = dataclasses.replace(post.info, lm_dtype=str(dtype).removeprefix("torch."))
     post.warnings = list(extra_warnings or []) + diagnose(post)
     emit(post.warnings, post.method)
     return post

@@ -194,16 +194,24 @@ def _check_lm(spec: str) -> None:
             "a .gguf file, or the id of a model in the local Hugging Face cache (ppl-lm never downloads)") from None
 
 
-def load_language_model(spec: str, device: str | None):
-    """``tiny`` (the char-level random transformer, seed 0), ``smollm2`` (embedded) or a path/id."""
+def load_language_model(spec: str, device: str | None, dtype: str | None = None):
+    """``tiny`` (the char-level random transformer, seed 0), ``smollm2`` (embedded) or a path/id.
+
+    ``dtype``: ``"auto"``, ``"float32"`` or ``"bfloat16"`` (``None``: ``load_lm``'s default; the
+    tiny toy stays float32 unless a dtype is given).
+    """
     import ppl_lm
 
     if spec == "tiny":
         lm = ppl_lm.tiny_char_transformer(seed=0)
         if device not in (None, "cpu"):
             lm.model.to(ppl_lm.lm.hf.check_device(device))
+        if dtype is not None:
+            from .lm.hf.precision import choose_dtype
+
+            lm.model.to(choose_dtype(dtype, lm.device)[0])
         return lm
-    kw = {} if device is None else {"device": device}
+    kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     if spec in ("smollm2", "default"):
         return ppl_lm.load_lm(**kw)
     return ppl_lm.load_lm(spec, **kw)
@@ -431,7 +439,7 @@ def _prepare(args, methods: Sequence[str], strict: bool, module: ModuleType | No
     options = {m: _options(m, module, args, strict) for m in methods}
     for m in methods:
         _check_options(m, ctx, args.seed, options[m])
-    lm = load_language_model(args.lm, args.device)
+    lm = load_language_model(args.lm, args.device, args.dtype)
     if chat:
         lm, ctx = _chat(lm, ctx)
     try:
@@ -703,6 +711,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "values, LM or options differ) [" + ", ".join(m for m, _ in _methods_with("checkpoint_dir")) + "]")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", help="torch device for the LM, e.g. cpu or cuda")
+    # ppl_lm.lm.hf.precision.DTYPES, spelled out: importing ppl_lm.lm.hf loads transformers (seconds)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                   help="the LM's parameter dtype (default auto: bfloat16 on CUDA and on CPUs with AMX-BF16 or "
+                        "AVX512-BF16 where it measures faster, else float32); the target is the model in that "
+                        "dtype, see the README")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads torch uses (torch.set_num_threads; default: torch's, one per core). "
                         "On a shared or small machine 1 is often fastest; see the README on reproducibility")

@@ -24,7 +24,12 @@ class Info:
     Typed fields are the interface (``post.info.num_particles``). The read-only mapping view
     (``info["name"]``, ``info.get(name)``) of notebooks written against the earlier dict still
     reads, with a DeprecationWarning; ``"name" in info`` and :meth:`as_dict` do not warn.
+
+    Every backend's Info also has ``lm_dtype``: the parameter dtype of the main site's LM
+    (``"bfloat16"``, ``"float32"``; ``None`` for a table LM or none), filled in by the runtime.
     """
+
+    lm_dtype: str | None = field(default=None, kw_only=True)
 
     def _names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self))

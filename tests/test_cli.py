@@ -61,10 +61,10 @@ def cached_lm(monkeypatch):
     """Build the tiny LM once for the whole module (the CLI builds it on every call)."""
     real = cli.load_language_model
 
-    def load(spec, device):
-        if (spec, device) not in _lms:
-            _lms[spec, device] = real(spec, device)
-        return _lms[spec, device]
+    def load(spec, device, dtype=None):
+        if (spec, device, dtype) not in _lms:
+            _lms[spec, device, dtype] = real(spec, device, dtype)
+        return _lms[spec, device, dtype]
 
     monkeypatch.setattr(cli, "load_language_model", load)
 
@@ -143,7 +143,7 @@ def test_chunk_size_flag_reaches_the_backend(tmp_path, monkeypatch, capsys):
 def test_lora_targets_flag_reaches_the_guide(tmp_path, monkeypatch, capsys):
     path = script(tmp_path, TOY_SCRIPT)
     # a fresh LM per call: LoRA adapters stay injected in the network they adapt
-    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: ppl_lm.tiny_char_transformer(seed=0))
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device, dtype=None: ppl_lm.tiny_char_transformer(seed=0))
     seen, real = [], ppl_lm.infer  # svi calls infer again inside: the CLI's call is the first of each run
     monkeypatch.setattr(ppl_lm, "infer", lambda *a, **k: seen.append(k) or real(*a, **k))
     svi = ["run", path, "--method", "svi", "--lm", "tiny", "--quiet", "--num-steps", "1", "--num-particles", "4",
@@ -181,7 +181,7 @@ def test_chat_flag_wraps_the_context_and_ends_at_the_end_of_turn(tmp_path, monke
     from ppl_lm.lm.testing import tiny_chat_transformer
 
     lm = tiny_chat_transformer()  # EOS <|endoftext|> (0), end of turn <|im_end|> (2)
-    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: lm)
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device, dtype=None: lm)
     monkeypatch.setattr(cli, "_check_lm", lambda spec: None)  # "chatty" names the stand-in LM above
     seen, real = [], ppl_lm.infer
     monkeypatch.setattr(ppl_lm, "infer", lambda *a, **k: seen.append((a, real(*a, **k))) or seen[-1][1])
@@ -198,7 +198,7 @@ def test_chat_flag_wraps_the_context_and_ends_at_the_end_of_turn(tmp_path, monke
     assert "the tiny LM (--lm tiny) has no chat template" in fails(
         ["run", path, "--method", "importance", "--lm", "tiny", "--chat"], capsys)
     assert "--chat wraps the context (a text)" in fails([*run, "--chat", "--context", "15"], capsys)
-    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: ppl_lm.tiny_transformer(8))
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device, dtype=None: ppl_lm.tiny_transformer(8))
     assert "--chat: this TransformersLM has no chat template" in fails([*run, "--chat"], capsys)
 
 def test_list(capsys):
@@ -388,7 +388,7 @@ def test_lm_choice_reaches_load_lm(monkeypatch):
 
 @pytest.mark.integration
 def test_run_on_embedded_smollm2(smollm2, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_language_model", lambda spec, device: smollm2)
+    monkeypatch.setattr(cli, "load_language_model", lambda spec, device, dtype=None: smollm2)
     assert cli.main(["run", "prefix", "--method", "importance", "--num-samples", "4", "--set",
                      "max_new_tokens=4", "--quiet"]) == 0
     out = capsys.readouterr().out

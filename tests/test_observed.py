@@ -419,7 +419,7 @@ def test_cli_compare_and_report_without_a_latent_sequence(tmp_path, capsys):
     import ppl_lm.cli as cli
 
     orig = cli.load_language_model
-    cli.load_language_model = lambda spec, device: lm
+    cli.load_language_model = lambda spec, device, dtype=None: lm
     try:
         assert main(["compare", str(script), "--methods", "exact,importance,smc", "--num-samples", "2000",
                      "--num-particles", "2000", "--report", str(tmp_path / "rep")]) == 0

@@ -97,8 +97,11 @@ def lm_fingerprint(lm) -> str:
 
 def fingerprint(model, args: tuple, kwargs: dict, lm, options: dict) -> dict:
     """What a checkpoint must match to be resumed."""
+    # The dtype on its own line: a checkpoint of a bfloat16 run trained another model than float32's.
+    dtype = getattr(lm, "dtype", None)
     return {"model": model_fingerprint(model), "args": _digest(_plain(args)),
             "model_kwargs": _digest(_plain(kwargs)), "lm": lm_fingerprint(lm),
+            "lm_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
             **{k: _plain(v) for k, v in options.items()}}
 
 

