@@ -208,13 +208,16 @@ def bound_tables(base, prompt: torch.Tensor, flops_per_row: float, params: int, 
           flush=True)
     out = {"peak_gflops": peak, "decode": [], "sample": [], "train": []}
     args.no_sample = True  # bench_batch's own lm.sample timing: the table below times it beside the others
-    for B in args.batch:
-        row = bench_batch(lms, prompt, B, flops_per_row, args)
-        row["fraction_of_peak"] = {d: B * flops_per_row / 1e9 / peak[d] / t for d, t in row["steps"].items()}
-        out["decode"].append(row)
-        print(f"decode step B={B}: " + ", ".join(
-            f"{d} {t * 1e3:.1f} ms ({row['fraction_of_peak'][d]:.1%} of peak, bound {B * flops_per_row / 1e6 / peak[d]:.1f} ms)"
-            for d, t in row["steps"].items()), flush=True)
+    for B in args.batch if {"decode", "sample"} & set(args.parts) else ():
+        if "decode" in args.parts:
+            row = bench_batch(lms, prompt, B, flops_per_row, args)
+            row["fraction_of_peak"] = {d: B * flops_per_row / 1e9 / peak[d] / t for d, t in row["steps"].items()}
+            out["decode"].append(row)
+            print(f"decode step B={B}: " + ", ".join(
+                f"{d} {t * 1e3:.1f} ms ({row['fraction_of_peak'][d]:.1%} of peak, bound {B * flops_per_row / 1e6 / peak[d]:.1f} ms)"
+                for d, t in row["steps"].items()), flush=True)
+        if "sample" not in args.parts:
+            continue
         gen = torch.Generator().manual_seed(args.seed)
         fns = {}
         for d, lm in lms.items():
@@ -228,6 +231,8 @@ def bound_tables(base, prompt: torch.Tensor, flops_per_row: float, params: int, 
                               "times": times})
         print(f"sample B={B}, T={args.tokens}, per token: " + ", ".join(
             f"{n} {t * 1e3:.1f} ms ({frac[n]:.1%})" for n, t in per_tok.items()), flush=True)
+    if "train" not in args.parts:
+        return out
     # training: a LoRA guide on a copy of each dtype's network (peft injects in place)
     Bt, Lt = args.train_batch, args.train_tokens
     toks = torch.randint(3, base.vocab_size, (Bt, Lt), generator=torch.Generator().manual_seed(args.seed))
@@ -272,6 +277,8 @@ def main(argv=None):
                    help="CPU: peak matmul per dtype and every step as a fraction of it (see the docstring)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
                    help="with --bound: the dtypes compared")
+    p.add_argument("--parts", nargs="+", default=["decode", "sample", "train"], choices=["decode", "sample", "train"],
+                   help="with --bound: which tables")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-tokens", type=int, default=24)
     p.add_argument("--train-repeats", type=int, default=3)

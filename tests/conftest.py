@@ -24,10 +24,13 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The embedded real model, loaded once per test session (integration tests only)."""
+    """The embedded real model, loaded once per test session (integration tests only).
+
+    In float32 on every machine: these tests' tolerances are float32 round-off, and ``"auto"``
+    would pick bfloat16 on some CPUs only (bfloat16: tests/test_bf16.py)."""
     import ppl_lm
 
-    return ppl_lm.load_lm()
+    return ppl_lm.load_lm(dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -212,3 +212,18 @@ def test_cli_dtype_flag(capsys):
     assert "invalid choice: 'float8'" in err and all(name in err for name in precision.DTYPES)
     assert cli.load_language_model("tiny", None, "bfloat16").dtype == BF16
     assert cli.load_language_model("tiny", None).dtype == torch.float32
+
+
+@pytest.mark.integration
+def test_smollm2_in_bf16_runs_smc_with_normalised_float32_rows():
+    lm = ppl_lm.load_lm(dtype="bfloat16", progress=False)
+    assert lm.dtype == BF16
+    state = lm.start(torch.tensor(lm.encode("Once upon a time,")), 4)
+    assert state.logprobs.dtype == torch.float32
+    torch.testing.assert_close(state.logprobs.logsumexp(-1), torch.zeros(4), atol=1e-5, rtol=0)
+    from ppl_lm.models import load
+
+    model = load("no_e").build(lm, max_new_tokens=6)
+    post = ppl_lm.infer(model, "Once upon a time,", method="smc", num_particles=8, seed=0, progress=False)
+    assert post.info.lm_dtype == "bfloat16" and math.isfinite(post.log_evidence)
+    assert not any("e" in t.lower() for t in post.texts)

@@ -95,7 +95,7 @@ def test_run_user_script_end_to_end(tmp_path, capsys):
                      "--report", str(out)]) == 0
     stdout = capsys.readouterr().out
     # The same run in code: the script's toy_context and default options, the same seed.
-    lm = _lms["tiny", None]
+    lm = _lms["tiny", None, None]
     ns = {}
     exec(compile(TOY_SCRIPT, path, "exec"), ns)
     post = ppl_lm.infer(ns["build"](lm), "Hi", method="importance", seed=3, num_samples=32, progress=False)
