@@ -22,7 +22,7 @@ from .precision import check_dtype, choose_dtype
 __all__ = ["load_lm", "DEFAULT_DTYPE", "check_device", "check_model", "embedded_model_dir", "cache_entry", "EMBEDDED_GGUF"]
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: ``load_lm``'s dtype, chosen by measurement (``benchmarks/RESULTS.md``, "bf16 where it pays").
+#: ``load_lm``'s dtype, chosen by measurement (``benchmarks/RESULTS.md``, "bf16 on the no-e task, and the default").
 DEFAULT_DTYPE = "auto"
 
 
@@ -229,7 +229,7 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
         device: torch device (``"cpu"``, ``"cuda"``...); checked before anything loads.
         dtype: parameter dtype: ``"auto"`` (the default), ``"float32"``, ``"bfloat16"`` or a
             ``torch.dtype``. ``"auto"`` (and ``None``) is bfloat16 on CUDA and on a CPU with
-            AMX-BF16 or AVX512-BF16 where a 20 ms probe finds its matmul faster, float32
+            AMX-BF16 or AVX512-BF16 where a 20 ms probe finds its matmul >= 1.3x faster, float32
             elsewhere (:mod:`ppl_lm.lm.hf.precision`). The choice is shown in the status line
             and read back as ``lm.dtype`` (and ``post.info.lm_dtype``). In bfloat16 every
             backend's target is the bfloat16 model; log Z agrees with float32's within the
