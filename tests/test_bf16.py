@@ -202,7 +202,7 @@ def test_bad_dtype_is_a_clear_error_before_loading(monkeypatch):
         ppl_lm.load_lm(dtype="float8")
 
 
-def test_cli_dtype_flag(capsys):
+def test_cli_dtype_flag(capsys, monkeypatch):
     from ppl_lm import cli
 
     assert cli.build_parser().parse_args(["run", "x", "--method", "smc", "--dtype", "bfloat16"]).dtype == "bfloat16"
@@ -210,11 +210,23 @@ def test_cli_dtype_flag(capsys):
         cli.build_parser().parse_args(["run", "x", "--method", "smc", "--dtype", "float8"])
     err = capsys.readouterr().err
     assert "invalid choice: 'float8'" in err and all(name in err for name in precision.DTYPES)
+    calls = []
+
+    def loaded(*a):
+        calls.append(a)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cli, "load_language_model", loaded)
+    with pytest.raises(SystemExit):
+        cli.main(["run", "no_e", "--method", "smc", "--lm", "tiny", "--dtype", "bfloat16"])
+    assert calls == [("tiny", None, "bfloat16")]
+    monkeypatch.undo()
     assert cli.load_language_model("tiny", None, "bfloat16").dtype == BF16
     assert cli.load_language_model("tiny", None).dtype == torch.float32
 
 
 @pytest.mark.integration
+@pytest.mark.filterwarnings("ignore::ppl_lm.diagnostics.warnings.PplLmWarning")
 def test_smollm2_in_bf16_runs_smc_with_normalised_float32_rows():
     lm = ppl_lm.load_lm(dtype="bfloat16", progress=False)
     assert lm.dtype == BF16
