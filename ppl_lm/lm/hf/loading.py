@@ -22,7 +22,7 @@ from .precision import check_dtype, choose_dtype
 __all__ = ["load_lm", "DEFAULT_DTYPE", "check_device", "check_model", "embedded_model_dir", "cache_entry", "EMBEDDED_GGUF"]
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: ``load_lm``'s dtype, chosen by measurement (``benchmarks/RESULTS.md``, "bf16 on the no-e task, and the default").
+#: ``load_lm``'s dtype, chosen by measurement (``benchmarks/RESULTS.md``, section 20).
 DEFAULT_DTYPE = "auto"
 
 

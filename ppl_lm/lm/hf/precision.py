@@ -4,7 +4,7 @@
 when a short timed probe (a decode-shaped matmul, about 20 ms, once per process) finds bfloat16
 at least :data:`BF16_MIN_SPEEDUP` times faster than float32 on the threads torch uses; float32
 everywhere else (other CPUs, MPS). ``benchmarks/decode_step.py`` measured the model-level gain
-behind the rule (``benchmarks/RESULTS.md``, "The machine's bound").
+behind the rule (``benchmarks/RESULTS.md``, section 20).
 
 bfloat16 changes the model, not the inference: the target of every backend is the bfloat16 LM
 (its log-softmax is taken in float32, so rows still sum to one), samples differ from float32's,
