@@ -24,6 +24,7 @@ import ppl_lm
 from lm_conformance import BF16_ATOL, LMConformance
 from ppl_lm.lm.hf import precision
 from test_conformance import BACKENDS, failures, prior_is_ess_fraction
+import test_lm
 from test_lm import TransformerPrompts
 from toys import PROBLEMS, transformer_lm
 
@@ -61,14 +62,7 @@ class TestBf16TinyGPT2(TransformerPrompts, LMConformance):
         return _tiny("gpt2")
 
 
-class TestBf16TinyCharTransformer(LMConformance):
-    prompts = ("Hi", "")
-    rows = ("ab", "Hi", "\n\n", "zz")
-    text = "Hello, world!\n"
-    num_samples = 256
-    max_new_tokens = 8
-    enum_tokens = 2
-
+class TestBf16TinyCharTransformer(test_lm.TestTinyCharTransformer):  # its prompts and sizes, in bfloat16
     def make_lm(self):
         return bf16(ppl_lm.tiny_char_transformer(seed=0))
 
