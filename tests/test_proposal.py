@@ -153,10 +153,10 @@ def _bug_importance(monkeypatch):
 def _bug_smc(monkeypatch):
     real = Sweep._propose
 
-    def no_q(self, t, gen):
+    def no_q(self, t, gen, *rest):
         s = self.state.site
         logq = (s.q_state if s.q_state is not None else s.lm_state).logprobs
-        tok, lp, inc = real(self, t, gen)
+        tok, lp, inc = real(self, t, gen, *rest)
         lq = logq.gather(-1, tok[:, None])[:, 0].double().cpu()
         return tok, lp, inc + torch.where(s.done, torch.zeros_like(lq), lq)
 
