@@ -123,10 +123,15 @@ def rm_ours(lm, args, seed):
     two_s = time.thread_time() - t0
     acc2 = rm2.accuracy(held, lm, args.tokens)
     return {"train_s": train_s, "heldout_accuracy": acc, "train_accuracy": rm.diagnostics["train_accuracy"],
-            "curve": [(0, 0.0, {"J": 0.5, "J_se": 0.0}), (1, train_s, {"J": acc, "J_se": _acc_se(acc, len(held))})],
+            "curve": _one_shot(train_s, acc, len(held)),
             "two_feature": {"theta": rm2.mean.tolist(), "heldout_accuracy": acc2, "train_s": two_s,
-                            "curve": [(0, 0.0, {"J": 0.5, "J_se": 0.0}),
-                                      (1, two_s, {"J": acc2, "J_se": _acc_se(acc2, len(held))})]}}
+                            "curve": _one_shot(two_s, acc2, len(held))}}
+
+
+def _one_shot(seconds, acc, n):
+    """The accuracy curve of a fit that has no result before it ends: chance until ``seconds``."""
+    chance = {"J": 0.5, "J_se": 0.0}
+    return [(0, 0.0, chance), (0, seconds, chance), (1, seconds, {"J": acc, "J_se": _acc_se(acc, n)})]
 
 
 def _acc_se(p, n):
@@ -152,11 +157,22 @@ def seq_cls_copy(model):
     return net
 
 
+def trl_trainer(trainer_cls, net, cfg, ds, tok, task, callback):
+    """A TRL trainer with our LoRA (r=8, α=16 on q_proj/v_proj) and the evaluation callback, quiet."""
+    from peft import LoraConfig
+    from transformers.trainer_callback import PrinterCallback
+
+    peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none",
+                          task_type=task)
+    trainer = trainer_cls(model=net, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
+                          callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts; they stay in state.log_history
+    return trainer
+
+
 def rm_trl(lm, args, seed):
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     (_, _), _, ((tc, tr), (hc, hr)) = pairs(lm, args)
@@ -197,11 +213,7 @@ def rm_trl(lm, args, seed):
                        save_strategy="no", report_to="none", gradient_checkpointing=False, bf16=False, fp16=False,
                        use_cpu=True, seed=seed, disable_tqdm=True, dataloader_num_workers=0, max_length=64)
     ds = Dataset.from_dict({"chosen": [base.PROMPT + t for t in tc], "rejected": [base.PROMPT + t for t in tr]})
-    peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none",
-                          task_type="SEQ_CLS")
-    trainer = RewardTrainer(model=net, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
-                            callbacks=[EvalClock()])
-    trainer.remove_callback(PrinterCallback)
+    trainer = trl_trainer(RewardTrainer, net, cfg, ds, tok, "SEQ_CLS", EvalClock())
     trainer.train()
     return {"train_s": curve[-1][1], "heldout_accuracy": curve[-1][2]["J"], "curve": curve,
             "learning_rate": cfg.learning_rate}
@@ -267,9 +279,7 @@ def dpo_ours(lm, args, seed):
 
 def dpo_trl(lm, args, seed):
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     from ppl_lm import TransformersLM
@@ -310,11 +320,7 @@ def dpo_trl(lm, args, seed):
                     gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, seed=seed,
                     disable_tqdm=True, dataloader_num_workers=0, max_length=64)
     ds = Dataset.from_dict({"prompt": [base.PROMPT] * len(tc), "chosen": list(tc), "rejected": list(tr)})
-    peft_cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none",
-                          task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=net, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
-                         callbacks=[EvalClock()])
-    trainer.remove_callback(PrinterCallback)
+    trainer = trl_trainer(DPOTrainer, net, cfg, ds, tok, "CAUSAL_LM", EvalClock())
     trainer.train()
     return {"train_s": curve[-1][1], "curve": curve}
 
