@@ -69,8 +69,10 @@ def running_mean(x, w=5):
     return np.array([x[max(0, i - w + 1): i + 1].mean() for i in range(len(x))])
 
 
-def evaluate(q_lm, p_lm, beta, T, M, seed):
-    """J = mean(r − β(log q − log π)) over M fresh samples from q, with its standard error."""
+def evaluate(q_lm, p_lm, beta, T, M, seed, reward=None):
+    """J = mean(r − β(log q − log π)) over M fresh samples from q, with its standard error.
+
+    ``reward(lm, x)``: token ids ``[M, T]`` -> ``[M]`` (default: VADER sentiment)."""
     from ppl_lm import rewards
 
     g = torch.Generator().manual_seed(seed)
@@ -78,37 +80,38 @@ def evaluate(q_lm, p_lm, beta, T, M, seed):
     with torch.no_grad():
         x, lq = q_lm.sample(prompt, M, T, generator=g)
         lp = p_lm.score(prompt, x)
-    r = rewards.sentiment(p_lm, x).double()
+    r = (reward or rewards.sentiment)(p_lm, x).double()
     kl = lq.sum(-1).double() - lp.double()
     j = r - beta * kl
     return {"J": float(j.mean()), "J_se": float(j.std() / math.sqrt(M)), "reward": float(r.mean()),
             "kl": float(kl.mean())}
 
 
-def run_ours(lm, args, seed):
-    """``method="svi"`` in segments of ``--eval-every`` steps through its checkpoints.
+def run_ours(lm, args, seed, reward=None):
+    """``method="svi"``, the guide evaluated every ``--eval-every`` steps in its ``callback``,
+    off the training clock. ``train_time`` counts the optimisation steps only.
 
-    A run resumed from its checkpoint continues exactly as an uninterrupted one (weights, Adam
-    state, every random state), so the segments are one 30-step run; between segments the
-    guide is evaluated off the clock. ``train_time`` counts the optimisation steps only.
+    ``reward(lm, x)``: the reward (default: VADER sentiment), as in :func:`evaluate`.
     """
     import ppl_lm
     from ppl_lm import rewards
 
     beta, T = args.beta, args.tokens
+    reward = reward or rewards.sentiment
 
     def model(prompt):
         x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=T))
-        ppl_lm.reward("sentiment", rewards.sentiment(lm, x), beta=beta)
+        ppl_lm.reward("sentiment", reward(lm, x), beta=beta)
         return x
 
     pyro.clear_param_store()
-    curve = [(0, 0.0, evaluate(lm, lm, beta, T, args.eval_samples, EVAL_SEED))]
+    curve = [(0, 0.0, evaluate(lm, lm, beta, T, args.eval_samples, EVAL_SEED, reward))]
     wall0 = time.perf_counter()
 
     def on_step(step, guide, stats):  # off the training clock
         if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step, stats["cpu_seconds"], evaluate(guide.lm, lm, beta, T, args.eval_samples, EVAL_SEED)))
+            curve.append((step, stats["cpu_seconds"], evaluate(guide.lm, lm, beta, T, args.eval_samples, EVAL_SEED,
+                                                               reward)))
 
     post = ppl_lm.infer(model, PROMPT, method="svi", objective="reverse", guide="lora", num_steps=args.steps,
                         num_particles=args.particles, lr=args.lr, lr_decay=args.lr_decay, clip_norm=args.clip_norm,
@@ -122,7 +125,9 @@ def run_ours(lm, args, seed):
             "other_s": time.perf_counter() - wall0 - train_s}  # setup, evaluations, the correction
 
 
-def run_trl(base_model, tokenizer, args, seed):
+def run_trl(base_model, tokenizer, args, seed, reward=None):
+    """TRL's ``RLOOTrainer`` on the same problem; ``reward(lm, x)`` as in :func:`evaluate` (default:
+    VADER sentiment, scored on the decoded completions)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -135,7 +140,7 @@ def run_trl(base_model, tokenizer, args, seed):
     for p in model.parameters():
         p.requires_grad_(False)
     base_lm = TransformersLM(model, tokenizer)
-    curve = [(0, 0.0, evaluate(base_lm, base_lm, args.beta, args.tokens, args.eval_samples, EVAL_SEED))]
+    curve = [(0, 0.0, evaluate(base_lm, base_lm, args.beta, args.tokens, args.eval_samples, EVAL_SEED, reward))]
     clock = {"t0": None, "paused": 0.0}
 
     def now():  # CPU time of the training thread (the machine is shared), evaluations excluded
@@ -157,13 +162,20 @@ def run_trl(base_model, tokenizer, args, seed):
             peft_model.eval()
             q_lm = TransformersLM(peft_model.get_base_model(), tokenizer)
             ev = evaluate(q_lm, RefLM(peft_model, tokenizer), args.beta, args.tokens, args.eval_samples,
-                          EVAL_SEED)
+                          EVAL_SEED, reward)
             peft_model.train(was_training)
             curve.append((state.global_step, t, ev))
             clock["paused"] += time.thread_time() - p0
 
-    def sentiment_reward(completions, **kw):
-        return vader(completions)
+    def sentiment_reward(completions, completion_ids=None, **kw):
+        if reward is None:
+            return vader(completions)
+        T = args.tokens  # our reward reads token ids [N, T], EOS-padded, as our samples are
+        x = torch.full((len(completion_ids), T), base_lm.eos_id, dtype=torch.long)
+        for i, ids in enumerate(completion_ids):
+            ids = list(ids)[:T]
+            x[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return reward(base_lm, x).double().tolist()
 
     out = tempfile.mkdtemp(prefix="trl_")
     cfg = RLOOConfig(

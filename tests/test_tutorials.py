@@ -43,8 +43,8 @@ def _kernel_for_this_interpreter(tmp_path, monkeypatch) -> str:
     return KERNEL
 
 
-def test_there_are_six_notebooks():
-    assert len(NOTEBOOKS) == 6, [p.name for p in NOTEBOOKS]
+def test_there_are_seven_notebooks():
+    assert len(NOTEBOOKS) == 7, [p.name for p in NOTEBOOKS]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
