@@ -388,3 +388,15 @@ def test_low_ess_of_weights_warns_when_few_draws_are_admissible():
     assert [w.code for w in post.warnings] == ["low_ess"]
     small = ppl_lm.infer(model, method="importance", num_samples=99, progress=False, seed=0)
     assert [w.code for w in small.warnings] == ["too_few_draws"]
+
+
+@pytest.mark.parametrize("shape,low,high", [((500, 6), 0, 3), ((2000, 24), 0, 49152), ((300, 1), -5, 5), ((1, 4), 0, 2)])
+def test_row_groups_is_unique_dim0(shape, low, high):
+    from ppl_lm.diagnostics.estimators import row_groups
+
+    g = torch.Generator().manual_seed(shape[0])
+    x = torch.randint(low, high, shape, generator=g)
+    x[::3] = x[0].clone()  # repeated rows
+    assert torch.equal(row_groups(x), torch.unique(x, dim=0, return_inverse=True)[1])
+    f = x.double() / 7  # float rows keep every distinct value
+    assert torch.equal(row_groups(f), torch.unique(f, dim=0, return_inverse=True)[1])

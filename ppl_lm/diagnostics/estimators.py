@@ -170,6 +170,31 @@ def mcmc_diagnostics(draws: dict[str, np.ndarray | torch.Tensor]) -> tuple[dict[
     return rhat, ess
 
 
+def row_groups(rows: torch.Tensor) -> torch.Tensor:
+    """``torch.unique(rows, dim=0, return_inverse=True)[1]`` for a matrix ``[N, T]``, fast for integers.
+
+    Each row's index among the distinct rows in lexicographic order (the same indices
+    ``torch.unique(dim=0)`` gives), by refining one column at a time with a 1-D ``unique`` of
+    (index of the prefix, next column): exact, no hashing, T sorts of N numbers instead of
+    ``unique(dim=0)``'s row comparisons (4.1 s of a 6.7 s SMC run at 10^5 particles, RESULTS §16).
+    Float rows go to ``unique(dim=0)`` itself.
+
+    >>> x = torch.tensor([[2, 1], [0, 3], [2, 1], [0, -1]])
+    >>> row_groups(x).tolist()
+    [2, 1, 2, 0]
+    """
+    rows = rows.reshape(len(rows), -1)
+    if rows.is_floating_point() or rows.is_complex() or not len(rows):
+        return torch.unique(rows, dim=0, return_inverse=True)[1]
+    rows = rows.long()
+    group = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+    for col in rows.T:
+        col = col - col.min()
+        # group < N and col < range of the column: the pair fits an int64 for token and value columns
+        _, group = torch.unique(group * (int(col.max()) + 1) + col, return_inverse=True)
+    return group
+
+
 def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
     """Effective sample size of the empirical law over whole sequences, from between-chain spread.
 
@@ -194,7 +219,7 @@ def sequence_ess(samples: torch.Tensor, num_chains: int) -> float:
     if C < 2:
         return float("nan")
     S = N // C
-    _, inv = torch.unique(samples, dim=0, return_inverse=True)
+    inv = row_groups(samples)
     U = int(inv.max()) + 1
     counts = torch.zeros(C, U, dtype=torch.float64)
     counts.index_put_((torch.arange(N) // S, inv), torch.ones(N, dtype=torch.float64), accumulate=True)
@@ -224,7 +249,7 @@ def genealogy_diagnostics(tokens: torch.Tensor, eve: torch.Tensor, W: torch.Tens
         ``{"n_eff": float, "n_eff_genealogy": float, "num_eves": int}``.
     """
     W = W.double()
-    _, k = torch.unique(tokens, dim=0, return_inverse=True)
+    k = row_groups(tokens)
     K = int(k.max()) + 1
     P = torch.zeros(K, dtype=torch.float64).index_add_(0, k, W)
     _, e = torch.unique(eve, return_inverse=True)

@@ -19,7 +19,7 @@ import torch
 
 from ..backends import Kind
 from ..tokens import support_size
-from .estimators import KHAT_THRESHOLD, RHAT_THRESHOLD
+from .estimators import KHAT_THRESHOLD, RHAT_THRESHOLD, row_groups
 
 if TYPE_CHECKING:
     from ..posterior import Posterior
@@ -134,7 +134,7 @@ def diagnose(post: Posterior) -> list[InferenceWarning]:
     # Collapse onto few sequences; a posterior with no latent sequence (every text observed) has
     # only other latents, whose few distinct values (a world among K) are no sign of collapse.
     alive = None if post.samples is None else post.samples[torch.isfinite(post.log_weights) & (post.log_weights > -1e30)]
-    distinct = 0 if alive is None or not len(alive) else len(torch.unique(alive, dim=0))
+    distinct = 0 if alive is None or not len(alive) else int(row_groups(alive).max()) + 1
     if alive is not None and n >= 10 and distinct <= max(1, min(n, num_sequences(post)) // 100):
         out.append(InferenceWarning(
             "few_distinct", f"only {distinct} distinct sequence(s) among {n} samples carry weight: the sampler "
