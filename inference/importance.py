@@ -39,7 +39,7 @@ from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.proposal import proposal_lm, proposal_name, sample_tokens
 from ppl_lm.validation import PositiveInt
 
-__all__ = ["run", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
+__all__ = ["run", "pool", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,19 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         parts = shard.gather(done)
         if parts is None:  # another process pools the chunks
             return None
-        scores = cat_scores([s for s, _ in parts]) if len(parts) > 1 else parts[0][0]
-        log_w = torch.cat([w for _, w in parts])
+    return pool(parts, num_samples, chunk_size, sites,
+                "guide" if guide is not None else proposal_name(qlm))
 
+
+def pool(parts: list, num_samples: int, chunk_size: int, sites: dict, proposal: str = "prior") -> Posterior:
+    """The Posterior of a run's chunks ``parts`` (``(Scores, log-weights)`` per chunk, in chunk order):
+    log Z = log mean weight, its standard error, PSIS k-hat."""
+    scores = cat_scores([s for s, _ in parts]) if len(parts) > 1 else parts[0][0]
+    log_w = torch.cat([w for _, w in parts])
     normalise(log_w)  # the clear errors: NaN weights, or every weight zero
     log_z = float(log_mean_exp(log_w))
-    info = ImportanceInfo(num_samples=num_samples, chunk_size=chunk_size,
-                          proposal="guide" if guide is not None else proposal_name(qlm), num_nonzero=int(torch.isfinite(log_w).sum()))
+    info = ImportanceInfo(num_samples=num_samples, chunk_size=chunk_size, proposal=proposal,
+                          num_nonzero=int(torch.isfinite(log_w).sum()))
     post = make_posterior("importance", scores, log_w, sites, log_evidence=log_z, info=info,
                           log_evidence_se=log_evidence_se(log_w), khat=pareto_khat(log_w))
     log.info("importance: N=%d, log Z=%.4f ± %.4f, ESS=%.1f, k-hat=%.2f", num_samples, log_z,

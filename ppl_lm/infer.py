@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from .backends import METHODS, get
 from .posterior import Posterior
@@ -33,7 +33,7 @@ def check_options(method: str, options: dict) -> None:
 
 
 def infer(model: Callable, *args, method: str = "importance", seed: int = 0, model_kwargs: dict | None = None,
-          **options) -> Posterior:
+          contexts: Sequence | None = None, **options) -> Posterior | list[Posterior]:
     """Condition ``model`` by the chosen backend and return a :class:`Posterior`.
 
     Args:
@@ -43,6 +43,13 @@ def infer(model: Callable, *args, method: str = "importance", seed: int = 0, mod
             ``"mh"``, ``"svi"``, and any added by :func:`ppl_lm.backends.register`).
         seed: same seed, same samples (on CPU).
         model_kwargs: the model's keyword arguments (e.g. ``{"beta": 0.5}``).
+        contexts: many contexts in one call: a list of the model's first argument, one per context;
+            returns a list with one Posterior per context (context i under the seed
+            :func:`ppl_lm.inference.contexts.context_seed` ``(seed, i)``, context 0 under ``seed``;
+            ``*args`` follow the context). Importance (prior proposal) and SMC (LM proposal) share
+            LM batches between the contexts' particles; other methods and options run a plain loop
+            (:mod:`ppl_lm.inference.contexts`). A backend with its own ``contexts`` option keeps
+            it: ``method="svi"`` trains one amortised guide over ``contexts`` and returns one Posterior.
         **options: the backend's named options (``num_samples``, ``num_particles``, ``num_chains``...);
             an unknown option is a clear error naming the nearest valid one.
 
@@ -61,6 +68,16 @@ def infer(model: Callable, *args, method: str = "importance", seed: int = 0, mod
     from .seeding import check_seed
 
     b = get(method)
+    if contexts is not None:
+        if "contexts" in backend_options(method):  # the backend's own option (SVI's amortised training)
+            options["contexts"] = contexts
+        else:
+            from ppl_lm.inference import contexts as _contexts
+
+            _contexts.check_contexts(contexts)
+            b.check_options(options)
+            return _contexts.run(model, contexts, *args, method=method, seed=check_seed(seed),
+                                 model_kwargs=model_kwargs, **options)
     b.check_options(options)
     check_seed(seed)
     if model_kwargs is not None and not isinstance(model_kwargs, dict):

@@ -206,7 +206,7 @@ class Sweep:
                     raise ValueError(f"SMC expected the model to sample the sequence site {stage.name!r} next, got "
                                      f"{None if site is None else site['name']!r}: the sites a model samples, and "
                                      "their order, must not depend on the values drawn")
-                st.name, st.site = stage.name, SiteState.start(stage, site, spec.B)
+                st.name, st.site = stage.name, self._start_site(stage, site)
                 self._advance(bar)
                 st.fixed[st.name] = st.site.tokens
                 st.site = None  # frees the stage's LM states
@@ -218,19 +218,32 @@ class Sweep:
         finally:
             bar.close()
 
+    # -- the model runs and the site's start (a batch of contexts overrides them: inference.contexts) --
+    def _run_model(self, rows: torch.Tensor | None, data: dict, **kw) -> Scores:
+        """``run_model`` of the spec's model on ``rows`` (``None``: every row), given ``data`` for them."""
+        spec = self.spec
+        return run_model(spec.model, spec.args, spec.kwargs, spec.B if rows is None else len(rows), data=data, **kw)
+
+    def _run_model_until(self, rows: torch.Tensor | None, data: dict, **kw):
+        """``run_model_until`` of the spec's model on ``rows`` (``None``: every row), given ``data`` for them."""
+        spec = self.spec
+        return run_model_until(spec.model, spec.args, spec.kwargs, spec.B if rows is None else len(rows), data, **kw)
+
+    def _start_site(self, stage: Stage, site) -> SiteState:
+        """The state of the sequence site ``stage`` advances, from its Pyro message ``site``."""
+        return SiteState.start(stage, site, self.spec.B)
+
     # -- stage boundaries ---------------------------------------------------------------------
     def _boundary(self, last: bool):
         """Between stages: draw the latent sites the program samples before its next sequence site
         (after the last stage: every remaining one) from their prior for each particle, and replace
         the twist by the factors applied up to there (after the last stage: the full log likelihood).
         Returns the next sequence site's message (``None`` after the last stage)."""
-        spec, st = self.spec, self.state
+        st = self.state
         if last:
-            scores, site = run_model(spec.model, spec.args, spec.kwargs, spec.B, data=st.fixed,
-                                     score_latent=False), None
+            scores, site = self._run_model(None, st.fixed, score_latent=False), None
         else:
-            scores, site = run_model_until(spec.model, spec.args, spec.kwargs, spec.B, st.fixed,
-                                           sequences_only=True)
+            scores, site = self._run_model_until(None, st.fixed, sequences_only=True)
         for k, v in scores.values.items():
             if k not in st.fixed:
                 st.fixed[k] = v.detach()
@@ -357,8 +370,7 @@ class Sweep:
         # observed="end": while partial, observed texts after this site wait for it to end.
         defer = st.name if t is not None and spec.observed == "end" else None
         with partial_prefix(t) if t is not None else contextlib.nullcontext():
-            scores, _ = run_model_until(spec.model, spec.args, spec.kwargs, len(rows), data,
-                                        defer_observed_after=defer)
+            scores, _ = self._run_model_until(rows, data, defer_observed_after=defer)
         return scores.log_likelihood.double().cpu()
 
     def _resample(self, allowed: bool) -> None:
@@ -386,7 +398,7 @@ class Sweep:
         spec, st = self.spec, self.state
         lw = st.log_w.view(spec.R, spec.N)
         # One final, non-partial run for the per-sample statistics (no LM pass).
-        scores = run_model(spec.model, spec.args, spec.kwargs, spec.B, data=st.fixed, score_latent=False)
+        scores = self._run_model(None, st.fixed, score_latent=False)
         live = torch.isfinite(st.log_w)
         if not torch.allclose(scores.log_likelihood.double()[live], st.twist[live], rtol=1e-4, atol=1e-4):
             warnings.warn("SMC: the model scored the same sequences differently on two runs; its conditions "

@@ -17,7 +17,7 @@ import torch
 from ..distribution import SequenceDistribution
 from ..tokens import after_eos_mask, as_prompt_tensor, categorical
 
-__all__ = ["LanguageModel", "LMState", "ragged_rows", "start_rows"]
+__all__ = ["LanguageModel", "LMState", "ragged_rows", "start_rows", "sample_from"]
 
 
 @dataclass
@@ -48,6 +48,32 @@ def start_rows(lm: LanguageModel, prompt: torch.Tensor, batch_size: int, lengths
     if lengths is None:
         return lm.start(prompt, batch_size)
     return lm.start(prompt, batch_size, lengths)
+
+
+def sample_from(lm: LanguageModel, state: LMState, max_new_tokens: int, draw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestral sampling of ``max_new_tokens`` tokens for every row of ``state``, each token drawn by
+    ``draw(logprobs [B, V]) -> tokens [B]`` (:meth:`LanguageModel.sample` draws from one generator;
+    a batch of contexts draws each context's rows from its own, ``ppl_lm.inference.contexts``).
+
+    Returns ``(tokens [B, T], logprobs [B, T])`` as :meth:`LanguageModel.sample`.
+    """
+    num_samples = state.logprobs.shape[0]
+    tokens = torch.full((num_samples, max_new_tokens), lm.eos_id, dtype=torch.long, device=lm.device)
+    lps = torch.zeros(num_samples, max_new_tokens, dtype=torch.float32, device=lm.device)
+    done = torch.zeros(num_samples, dtype=torch.bool, device=lm.device)
+    for t in range(max_new_tokens):
+        logp = state.logprobs
+        tok = draw(logp)
+        tok = torch.where(done, torch.full_like(tok, lm.eos_id), tok)
+        lp = logp.gather(-1, tok[:, None])[:, 0].float()
+        lps[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+        tokens[:, t] = tok
+        done = done | (tok == lm.eos_id)
+        if t + 1 < max_new_tokens:
+            # Finished rows keep reading EOS: the work is wasted but every row stays the same
+            # length, so no attention mask is needed and the batch never syncs to the host.
+            state = lm.extend(state, tok)
+    return tokens, lps
 
 
 class LanguageModel:
@@ -126,23 +152,8 @@ class LanguageModel:
         """
         prompt = as_prompt_tensor(prompt, self)
         self.check_context(prompt.shape[-1], max_new_tokens)
-        state = self.start(prompt, num_samples)
-        tokens = torch.full((num_samples, max_new_tokens), self.eos_id, dtype=torch.long, device=self.device)
-        lps = torch.zeros(num_samples, max_new_tokens, dtype=torch.float32, device=self.device)
-        done = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
-        for t in range(max_new_tokens):
-            logp = state.logprobs
-            tok = categorical(logp, generator)
-            tok = torch.where(done, torch.full_like(tok, self.eos_id), tok)
-            lp = logp.gather(-1, tok[:, None])[:, 0].float()
-            lps[:, t] = torch.where(done, torch.zeros_like(lp), lp)
-            tokens[:, t] = tok
-            done = done | (tok == self.eos_id)
-            if t + 1 < max_new_tokens:
-                # Finished rows keep reading EOS: the work is wasted but every row stays the same
-                # length, so no attention mask is needed and the batch never syncs to the host.
-                state = self.extend(state, tok)
-        return tokens, lps
+        return sample_from(self, self.start(prompt, num_samples), max_new_tokens,
+                           lambda logp: categorical(logp, generator))
 
     def token_logprobs(self, prompt: Any, tokens: torch.Tensor) -> torch.Tensor:
         """Log-probability of each token of ``tokens [B, T]`` given prompt and prefix.
