@@ -1,0 +1,200 @@
+"""Many contexts in one call (``ppl_lm.infer(model, contexts=[...])``) against exact answers.
+
+Each context's Posterior is checked against ``method="exact"`` on that context, with tolerances from
+the problem: the exact effective sample size of prior importance sampling,
+n / Σ_x p(x)²/π(x), from enumeration (SMC with ``ess_threshold=0`` never resamples, so it is that
+estimator too). log Z within four of its exact standard errors sqrt((Σ p²/π − 1) / n), TV within
+three times its expected value at that ESS (see toys.py). With resampling, each context's result is
+compared with the single-context call under the derived seed: equal samples, log Z equal up to
+float summation order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import ppl_lm
+from ppl_lm.inference import contexts as ctxmod
+from ppl_lm.inference.contexts import context_seed
+from toys import T, markov_lm, transformer_lm, tv_distance, tv_tolerance
+
+CONTEXTS = [1, 2, 3, 4]  # the first prompt token; the posterior of x depends on it
+
+
+def make_model(lm):
+    """π(x | [c]) · exp(#{x_t = c}) · [x_0 ≠ c]: the prompt, the reward and the constraint all read c."""
+
+    def model(c):
+        x = pyro.sample("x", lm.sequence([c], max_new_tokens=T))
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+        ppl_lm.constraint("c", x[..., 0] != c, prefix_closed=True)
+        return x
+
+    return model
+
+
+def make_prior(lm):
+    def prior(c):
+        return pyro.sample("x", lm.sequence([c], max_new_tokens=T))
+
+    return prior
+
+
+def exact_ess_fraction(lm, c) -> float:
+    """ESS / n of prior importance sampling on context c, exactly: 1 / Σ_x p(x)² / π(x)."""
+    p = ppl_lm.infer(make_model(lm), c, method="exact").probabilities()
+    pi = ppl_lm.infer(make_prior(lm), c, method="exact").probabilities()
+    return 1.0 / sum(px * px / pi[k] for k, px in p.items())
+
+
+def agrees_with_exact(lm, posts, n: int) -> list[bool]:
+    """For each context: log Z within 4 exact standard errors and TV within its tolerance."""
+    ok = []
+    for c, post in zip(CONTEXTS, posts):
+        exact = ppl_lm.infer(make_model(lm), c, method="exact")
+        frac = exact_ess_fraction(lm, c)
+        se = math.sqrt((1.0 / frac - 1.0) / n)
+        ok.append(abs(post.log_evidence - exact.log_evidence) <= 4 * se
+                  and tv_distance(post, exact) <= tv_tolerance(exact, frac * n))
+    return ok
+
+
+RUNS = {
+    "importance": dict(method="importance", num_samples=2000),
+    "smc": dict(method="smc", num_particles=2000, ess_threshold=0.0),
+}
+
+
+@pytest.fixture(scope="module")
+def markov():
+    return markov_lm()
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_each_context_matches_its_exact_posterior(markov, run):
+    opts = RUNS[run]
+    n = opts.get("num_samples", opts.get("num_particles"))
+    posts = ppl_lm.infer(make_model(markov), contexts=CONTEXTS, seed=0, progress=False, **opts)
+    assert isinstance(posts, list) and len(posts) == len(CONTEXTS)
+    assert all(agrees_with_exact(markov, posts, n))
+    # the contexts' posteriors really differ: the first token is never the context's own
+    for c, post in zip(CONTEXTS, posts):
+        assert not bool((post.samples[torch.isfinite(post.log_weights), 0] == c).any())
+
+
+@pytest.mark.parametrize("lm_name", ["markov", "transformer"])
+@pytest.mark.parametrize("method,opts", [("importance", dict(num_samples=300)),
+                                         ("importance", dict(num_samples=300, chunk_size=128)),
+                                         ("smc", dict(num_particles=64)),
+                                         ("smc", dict(num_particles=40, num_replicates=3, chunk_size=50))])
+def test_each_context_equals_its_single_call(lm_name, method, opts):
+    """Same derived seed, same result as the single-context call: the samples equal, log Z equal up to
+    float summation order (the transformer reads a batch of prompts with padding)."""
+    lm = markov_lm() if lm_name == "markov" else transformer_lm()
+    model = make_model(lm)
+    posts = ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=7, progress=False, **opts)
+    for i, (c, post) in enumerate(zip(CONTEXTS, posts)):
+        single = ppl_lm.infer(model, c, method=method, seed=context_seed(7, i), progress=False, **opts)
+        assert torch.equal(post.samples, single.samples)
+        assert post.log_evidence == pytest.approx(single.log_evidence, abs=1e-5)
+        assert torch.allclose(post.log_weights, single.log_weights, atol=1e-5)
+        assert post.seed == context_seed(7, i)
+    assert context_seed(7, 0) == 7  # context 0 runs under the call's seed
+
+
+def test_result_of_a_context_does_not_depend_on_the_others(markov):
+    model = make_model(markov)
+    alone = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=64, seed=1, progress=False)
+    more = ppl_lm.infer(model, contexts=CONTEXTS, method="smc", num_particles=64, seed=1, progress=False)
+    for a, b in zip(alone, more):
+        assert torch.equal(a.samples, b.samples) and a.log_evidence == b.log_evidence
+
+
+def test_contexts_share_lm_batches_and_read_each_prompt_once(monkeypatch):
+    lm = transformer_lm()
+    starts, extends = [], []
+    start, extend = lm.start, lm.extend
+    monkeypatch.setattr(lm, "start", lambda p, b, lengths=None: starts.append(b) or start(p, b, lengths))
+    monkeypatch.setattr(lm, "extend", lambda s, tok: extends.append(len(tok)) or extend(s, tok))
+    ppl_lm.infer(make_model(lm), contexts=CONTEXTS, method="smc", num_particles=32, seed=0, progress=False)
+    assert starts == [len(CONTEXTS)]  # one prompt row per context, read once
+    assert set(extends) == {32 * len(CONTEXTS)}  # every step: all contexts' particles in one batch
+    starts.clear(), extends.clear()
+    ppl_lm.infer(make_model(lm), contexts=CONTEXTS, method="importance", num_samples=50, seed=0, progress=False)
+    assert starts == [len(CONTEXTS)] and set(extends) == {50 * len(CONTEXTS)}
+
+
+def test_chunk_size_bounds_the_batch(markov, monkeypatch):
+    sizes = []
+    extend = markov.extend
+    monkeypatch.setattr(markov, "extend", lambda s, tok: sizes.append(len(tok)) or extend(s, tok))
+    ppl_lm.infer(make_model(markov), contexts=CONTEXTS, method="importance", num_samples=30, chunk_size=64,
+                 seed=0, progress=False)
+    assert set(sizes) == {60}  # two contexts' chunks of 30 per batch of at most 64 rows
+
+
+@pytest.mark.parametrize("bug", ["swap_prompts", "swap_rows"])
+def test_planted_bug_fails(markov, monkeypatch, bug):
+    """A context's prompt applied to another's rows, or the contexts' sampled rows swapped: caught."""
+    if bug == "swap_prompts":
+        stack = ctxmod._stack_prompts
+        monkeypatch.setattr(ctxmod, "_stack_prompts", lambda dists, counts: stack(dists[::-1], counts[::-1]))
+    else:
+        draw = ctxmod._draw_by_part
+
+        def swapped(parts, offsets):
+            inner = draw(parts, offsets)
+            return lambda logp: inner(logp).view(len(parts), -1).flip(0).reshape(-1)
+
+        monkeypatch.setattr(ctxmod, "_draw_by_part", swapped)
+    opts = RUNS["importance"]
+    posts = ppl_lm.infer(make_model(markov), contexts=CONTEXTS, seed=0, progress=False, **opts)
+    assert not all(agrees_with_exact(markov, posts, opts["num_samples"]))
+
+
+def test_other_methods_loop_with_the_same_seeds(markov):
+    model = make_model(markov)
+    posts = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="exact")
+    for c, post in zip(CONTEXTS, posts):
+        assert post.log_evidence == pytest.approx(ppl_lm.infer(model, c, method="exact").log_evidence)
+    # a token mask is not batched: a plain loop, one infer per context, same derived seeds
+    posts = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="importance", num_samples=100, seed=3,
+                         proposal=ppl_lm.prompted(markov, [2]), progress=False)
+    single = ppl_lm.infer(model, CONTEXTS[1], method="importance", num_samples=100, seed=context_seed(3, 1),
+                          proposal=ppl_lm.prompted(markov, [2]), progress=False)
+    assert torch.equal(posts[1].samples, single.samples)
+
+
+def test_svi_keeps_its_own_contexts_option(markov):
+    """method="svi": contexts= trains one amortised guide over them and returns one Posterior."""
+    post = ppl_lm.infer(make_model(markov), 1, method="svi", contexts=[1, 2], num_steps=3, num_particles=8,
+                        num_samples=16, crosscheck_samples=0, seed=0, progress=False)
+    assert isinstance(post, ppl_lm.Posterior)
+
+
+@pytest.mark.parametrize("contexts,error,match", [
+    ([], ValueError, "empty"),
+    ("a prompt", TypeError, "one string"),
+    ({"a": 1}, TypeError, "list of contexts"),
+])
+def test_bad_contexts_are_clear_errors(markov, contexts, error, match):
+    with pytest.raises(error, match=match):
+        ppl_lm.infer(make_model(markov), contexts=contexts, method="smc", num_particles=8)
+
+
+def test_a_context_the_model_refuses_is_named_before_the_lm_runs(markov, monkeypatch):
+    calls = []
+    monkeypatch.setattr(markov, "start", lambda *a, **k: calls.append(1))
+
+    def picky(c):
+        if c > 3:
+            raise ValueError(f"no prompt for {c}")
+        return make_model(markov)(c)
+
+    with pytest.raises(ValueError, match=r"context 3 \(4\).*no prompt for 4"):
+        ppl_lm.infer(picky, contexts=CONTEXTS, method="importance", num_samples=10)
+    assert not calls
