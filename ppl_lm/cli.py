@@ -27,6 +27,7 @@ import ast
 import difflib
 import importlib.util
 import inspect
+import json
 import logging
 import math
 import os
@@ -442,6 +443,8 @@ def _prepare(args, methods: Sequence[str], strict: bool, module: ModuleType | No
     lm = load_language_model(args.lm, args.device, args.dtype)
     if chat:
         lm, ctx = _chat(lm, ctx)
+        if getattr(args, "context_list", None) is not None:  # --contexts: each text a user message too
+            args.context_list = [_chat(lm, (c,))[1][0] for c in args.context_list]
     try:
         model = module.build(lm, **kwargs)
     except Exception as exc:
@@ -604,6 +607,8 @@ def _describe(module: ModuleType, ctx: tuple, lm_spec: str) -> str:
 
 def cmd_run(args) -> int:
     method = _check_method(args.method)
+    if getattr(args, "contexts", None) is not None:
+        return _run_contexts(args, method)
     module, files, model, ctx, options = _prepare(args, [method], strict=True)
     opts = options[method]
     log.info("running %s on %s with %s", method, args.model, opts)
@@ -617,6 +622,73 @@ def cmd_run(args) -> int:
 
         path = report({method: post}, args.report, title=f"{args.model}: {method}", top_k=max(args.top, 10),
                       description=_describe(module, ctx, args.lm))
+        print(f"report: {path}")
+    return 0
+
+
+def read_contexts(path: str) -> list:
+    """The contexts of ``--contexts FILE``: one per line, as plain text, or JSONL with one object
+    ``{"context": ...}`` per line (any JSON value: a text, a list of token ids). Blank lines are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i, line.rstrip("\r\n")) for i, line in enumerate(f, 1) if line.strip()]
+    except OSError as err:
+        raise CLIError(f"--contexts: cannot read {path} ({err.strerror or err})") from None
+    if not lines:
+        raise CLIError(f"--contexts: {path} holds no context; write one per line (or JSONL with {{\"context\": ...}})")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [text for _, text in lines]
+    out = []
+    for i, text in lines:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"--contexts: {path}:{i} is not a JSON object ({err.msg}); a JSONL file has one "
+                           "{\"context\": ...} object per line") from None
+        if not isinstance(row, dict) or "context" not in row:
+            raise CLIError(f"--contexts: {path}:{i} has no \"context\" key; a JSONL file has one "
+                           "{\"context\": ...} object per line")
+        out.append(row["context"])
+    return out
+
+
+def _run_contexts(args, method: str) -> int:
+    """``ppl-lm run MODEL --contexts FILE``: one ``infer(..., contexts=[...])`` call, one summary row
+    per context, and (``--report``) one report whose table has a row per context."""
+    from . import diagnostics as D
+    from .diagnostics.warnings import PplLmWarning
+
+    if args.context is not None:
+        raise CLIError("give the contexts once: --context TEXT (one) or --contexts FILE (many), not both")
+    args.context_list = read_contexts(args.contexts)
+    module, files, model, ctx, options = _prepare(args, [method], strict=True)
+    contexts = args.context_list
+    import ppl_lm
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PplLmWarning)
+            posts = ppl_lm.infer(model, *ctx[1:], contexts=contexts, method=method, seed=args.seed, **options[method])
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise _locate(exc, files) from exc
+    _print_warnings([(f"{method}, context {i}", w) for i, p in enumerate(posts) for w in p.warnings])
+    print(f"{args.model}: method {method}, {len(posts)} contexts")
+    print(f"{'#':>3}  {'log Z':>10} {'± se':>8} {'ESS':>8}  {'context':<40}  top sample")
+    for i, (c, post) in enumerate(zip(args.context_list, posts)):
+        s = D.summary(post)
+        lz = "—" if s["log_evidence"] is None else f"{s['log_evidence']:.4f}"
+        se = "—" if s["log_evidence_se"] is None else f"{s['log_evidence_se']:.4f}"
+        top = D.top_samples(post, 1) if post.samples is not None else []
+        print(f"{i:>3}  {lz:>10} {se:>8} {s['ess']:>8.1f}  {_short(str(c), 40):<40}  "
+              f"{_short(top[0]['text'], 60) if top else ''}")
+    if args.report:
+        from .reporting import report
+
+        named = {f"{i}: {_short(str(c), 40)}": post for i, (c, post) in enumerate(zip(args.context_list, posts))}
+        path = report(named, args.report, title=f"{args.model}: {method} over {len(posts)} contexts",
+                      top_k=max(args.top, 10), description=_describe(module, ctx, args.lm))
         print(f"report: {path}")
     return 0
 
@@ -748,6 +820,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one inference method on a model", description="Run one method on a model.")
     _common(p)
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--contexts", metavar="FILE",
+                   help="many contexts in one call: a file with one context per line (or JSONL, "
+                        "{\"context\": ...} per line); prints one summary row per context, and --report writes one "
+                        "report with a table over the contexts (importance and smc share LM batches)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("compare", help="run several methods and compare them",
                        description="Run several methods on one model; with --report, one HTML report. "

@@ -12,6 +12,7 @@ float summation order.
 from __future__ import annotations
 
 import math
+import re
 
 import pyro
 import pytest
@@ -198,3 +199,41 @@ def test_a_context_the_model_refuses_is_named_before_the_lm_runs(markov, monkeyp
     with pytest.raises(ValueError, match=r"context 3 \(4\).*no prompt for 4"):
         ppl_lm.infer(picky, contexts=CONTEXTS, method="importance", num_samples=10)
     assert not calls
+
+
+# -- the CLI: ppl-lm run MODEL --contexts FILE ---------------------------------------------------
+def _cli_run(tmp_path, lines: str, *extra):
+    from ppl_lm import cli
+
+    path = tmp_path / "contexts.txt"
+    path.write_text(lines)
+    return cli.main(["run", "no_e", "--lm", "tiny", "--method", "smc", "--num-particles", "16", "--quiet",
+                     "--contexts", str(path), *extra])
+
+
+@pytest.mark.parametrize("lines", ["Once upon a time\nThe cat sat\n\nIn the morning\n",
+                                   '{"context": "Once upon a time"}\n{"context": "The cat sat"}\n'
+                                   '{"context": "In the morning"}\n'])
+def test_cli_contexts_one_row_each_and_one_report(tmp_path, capsys, lines):
+    import json
+
+    assert _cli_run(tmp_path, lines, "--report", str(tmp_path / "rep")) == 0
+    out = capsys.readouterr().out
+    assert "3 contexts" in out
+    for i, c in enumerate(["Once upon a time", "The cat sat", "In the morning"]):
+        assert any(line.lstrip().startswith(f"{i} ") and c in line for line in out.splitlines())
+    rows = json.loads((tmp_path / "rep" / "summary.json").read_text())["rows"]
+    assert [r["name"].split(":")[0] for r in rows] == ["0", "1", "2"]
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
+@pytest.mark.parametrize("lines,extra,match", [
+    ("", (), "holds no context"),
+    ('{"context": "a"}\n{"prompt": "b"}\n', (), r"contexts.txt:2 has no \"context\" key"),
+    ('{"context": "a"}\nnot json\n', (), r"contexts.txt:2 is not a JSON object"),
+    ("a\n", ("--context", "b"), "not both"),
+])
+def test_cli_contexts_bad_input(tmp_path, capsys, lines, extra, match):
+    with pytest.raises(SystemExit):
+        _cli_run(tmp_path, lines, *extra)
+    assert re.search(match, capsys.readouterr().err)
