@@ -26,10 +26,11 @@ shared prompt), then the LM state is repeated over that context's rows (:func:`s
 The model itself (its rewards, conditions, and prompts) runs per part on that part's rows.
 
 **Where sharing applies.** ``method="importance"`` with the prior as proposal and ``method="smc"``
-with the LM as proposal, no token masks and no learned twist, on models whose first latent site
+with the LM as proposal, no learned twist, and token masks (if any) that are the same objects for
+every context (a mask built once by the model script), on models whose first latent site
 (SMC: every latent site) is an ``lm.sequence(...)`` whose LM and ``max_new_tokens`` are the same
 for every context. Everything else (``exact``, ``mh``, a ``guide=`` or ``proposal=``, token
-masks, twists, other latent sites in SMC) runs as a plain loop over the contexts, one
+masks built per context, twists, other latent sites in SMC) runs as a plain loop over the contexts, one
 ``infer`` per context with the same derived seeds: the same results, without shared batches.
 
 **SVI.** ``method="svi"`` has its own ``contexts=`` option (a guide amortised over several
@@ -325,7 +326,7 @@ def _smc_batched(model, contexts, args, kwargs, sites, seed, opts) -> list[Poste
         with _random.seeded(context_seed(seed, c)), torch.no_grad(), row_cache():
             seq = sequence_sites(sites[c])
             st, _, masks = _smc_driver.build_stages(model, a, kwargs, seq)
-            if any(masks.values()):
+            if stages and not _same_masks(stages[0], st):
                 raise _Unbatchable
             size = chunk_size
             if size is None:
@@ -357,8 +358,17 @@ def _smc_batched(model, contexts, args, kwargs, sites, seed, opts) -> list[Poste
         results = [r for _, r in sorted(done[c], key=lambda ir: ir[0])]
         posts.append(combine(results, N, R, sizes[c], sites[c],
                              {"resampling": opts["resampling"], "ess_threshold": opts["ess_threshold"],
-                              "proposal": "lm", "twist": False, "token_masks": 0}))
+                              "proposal": "lm", "twist": False,
+                              "token_masks": sum(len(st.masks) for st in stages[c])}))
     return posts
+
+
+def _same_masks(a: list, b: list) -> bool:
+    """Whether two contexts' stages follow the very same token masks (one mask object, built once by
+    the model script, e.g. ``rewards.forbid_chars``): their rows can then share one batch."""
+    return len(a) == len(b) and all(
+        x.name == y.name and len(x.masks) == len(y.masks) and all(m is n for m, n in zip(x.masks, y.masks))
+        for x, y in zip(a, b))
 
 
 class _Unbatchable(Exception):
@@ -429,7 +439,8 @@ class _ContextSweep(Sweep):
         d.lm.check_context(prompt.shape[-1], d.max_new_tokens)
         return SiteState(
             stage=stage, lm=d.lm, T=d.max_new_tokens, prompt=prompt.to(d.lm.device), prompt_lengths=lengths,
-            lm_state=start_unique(d.lm, prompt, lengths, B), q_state=None, mask_states=[],
+            lm_state=start_unique(d.lm, prompt, lengths, B), q_state=None,
+            mask_states=[m.start(B) for m in stage.masks],
             tokens=torch.full((B, d.max_new_tokens), d.lm.eos_id, dtype=torch.long, device=d.lm.device),
             done=torch.zeros(B, dtype=torch.bool))
 

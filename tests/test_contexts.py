@@ -237,3 +237,25 @@ def test_cli_contexts_bad_input(tmp_path, capsys, lines, extra, match):
     with pytest.raises(SystemExit):
         _cli_run(tmp_path, lines, *extra)
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_a_shared_token_mask_is_batched_and_equals_single_calls(markov, monkeypatch):
+    from ppl_lm import rewards
+
+    mask = rewards.forbid_chars(markov, "c")  # built once, as a model script does
+
+    def model(c):
+        x = pyro.sample("x", markov.sequence([c], max_new_tokens=T))
+        ppl_lm.token_constraint("no_c", x, mask)
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+
+    sizes = []
+    extend = markov.extend
+    monkeypatch.setattr(markov, "extend", lambda s, tok: sizes.append(len(tok)) or extend(s, tok))
+    posts = ppl_lm.infer(model, contexts=CONTEXTS, method="smc", num_particles=50, seed=2, progress=False)
+    assert set(sizes) == {50 * len(CONTEXTS)} and posts[0].info.token_masks == 1
+    for i, (c, post) in enumerate(zip(CONTEXTS, posts)):
+        single = ppl_lm.infer(model, c, method="smc", num_particles=50, seed=context_seed(2, i), progress=False)
+        assert torch.equal(post.samples, single.samples)
+        assert post.log_evidence == pytest.approx(single.log_evidence, abs=1e-9)
+        assert not any("c" in t for t in post.texts)
