@@ -82,11 +82,12 @@ print(f"SVI over {len(train_contexts)} contexts: {n_steps} steps × {n_particles
 # and $\mathrm{KL}(q\|\pi') = \log Z - \mathrm{ELBO}$ (with $\log Z$ pooled from the two samplers); the next
 # column is where training started, $\mathrm{KL}(\pi\|\pi') = \log Z - \mathbb{E}_\pi[r]/\beta$, and the last is
 # their difference, the ELBO gained by training, with its standard error.
+#
+# Both samplers run over all six contexts in one call each (`contexts=`: one Posterior per context;
+# the prior's draws of the six contexts share LM batches, and context i runs under its own seed).
 
 # %%
-def evaluate(ctx, seed):
-    prior = ppl_lm.infer(model, ctx, method="importance", num_samples=N, seed=seed, progress=False)
-    gpost = ppl_lm.infer(model, ctx, method="importance", guide=guide, num_samples=N, seed=seed, progress=False)
+def evaluate(ctx, prior, gpost):
     with torch.no_grad():
         log_q = guide.lm.score(ctx, gpost.samples).double()
     log_p = gpost.stats["log_prior"].double()
@@ -116,9 +117,10 @@ def evaluate(ctx, seed):
 
 
 t0 = time.perf_counter()
-evals = {}
-for i, ctx in enumerate(train_contexts[:3] + heldout_contexts):
-    evals[ctx] = evaluate(ctx, seed=100 + i)
+probe = train_contexts[:3] + heldout_contexts
+priors = ppl_lm.infer(model, contexts=probe, method="importance", num_samples=N, seed=100, progress=False)
+gposts = ppl_lm.infer(model, contexts=probe, method="importance", guide=guide, num_samples=N, seed=100, progress=False)
+evals = {ctx: evaluate(ctx, prior, gpost) for ctx, prior, gpost in zip(probe, priors, gposts)}
 print(f"evaluated {len(evals)} contexts in {time.perf_counter() - t0:.0f} s")
 print(f"{'context':42} {'split':8} {'E_π[r]':>7} {'E_q[r]':>7} {'E_π′[r]':>8} {'KL(q‖π)':>8} {'KL(q‖π′)':>9} "
       f"{'KL(π‖π′)':>9} {'ELBO gain':>14}")
