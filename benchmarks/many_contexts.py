@@ -55,8 +55,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--methods", default="smc,importance")
     p.add_argument("--profile", choices=["smc", "importance"], help="cProfile one batched call and print the top")
+    p.add_argument("--step-cost", action="store_true",
+                   help="only time one decode step (lm.extend) per row at 64 rows and at contexts x 64 rows")
     args = p.parse_args()
     _bench.setup(args)
+    if args.step_cost:
+        return step_cost(args)
     import ppl_lm
     from ppl_lm.inference.contexts import context_seed
     from ppl_lm.models import no_e
@@ -116,6 +120,29 @@ def main() -> None:
         _bench.emit("many_contexts", {"method": name, "contexts": C, "particles": N, "tokens": T, "wall": wall,
                                       "cpu": cpu, "load": loads, "ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu,
                                       "max_dlogz": dz, "equal_samples": same})
+
+
+def step_cost(args) -> None:
+    """Seconds per row of one decode step at one context's batch and at the stacked batch: when
+    they are equal the step is compute-bound and stacking contexts cannot save time."""
+    lm = _bench.smollm2(args)
+    rows = [args.particles, args.particles * args.contexts]
+    out = {}
+    for B in rows * 2:  # twice, interleaved: the second round is reported
+        prompt = torch.randint(3, 1000, (12,))
+        state = lm.start(prompt, B)
+        tok = torch.randint(3, 1000, (B,))
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(3):
+            state = lm.extend(state, tok)
+        out[B] = ((time.perf_counter() - w0) / 3 / B, (time.process_time() - c0) / 3 / B)
+    for B, (w, c) in out.items():
+        print(f"decode step at {B} rows: {1e3 * w:.2f} ms wall / {1e3 * c:.2f} ms cpu per row, "
+              f"load {os.getloadavg()[0]:.2f}")
+    ratio = out[rows[0]][1] / out[rows[1]][1]
+    print(f"cpu per row, {rows[0]} rows / {rows[1]} rows: {ratio:.2f}x (the most stacking can save on the LM step)")
+    _bench.emit("many_contexts_step", {"rows": rows, "per_row": {str(k): v for k, v in out.items()},
+                                       "ratio_cpu": ratio})
 
 
 if __name__ == "__main__":
