@@ -5,8 +5,8 @@
 for i, c in enumerate(contexts)]``, on SmolLM2 with one torch thread: SMC (64 particles per context)
 on the lipogram task (``models/no_e.py``, a token mask shared by every context) and importance
 sampling (64 samples per context; the lipogram avoids the rare letter q instead of e, which prior
-draws do not manage). The two are run interleaved (ABBA...) over ``--repeats`` rounds after one
-warm-up each; wall time and CPU time (``time.process_time``) are recorded per run with the load
+draws do not manage). The two are run interleaved (ABBA...) over ``--repeats`` rounds after
+``--warmup`` untimed calls each; wall time and CPU time (``time.process_time``) are recorded per run with the load
 average, and the medians' ratios (loop / batched) printed. Both compute the same posteriors under
 the same seeds: the largest difference in log Z between them is printed (float summation order:
 a batch reads its prompts left-padded).
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--particles", type=int, default=64)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--methods", default="smc,importance")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each before the timed rounds (0: none)")
     p.add_argument("--profile", choices=["smc", "importance"], help="cProfile one batched call and print the top")
     p.add_argument("--step-cost", action="store_true",
                    help="only time one decode step (lm.extend) per row at 64 rows and at contexts x 64 rows")
@@ -95,21 +96,23 @@ def main() -> None:
                     for i, c in enumerate(contexts)]
 
         fns = {"batched": batched, "loop": loop}
-        out = {k: fn() for k, fn in fns.items()}  # warm-up, and the two must agree
-        dz = max(abs(a.log_evidence - b.log_evidence) for a, b in zip(out["batched"], out["loop"]))
-        same = sum(bool(torch.equal(a.samples, b.samples)) for a, b in zip(out["batched"], out["loop"]))
+        for k in fns if args.warmup else ():
+            fns[k]()
         wall = {k: [] for k in fns}
         cpu = {k: [] for k in fns}
-        loads = []
+        loads, first = [], {}
         for r in range(repeats):
             for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
                 w0, c0 = time.perf_counter(), time.process_time()
-                fns[k]()
+                result = fns[k]()
                 wall[k].append(time.perf_counter() - w0)
                 cpu[k].append(time.process_time() - c0)
+                first.setdefault(k, result)  # round 0's: the two must agree
                 loads.append(os.getloadavg()[0])
                 print(f"{name} {k}: wall {wall[k][-1]:.2f} s, cpu {cpu[k][-1]:.2f} s, load {loads[-1]:.2f}",
                       flush=True)
+        dz = max(abs(a.log_evidence - b.log_evidence) for a, b in zip(first["batched"], first["loop"]))
+        same = sum(bool(torch.equal(a.samples, b.samples)) for a, b in zip(first["batched"], first["loop"]))
         med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
         ratio_wall, ratio_cpu = med["loop"][0] / med["batched"][0], med["loop"][1] / med["batched"][1]
         print(f"{name}: {C} contexts x {N} particles, T={T}: batched {med['batched'][0]:.2f} s wall / "
