@@ -130,7 +130,7 @@ def run(model: Callable, contexts, *args, method: str, seed: int = 0, **options)
     ...     x = pyro.sample("x", lm.sequence([], max_new_tokens=2))
     ...     ppl_lm.constraint("first", x[..., 0] == first)
     >>> posts = ppl_lm.infer(model, contexts=[1, 2], method="importance", num_samples=200, progress=False)
-    >>> [int(p.samples[0, 0]) for p in posts]
+    >>> [int(p.samples[p.log_weights.argmax(), 0]) for p in posts]  # the first token is the context
     [1, 2]
     """
     contexts = check_contexts(contexts)
@@ -219,6 +219,8 @@ def start_unique(lm, prompt: torch.Tensor, lengths: torch.Tensor | None, B: int)
     A transformer whose KV cache is preallocated (``kv_cache="static"`` or ``"compiled"``) cannot
     grow a state by ``reorder``; its rows are read as they are.
     """
+    if prompt.dim() == 2 and prompt.shape[-1] == 0:  # every row empty: one shared empty prompt
+        return start_rows(lm, prompt[0], B)
     if prompt.dim() == 1 or getattr(getattr(lm, "kv_mode", None), "name", "dynamic") != "dynamic":
         return start_rows(lm, prompt, B, lengths)
     key = prompt if lengths is None else torch.cat([lengths.to(prompt.device)[:, None], prompt], -1)

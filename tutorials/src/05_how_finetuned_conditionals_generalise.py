@@ -272,22 +272,22 @@ for name, s in probes.items():
 # **Reading the committed run (SmolLM2).**
 #
 # - *The amortised guide generalises.* After 60 LoRA steps spread over six training contexts, the
-#   mean reward rose from 0.175 to 0.385 on three of the training contexts and from 0.131 to 0.333 on
+#   mean reward rose from 0.213 to 0.362 on three of the training contexts and from 0.164 to 0.335 on
 #   three held-out ones, a similar gain on contexts it never saw, at a similar cost,
-#   $\mathrm{KL}(q\|\pi) \approx 0.65$-$0.83$ nats. It is still far from the posterior (mean $\mathbb{E}_{\pi'}[r]$ 0.54
-#   and 0.59): the ELBO gained $+0.01 \pm 0.14$ nats on the training contexts and $+0.16 \pm 0.15$ on the
-#   held-out ones, neither distinguishable from zero. As in notebook 2, a few CPU minutes of SVI trade
-#   KL for reward at nearly the rate the ELBO sets, and the correction by importance sampling
-#   keeps every estimate exact (both $\log Z$ estimators agree on all six contexts).
+#   $\mathrm{KL}(q\|\pi) \approx 0.45$-$0.49$ nats. It is still far from the posterior (mean $\mathbb{E}_{\pi'}[r]$ 0.58
+#   and 0.55): the ELBO gained $+0.11 \pm 0.13$ nats on the training contexts and $+0.23 \pm 0.12$ on the
+#   held-out ones, within one and two standard errors of zero. As in notebook 2, a few CPU minutes of SVI
+#   trade KL for reward at nearly the rate the ELBO sets, and the correction by importance sampling
+#   keeps every estimate exact.
 # - *"Restricted text" fits; "kinder world" is not seen, within a wide error.* On wording pairs
 #   (same event, positive vs negative words, VADER gap about 1.1) the guide shifted log-probability by
-#   $+1.25$ nats [0.95, 1.54], in the direction of the posterior but at 28% of its size (the exact
+#   $+0.80$ nats [0.52, 1.14], in the direction of the posterior but at 18% of its size (the exact
 #   posterior gives $+4.46$). On world pairs (good vs bad event, identical VADER score, so the
-#   posterior predicts exactly 0) the shift is $+0.11$ nats [$-0.28$, $+0.48$]: consistent with zero,
+#   posterior predicts exactly 0) the shift is $-0.02$ nats [$-0.25$, $+0.25$]: consistent with zero,
 #   which is what the restricted-text reading and the posterior itself predict. The fit across all
-#   probes, $1.03 \times$ gap $+ 0.10$, puts the change on the reward, not on the events.
+#   probes, $0.73 \times$ gap $- 0.01$, puts the change on the reward, not on the events.
 # - *What the numbers cannot say.* Eight world pairs give a 95% interval half a nat wide, and single
-#   world pairs moved by $-0.7$ to $+0.9$ nats, so a kinder-world effect up to about 40% of the wording
+#   world pairs moved by $-0.6$ to $+0.7$ nats, so a kinder-world effect up to about 30% of the wording
 #   effect is not excluded; nor does a guide this far from the posterior tell us what a converged
 #   fine-tune would do. The probes also speak only for this reward: VADER scores words, so
 #   "restricted text" is what its posterior asks for.
