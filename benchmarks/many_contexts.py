@@ -58,10 +58,15 @@ def main() -> None:
     p.add_argument("--profile", choices=["smc", "importance"], help="cProfile one batched call and print the top")
     p.add_argument("--step-cost", action="store_true",
                    help="only time one decode step (lm.extend) per row at 64 rows and at contexts x 64 rows")
+    p.add_argument("--logprob-diff", action="store_true",
+                   help="only compare next-token log-probs of the contexts' prompts read as one left-padded batch "
+                        "and read alone")
     args = p.parse_args()
     _bench.setup(args)
     if args.step_cost:
         return step_cost(args)
+    if args.logprob_diff:
+        return logprob_diff(args)
     import ppl_lm
     from ppl_lm.inference.contexts import context_seed
     from ppl_lm.models import no_e
@@ -123,6 +128,29 @@ def main() -> None:
         _bench.emit("many_contexts", {"method": name, "contexts": C, "particles": N, "tokens": T, "wall": wall,
                                       "cpu": cpu, "load": loads, "ratio_wall": ratio_wall, "ratio_cpu": ratio_cpu,
                                       "max_dlogz": dz, "equal_samples": same})
+
+
+def logprob_diff(args) -> None:
+    """How far a batch of several prompts (left-padded, one row each) moves the next-token log-probs
+    from those of each prompt read alone, over a few decode steps: where a draw's uniform lands
+    within that distance of a CDF boundary, the batched and the single call draw different tokens."""
+    from ppl_lm.inference.contexts import _stack_prompts, start_unique
+    from ppl_lm.tokens import as_prompt_tensor
+
+    lm = _bench.smollm2(args)
+    dists = [lm.sequence(c, max_new_tokens=args.tokens) for c in CONTEXTS[:args.contexts]]
+    prompt, lengths = _stack_prompts(dists, [1] * len(dists))
+    batched = start_unique(lm, prompt, lengths, len(dists))
+    singles = [lm.start(as_prompt_tensor(c, lm), 1) for c in CONTEXTS[:args.contexts]]
+    worst = []
+    for t in range(4):
+        diff = torch.stack([(batched.logprobs[i] - s.logprobs[0]).abs().max() for i, s in enumerate(singles)])
+        worst.append(float(diff.max()))
+        tok = batched.logprobs.argmax(-1)
+        batched = lm.extend(batched, tok)
+        singles = [lm.extend(s, tok[i:i + 1]) for i, s in enumerate(singles)]
+    print(f"max |log p batched - log p alone| over {len(dists)} prompts, steps 0-3: "
+          + ", ".join(f"{w:.1e}" for w in worst))
 
 
 def step_cost(args) -> None:
