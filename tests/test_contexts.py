@@ -259,3 +259,16 @@ def test_a_shared_token_mask_is_batched_and_equals_single_calls(markov, monkeypa
         assert torch.equal(post.samples, single.samples)
         assert post.log_evidence == pytest.approx(single.log_evidence, abs=1e-9)
         assert not any("c" in t for t in post.texts)
+
+
+def test_model_kwargs_and_extra_args_reach_every_context(markov):
+    def model(c, shift, beta=1.0):
+        x = pyro.sample("x", markov.sequence([c], max_new_tokens=T))
+        ppl_lm.reward("r", (x == (c + shift) % 5).float().sum(-1), beta=beta)
+
+    posts = ppl_lm.infer(model, 1, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=4,
+                         model_kwargs={"beta": 0.5}, progress=False)
+    for i, (c, post) in enumerate(zip(CONTEXTS, posts)):
+        single = ppl_lm.infer(model, c, 1, method="smc", num_particles=32, seed=context_seed(4, i),
+                              model_kwargs={"beta": 0.5}, progress=False)
+        assert torch.equal(post.samples, single.samples) and post.log_evidence == single.log_evidence
