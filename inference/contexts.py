@@ -274,12 +274,12 @@ def _importance_batched(model, contexts, args, kwargs, sites, seed, options) -> 
         a = (ctx, *args)
         with _random.seeded(context_seed(seed, c)), torch.no_grad(), row_cache():
             obs = observed_sequences(model, a, kwargs)
-        size = chunk_size or _importance._default_chunk({**sites[c], **obs}, num_samples)
+        size = chunk_size or _importance.default_chunk_size({**sites[c], **obs}, num_samples)
         chunks.append(size)
         cseed = context_seed(seed, c)
         for i, start in enumerate(range(0, num_samples, size)):
             parts.append(_Part(c, i, a, min(size, num_samples - start), _random.Stream(shards.part_seed(cseed, i))))
-    bound = chunk_size or min(_importance._default_chunk(s, 1 << 30) for s in sites)
+    bound = chunk_size or min(_importance.default_chunk_size(s, 1 << 30) for s in sites)
     done: dict[int, list] = {c: [] for c in range(len(contexts))}
     with torch.no_grad(), row_cache():
         for batch in _pack(parts, bound):

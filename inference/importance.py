@@ -39,7 +39,7 @@ from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.proposal import proposal_lm, proposal_name, sample_tokens
 from ppl_lm.validation import PositiveInt
 
-__all__ = ["run", "pool", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
+__all__ = ["run", "pool", "default_chunk_size", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_sampl
         qlm, masks = _token_proposal(model, args, kwargs, sites, proposal)
         if chunk_size is None:
             chunk_size = shard.chunk_size(
-                _default_chunk({**sites, **observed_sequences(model, args, kwargs)}, num_samples), num_samples)
+                default_chunk_size({**sites, **observed_sequences(model, args, kwargs)}, num_samples), num_samples)
         done = {}
         starts = range(0, num_samples, chunk_size)
         bar = tqdm(total=sum(min(chunk_size, num_samples - s) for i, s in enumerate(starts) if shard.owns(i)),
@@ -153,7 +153,7 @@ def pool(parts: list, num_samples: int, chunk_size: int, sites: dict, proposal: 
     return finish(post)
 
 
-def _default_chunk(sites: dict, num_samples: int) -> int:
+def default_chunk_size(sites: dict, num_samples: int) -> int:
     """About :data:`TOKENS_PER_CHUNK` tokens (prompt plus new tokens of every latent and observed
     sequence site) per chunk."""
     tokens = 0
