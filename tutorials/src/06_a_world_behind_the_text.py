@@ -411,8 +411,8 @@ fig.tight_layout()
 #   - wording pairs: +0.11 (IS), −0.37 (SMC), +0.09 (SVI), −0.13 (MH, unmixed);
 #   - world pairs: −0.005, −0.05, −0.04 and −0.13.
 #
-#   The fine-tuned guide of notebook 5 moved wording pairs by +1.25 [0.95, 1.54], more than three
-#   times any of these, and world pairs by +0.11 [−0.28, +0.48]. On the same reward the two
+#   The fine-tuned guide of notebook 5 moved wording pairs by +0.80 [0.52, 1.14], more than twice
+#   any of these, and world pairs by −0.02 [−0.25, +0.25]. On the same reward the two
 #   generalise differently, in numbers. Fine-tuning learned the reward's wording: "restricted
 #   text" in notebook 5's sense. The Bayesian world model can only move probability along the
 #   directions its three preambles span, and the evidence barely moves it.

@@ -425,7 +425,7 @@ fig.tight_layout()
 #   world pairs by −0.13 ± 0.26: it has no exact target on texts no pair holds (its minimiser is
 #   not unique there), and what it does there comes from the network, not from the data.
 # - *Against notebooks 5 and 6.* Notebook 5's guide on the VADER reward (β = 0.25) moved wording
-#   pairs by +1.25 and world pairs by +0.11; notebook 6's world model moved both by at most a few
+#   pairs by +0.80 and world pairs by −0.02; notebook 6's world model moved both by at most a few
 #   tenths. Here every learned-reward guide moves wording pairs by +0.6 to +2.7 nats and world
 #   pairs by nothing measurable: the fitted reward, however its uncertainty enters, generalises
 #   as "restricted text" on these probes, although half of its posterior says "kinder world",
