@@ -285,7 +285,13 @@ def _importance_batched(model, contexts, args, kwargs, sites, seed, options) -> 
         for batch in _pack(parts, bound):
             for p, result in zip(batch, _importance_batch(model, kwargs, batch)):
                 done[p.context].append(result)
-    return [_importance.pool(done[c], num_samples, chunks[c], sites[c]) for c in range(len(contexts))]
+    posts = []
+    for c, ctx in enumerate(contexts):
+        try:
+            posts.append(_importance.pool(done[c], num_samples, chunks[c], sites[c]))
+        except ValueError as err:  # e.g. every weight zero: say which context
+            raise ValueError(f"context {c} ({_short(ctx)}): {err}") from err
+    return posts
 
 
 def _importance_batch(model, kwargs, batch: list[_Part]) -> list[tuple[Scores, torch.Tensor]]:
@@ -471,8 +477,9 @@ class _ContextSweep(Sweep):
         for k, p in enumerate(self.parts):
             if bool(dead[self.rep_offsets[k]:self.rep_offsets[k + 1]].all()):
                 raise ValueError(
-                    f"context {p.context}: every particle died {where}: no particle satisfies the condition on "
-                    "this context. Use more particles, declare hard constraints prefix_closed, or leave this "
+                    f"context {p.context} ({_short(p.args[0])}): every particle died {where}: no particle satisfies "
+                    "the condition on this context. Use more particles, declare hard constraints prefix_closed, or "
+                    "leave this "
                     "context out of the call")
 
     def results(self) -> list:

@@ -272,3 +272,13 @@ def test_model_kwargs_and_extra_args_reach_every_context(markov):
         single = ppl_lm.infer(model, c, 1, method="smc", num_particles=32, seed=context_seed(4, i),
                               model_kwargs={"beta": 0.5}, progress=False)
         assert torch.equal(post.samples, single.samples) and post.log_evidence == single.log_evidence
+
+
+@pytest.mark.parametrize("method,opts", [("importance", dict(num_samples=50)), ("smc", dict(num_particles=16))])
+def test_a_context_whose_particles_all_die_is_named(markov, method, opts):
+    def model(c):
+        x = pyro.sample("x", markov.sequence([c], max_new_tokens=T))
+        ppl_lm.constraint("impossible_for_4", (x[..., 0] >= 0) & (c != 4), prefix_closed=True)
+
+    with pytest.raises(ValueError, match=r"context 3 \(4\)"):
+        ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=0, progress=False, **opts)
