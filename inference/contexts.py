@@ -479,8 +479,7 @@ class _ContextSweep(Sweep):
                 raise ValueError(
                     f"context {p.context} ({_short(p.args[0])}): every particle died {where}: no particle satisfies "
                     "the condition on this context. Use more particles, declare hard constraints prefix_closed, or "
-                    "leave this "
-                    "context out of the call")
+                    "leave this context out of the call")
 
     def results(self) -> list:
         """The :class:`~ppl_lm.inference.smc.sweep.SweepResult` of each part, as a single-context sweep
