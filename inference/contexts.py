@@ -7,9 +7,12 @@ a list with one :class:`~ppl_lm.posterior.Posterior` per context, in order.
 **Seeds.** Context i runs under its own seed :func:`context_seed` ``(s, i)`` (context 0's is ``s``
 itself), so its result does not depend on how many other contexts are in the call, nor on what they
 are: ``posts[i]`` is what ``ppl_lm.infer(model, contexts[i], *args, seed=context_seed(s, i),
-**options)`` returns, up to float summation order where the LM's log-probabilities of a batch of
-several prompts differ from those of one prompt in the last bits (left padding on a transformer;
-exactly equal on a table LM such as ``MarkovLM``).
+**options)`` returns: exactly on a table LM such as ``MarkovLM`` (and on the tiny test
+transformers); on a real transformer the log-probabilities of a batch of left-padded prompts
+differ from those of one prompt in the last bits (SmolLM2: up to 6e-5), and a draw whose uniform
+lands within that distance of a boundary of the CDF picks the neighbouring token, so a few rows
+differ (SmolLM2, 8 tokens: about 1 row in 64; benchmarks/RESULTS.md section 22): the same law,
+not the same draws.
 
 **Shared batches.** Every context's run is cut into its independent parts as the single-context
 call cuts it (importance: chunks of ``chunk_size`` samples; SMC: the sweeps of
