@@ -134,12 +134,12 @@ def logprob_diff(args) -> None:
     """How far a batch of several prompts (left-padded, one row each) moves the next-token log-probs
     from those of each prompt read alone, over a few decode steps: where a draw's uniform lands
     within that distance of a CDF boundary, the batched and the single call draw different tokens."""
-    from ppl_lm.inference.contexts import _stack_prompts, start_unique
+    from ppl_lm.inference.contexts import stack_prompts, start_unique
     from ppl_lm.tokens import as_prompt_tensor
 
     lm = _bench.smollm2(args)
     dists = [lm.sequence(c, max_new_tokens=args.tokens) for c in CONTEXTS[:args.contexts]]
-    prompt, lengths = _stack_prompts(dists, [1] * len(dists))
+    prompt, lengths = stack_prompts(dists, [1] * len(dists))
     batched = start_unique(lm, prompt, lengths, len(dists))
     singles = [lm.start(as_prompt_tensor(c, lm), 1) for c in CONTEXTS[:args.contexts]]
     worst = []

@@ -29,17 +29,19 @@ from ppl_lm import seeding as _random
 from ppl_lm.backends import Kind, describe
 from ppl_lm.diagnostics.estimators import KHAT_THRESHOLD, kish_ess, log_evidence_se, log_mean_exp, pareto_khat
 from ppl_lm.distribution import SequenceDistribution
+from ppl_lm.inference import contexts as _ctx
 from ppl_lm.inference import shards
 from ppl_lm.inference._runtime import (
-    cat_scores, check_guide_sites, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, row_cache,
+    Scores, cat_scores, check_guide_sites, check_has_latent, finish, latent_sites, make_posterior, observed_sequences, row_cache,
     run_guide, run_model, run_model_until, sequence_base, sequence_sites, token_masks,
 )
 from ppl_lm.lm import LanguageModel
+from ppl_lm.lm.base import sample_from
 from ppl_lm.posterior import Info, Posterior, normalise
 from ppl_lm.proposal import proposal_lm, proposal_name, sample_tokens
 from ppl_lm.validation import PositiveInt
 
-__all__ = ["run", "pool", "default_chunk_size", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
+__all__ = ["run", "run_contexts", "pool", "default_chunk_size", "ImportanceInfo", "pareto_khat", "log_evidence_se", "KHAT_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class ImportanceInfo(Info):
 TOKENS_PER_CHUNK = 1 << 15
 
 
-@describe(kind=Kind.WEIGHTED, info=ImportanceInfo)
+@describe(kind=Kind.WEIGHTED, info=ImportanceInfo, contexts="run_contexts")
 def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_samples: PositiveInt = 1000,
         chunk_size: PositiveInt | None = None, guide=None, proposal: str | LanguageModel | None = None,
         progress: bool = True) -> Posterior:
@@ -207,3 +209,67 @@ def _proposal_chunk(model, args, kwargs, n: int, qlm: LanguageModel, masks: list
     scores = run_model(model, args, kwargs, n, data={**head.values, name: tokens.to(d.lm.device)}, score_latent=True)
     log_w = scores.log_likelihood.double() + scores.latent_log_prob[name].double() - log_q.to(scores.log_likelihood.device)
     return scores, log_w
+
+
+# -- many contexts in one call (ppl_lm.inference.contexts) ----------------------------------------
+def run_contexts(model, contexts, args, kwargs, sites, seed, options) -> list[Posterior]:
+    """Many contexts in one call, with the prior as proposal: every context's chunks (each under its
+    own seeded stream) stacked into shared LM batches, pooled per context as :func:`run` pools them."""
+    if options.get("guide") is not None or options.get("proposal") not in (None, "prior"):
+        raise _ctx.Unbatchable
+    _ctx.one_sequence_lm(sites)
+    num_samples, chunk_size = options["num_samples"], options["chunk_size"]
+    parts, chunks = [], []
+    for c, ctx in enumerate(contexts):
+        a = (ctx, *args)
+        with _random.seeded(_ctx.context_seed(seed, c)), torch.no_grad(), row_cache():
+            obs = observed_sequences(model, a, kwargs)
+        size = chunk_size or default_chunk_size({**sites[c], **obs}, num_samples)
+        chunks.append(size)
+        cseed = _ctx.context_seed(seed, c)
+        for i, start in enumerate(range(0, num_samples, size)):
+            parts.append(_ctx.Part(c, i, a, min(size, num_samples - start), _random.Stream(shards.part_seed(cseed, i))))
+    bound = chunk_size or min(default_chunk_size(s, 1 << 30) for s in sites)
+    done: dict[int, list] = {c: [] for c in range(len(contexts))}
+    with torch.no_grad(), row_cache():
+        for batch in _ctx.pack(parts, bound):
+            for p, result in zip(batch, _run_context_batch(model, kwargs, batch)):
+                done[p.context].append(result)
+    posts = []
+    for c, ctx in enumerate(contexts):
+        try:
+            posts.append(pool(done[c], num_samples, chunks[c], sites[c]))
+        except ValueError as err:  # e.g. every weight zero: say which context
+            raise ValueError(f"context {c} ({_ctx.short(ctx)}): {err}") from err
+    return posts
+
+
+def _run_context_batch(model, kwargs, batch: list[_ctx.Part]) -> list[tuple[Scores, torch.Tensor]]:
+    """One batch: each part runs its model up to its first sequence site, the site's tokens of every
+    part are drawn in one batched LM pass, then each part's model runs to its end on them."""
+    heads, dists = [], []
+    for p in batch:
+        with p.stream:
+            head, site = run_model_until(model, p.args, kwargs, p.rows, {}, sequences_only=True)
+        heads.append(head)
+        dists.append(sequence_base(site["fn"]))
+    name, d0 = site["name"], dists[0]
+    offsets = _ctx.row_offsets(batch)
+    prompt, lengths = _ctx.stack_prompts(dists, [p.rows for p in batch])
+    d0.lm.check_context(prompt.shape[-1], d0.max_new_tokens)
+    state = _ctx.start_unique(d0.lm, prompt, lengths, offsets[-1])
+    tokens, lps = sample_from(d0.lm, state, d0.max_new_tokens, _ctx.draw_by_part(batch, offsets))
+    out = []
+    for k, (p, head) in enumerate(zip(batch, heads)):
+        rows = slice(offsets[k], offsets[k + 1])
+        with p.stream:
+            scores = run_model(model, p.args, kwargs, p.rows, data={**head.values, name: tokens[rows]},
+                               score_latent=False)
+        latent = {name: lps[rows].sum(-1).detach().to(scores.log_prior.device),
+                  **_ctx.other_log_prior(scores.trace, {name}, p.rows)}
+        latent = {k2: latent[k2] for k2 in scores.values if k2 in latent}  # program order
+        scores.latent_log_prob = latent
+        scores.log_prior = sum(v.to(scores.log_prior.device) for v in latent.values()).detach()
+        scores.trace = None
+        out.append((scores, scores.log_likelihood.double()))
+    return out

@@ -7,6 +7,9 @@ decorated by :func:`describe`, which declares
   the diagnostics, the warnings, ``compare``, the report and the CLI branch on the kind (or on the
   fields of the run's ``Info``), so a new backend of a known kind needs no edit there;
 * its **Info** type, the frozen dataclass of its run facts;
+* optionally, how it runs **many contexts in one call** (``contexts=``: a function that stacks
+  the contexts' particles into shared LM batches, :mod:`ppl_lm.inference.contexts`); a backend
+  without one runs ``infer(..., contexts=[...])`` as a loop of single calls;
 * its **options**: the keyword-only parameters of ``run``, each with an annotation, a default
   and a line in the docstring's ``Args:``. They are the one place an option is written:
   :attr:`Backend.options` is the dataclass made from them (name, type, default, help), the CLI's
@@ -91,6 +94,9 @@ class Backend:
     run: Callable
     #: a frozen dataclass of the options (fields: name, type, default; ``metadata["help"]``)
     options: type
+    #: ``contexts(model, contexts, args, kwargs, sites, seed, options) -> list[Posterior]``, the
+    #: backend's shared-batch run of many contexts (:mod:`ppl_lm.inference.contexts`), or None
+    contexts: Callable | None = None
 
     def option_specs(self) -> list[Option]:
         return [Option(f.name, f.type, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(self.options)]
@@ -108,8 +114,8 @@ class Backend:
 class _Description:
     """What :func:`describe` attaches to ``run``."""
 
-    def __init__(self, run: Callable, kind: Kind, info: type):
-        self.kind, self.info, self.run = kind, info, run
+    def __init__(self, run: Callable, kind: Kind, info: type, contexts: str | None = None):
+        self.kind, self.info, self.run, self.contexts = kind, info, run, contexts
         self._options = None
 
     @property
@@ -119,9 +125,11 @@ class _Description:
         return self._options
 
 
-def describe(*, kind: Kind, info: type) -> Callable[[Callable], Callable]:
-    """Decorate a backend's ``run``: declares its kind and Info type, and checks its options' values
-    (from their annotations) on every call, before the body runs."""
+def describe(*, kind: Kind, info: type, contexts: str | None = None) -> Callable[[Callable], Callable]:
+    """Decorate a backend's ``run``: declares its kind and Info type (and, optionally, the name of the
+    backend module's function that runs many contexts in shared batches, read when the backend is
+    looked up), and checks its options' values (from their annotations) on every call, before the
+    body runs."""
     if not isinstance(kind, Kind):
         raise TypeError(f"kind must be a ppl_lm.backends.Kind, got {kind!r}")
 
@@ -134,7 +142,7 @@ def describe(*, kind: Kind, info: type) -> Callable[[Callable], Callable]:
             _check_values(run, {k: v for k, v in bound.arguments.items() if k not in NOT_OPTIONS})
             return run(*args, **kwargs)
 
-        checked.__ppl_lm_backend__ = _Description(run, kind, info)
+        checked.__ppl_lm_backend__ = _Description(run, kind, info, contexts)
         return checked
 
     return wrap
@@ -208,7 +216,8 @@ def get(name: str) -> Backend:
     entry = _registry[name]
     mod = importlib.import_module(entry) if isinstance(entry, str) else entry
     d = _description(mod.run, mod.__name__)
-    return Backend(name=name, kind=d.kind, info=d.info, run=mod.run, options=d.options)
+    contexts = None if d.contexts is None else getattr(mod, d.contexts)
+    return Backend(name=name, kind=d.kind, info=d.info, run=mod.run, options=d.options, contexts=contexts)
 
 
 def kind_of(method: str | None) -> Kind:

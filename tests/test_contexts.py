@@ -142,16 +142,16 @@ def test_chunk_size_bounds_the_batch(markov, monkeypatch):
 def test_planted_bug_fails(markov, monkeypatch, bug):
     """A context's prompt applied to another's rows, or the contexts' sampled rows swapped: caught."""
     if bug == "swap_prompts":
-        stack = ctxmod._stack_prompts
-        monkeypatch.setattr(ctxmod, "_stack_prompts", lambda dists, counts: stack(dists[::-1], counts[::-1]))
+        stack = ctxmod.stack_prompts
+        monkeypatch.setattr(ctxmod, "stack_prompts", lambda dists, counts: stack(dists[::-1], counts[::-1]))
     else:
-        draw = ctxmod._draw_by_part
+        draw = ctxmod.draw_by_part
 
         def swapped(parts, offsets):
             inner = draw(parts, offsets)
             return lambda logp: inner(logp).view(len(parts), -1).flip(0).reshape(-1)
 
-        monkeypatch.setattr(ctxmod, "_draw_by_part", swapped)
+        monkeypatch.setattr(ctxmod, "draw_by_part", swapped)
     opts = RUNS["importance"]
     posts = ppl_lm.infer(make_model(markov), contexts=CONTEXTS, seed=0, progress=False, **opts)
     assert not all(agrees_with_exact(markov, posts, opts["num_samples"]))

@@ -94,7 +94,9 @@ log Ẑ is a stochastic upper bound on log Z (:func:`ppl_lm.log_evidence_bounds`
 
 from ppl_lm.diagnostics.estimators import genealogy_diagnostics
 
+from .contexts import run_contexts
 from .driver import OBSERVED, RESAMPLING, run
 from .islands import SMCInfo, default_chunk_size, sweep_plan
 
-__all__ = ["OBSERVED", "RESAMPLING", "SMCInfo", "default_chunk_size", "genealogy_diagnostics", "run", "sweep_plan"]
+__all__ = ["OBSERVED", "RESAMPLING", "SMCInfo", "default_chunk_size", "genealogy_diagnostics", "run", "run_contexts",
+           "sweep_plan"]

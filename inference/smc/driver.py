@@ -43,7 +43,7 @@ Observed = Literal["prefix", "end"]
 OBSERVED: tuple[str, ...] = typing.get_args(Observed)
 
 
-@describe(kind=Kind.WEIGHTED, info=SMCInfo)
+@describe(kind=Kind.WEIGHTED, info=SMCInfo, contexts="run_contexts")
 def run(model, *args, seed: int = 0, model_kwargs: dict | None = None, num_particles: AtLeastTwo = 256,
         ess_threshold: Fraction = 0.5, resampling: Scheme = "multinomial", num_replicates: PositiveInt = 1,
         chunk_size: AtLeastTwo | None = None, guide=None, proposal: str | LanguageModel | None = None,

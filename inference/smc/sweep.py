@@ -218,7 +218,7 @@ class Sweep:
         finally:
             bar.close()
 
-    # -- the model runs and the site's start (a batch of contexts overrides them: inference.contexts) --
+    # -- the model runs and the site's start (a batch of contexts overrides them: inference.smc.contexts) --
     def _run_model(self, rows: torch.Tensor | None, data: dict, **kw) -> Scores:
         """``run_model`` of the spec's model on ``rows`` (``None``: every row), given ``data`` for them."""
         spec = self.spec
