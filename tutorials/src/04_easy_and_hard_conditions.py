@@ -18,6 +18,10 @@
 # Conditions that can only be judged at the end and that the LM almost never meets stay hard for all
 # of them. The factorisation condition ("the text begins with the prime factorisation of $N$") is
 # the example: found for small $N$, not for large $N$.
+#
+# Section 5 puts numbers on the seed's sentence, "fine-tuning works for conditions not too rare under
+# π (or a pre-conditioned π, via prompts)": six samplers on pins from $p = 10^{-1}$ to $2.6\cdot10^{-9}$
+# (toy) and at $p = 5.5\cdot10^{-7}$ (SmolLM2), and at which $p$ each one stops working.
 
 # %%
 import contextlib
@@ -621,7 +625,8 @@ for name, rows in (("toy", rare_toy), (LM_NAME, rare_real)):
         for c, s in r["cols"].items() if "runs" in s))
 
 # %% [markdown]
-# **Reading the committed run (SmolLM2).** (1066 s on a 2-core CPU shared with other jobs, load ≈ 8.)
+# **Reading the committed run (SmolLM2).** (1958 s on a 2-core CPU shared with other jobs, load 10–20;
+# 1158 s of it section 5.)
 #
 # - *ESS/N ≈ p holds for prior IS.* On the toy, 0.092 vs $p$ = 0.089 ($k=1$) and 0.0025 vs 0.0031
 #   ($k=2$); beyond that $Np < 1$ and IS finds nothing. On SmolLM2, with $p$ exact from `lm.score`:
@@ -654,6 +659,16 @@ for name, rows in (("toy", rare_toy), (LM_NAME, rare_real)):
 #   $N$ = 21, 35, 2021 and $1000003 \times 1000033$ in none of 128: these conditions are judged only
 #   at the end, the LM almost never meets them, and no sampler here can make an LM that cannot
 #   factor produce factorisations; it can only find the ones it would write.
+# - *Why, in numbers* (`lm.score` of the correct factorisation after the prompt, two spellings):
+#   " 3 * 5" has $p$ = 0.055 (8 hits expected in 128, 15 seen), " 3 * 7" $9.2\cdot10^{-4}$ and
+#   " 5 * 7" $5.9\cdot10^{-4}$ (0.15 and 0.09 expected hits: 128 draws are simply too few, a few
+#   thousand would find them), but " 43 * 47" for 2021 has $1.4\cdot10^{-8}$ (× has
+#   $2.6\cdot10^{-9}$) and " 1000003 * 1000033" $6.0\cdot10^{-9}$: about $10^{8}$ prior draws per
+#   hit. That is the bottom of section 5's table, where only the learned twist still works, and a
+#   twist needs a condition it can see on prefixes: this one is judged at the end ("43" could still
+#   grow to "431"), so SMC and CTL get no signal before the last token, and a prefix check ("the
+#   digits so far start a factor of $N$") would need the factors. For 2021 the LM's own probability of
+#   the answer, not the sampler, is the limit.
 # - *A valid chess game is hard until legality is in the mask* (section 4, $N$ = 32, two seeds).
 #   The deferred check died in all 4 runs (min_moves 4 and 8): no particle of 32 wrote 4 legal
 #   half-moves. The prefix potential died in 1 of 2 runs at each min_moves, and its surviving runs
@@ -664,12 +679,38 @@ for name, rows in (("toy", rare_toy), (LM_NAME, rare_real)):
 #   prefix runs that survived say more ($-7.2$ and $-14.1$): their condition is looser (python-chess's
 #   lenient reading takes "Bxd4" onto an empty square, a missing "+", any move number), so a larger
 #   $Z$ is expected, but one ancestor is no estimate to a few nats (at $N$ = 64,
-#   `benchmarks/RESULTS.md` §12 has them below). Time: 25 to 43 s per legal-mask run, as long as a
-#   deferred run (22 to 46 s: it writes every token and dies at the end); the section took 369 s of
-#   the notebook's 1066 s.
+#   `benchmarks/RESULTS.md` §12 has them below). Time: 25 to 41 s per legal-mask run, as long as a
+#   deferred run (17 to 36 s: it writes every token and dies at the end); the section took 336 s of
+#   the notebook's 1958 s.
 # - *The games are legal, and weak.* Every particle the mask returned replays legally in
 #   python-chess for its first min_moves half-moves (asserted above, not only the games shown).
 #   SmolLM2 shuffles its bishops (3. Bc4 Bd6 4. Bb5 b6 5. Bc4 Bc5 6. d4 d5) and then uses the free
 #   tail: two games turn to prose ("Corrects! # SQL SELECT ...", "Why is this limited?"), one goes
 #   on "7. Nf3 Nbdxc8" with a knight already on f3, one writes "d4 e5" after a blank line;
 #   python-chess's verdicts above say so move by move. The mask makes the games legal, not good.
+# - *The rare-event table (section 5): which sampler survives which $p$.* "Works" below means RMS
+#   log-Z error ≤ 0.1 nats over the seeds and ESS/N ≥ 0.1 (the issue's goal, without its cost bound).
+#   On the toy ($N$ = 1000, 5 seeds): prior IS works at $p$ = 0.1 only (RMS 0.08), fails from 0.01
+#   (RMS 0.31) and dies in every run from $5.2\cdot10^{-6}$ on; SMC never dies but its RMS is 0.12–0.27 nats at every $p \le 0.01$ (its
+#   `n_eff`/N of 1.00 describes the posterior draws, not log Z); the learned twist (100 CTL steps,
+#   9–12 s), the guide taught by reverse KL on the soft pin (300 steps, 6–10 s) and the
+#   mixture-taught guide in SMC all work down to $2.6\cdot10^{-9}$ (RMS ≤ 0.02, ≤ 0.03 and ≤ 0.07;
+#   ESS/N 0.92–0.98, 0.94 → 0.45 and 0.89 → 0.55). The toy LM samples a token in 0.3 µs, so its cost
+#   column (2.4–13.4× plain sampling) is the samplers' bookkeeping.
+# - *On SmolLM2 at $p = 5.5\cdot10^{-7}$* (7 pinned tokens of " there lived an old man who lived
+#   alone", $N$ = 64, 2 seeds): prior IS dead in both runs; SMC RMS 1.06 with `n_eff`/N 0.01; SMC
+#   with the prompted proposal (the sentence read once before the prompt) ESS/N 0.10 but RMS 1.40;
+#   the guide trained by 30 LoRA steps on the soft pin (260 s) dead in both runs (no draw of 64 met
+#   all seven pins); the mixture-taught guide in SMC (344 s) RMS 0.58, ESS/N 0.04. **The learned
+#   twist** (`PositionTwist`, 30 CTL steps, 157 s of training) **meets the goal**: RMS 0.068 nats,
+#   `n_eff`/N 0.93, 0.9× the CPU time of plain sampling of the same 64 × 8 tokens.
+#   `benchmarks/RESULTS.md` §23 has the same pin with 4 seeds and the pins at $p$ = 0.72 and 0.010.
+# - *The seed's sentence, in numbers.* "Not too rare" for fine-tuning by SVI is set by what training
+#   sees, not by $p$ alone: trained on the hard pin the guide gets no signal below
+#   $p \approx 3\cdot10^{-3}$ (section 1); trained on a shaped reward (the soft pin) a tabular guide
+#   works down to $2.6\cdot10^{-9}$ on the toy, but 30 LoRA steps on SmolLM2 do not reach
+#   $5.5\cdot10^{-7}$. Pre-conditioning via a prompt makes the pin common under $q$ (ESS/N 0.10, and
+#   0.26 at $p$ = 0.010 in §23) but leaves π/q heavy-tailed: RMS 1.4–1.8 nats, at no $p$ in the
+#   table within 0.1. What carries the rare end is SMC with a learned twist, the one method whose
+#   error stays below 0.1 nats at every $p$ measured, on both LMs, at the cost of plain sampling on
+#   SmolLM2 plus minutes of training per condition.
