@@ -28,8 +28,9 @@ Columns (``--methods``):
 Every evaluation is repeated over ``--seeds`` seeds (training once, seed 0): the log-Z error is
 reported as a mean ± its standard error over the seeds and as an RMS, next to the estimator's own se.
 ESS: Kish's for importance sampling, SMC's genealogy count ``n_eff`` for SMC (after resampling the
-Kish ESS of the final weights is N by construction). Cost: wall and CPU time of one evaluation
-against plain ancestral sampling (``lm.sample``) of the same N × T tokens in the same process.
+Kish ESS of the final weights is N by construction; each run's Kish ESS is kept too, as ``kish``).
+Cost: wall and CPU time of one evaluation against plain ancestral sampling (``lm.sample``) of the
+same N × T tokens in the same process.
 A dead run (no draw / particle met the pin) counts as a failure and has no log-Z error.
 
 Goal (issue 21): at p ≈ 1e-6, |log Ẑ − log p| ≤ 0.1 nats (RMS over seeds), ESS/N ≥ 0.1 and ≤ 10×
@@ -37,7 +38,7 @@ the CPU time of plain sampling (wall time is recorded too; on a shared machine i
 neighbours); the script prints hit or miss per column, training not counted (it is listed apart).
 
     python benchmarks/rarity.py                  # toy, k = 1..8 (minutes)
-    python benchmarks/rarity.py --lm smollm2     # SmolLM2 pins (≈ 30 min on 2 shared cores)
+    python benchmarks/rarity.py --lm smollm2     # SmolLM2 pins (≈ 20 min a pin at load 13-20 on 2 cores)
     python benchmarks/rarity.py --lm smollm2 --factorisation   # p of the correct factorisation
     python benchmarks/rarity.py --smoke
 """
@@ -279,7 +280,8 @@ def table(lm, prompt, T, path, ks, methods, N, seeds, cfg, plain_repeats=2, chec
                     runs.append({"seed": cfg["seed"] + 1 + s, "wall_s": w, "cpu_s": c,
                                  "log_z": post.log_evidence if ok else None,
                                  "log_z_se": post.log_evidence_se if ok else None,
-                                 "ess": ess_of(post, method) if ok else 0.0})
+                                 "ess": ess_of(post, method) if ok else 0.0,
+                                 "kish": float(post.ess) if ok else 0.0})
             s = summarise(runs, log_p, pw, pc, N) if runs else None
             if s is not None:
                 s.update({"train_s": tw, "train_cpu_s": tc, "note": note, "runs_detail": runs})
