@@ -709,8 +709,9 @@ for name, rows in (("toy", rare_toy), (LM_NAME, rare_real)):
 #   sees, not by $p$ alone: trained on the hard pin the guide gets no signal below
 #   $p \approx 3\cdot10^{-3}$ (section 1); trained on a shaped reward (the soft pin) a tabular guide
 #   works down to $2.6\cdot10^{-9}$ on the toy, but 30 LoRA steps on SmolLM2 do not reach
-#   $5.5\cdot10^{-7}$. Pre-conditioning via a prompt makes the pin common under $q$ (ESS/N 0.10, and
-#   0.26 at $p$ = 0.010 in §23) but leaves π/q heavy-tailed: RMS 1.4–1.8 nats, at no $p$ in the
-#   table within 0.1. What carries the rare end is SMC with a learned twist, the one method whose
+#   $5.5\cdot10^{-7}$ (§23: just outside at $p$ = 0.010, RMS 0.121 with ESS/N 0.49). Pre-conditioning
+#   via a prompt makes the pin common under $q$ (ESS/N 0.10 here, 0.26 at $p$ = 0.010 in §23) but
+#   leaves π/q heavy-tailed: RMS 0.58 at $p$ = 0.72 and 1.1–1.8 nats at 0.010 and $5.5\cdot10^{-7}$
+#   (§23), within 0.1 at no $p$ in the table. What carries the rare end is SMC with a learned twist, the one method whose
 #   error stays below 0.1 nats at every $p$ measured, on both LMs, at the cost of plain sampling on
 #   SmolLM2 plus minutes of training per condition.
