@@ -112,7 +112,9 @@ def timed(fn):
 
 
 def infer(model, prompt, method, seed, **opts):
-    """One run: (posterior or None if every draw / particle missed the pin, wall s, CPU s)."""
+    """One run: (result, wall s, CPU s). The result is the posterior; ``None`` if every draw /
+    particle missed the pin; for SVI whose final draws all missed, the ``SVIError`` (it keeps the
+    trained guide, which is all ``train`` needs)."""
     import ppl_lm
 
     def go():
