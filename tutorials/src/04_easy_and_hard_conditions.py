@@ -664,11 +664,12 @@ for name, rows in (("toy", rare_toy), (LM_NAME, rare_real)):
 #   " 5 * 7" $5.9\cdot10^{-4}$ (0.15 and 0.09 expected hits: 128 draws are simply too few, a few
 #   thousand would find them), but " 43 * 47" for 2021 has $1.4\cdot10^{-8}$ (× has
 #   $2.6\cdot10^{-9}$) and " 1000003 * 1000033" $6.0\cdot10^{-9}$: about $10^{8}$ prior draws per
-#   hit. That is the bottom of section 5's table, where only the learned twist still works, and a
-#   twist needs a condition it can see on prefixes: this one is judged at the end ("43" could still
-#   grow to "431"), so SMC and CTL get no signal before the last token, and a prefix check ("the
-#   digits so far start a factor of $N$") would need the factors. For 2021 the LM's own probability of
-#   the answer, not the sampler, is the limit.
+#   hit. That is the bottom of section 5's toy table, where only learned proposals still work: the
+#   twist, on a condition it can see on prefixes, and the guides, trained on a shaped reward (credit
+#   per matching token). This one is judged at the end ("43" could still grow to "431"), so SMC and
+#   CTL get no signal before the last token, and a prefix check ("the digits so far start a factor of
+#   $N$") or a shaped reward (credit per correct digit) would need the factors. For 2021 the LM's own
+#   probability of the answer, not the sampler, is the limit.
 # - *A valid chess game is hard until legality is in the mask* (section 4, $N$ = 32, two seeds).
 #   The deferred check died in all 4 runs (min_moves 4 and 8): no particle of 32 wrote 4 legal
 #   half-moves. The prefix potential died in 1 of 2 runs at each min_moves, and its surviving runs
