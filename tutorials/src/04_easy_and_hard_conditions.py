@@ -18,6 +18,10 @@
 # Conditions that can only be judged at the end and that the LM almost never meets stay hard for all
 # of them. The factorisation condition ("the text begins with the prime factorisation of $N$") is
 # the example: found for small $N$, not for large $N$.
+#
+# Section 5 puts numbers on the seed's sentence, "fine-tuning works for conditions not too rare under
+# π (or a pre-conditioned π, via prompts)": six samplers on pins from $p = 10^{-1}$ to $2.6\cdot10^{-9}$
+# (toy) and at $p = 5.5\cdot10^{-7}$ (SmolLM2), and at which $p$ each one stops working.
 
 # %%
 import contextlib
@@ -333,6 +337,26 @@ print(f"what the LM writes after {factorisation.prompt(Ns[-1])!r}:")
 for t in [lm_fac.decode(r) for r in x4.tolist()]:
     print("    ", repr(t))
 
+# %% [markdown]
+# Why the large $N$ are out of reach, in numbers: the probability the LM gives to the correct
+# factorisation itself (`lm.score` of its tokens after the prompt; two spellings, the condition accepts
+# both and more), and the number of hits that makes in $N$ = 128 draws.
+
+# %%
+import sympy
+
+
+def spelled(n, sep):
+    return " " + sep.join(str(q) for q, e in sorted(sympy.factorint(n).items()) for _ in range(e))
+
+
+fac_seps = (" * ",) if SMOKE else (" * ", " × ")
+for r in fac_rows:
+    r["p_correct"] = {s: math.exp(lm_fac.score(factorisation.prompt(r["N"]), torch.tensor([lm_fac.encode(spelled(r["N"], s))])).item())
+                      for s in fac_seps}
+    print(f"N={r['N']:<14} " + ", ".join(f"p({spelled(r['N'], s)!r}) = {p:.1e}" for s, p in r["p_correct"].items())
+          + f"  -> expected hits in {N_fac}: {N_fac * sum(r['p_correct'].values()):.2g} (seen {r['hits']})")
+
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 3.2))
 ax.bar([str(r["N"]) for r in fac_rows], [r["p"] for r in fac_rows], color="C3")
@@ -448,6 +472,134 @@ for r in chess_rows:
         assert all(chess_game.check(t).startswith("legal") for t in r["post"].texts)
 
 # %% [markdown]
+# ## 5. The rare-event table: which sampler survives which p
+#
+# Sections 1 and 2 measured *whether* a method finds the condition. The table of
+# `benchmarks/rarity.py` (same code, imported below) asks how well, down to $p = 10^{-8}$: hard pins
+# of the first $k$ tokens, each pinned token chosen so that $p$ falls about one decade per pin, and
+# six samplers with the same number of draws $N$:
+#
+# | column | proposal | trained on |
+# |---|---|---|
+# | `is` | the prior | – |
+# | `smc` | the prior, the pin prunes prefixes | – |
+# | `smc_prompt` | `ppl_lm.prompted(lm, text)`: the pinned text read once before the prompt | – |
+# | `smc_twist` | π·ψ, a twist learned by CTL (`ppl_lm.learn_twist`) | the hard pin, by SMC |
+# | `guide_is` | an SVI guide (reverse KL), importance-corrected | the soft pin, λ = 5 per matching token |
+# | `smc_guide` | the same kind of guide as SMC's `proposal=` | the soft pin, forward KL on a defensive prior/guide mixture (taught by importance sampling, not by SMC) |
+#
+# Every column estimates the same $\log Z = \log p$; the cells say how far off it is (the RMS of
+# $\log\hat Z - \log p$ over seeds), its ESS/N (Kish's for IS, the genealogy `n_eff` for SMC) and the
+# time of one run against plain sampling of the same $N \times T$ tokens (CPU time: the wall time on
+# a shared machine mostly measures the neighbours). The issue's goal at $p \approx 10^{-6}$: RMS error
+# ≤ 0.1 nats, ESS/N ≥ 0.1, ≤ 10× plain sampling. A Markov LM forgets its prompt after one token, so
+# on the toy a prompted proposal would be the prior: that column is SmolLM2's only. Training is once
+# per condition and listed apart.
+
+# %%
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location(
+    "rarity", pathlib.Path(ppl_lm.__file__).resolve().parents[1] / "benchmarks" / "rarity.py")
+rarity = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rarity)
+
+COLS = rarity.METHODS
+toy8 = ppl_lm.MarkovLM.random(8, eos_id=0, seed=11, scale=1.0)
+rare_ks = [1, 3, 6] if SMOKE else list(range(1, 9))
+rare_path = rarity.decade_path(toy8, [1], max(rare_ks))
+rare_cfg = dict(toy=True, guide="full", twist_steps=10 if SMOKE else 100, twist_particles=64,
+                svi_steps=20 if SMOKE else 300, svi_particles=64, lam=5.0, seed=0)
+N_rare, seeds_rare = (200, 2) if SMOKE else (1000, 5)
+t0 = time.perf_counter()
+rare_toy = rarity.table(toy8, [1], 10, rare_path, rare_ks, [c for c in COLS if c != "smc_prompt"], N_rare, seeds_rare,
+                        rare_cfg, plain_repeats=3, check_exact=SMOKE, log=lambda *a: None)
+print(f"toy table: {time.perf_counter() - t0:.0f} s, N = {N_rare}, {seeds_rare} seeds per cell")
+
+if SMOKE:  # the tiny transformer of section 2; its "prompted proposal" reads the pinned tokens first
+    rare_lm, rare_prompt, rare_T = lm, prompt, 6
+    rare_lm_path = rarity.decade_path(lm, prompt, 3)
+    rare_lm_ks, rare_lm_cfg = [3], dict(toy=False, guide="full", twist_steps=2, twist_particles=16, svi_steps=2,
+                                       svi_particles=16, lam=5.0, seed=0, proposal_text=rare_lm_path)
+    N_rare_lm, seeds_rare_lm = 16, 2
+else:  # SmolLM2: the p ≈ 5.5e-7 pin of benchmarks/rarity.py (7 tokens of " there lived an old man who lived alone")
+    rare_lm, rare_prompt, rare_T = lm, rarity.PROMPT, 8
+    rare_lm_path = lm.encode(rarity.CONTINUATION)[:rare_T]
+    rare_lm_ks, rare_lm_cfg = [7], dict(toy=False, guide="lora", twist_steps=30, twist_particles=32, svi_steps=30,
+                                       svi_particles=16, lam=5.0, seed=0)
+    N_rare_lm, seeds_rare_lm = 64, 2
+t0 = time.perf_counter()
+rare_real = rarity.table(rare_lm, rare_prompt, rare_T, rare_lm_path, rare_lm_ks, COLS, N_rare_lm, seeds_rare_lm,
+                         rare_lm_cfg, plain_repeats=2, log=lambda *a: None)
+print(f"{LM_NAME} row: {time.perf_counter() - t0:.0f} s, N = {N_rare_lm}, {seeds_rare_lm} seeds per cell")
+
+
+def show_table(rows, title):
+    print(title)
+    print(f"{'p':>8}  " + "  ".join(f"{c:>21}" for c in COLS))
+    for r in rows:
+        cells = []
+        for c in COLS:
+            s = r["cols"].get(c)
+            if s is None or "runs" not in s:
+                cells.append(f"{'–':>21}")
+            elif "err_rms" not in s:
+                cells.append(f"{'dead ' + str(s['dead']) + '/' + str(s['runs']):>21}")
+            else:
+                cells.append(f"{s['err_rms']:5.2f} {s['ess_over_n']:5.2f} {s['cost_cpu']:5.1f}x"
+                             + ("*" if rarity.goal(dict(s, cost_wall=s["cost_cpu"])) else " ") + " ")
+        print(f"{r['p']:8.1e}  " + "  ".join(cells))
+    print("cell: RMS log-Z error (nats), ESS/N, CPU time / plain sampling; * = meets the goal's three bounds\n")
+
+
+show_table(rare_toy, f"toy MarkovLM (vocab 8, 10 tokens), N = {N_rare}")
+show_table(rare_real, f"{LM_NAME}, N = {N_rare_lm}")
+for r in rare_toy + rare_real:
+    train = ", ".join(f"{c} {s['train_s']:.0f} s" for c, s in r["cols"].items() if s.get("train_s"))
+    print(f"p = {r['p']:.1e}: training (wall) {train}")
+
+# %%
+fig, ax = plt.subplots(figsize=(6.5, 4.2))
+rare_floor = 1e-4
+for i, c in enumerate(COLS):
+    for rows, mk, ms, label in ((rare_toy, "o-", 4, c), (rare_real, "*", 12, None)):
+        pts = np.array([(r["p"], r["cols"][c]["ess_over_n"]) for r in rows if "runs" in r["cols"].get(c, {})])
+        if len(pts):
+            found = pts[:, 1] > 0  # dead everywhere (ESS 0): hollow, on the floor
+            ax.loglog(pts[found, 0], pts[found, 1], mk, color=f"C{i}", ms=ms, label=label)
+            ax.loglog(pts[~found, 0], np.full((~found).sum(), rare_floor), mk[0], color=f"C{i}", ms=ms, mfc="none")
+ax.axhline(rare_floor, color="grey", lw=0.5)
+ax.axhline(0.1, color="k", ls=":", lw=1)
+ax.set_xlabel("p = π(condition), exact")
+ax.set_ylabel("ESS / N (mean over seeds)")
+ax.set_title(f"toy pins (lines) and the {LM_NAME} pin (stars); dotted: the goal's ESS/N", fontsize=9)
+ax.legend(fontsize=7)
+fig.tight_layout()
+
+# %%
+# Prior IS on a hard condition: ESS = number of hits ~ Binomial(N, p), on every row and seed.
+for rows, n in ((rare_toy, N_rare), (rare_real, N_rare_lm)):
+    for r in rows:
+        s = r["cols"]["is"]
+        bound = 4 * math.sqrt(r["p"] * (1 - r["p"]) / n / s["runs"]) + 1.5 / n
+        assert abs(s["ess_over_n"] - r["p"]) < bound, (r["p"], s["ess_over_n"], bound)
+
+
+def works(s):
+    """A column works at a p if no seed died, the RMS log-Z error is <= 0.1 nats and ESS/N >= 0.1."""
+    return s is not None and "err_rms" in s and s["dead"] == 0 and s["err_rms"] <= 0.1 and s["ess_over_n"] >= 0.1
+
+
+for name, rows in (("toy", rare_toy), (LM_NAME, rare_real)):
+    for c in COLS:
+        ok = [r["p"] for r in rows if works(r["cols"].get(c))]
+        bad = [r["p"] for r in rows if c in r["cols"] and "runs" in r["cols"][c] and not works(r["cols"][c])]
+        if ok or bad:
+            print(f"{name:8} {c:>10}: works down to p = {min(ok):.1e}" if ok else f"{name:8} {c:>10}: works at no p",
+                  f"| fails at p = {max(bad):.1e}" if bad else "| fails nowhere in the table")
+
+# %% [markdown]
 # ## What the numbers say
 
 # %%
@@ -465,9 +617,16 @@ for k in chess_moves:
     print(f"{LM_NAME} chess, min_moves {k}: " + "; ".join(
         f"{label} {sum(r['lz'] is None for r in rs)}/{len(rs)} dead, n_eff {np.mean([r['n_eff'] for r in rs]):.1f}"
         for label in chess_modes for rs in [[r for r in chess_rows if r["k"] == k and r["mode"] == label]]))
+for name, rows in (("toy", rare_toy), (LM_NAME, rare_real)):
+    r = rarity.goal_row(rows)
+    print(f"rare-event table, {name} pin at p = {r['p']:.1e}: " + "; ".join(
+        f"{c} dead {s['runs']}/{s['runs']}" if "err_rms" not in s else
+        f"{c} RMS {s['err_rms']:.3f}, ESS/N {s['ess_over_n']:.2f}, {s['cost_cpu']:.1f}x CPU"
+        for c, s in r["cols"].items() if "runs" in s))
 
 # %% [markdown]
-# **Reading the committed run (SmolLM2).** (1066 s on a 2-core CPU shared with other jobs, load ≈ 8.)
+# **Reading the committed run (SmolLM2).** (1958 s on a 2-core CPU shared with other jobs, load 10–20;
+# 1158 s of it section 5.)
 #
 # - *ESS/N ≈ p holds for prior IS.* On the toy, 0.092 vs $p$ = 0.089 ($k=1$) and 0.0025 vs 0.0031
 #   ($k=2$); beyond that $Np < 1$ and IS finds nothing. On SmolLM2, with $p$ exact from `lm.score`:
@@ -500,6 +659,17 @@ for k in chess_moves:
 #   $N$ = 21, 35, 2021 and $1000003 \times 1000033$ in none of 128: these conditions are judged only
 #   at the end, the LM almost never meets them, and no sampler here can make an LM that cannot
 #   factor produce factorisations; it can only find the ones it would write.
+# - *Why, in numbers* (`lm.score` of the correct factorisation after the prompt, two spellings):
+#   " 3 * 5" has $p$ = 0.055 (8 hits expected in 128, 15 seen), " 3 * 7" $9.2\cdot10^{-4}$ and
+#   " 5 * 7" $5.9\cdot10^{-4}$ (0.15 and 0.09 expected hits: 128 draws are simply too few, a few
+#   thousand would find them), but " 43 * 47" for 2021 has $1.4\cdot10^{-8}$ (× has
+#   $2.6\cdot10^{-9}$) and " 1000003 * 1000033" $6.0\cdot10^{-9}$: about $10^{8}$ prior draws per
+#   hit. That is the bottom of section 5's toy table, where only learned proposals still work: the
+#   twist, on a condition it can see on prefixes, and the guides, trained on a shaped reward (credit
+#   per matching token). This one is judged at the end ("43" could still grow to "431"), so SMC and
+#   CTL get no signal before the last token, and a prefix check ("the digits so far start a factor of
+#   $N$") or a shaped reward (credit per correct digit) would need the factors. For 2021 the LM's own
+#   probability of the answer, not the sampler, is the limit.
 # - *A valid chess game is hard until legality is in the mask* (section 4, $N$ = 32, two seeds).
 #   The deferred check died in all 4 runs (min_moves 4 and 8): no particle of 32 wrote 4 legal
 #   half-moves. The prefix potential died in 1 of 2 runs at each min_moves, and its surviving runs
@@ -510,12 +680,39 @@ for k in chess_moves:
 #   prefix runs that survived say more ($-7.2$ and $-14.1$): their condition is looser (python-chess's
 #   lenient reading takes "Bxd4" onto an empty square, a missing "+", any move number), so a larger
 #   $Z$ is expected, but one ancestor is no estimate to a few nats (at $N$ = 64,
-#   `benchmarks/RESULTS.md` §12 has them below). Time: 25 to 43 s per legal-mask run, as long as a
-#   deferred run (22 to 46 s: it writes every token and dies at the end); the section took 369 s of
-#   the notebook's 1066 s.
+#   `benchmarks/RESULTS.md` §12 has them below). Time: 25 to 41 s per legal-mask run, as long as a
+#   deferred run (17 to 36 s: it writes every token and dies at the end); the section took 336 s of
+#   the notebook's 1958 s.
 # - *The games are legal, and weak.* Every particle the mask returned replays legally in
 #   python-chess for its first min_moves half-moves (asserted above, not only the games shown).
 #   SmolLM2 shuffles its bishops (3. Bc4 Bd6 4. Bb5 b6 5. Bc4 Bc5 6. d4 d5) and then uses the free
 #   tail: two games turn to prose ("Corrects! # SQL SELECT ...", "Why is this limited?"), one goes
 #   on "7. Nf3 Nbdxc8" with a knight already on f3, one writes "d4 e5" after a blank line;
 #   python-chess's verdicts above say so move by move. The mask makes the games legal, not good.
+# - *The rare-event table (section 5): which sampler survives which $p$.* "Works" below means RMS
+#   log-Z error ≤ 0.1 nats over the seeds and ESS/N ≥ 0.1 (the issue's goal, without its cost bound).
+#   On the toy ($N$ = 1000, 5 seeds): prior IS works at $p$ = 0.1 only (RMS 0.08), fails from 0.01
+#   (RMS 0.31) and dies in every run from $5.2\cdot10^{-6}$ on; SMC never dies but its RMS is 0.12–0.27 nats at every $p \le 0.01$ (its
+#   `n_eff`/N of 1.00 describes the posterior draws, not log Z); the learned twist (100 CTL steps,
+#   9–12 s), the guide taught by reverse KL on the soft pin (300 steps, 6–10 s) and the
+#   mixture-taught guide in SMC all work down to $2.6\cdot10^{-9}$ (RMS ≤ 0.02, ≤ 0.03 and ≤ 0.07;
+#   ESS/N 0.92–0.98, 0.94 → 0.45 and 0.89 → 0.55). The toy LM samples a token in 0.3 µs, so its cost
+#   column (2.4–13.4× plain sampling) is the samplers' bookkeeping.
+# - *On SmolLM2 at $p = 5.5\cdot10^{-7}$* (7 pinned tokens of " there lived an old man who lived
+#   alone", $N$ = 64, 2 seeds): prior IS dead in both runs; SMC RMS 1.06 with `n_eff`/N 0.01; SMC
+#   with the prompted proposal (the sentence read once before the prompt) ESS/N 0.10 but RMS 1.40;
+#   the guide trained by 30 LoRA steps on the soft pin (260 s) dead in both runs (no draw of 64 met
+#   all seven pins); the mixture-taught guide in SMC (344 s) RMS 0.58, ESS/N 0.04. **The learned
+#   twist** (`PositionTwist`, 30 CTL steps, 157 s of training) **meets the goal**: RMS 0.068 nats,
+#   `n_eff`/N 0.93, 0.9× the CPU time of plain sampling of the same 64 × 8 tokens.
+#   `benchmarks/RESULTS.md` §23 has the same pin with 4 seeds and the pins at $p$ = 0.72 and 0.010.
+# - *The seed's sentence, in numbers.* "Not too rare" for fine-tuning by SVI is set by what training
+#   sees, not by $p$ alone: trained on the hard pin the guide gets no signal below
+#   $p \approx 3\cdot10^{-3}$ (section 1); trained on a shaped reward (the soft pin) a tabular guide
+#   works down to $2.6\cdot10^{-9}$ on the toy, but 30 LoRA steps on SmolLM2 do not reach
+#   $5.5\cdot10^{-7}$ (§23: just outside at $p$ = 0.010, RMS 0.121 with ESS/N 0.49). Pre-conditioning
+#   via a prompt makes the pin common under $q$ (ESS/N 0.10 here, 0.26 at $p$ = 0.010 in §23) but
+#   leaves π/q heavy-tailed: RMS 0.58 at $p$ = 0.72 and 1.1–1.8 nats at 0.010 and $5.5\cdot10^{-7}$
+#   (§23), within 0.1 at no $p$ in the table. What carries the rare end is SMC with a learned twist, the one method whose
+#   error stays below 0.1 nats at every $p$ measured, on both LMs, at the cost of plain sampling on
+#   SmolLM2 plus minutes of training per condition.
