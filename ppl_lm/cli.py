@@ -599,10 +599,11 @@ def _verdict(check, text: str) -> str:
     return verdict if len(verdict) <= 160 else verdict[:160] + "…"
 
 
-def _describe(module: ModuleType, ctx: tuple, lm_spec: str) -> str:
+def _describe(module: ModuleType, ctx: tuple, lm_spec: str, contexts_file: str | None = None) -> str:
     desc = getattr(module, "description", None) or (module.__doc__ or "").strip().split("\n")[0]
     shown = ctx[0] if len(ctx) == 1 else ctx
-    return (f"{desc}\n" if desc else "") + f"Context: {shown!r}. LM: {lm_spec}."
+    where = f"Contexts: one per row below, from {contexts_file}" if contexts_file else f"Context: {shown!r}"
+    return (f"{desc}\n" if desc else "") + f"{where}. LM: {lm_spec}."
 
 
 def cmd_run(args) -> int:
@@ -688,7 +689,7 @@ def _run_contexts(args, method: str) -> int:
 
         named = {f"{i}: {_short(str(c), 40)}": post for i, (c, post) in enumerate(zip(args.context_list, posts))}
         path = report(named, args.report, title=f"{args.model}: {method} over {len(posts)} contexts",
-                      top_k=max(args.top, 10), description=_describe(module, ctx, args.lm))
+                      top_k=max(args.top, 10), description=_describe(module, ctx, args.lm, args.contexts))
         print(f"report: {path}")
     return 0
 

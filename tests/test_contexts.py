@@ -224,7 +224,8 @@ def test_cli_contexts_one_row_each_and_one_report(tmp_path, capsys, lines):
         assert any(line.lstrip().startswith(f"{i} ") and c in line for line in out.splitlines())
     rows = json.loads((tmp_path / "rep" / "summary.json").read_text())["rows"]
     assert [r["name"].split(":")[0] for r in rows] == ["0", "1", "2"]
-    assert (tmp_path / "rep" / "report.html").exists()
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "Contexts: one per row below, from" in html and "Context: &#x27;" not in html  # not the default context
 
 
 @pytest.mark.parametrize("lines,extra,match", [
