@@ -118,7 +118,7 @@ def genlm_llm(args, N, spec):
     from genlm.backend.llm import AsyncTransformer
     from genlm.control import PromptedLLM
 
-    if args.genlm_module == "ppl":
+    if args.genlm_module == "ppl" or args.model_dir is None:  # None: --config-only, random weights
         lm = _bench.smollm2(args)
         model, tok = lm.model, lm.tokenizer
         eos = [tok.decode([spec["eos_id"]]).encode()]
