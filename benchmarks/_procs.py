@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -104,13 +103,7 @@ class Clock:
 
 
 def _jsonable(x):
-    try:
-        import torch
-
-        if isinstance(x, torch.Tensor):
-            return x.tolist()
-    except ImportError:
-        pass
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
+    """torch tensors and numpy arrays / scalars as lists and numbers; anything else as its string."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
     return str(x)
