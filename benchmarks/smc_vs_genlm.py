@@ -13,16 +13,27 @@ the regular expression equal to the language (the JSON one is the regex of ``jso
 layout: properties in schema order, integers ``-?(0|[1-9][0-9]*)``), coerced to tokens. genlm's
 ``max_tokens`` counts the EOS and forces it with its probability multiplied in; here it is told to
 stop at T tokens without correction (``terminate_when``), and a terminal-only critic checks that
-the text is complete, as ours does, so both estimate the same Z. Both run on the SAME torch module
-(genlm's ``AsyncTransformer`` with batch size N, so one forward pass per step, as ours).
+the text is complete, as ours does, so both estimate the same Z.
+
+Each side runs in its own fresh process per (task, N, seed) (``_procs.run_worker``; issue 24: genlm
+sharing our process and our module ran 1.3–1.5× slower), the order alternating from seed to seed,
+one torch thread each, after an untimed small warm-up (N ≤ 4, T ≤ 4) in the same process. genlm
+loads SmolLM2 the way its docs do, ``PromptedLLM.from_name(folder, backend="hf")`` (an
+``AsyncTransformer`` with batch size N), on the float32 folder that ``ppl_lm.load_lm`` writes for
+the embedded GGUF (there is no hub here); it never sees ppl-lm's module. The driver hands each
+process the prompt's token ids, EOS and (no_e) the forbidden token ids in a small JSON file.
 
 Samplers: ours = ``ppl_lm.infer(..., method="smc")``; genlm = SMC with AWRS (adaptive weighted
-rejection sampling) and with the direct token sampler (``direct_token_sampler(llm * condition)``:
-the exact local product, which evaluates the condition on the whole vocabulary each step);
-plus plain batched sampling of N×T tokens (``lm.sample``). Interleaved in one process, over
-``--seeds`` seeds: median times, ratios, log Z mean ± sd, and the grammar-mask cost per token.
+rejection sampling, genlm's fastest; the default) or the direct token sampler
+(``direct_token_sampler(llm * condition)``: the exact local product, which evaluates the condition
+on the whole vocabulary each step); plus plain batched sampling of N×T tokens (``lm.sample``, in
+ours' process after its SMC run). Reported: median CPU seconds (``time.process_time``; the machine
+is shared) and wall seconds of the timed call, ratios, log Z mean ± sd over seeds and the z of the
+difference, and the grammar-mask cost per token. ``--diagnose``: genlm alone in a process with its
+own module or ppl-lm's, with or without ppl-lm's SMC run first (what slowed it in one process).
 
-    python benchmarks/smc_vs_genlm.py --threads 1                 # N in {16, 64}, 2 seeds
+    python benchmarks/smc_vs_genlm.py --threads 1                 # N in {16, 64, 256}, 2 seeds
+    python benchmarks/smc_vs_genlm.py --threads 1 --tasks no_e --particles 16 --diagnose
     python benchmarks/smc_vs_genlm.py --smoke                      # tiny: checks the script runs
 """
 
