@@ -261,11 +261,14 @@ def w_genlm(args):
     cond, critic = genlm_condition(llm, task, spec)
     run_genlm(llm, cond, critic, args.worker, min(T, 4), min(N, 4), seed=10_000)  # warm-up (not timed)
     llm.model.clear_cache()  # the timed run starts without the warm-up's cached prompt / KV
+    if args.after_genlm:  # the old harness reused one PromptedLLM over seeds: its KV/log-prob trie kept growing
+        run_genlm(llm, cond, critic, args.worker, T, N, args.seed + 1)
     with _procs.Clock() as c:
         z, _ = run_genlm(llm, cond, critic, args.worker, T, N, args.seed)
     p = next(llm.model.model.parameters())
     return {"log_z": z, "wall_s": c.wall, "cpu_s": c.cpu, "dtype": str(p.dtype), "threads": torch.get_num_threads(),
-            "module": args.genlm_module, "after_ours": args.after_ours}
+            "module": args.genlm_module, "after_ours": args.after_ours, "after_genlm": args.after_genlm,
+            "max_rss_mb": _bench.peak_rss_mb()}
 
 
 def argparse_copy(args, **changes):
@@ -395,11 +398,14 @@ def summarise(task, N, T, res, peers):
 
 def diagnose(args, argv, setup):
     """Why genlm ran slower sharing our process: genlm alone, with its own module or ours, with or
-    without ppl-lm's SMC run first in the same process; the order rotating over the repeats."""
+    without ppl-lm's SMC run first in the same process, or after another genlm run on the same
+    ``PromptedLLM`` (its caches kept, as the old harness reused it over seeds); the order rotating
+    over the repeats."""
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     variants = {"own": ["--genlm-module", "own"], "ppl-module": ["--genlm-module", "ppl"],
                 "own+ours-first": ["--genlm-module", "own", "--after-ours"],
-                "ppl-module+ours-first": ["--genlm-module", "ppl", "--after-ours"]}
+                "ppl-module+ours-first": ["--genlm-module", "ppl", "--after-ours"],
+                "own+genlm-first": ["--genlm-module", "own", "--after-genlm"]}
     names = list(variants)
     out = {n: [] for n in names}
     task, N = args.tasks[0], args.particles[0]
@@ -431,6 +437,7 @@ def main(argv=None):
     p.add_argument("--no-genlm", action="store_true", help="ours and plain sampling only")
     p.add_argument("--genlm-module", default="own", choices=["own", "ppl"], help=argparse_hidden())
     p.add_argument("--after-ours", action="store_true", help=argparse_hidden())
+    p.add_argument("--after-genlm", action="store_true", help=argparse_hidden())
     p.add_argument("--diagnose", action="store_true",
                    help="genlm AWRS alone in a process: its own module vs ppl-lm's, with and without ppl-lm's "
                         "SMC run first (first task, first N, --seeds repeats, one seed)")
