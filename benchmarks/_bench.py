@@ -1,8 +1,10 @@
 """Shared plumbing for the benchmarks: arguments, models, interleaved timing, the JSON line.
 
-Every benchmark runs ours and the baseline in ONE process, interleaved (ours, baseline,
-baseline, ours, ...) over several repeats, and reports medians and their ratio: on a shared
-machine the absolute numbers drift, the ratio much less.
+Benchmarks of our own code paths run them in ONE process, interleaved (ours, baseline, baseline,
+ours, ...) over several repeats, and report medians and their ratio: on a shared machine the
+absolute numbers drift, the ratio much less. Benchmarks against a peer library (genlm-control,
+LLaMPPL, TRL) run each side in its own fresh process instead (``_procs``; issue 24: a peer sharing
+our process ran 1.3–1.5× slower).
 """
 
 from __future__ import annotations

@@ -36,10 +36,8 @@ repeat to repeat, the same seed on both sides. Time is the training thread's CPU
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
+import _procs  # noqa: E402
 import svi_vs_trl as base  # noqa: E402
 
 STAGES = ("rm", "rloo", "dpo")
@@ -329,8 +328,8 @@ WORKERS = {"rm-ours": rm_ours, "rm-trl": rm_trl, "rloo-ours": rloo_ours, "rloo-t
            "dpo-ours": dpo_ours, "dpo-trl": dpo_trl}
 
 
-def worker(args) -> None:
-    """One side of one stage, in this process: load SmolLM2, run, write the result as JSON."""
+def worker(args) -> dict:
+    """One side of one stage, in this process: load SmolLM2, run, return the result."""
     import contextlib
     import io
 
@@ -341,24 +340,6 @@ def worker(args) -> None:
     wall = time.perf_counter()
     res = WORKERS[args.worker](lm, args, args.seed)
     res["wall_s"] = time.perf_counter() - wall
-    with open(args.out, "w") as f:
-        json.dump(res, f, default=float)
-
-
-# -- the driver ---------------------------------------------------------------------------------------
-def run_side(name, args, argv, rep) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name, "--out", out,
-           "--seed", str(args.seed + rep)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"worker {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    with open(out) as f:
-        res = json.load(f)
-    os.unlink(out)
-    res["process_s"] = time.perf_counter() - t0
     return res
 
 
@@ -374,8 +355,7 @@ def rm_yardstick(o, t):
 
 def main(argv=None):
     p = _bench.parser(__doc__.split("\n")[0])
-    p.add_argument("--worker", choices=sorted(WORKERS), default=None, help=argparse_hidden())
-    p.add_argument("--out", default=None, help=argparse_hidden())
+    _procs.add_worker_args(p, WORKERS)
     p.add_argument("--stages", nargs="*", default=list(STAGES), choices=STAGES)
     p.add_argument("--train", type=int, default=140, help="training pairs (the rest of the 200 are held out)")
     p.add_argument("--tokens", type=int, default=16, help="new tokens (the pairs' length)")
@@ -405,20 +385,21 @@ def main(argv=None):
     args.rm_steps = args.rm_steps or (2 if args.smoke else 36)
     args.rm_eval_every = args.rm_eval_every or (1 if args.smoke else 6)
     if args.worker:
-        return worker(args)
+        return _procs.write_result(args, worker(args))
     try:
         import trl  # noqa: F401
     except ImportError as err:
         sys.exit(f"TRL is not installed ({err}): pip install -e '.[bench]'")
-    raw = list(sys.argv[1:] if argv is None else argv)
-    passthrough = [a for i, a in enumerate(raw) if a != "--seed" and (i == 0 or raw[i - 1] != "--seed")]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     rows = {s: [] for s in args.stages}
     for rep in range(args.repeats):
         for k, stage in enumerate(args.stages):
-            order = ["ours", "trl"] if (rep + k) % 2 == 0 else ["trl", "ours"]
-            res = {side: run_side(f"{stage}-{side}", args, passthrough, rep) for side in order}
+            order = _procs.order(["ours", "trl"], rep + k)
+            res = {side: _procs.run_worker(__file__, argv, f"{stage}-{side}", ["--seed", args.seed + rep], env=env)
+                   for side in order}
             for side in order:
                 r = res[side]
                 pts = "  ".join(f"{c[0]}:{c[1]:.0f}s:{c[2]['J']:+.3f}" for c in r["curve"])
@@ -443,12 +424,6 @@ def main(argv=None):
     print(f"total {time.perf_counter() - t_start:.0f} s; load average at start {load0[0]:.1f}, "
           f"at end {os.getloadavg()[0]:.1f}")
     _bench.emit("rlhf_vs_trl", {"args": vars(args), "rows": rows})
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

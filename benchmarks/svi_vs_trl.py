@@ -29,8 +29,13 @@ time, for both at equal time; and the time each method's running mean (3 evaluat
 reach TRL's final level (the mean of its last 3 evaluations), whose ratio is the speed-up at
 equal J. Per-step training-batch estimates go to the CSV too.
 
-Runs alternate ours / TRL / TRL / ours ... over ``--repeats`` (3; seeds differ per repeat).
-Curves go to benchmarks/out/svi_vs_trl.csv and .png.
+Each side runs in its own fresh process (``_procs.run_worker``; issue 24: a peer sharing our
+process ran slower), one torch thread each: ours loads SmolLM2 with ``ppl_lm.load_lm``, TRL reads
+the same float32 weights from the folder ``load_lm`` writes for the embedded GGUF with
+``AutoModelForCausalLM.from_pretrained`` (the transformers way TRL's docs load a model; there is
+no hub here; transformers' Trainer refuses the GGUF-marked module itself). The processes alternate
+ours / TRL / TRL / ours ... over ``--repeats`` (3; seeds differ per repeat). Curves go to
+benchmarks/out/svi_vs_trl.csv and .png.
 
     python benchmarks/svi_vs_trl.py --threads 1    # 30 steps, 3 repeats
     python benchmarks/svi_vs_trl.py --smoke        # tiny: 3 steps on SmolLM2, 1 repeat
@@ -38,6 +43,7 @@ Curves go to benchmarks/out/svi_vs_trl.csv and .png.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import math
@@ -53,6 +59,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
+import _procs  # noqa: E402
 
 PROMPT = "I watched the new movie last night and"
 EVAL_SEED = 12345  # the same sampling noise at every evaluation (common random numbers)
@@ -293,6 +300,43 @@ def time_to(curve, target):
     return float("nan")
 
 
+def w_ours(args):
+    lm = _bench.smollm2(args)
+    return run_ours(lm, args, args.seed)
+
+
+def w_trl(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model_dir is None:  # --config-only: random weights that only ours' loader builds
+        lm = _bench.smollm2(args)
+        model, tokenizer = plain_copy(lm.model), lm.tokenizer
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=_bench.dtype_of(args)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return run_trl(model, tokenizer, args, args.seed)
+
+
+WORKERS = {"ours": w_ours, "trl": w_trl}
+
+
+def float_weights_dir(args):
+    """The folder of float weights ``ppl_lm.load_lm`` writes for the embedded GGUF (loading once makes
+    sure it is there); ``None`` with ``--config-only``."""
+    if args.config_only:
+        return None
+    from ppl_lm.lm.hf import EMBEDDED_GGUF, cache_entry, embedded_model_dir
+
+    folder = str(cache_entry(str(embedded_model_dir()), EMBEDDED_GGUF))
+    if not os.path.isdir(folder):
+        _bench.smollm2(args)
+    if not os.path.isdir(folder):
+        sys.exit(f"the float weights {folder} are missing (PPL_LM_CACHE off?): TRL's process loads them")
+    return folder
+
+
 def main(argv=None):
     p = _bench.parser(__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=None, help="training steps (default 30)")
@@ -305,35 +349,36 @@ def main(argv=None):
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip, both sides")
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 5)")
     p.add_argument("--eval-samples", type=int, default=None, help="fresh samples per evaluation (default 128)")
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    _procs.add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
     _bench.setup(args)
     args.steps = args.steps or (3 if args.smoke else 30)
     args.repeats = args.repeats or (1 if args.smoke else 3)
     args.eval_samples = args.eval_samples or (8 if args.smoke else 128)
     args.eval_every = args.eval_every or (2 if args.smoke else 5)
+    if args.worker:
+        return _procs.write_result(args, WORKERS[args.worker](args))
 
     try:
         import trl  # noqa: F401
     except ImportError as err:
         sys.exit(f"TRL is not installed ({err}): pip install trl")
-    lm = _bench.smollm2(args)
-    if lm.tokenizer is None:
-        sys.exit("TRL needs a tokenizer: run without --config-only")
-    pristine = plain_copy(lm.model)  # TRL gets a fresh copy without our adapters each time
-    tokenizer = lm.tokenizer
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
+    folder = float_weights_dir(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    t_start, load0 = time.perf_counter(), os.getloadavg()
     runs = {"ours": [], "trl": []}
     for rep in range(args.repeats):
-        order = ["ours", "trl"] if rep % 2 == 0 else ["trl", "ours"]
-        for name in order:
+        for name in _procs.order(["ours", "trl"], rep):
             seed = args.seed + rep
-            res = run_ours(lm, args, seed) if name == "ours" else run_trl(pristine, tokenizer, args, seed)
+            res = _procs.run_worker(__file__, argv, name, ["--seed", seed, *(["--model-dir", folder] if folder else [])],
+                                    env=env)
             runs[name].append(res)
             pts = "  ".join(f"{c[0]}:{c[2]['J']:+.3f}" for c in res["curve"])
             ev = res["curve"][-1][2]
-            print(f"[{name:>4s} rep {rep}] train {res['train_s']:.1f}s ({res['train_s'] / args.steps:.2f} s/step); "
+            print(f"[{name:>4s} rep {rep}] train {res['train_s']:.1f}s CPU ({res['train_s'] / args.steps:.2f} s/step; "
+                  f"process {res['process_s']:.0f} s wall, {res['process_cpu_s']:.0f} s CPU, load {res['load_avg'][0]}); "
                   f"J(step) on {args.eval_samples} fresh samples: {pts}; final ±{ev['J_se']:.3f} "
                   f"(E r {ev['reward']:+.3f}, KL {ev['kl']:.3f})", flush=True)
 
@@ -404,6 +449,8 @@ def main(argv=None):
         fig.savefig(os.path.join(_bench.OUT_DIR, "svi_vs_trl.png"), dpi=110)
     except Exception as err:  # the plot is a convenience; the CSV holds the data
         print(f"(no plot: {err})")
+    print(f"total {time.perf_counter() - t_start:.0f} s; load average at start {load0[0]:.1f}, "
+          f"at end {os.getloadavg()[0]:.1f}")
     _bench.emit("svi_vs_trl", {"args": vars(args), "rows": rows, **summary})
 
 
