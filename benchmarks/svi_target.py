@@ -25,7 +25,8 @@ both KLs against training time (benchmarks/out/svi_target.{csv,png}).
     python benchmarks/svi_target.py --minutes 2.5 --variants "reverse;reverse:lr=5e-3;reverse:particles=16"
 
 A variant is ``OBJECTIVE[:key=value,...]`` with keys ``lr``, ``lr_decay``, ``particles``,
-``targets`` (LoRA target modules, ``+``-separated or ``all-linear``) and ``clip``: the ablation
+``targets`` (LoRA target modules, ``+``-separated or ``all-linear``), ``clip`` and ``proposal``
+(``guide``, ``prior`` or ``mixture``, e.g. ``forward:proposal=mixture``): the ablation
 pilots run in one process on one reference. The reference draws are cached in
 ``benchmarks/out/`` (keyed by their size, seed, β and length) so pilots in several processes
 share them.
@@ -47,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench
 
 EVAL_SEED, REF_SEED = 2024, 7
-VARIANT_KEYS = {"lr": float, "lr_decay": float, "particles": int, "targets": str, "clip": float}
+VARIANT_KEYS = {"lr": float, "lr_decay": float, "particles": int, "targets": str, "clip": float, "proposal": str}
 
 
 def parse_variants(spec: str, particles: int) -> list[tuple[str, str, dict]]:
@@ -186,6 +187,8 @@ def main(argv=None):
             opts["lora_targets"] = v["targets"] if v["targets"] == "all-linear" else v["targets"].split("+")
         if "clip" in v:
             opts["clip_norm"] = v["clip"]
+        if "proposal" in v:  # whose draws train the guide: "guide", "prior" or "mixture" (taught.py)
+            opts["proposal"] = v["proposal"]
         # seconds per step from a short probe, so that num_steps (and the lr schedule) fits the budget
         probe = ppl_lm.infer(model, prompt, method="svi", num_steps=3, **{**opts, "num_samples": 2, "crosscheck_samples": 0})
         cpu = np.diff(np.concatenate([[0.0], probe.info.trace["cpu_seconds"]]))
