@@ -66,6 +66,12 @@ def parse_variants(spec: str, particles: int) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _score(lm, prompt, x: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``lm.score`` in blocks of ``rows`` sequences (float64): one pass over 2048 draws holds their
+    [2048, T, V] logits and log-probs at once, ≈ 10 GB on SmolLM2 (the OOM killer took such a run)."""
+    return torch.cat([lm.score(prompt, x[i : i + rows]).double() for i in range(0, len(x), rows)])
+
+
 def _se_mean(x: torch.Tensor) -> tuple[float, float]:
     x = x.double()
     return float(x.mean()), float(x.std() / math.sqrt(len(x)))
@@ -87,7 +93,7 @@ class Yardstick:
             post = ppl_lm.infer(model, prompt, method="importance", num_samples=n_ref, seed=REF_SEED,
                                 progress=progress)
             ref = {"x": post.samples, "r": post.stats["reward:sentiment"].double(),
-                   "log_prior": lm.score(prompt, post.samples).double(),
+                   "log_prior": _score(lm, prompt, post.samples),
                    "log_z": float(post.log_evidence), "log_z_se": float(post.log_evidence_se)}
             if cache is not None:
                 os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -111,7 +117,7 @@ class Yardstick:
             x, lq = guide_lm.sample(self.prompt, self.n_eval, self.T,
                                     generator=ppl_lm.seeding.generator(guide_lm.device))
         log_q = lq.sum(-1).double()
-        log_p = self.lm.score(self.prompt, x).double()
+        log_p = _score(self.lm, self.prompt, x)
         r = ppl_lm.rewards.sentiment(self.lm, x).double()
         f = log_p + r / self.beta - log_q
         elbo, elbo_se = _se_mean(f)
@@ -121,7 +127,7 @@ class Yardstick:
         nan = float("nan")
         ref = None
         if full:
-            lq_ref = guide_lm.score(self.prompt, self.fx).double()
+            lq_ref = _score(guide_lm, self.prompt, self.fx)
             ref = self.kl_estimates(lq_ref, self.flp, self.fr / self.beta, log_proposal=self.flp)
         return {"elbo": elbo, "elbo_se": elbo_se, "kl_reverse": kl_rev, "kl_reverse_se": kl_rev_se,
                 "kl_reverse_guide_is": own.kl_reverse, "kl_reverse_guide_is_se": own.kl_reverse_se,
