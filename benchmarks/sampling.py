@@ -13,9 +13,17 @@ early once every row has emitted EOS; ours always runs T steps (rows that finish
 Both run in one process, interleaved over ``--repeats`` rounds; the script prints the median
 times, the throughput ratio ours/generate (> 1: ours is faster) and one JSON line.
 
+``--smc`` adds a third, interleaved with them: SMC on the no-e task (``ppl_lm.infer(...,
+method="smc", num_particles=B)`` on ``lm.sequence(prompt, T)`` under ``token_constraint(
+forbid_chars(lm, "eE"))``, as in ``smc_vs_llamppl.py``), and prints SMC / plain sampling of the
+same B × T tokens. With it every time is measured twice, wall and this process's CPU time
+(``time.process_time``: on a shared machine the other processes' load inflates the wall time),
+and the load average is recorded with each round.
+
     python benchmarks/sampling.py                   # tiny transformer + real SmolLM2, B in {16, 64}
     python benchmarks/sampling.py --smoke           # seconds: checks the script runs
     python benchmarks/sampling.py --device cuda --config-only --batch 64 256 1024 --decode-steps
+    python benchmarks/sampling.py --models smollm2 --smc --batch 16 64 256 --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -56,6 +65,50 @@ def generate_sample(lm, prompt_ids: torch.Tensor, batch: int, T: int):
         new = torch.cat([new, pad], -1)
         lp = torch.cat([lp, torch.zeros(batch, T - lp.shape[-1], device=lp.device)], -1)
     return new, lp
+
+
+def smc_no_e(lm, prompt_ids: torch.Tensor, T: int):
+    """SMC on the no-e task, continuing ``prompt_ids``, at ``N`` particles: ``run(N, seed)`` -> log Ẑ (every sample checked)."""
+    import pyro
+
+    import ppl_lm
+    from ppl_lm.diagnostics.warnings import PplLmWarning
+
+    mask = ppl_lm.rewards.forbid_chars(lm, "eE")
+
+    def model():
+        x = pyro.sample("x", lm.sequence(prompt_ids, max_new_tokens=T))
+        ppl_lm.token_constraint("no_e", x, mask)
+
+    def run(N: int, seed: int) -> float:
+        with warnings.catch_warnings():  # few particles: diagnostics warn, and that is not what is timed
+            warnings.simplefilter("ignore", PplLmWarning)
+            post = ppl_lm.infer(model, method="smc", num_particles=N, seed=seed, progress=False)
+        if not bool(mask.check(post.samples).all()):
+            raise AssertionError("SMC returned a sample that violates the mask")
+        return float(post.log_evidence)
+
+    return run
+
+
+def interleaved_cpu(fns: dict, repeats: int, device, warmup: int = 1) -> dict:
+    """Like ``_bench.interleaved`` (``warmup`` untimed rounds, then ABBA rounds), timing each call
+    by wall clock and by this process's CPU time, with the load average after each round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    out = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}, "load": []}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            _bench.sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[n]()
+            _bench.sync(device)
+            out["wall"][n].append(time.perf_counter() - t0)
+            out["cpu"][n].append(time.process_time() - c0)
+        out["load"].append(round(os.getloadavg()[0], 2))
+    return out
 
 
 def parity(lm, prompt_ids, tokens, lps) -> float:
@@ -114,30 +167,47 @@ def bench_model(name: str, lm, prompt_ids: torch.Tensor, args) -> list[dict]:
     T = args.tokens
     g = torch.Generator(device=lm.device).manual_seed(args.seed)
     torch.manual_seed(args.seed)
+    smc = smc_no_e(lm, prompt_ids, T) if args.smc else None
     for B in args.batch:
         ours = lambda B=B: lm.sample(prompt_ids, B, T, generator=g)  # noqa: E731
         base = lambda B=B: generate_sample(lm, prompt_ids, B, T)  # noqa: E731
-        times = _bench.interleaved({"ours": ours, "generate": base}, args.repeats, args.device)
-        t_ours, t_gen = _bench.median(times["ours"]), _bench.median(times["generate"])
+        fns = {"ours": ours} if args.no_generate else {"ours": ours, "generate": base}
+        if smc is not None:
+            seeds = iter(range(args.seed, args.seed + 10_000))
+            log_z = []
+            fns["smc"] = lambda B=B, seeds=seeds, log_z=log_z: log_z.append(smc(B, next(seeds)))  # noqa: E731
+        measured = interleaved_cpu(fns, args.repeats, args.device, args.warmup)
+        times, cpu = measured["wall"], measured["cpu"]
+        t_ours = _bench.median(times["ours"])
         tok_o, lp_o = ours()
-        tok_g, lp_g = base()
         row = {
             "model": name, "batch": B, "tokens": T, "prompt_tokens": int(prompt_ids.shape[-1]),
-            "ours_s": t_ours, "generate_s": t_gen,
-            "ours_tok_per_s": B * T / t_ours, "generate_tok_per_s": B * T / t_gen,
-            "throughput_ratio": t_gen / t_ours,
-            "ours_times": times["ours"], "generate_times": times["generate"],
-            "parity_ours": parity(lm, prompt_ids, tok_o, lp_o),
-            "parity_generate": parity(lm, prompt_ids, tok_g, lp_g),
-            "mean_logprob_ours": float(lp_o.sum(-1).mean()),
-            "mean_logprob_generate": float(lp_g.sum(-1).mean()),
+            "ours_s": t_ours, "ours_tok_per_s": B * T / t_ours, "ours_times": times["ours"],
+            "cpu_times": cpu, "load": measured["load"],
+            "parity_ours": parity(lm, prompt_ids, tok_o, lp_o), "mean_logprob_ours": float(lp_o.sum(-1).mean()),
         }
         rows.append(row)
-        print(f"{name:>10s} B={B:<5d} T={T}: ours {t_ours:.3f}s ({row['ours_tok_per_s']:.0f} tok/s)  "
-              f"generate {t_gen:.3f}s ({row['generate_tok_per_s']:.0f} tok/s)  "
-              f"ratio ours/generate = {row['throughput_ratio']:.2f}x  "
-              f"[|logp - score| ours {row['parity_ours']:.1e}, generate {row['parity_generate']:.1e}]",
-              flush=True)
+        line = f"{name:>10s} B={B:<5d} T={T}: ours {t_ours:.3f}s ({row['ours_tok_per_s']:.0f} tok/s)  "
+        if "generate" in fns:
+            t_gen = _bench.median(times["generate"])
+            tok_g, lp_g = base()
+            row.update(generate_s=t_gen, generate_tok_per_s=B * T / t_gen, throughput_ratio=t_gen / t_ours,
+                       generate_times=times["generate"],
+                       cpu_throughput_ratio=_bench.median(cpu["generate"]) / _bench.median(cpu["ours"]),
+                       parity_generate=parity(lm, prompt_ids, tok_g, lp_g),
+                       mean_logprob_generate=float(lp_g.sum(-1).mean()))
+            line += (f"generate {t_gen:.3f}s ({row['generate_tok_per_s']:.0f} tok/s)  "
+                     f"ratio ours/generate = {row['throughput_ratio']:.2f}x (CPU time {row['cpu_throughput_ratio']:.2f}x)  "
+                     f"[|logp - score| ours {row['parity_ours']:.1e}, generate {row['parity_generate']:.1e}]  ")
+        print(line + f"CPU {_bench.median(cpu['ours']):.3f}s  load {measured['load']}", flush=True)
+        if smc is not None:
+            row.update(smc_s=_bench.median(times["smc"]), smc_times=times["smc"], smc_log_z=log_z,
+                       smc_over_plain=_bench.median(times["smc"]) / t_ours,
+                       smc_over_plain_cpu=_bench.median(cpu["smc"]) / _bench.median(cpu["ours"]))
+            print(f"{'':>10s} SMC no-e N={B}: {row['smc_s']:.3f}s wall, {_bench.median(cpu['smc']):.3f}s CPU; "
+                  f"SMC / plain sampling = {row['smc_over_plain']:.2f}x wall, {row['smc_over_plain_cpu']:.2f}x CPU  "
+                  f"(plain {_bench.median(cpu['ours']):.3f}s CPU)",
+                  flush=True)
     return rows
 
 
@@ -147,6 +217,10 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=None, help="new tokens T (default 24)")
     p.add_argument("--models", nargs="+", default=None, choices=["tiny", "smollm2"],
                    help="which models (default both; --config-only makes smollm2 random)")
+    p.add_argument("--smc", action="store_true",
+                   help="also time SMC on the no-e task at N = each batch size")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    p.add_argument("--no-generate", action="store_true", help="leave generate out (ours, and SMC with --smc)")
     p.add_argument("--decode-steps", action="store_true",
                    help="also time single decode steps and compare to compute / memory bounds")
     p.add_argument("--context", type=int, default=128, help="context length for --decode-steps")
@@ -193,8 +267,9 @@ def main(argv=None):
         results.extend(rows)
         del lm
     ratios = [r["throughput_ratio"] for r in results if "throughput_ratio" in r]
-    summary = {"geomean_throughput_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios))}
-    print(f"geometric-mean throughput ratio ours/generate: {summary['geomean_throughput_ratio']:.2f}x")
+    summary = {"geomean_throughput_ratio": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None}
+    if ratios:
+        print(f"geometric-mean throughput ratio ours/generate: {summary['geomean_throughput_ratio']:.2f}x")
     _bench.emit("sampling", {"args": vars(args), "rows": results, **summary})
 
 

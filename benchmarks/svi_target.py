@@ -25,7 +25,8 @@ both KLs against training time (benchmarks/out/svi_target.{csv,png}).
     python benchmarks/svi_target.py --minutes 2.5 --variants "reverse;reverse:lr=5e-3;reverse:particles=16"
 
 A variant is ``OBJECTIVE[:key=value,...]`` with keys ``lr``, ``lr_decay``, ``particles``,
-``targets`` (LoRA target modules, ``+``-separated or ``all-linear``) and ``clip``: the ablation
+``targets`` (LoRA target modules, ``+``-separated or ``all-linear``), ``clip`` and ``proposal``
+(``guide``, ``prior`` or ``mixture``, e.g. ``forward:proposal=mixture``): the ablation
 pilots run in one process on one reference. The reference draws are cached in
 ``benchmarks/out/`` (keyed by their size, seed, β and length) so pilots in several processes
 share them.
@@ -47,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench
 
 EVAL_SEED, REF_SEED = 2024, 7
-VARIANT_KEYS = {"lr": float, "lr_decay": float, "particles": int, "targets": str, "clip": float}
+VARIANT_KEYS = {"lr": float, "lr_decay": float, "particles": int, "targets": str, "clip": float, "proposal": str}
 
 
 def parse_variants(spec: str, particles: int) -> list[tuple[str, str, dict]]:
@@ -63,6 +64,12 @@ def parse_variants(spec: str, particles: int) -> list[tuple[str, str, dict]]:
             opts[k] = VARIANT_KEYS[k](v)
         out.append((item, objective, opts))
     return out
+
+
+def _score(lm, prompt, x: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``lm.score`` in blocks of ``rows`` sequences (float64): one pass over 2048 draws holds their
+    [2048, T, V] logits and log-probs at once, ≈ 10 GB on SmolLM2 (the OOM killer took such a run)."""
+    return torch.cat([lm.score(prompt, x[i : i + rows]).double() for i in range(0, len(x), rows)])
 
 
 def _se_mean(x: torch.Tensor) -> tuple[float, float]:
@@ -86,7 +93,7 @@ class Yardstick:
             post = ppl_lm.infer(model, prompt, method="importance", num_samples=n_ref, seed=REF_SEED,
                                 progress=progress)
             ref = {"x": post.samples, "r": post.stats["reward:sentiment"].double(),
-                   "log_prior": lm.score(prompt, post.samples).double(),
+                   "log_prior": _score(lm, prompt, post.samples),
                    "log_z": float(post.log_evidence), "log_z_se": float(post.log_evidence_se)}
             if cache is not None:
                 os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -110,7 +117,7 @@ class Yardstick:
             x, lq = guide_lm.sample(self.prompt, self.n_eval, self.T,
                                     generator=ppl_lm.seeding.generator(guide_lm.device))
         log_q = lq.sum(-1).double()
-        log_p = self.lm.score(self.prompt, x).double()
+        log_p = _score(self.lm, self.prompt, x)
         r = ppl_lm.rewards.sentiment(self.lm, x).double()
         f = log_p + r / self.beta - log_q
         elbo, elbo_se = _se_mean(f)
@@ -120,7 +127,7 @@ class Yardstick:
         nan = float("nan")
         ref = None
         if full:
-            lq_ref = guide_lm.score(self.prompt, self.fx).double()
+            lq_ref = _score(guide_lm, self.prompt, self.fx)
             ref = self.kl_estimates(lq_ref, self.flp, self.fr / self.beta, log_proposal=self.flp)
         return {"elbo": elbo, "elbo_se": elbo_se, "kl_reverse": kl_rev, "kl_reverse_se": kl_rev_se,
                 "kl_reverse_guide_is": own.kl_reverse, "kl_reverse_guide_is_se": own.kl_reverse_se,
@@ -186,6 +193,8 @@ def main(argv=None):
             opts["lora_targets"] = v["targets"] if v["targets"] == "all-linear" else v["targets"].split("+")
         if "clip" in v:
             opts["clip_norm"] = v["clip"]
+        if "proposal" in v:  # whose draws train the guide: "guide", "prior" or "mixture" (taught.py)
+            opts["proposal"] = v["proposal"]
         # seconds per step from a short probe, so that num_steps (and the lr schedule) fits the budget
         probe = ppl_lm.infer(model, prompt, method="svi", num_steps=3, **{**opts, "num_samples": 2, "crosscheck_samples": 0})
         cpu = np.diff(np.concatenate([[0.0], probe.info.trace["cpu_seconds"]]))

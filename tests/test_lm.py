@@ -243,6 +243,48 @@ def test_categorical_sampler_is_exact_and_never_draws_zero_mass():
     assert (_categorical(one, torch.Generator().manual_seed(1)) == 49_999).all()
 
 
+@pytest.mark.parametrize("vocab", [37, 64])  # padded last block; whole blocks (the numpy path)
+def test_two_level_sampler_is_exact_and_never_draws_zero_mass(monkeypatch, vocab):
+    """Blocks of 2 tokens (so these vocabularies take the two-level search): chi-square against
+    the law restricted to the allowed tokens, zero-mass and forbidden tokens never drawn, the
+    allowed mass exact, and the same draws as one full cumulative sum on the same uniforms."""
+    from ppl_lm import tokens
+
+    monkeypatch.setattr(tokens, "CATEGORICAL_BLOCK", 2)
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(vocab, generator=g) ** 4
+    probs[::5] = 0.0  # zero mass, some at block edges
+    probs[-1] = 0.0  # the last token: a position past the CDF must not land on it
+    logp = (probs / probs.sum()).log()
+    allowed = torch.rand(vocab, generator=g) > 0.3
+    n = 200_000
+    draws, log_mass = tokens.masked_categorical(logp.expand(n, -1), allowed, torch.Generator().manual_seed(0))
+    law = torch.where(allowed, probs, 0.0).double()
+    assert torch.allclose(log_mass, (law.sum() / probs.double().sum()).log().expand(n), atol=1e-6)
+    counts = torch.bincount(draws, minlength=vocab).double()
+    assert counts[law == 0].sum() == 0
+    keep = law > 0
+    assert chisquare(counts[keep].numpy(), (law[keep] / law.sum() * n).numpy()).pvalue > 1e-3
+    # the same uniforms through one full cumulative sum (the small-vocabulary path) draw the same
+    monkeypatch.setattr(tokens, "CATEGORICAL_BLOCK", 10_000)
+    full, _ = tokens.masked_categorical(logp.expand(n, -1), allowed, torch.Generator().manual_seed(0))
+    assert (full != draws).sum() <= 2  # ties only within float64 rounding of a boundary
+
+
+def test_masked_sampler_rows_without_allowed_mass_die():
+    """A row whose allowed tokens have no mass gets log mass -inf and a token (drawn uniformly,
+    so the random stream stays aligned); the other rows are unaffected."""
+    from ppl_lm.tokens import masked_categorical
+
+    logp = torch.log_softmax(torch.randn(3, 50_000, generator=torch.Generator().manual_seed(0)), -1)
+    allowed = torch.ones(3, 50_000, dtype=torch.bool)
+    allowed[1] = False
+    tok, log_mass = masked_categorical(logp, allowed, torch.Generator().manual_seed(1))
+    assert log_mass[1] == -math.inf and torch.isfinite(log_mass[[0, 2]]).all()
+    assert torch.allclose(log_mass[[0, 2]], torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    assert tok.shape == (3,) and bool(((tok >= 0) & (tok < 50_000)).all())
+
+
 def test_shared_prompt_scoring_equals_one_pass_with_gradients():
     """Rows sharing a prompt read it once (KV cache repeated): same log-probs and same
     gradients as one forward pass over prompt + continuation for every row."""

@@ -48,20 +48,23 @@ class ConditionalSweep(Sweep):
         self.reference = reference
         self.rows = torch.arange(spec.R) * spec.N  # the reference row of each replicate
 
-    def _choose(self, logq_m: torch.Tensor, gen, t: int) -> torch.Tensor:
-        tok = super()._choose(logq_m, gen, t)
+    def _choose(self, logq, allowed, gen, t):
+        tok, log_mass = super()._choose(logq, allowed, gen, t)
         st = self.state
         ref = self.reference[st.name][:, t].to(tok.device)
         rows = self.rows.to(tok.device)
         live = ~st.site.done[self.rows].to(tok.device)
-        bad = live & ~torch.isfinite(logq_m[rows, ref])
+        ok = torch.isfinite(logq[rows, ref])
+        if allowed is not None:
+            ok = ok & allowed.expand_as(logq)[rows, ref]
+        bad = live & ~ok
         if bool(bad.any()):
             r = int(bad.nonzero()[0, 0])
             raise ValueError(f"reference draw {self.spec.replicates[r]} has token {int(ref[r])} at position {t} of "
                              f"site {st.name!r}, which the model's token mask (or the proposal) forbids: it is not a "
                              "draw from the conditional. Pass exact draws (ppl_lm.exact_draws)")
         tok[rows] = ref
-        return tok
+        return tok, log_mass
 
     def _check_alive(self, where: str) -> None:
         # Called before every resampling, which resets the weights: a dead reference is caught here.

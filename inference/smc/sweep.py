@@ -35,7 +35,7 @@ from ppl_lm.diagnostics.estimators import kish_ess_rows, log_mean_exp
 from ppl_lm.lm import LanguageModel
 from ppl_lm.lm.base import start_rows
 from ppl_lm.resampling import resample
-from ppl_lm.tokens import categorical
+from ppl_lm.tokens import masked_categorical
 
 from .genealogy import draw_rows, eve_relative_variance
 from .twists import learned_twist, twist_logits
@@ -324,7 +324,7 @@ class Sweep:
         logq = logp if s.q_state is None else s.q_state.logprobs
         if log_psi is not None:
             logq = logq + log_psi.to(logq.device, logq.dtype)
-        logq_m = logq
+        allowed = None
         if s.mask_states:
             last = t + 1 == s.T  # only tokens that complete the text (grammar masks)
             allowed = s.mask_states[0].allowed(last)
@@ -332,12 +332,10 @@ class Sweep:
                 allowed = allowed & m.allowed(last)
             if allowed.shape != logq.shape:
                 raise ValueError(f"a TokenMask returned shape {tuple(allowed.shape)}, expected {tuple(logq.shape)}")
-            logq_m = logq.masked_fill(~allowed.to(logq.device), -math.inf)
-        log_mass = torch.logsumexp(logq_m.float(), -1)
-        stuck = ~torch.isfinite(log_mass)  # no allowed token has proposal mass: the particle dies
-        if bool(stuck.any()):
-            logq_m = torch.where(stuck[:, None], torch.zeros_like(logq_m), logq_m)
-        tok = self._choose(logq_m, gen, t)
+            allowed = allowed.to(logq.device)
+        # The draw from q restricted to the allowed tokens and the log of their mass, in one pass
+        # (a row with no allowed mass gets -inf: the particle dies).
+        tok, log_mass = self._choose(logq, allowed, gen, t)
         done = s.done.to(tok.device)
         tok = torch.where(done, torch.full_like(tok, s.eos), tok)
         lp = logp.gather(-1, tok[:, None])[:, 0].double()
@@ -345,16 +343,17 @@ class Sweep:
             inc = torch.zeros_like(lp)
         else:
             lq = logq.gather(-1, tok[:, None])[:, 0].double()
-            inc = lp - lq + log_mass.double()
-            inc = torch.where(stuck, torch.full_like(inc, -math.inf), inc)
+            inc = lp - lq + log_mass
+            inc = torch.where(torch.isfinite(log_mass), inc, torch.full_like(inc, -math.inf))
         inc = torch.where(done, torch.zeros_like(inc), inc)
         lp = torch.where(done, torch.zeros_like(lp), lp)
         return tok, lp.cpu(), inc.cpu()
 
-    def _choose(self, logq_m: torch.Tensor, gen, t: int) -> torch.Tensor:
-        """The token at position ``t`` of every row, drawn from the (masked) proposal ``logq_m``
+    def _choose(self, logq: torch.Tensor, allowed: torch.Tensor | None, gen, t: int):
+        """The token at position ``t`` of every row, drawn from the proposal ``logq`` restricted to
+        the ``allowed`` tokens (``None``: all), and the log of the allowed proposal mass
         (conditional SMC overrides it to keep its reference rows)."""
-        return categorical(logq_m, gen)
+        return masked_categorical(logq, allowed, gen)
 
     def _ancestors(self, probs: torch.Tensor, need: torch.Tensor, gen) -> torch.Tensor:
         """Ancestor indices ``[k, N]`` within each of the ``k`` replicates being resampled (the rows
@@ -389,7 +388,9 @@ class Sweep:
         st.log_z[need] += log_mean_exp(lw[need], -1)
         lw[need] = 0.0
         st.num_resampling[need] += 1
-        st.reorder(index.reshape(-1))
+        index = index.reshape(-1)
+        if not bool((index == torch.arange(spec.B)).all()):  # every particle its own ancestor: nothing moves
+            st.reorder(index)
         log.debug("smc: site %r, resampled %d replicate(s), ESS %.1f", st.name, int(need.sum()), float(ess.mean()))
 
     # -- result -------------------------------------------------------------------------------
