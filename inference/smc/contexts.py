@@ -23,6 +23,7 @@ from ppl_lm.diagnostics.estimators import kish_ess_rows
 from ppl_lm.inference import shards
 from ppl_lm.posterior import Posterior
 from ppl_lm.resampling import resample
+from ppl_lm.tokens import masked_categorical
 
 from .islands import combine, default_chunk_size, sweep_plan
 from .sweep import SiteState, Sweep, SweepSpec
@@ -152,8 +153,13 @@ class _ContextSweep(Sweep):
             tokens=torch.full((B, d.max_new_tokens), d.lm.eos_id, dtype=torch.long, device=d.lm.device),
             done=torch.zeros(B, dtype=torch.bool))
 
-    def _choose(self, logq_m, gen, t):
-        return _ctx.draw_by_part(self.parts, self.offsets)(logq_m)
+    def _choose(self, logq, allowed, gen, t):
+        """Each part's rows drawn from its own stream, as :meth:`Sweep._choose` draws them."""
+        if allowed is not None:
+            allowed = allowed.expand_as(logq)
+        drawn = [masked_categorical(logq[a:b], None if allowed is None else allowed[a:b], p.stream.generator(logq.device))
+                 for p, a, b in zip(self.parts, self.offsets[:-1], self.offsets[1:])]
+        return torch.cat([tok for tok, _ in drawn]), torch.cat([mass for _, mass in drawn])
 
     def _ancestors(self, probs, need, gen):
         out, j = [], 0
