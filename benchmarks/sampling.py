@@ -13,6 +13,12 @@ early once every row has emitted EOS; ours always runs T steps (rows that finish
 Both run in one process, interleaved over ``--repeats`` rounds; the script prints the median
 times, the throughput ratio ours/generate (> 1: ours is faster) and one JSON line.
 
+``--procs K`` runs each side in its own fresh process instead (``_procs``, the harness of the peer
+benchmarks): per batch size, K processes per side (plain, ``generate``, and SMC with ``--smc``),
+the order of the sides alternating from one round of processes to the next; each process loads
+the model, runs ``--warmup`` untimed calls and then ``--repeats`` timed ones; medians over every
+timed call of a side, in CPU seconds of its process (``time.process_time``) and wall seconds.
+
 ``--smc`` adds a third, interleaved with them: SMC on the no-e task (``ppl_lm.infer(...,
 method="smc", num_particles=B)`` on ``lm.sequence(prompt, T)`` under ``token_constraint(
 forbid_chars(lm, "eE"))``, as in ``smc_vs_llamppl.py``), and prints SMC / plain sampling of the
@@ -24,6 +30,7 @@ and the load average is recorded with each round.
     python benchmarks/sampling.py --smoke           # seconds: checks the script runs
     python benchmarks/sampling.py --device cuda --config-only --batch 64 256 1024 --decode-steps
     python benchmarks/sampling.py --models smollm2 --smc --batch 16 64 256 --repeats 3 --threads 1
+    python benchmarks/sampling.py --models smollm2 --smc --batch 16 64 --repeats 3 --procs 2 --threads 1
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
+import _procs  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village,"
 
@@ -211,7 +219,93 @@ def bench_model(name: str, lm, prompt_ids: torch.Tensor, args) -> list[dict]:
     return rows
 
 
+def load_model(name: str, args):
+    """(label, lm, prompt ids) for ``--models`` entry ``name``."""
+    import ppl_lm
+
+    if name == "tiny":
+        lm = ppl_lm.tiny_transformer(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                                     max_context=256, scale=0.05, seed=args.seed,
+                                     token_strings=[""] + [f"<{i}>" for i in range(1, 256)])
+        lm.model.to(device=args.device, dtype=_bench.dtype_of(args))
+        return "tiny", lm, torch.arange(1, 11)
+    lm = _bench.smollm2(args)
+    if args.config_only:
+        return "smollm2-rand", lm, torch.randint(3, 49152, (10,), generator=torch.Generator().manual_seed(1))
+    return "smollm2", lm, torch.tensor(lm.encode(PROMPT))
+
+
+def side_worker(side: str):
+    """A worker of ``--procs``: one side at one batch size, ``--warmup`` untimed calls, ``--repeats`` timed."""
+
+    def work(args) -> dict:
+        label, lm, prompt_ids = load_model(args.models[0], args)
+        B, T = args.batch[0], args.tokens
+        g = torch.Generator(device=lm.device).manual_seed(args.seed)
+        torch.manual_seed(args.seed)
+        log_z: list[float] = []
+        if side == "plain":
+            fn = lambda: lm.sample(prompt_ids, B, T, generator=g)  # noqa: E731
+        elif side == "generate":
+            fn = lambda: generate_sample(lm, prompt_ids, B, T)  # noqa: E731
+        else:
+            smc, seeds = smc_no_e(lm, prompt_ids, T), iter(range(args.seed, args.seed + 10_000))
+            fn = lambda: log_z.append(smc(B, next(seeds)))  # noqa: E731
+        for _ in range(args.warmup):
+            fn()
+        cpu, wall = [], []
+        for _ in range(args.repeats):
+            with _procs.Clock() as c:
+                fn()
+                _bench.sync(args.device)
+            cpu.append(c.cpu)
+            wall.append(c.wall)
+        return {"model": label, "side": side, "batch": B, "tokens": T, "cpu": cpu, "wall": wall,
+                "log_z": log_z, "dtype": str(next(lm.model.parameters()).dtype),
+                "threads": torch.get_num_threads()}
+
+    return work
+
+
+WORKERS = {"plain": side_worker("plain"), "generate": side_worker("generate"), "smc": side_worker("smc")}
+
+
+def run_procs(args, argv) -> list[dict]:
+    """``--procs K``: every (model, batch, side) in K fresh processes, alternating the sides' order."""
+    argv = _procs.without(argv, "--procs", "--batch", "--models")
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    rows = []
+    for name in args.models:
+        for B in args.batch:
+            sides = ["plain"] + ([] if args.no_generate else ["generate"]) + (["smc"] if args.smc else [])
+            res: dict = {s: [] for s in sides}
+            for rep in range(args.procs):
+                for side in _procs.order(sides, rep):
+                    res[side].append(_procs.run_worker(__file__, argv, side, ["--batch", B, "--models", name],
+                                                       env=env))
+            cpu = {s: [t for r in res[s] for t in r["cpu"]] for s in sides}
+            wall = {s: [t for r in res[s] for t in r["wall"]] for s in sides}
+            med = {s: _bench.median(cpu[s]) for s in sides}
+            row = {"model": res["plain"][0]["model"], "batch": B, "tokens": args.tokens, "procs": args.procs,
+                   "cpu_times": cpu, "wall_times": wall, "load": [r["load_avg"] for s in sides for r in res[s]],
+                   "dtype": res["plain"][0]["dtype"]}
+            line = f"{row['model']:>10s} B={B:<5d} own processes, CPU s (median): plain {med['plain']:.3f}"
+            if "generate" in med:
+                row["cpu_throughput_ratio"] = med["generate"] / med["plain"]
+                row["wall_throughput_ratio"] = _bench.median(wall["generate"]) / _bench.median(wall["plain"])
+                line += (f"  generate {med['generate']:.3f}  plain/generate throughput {row['cpu_throughput_ratio']:.2f}x"
+                         f" CPU ({row['wall_throughput_ratio']:.2f}x wall)")
+            if "smc" in med:
+                row["smc_over_plain_cpu"] = med["smc"] / med["plain"]
+                row["smc_log_z"] = [z for r in res["smc"] for z in r["log_z"]]
+                line += f"  SMC {med['smc']:.3f}  SMC/plain {row['smc_over_plain_cpu']:.2f}x CPU"
+            print(line + f"  [{row['dtype']}, load {row['load']}]", flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = _bench.parser(__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 16 64)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens T (default 24)")
@@ -228,6 +322,9 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak matmul TFLOP/s of the device in --dtype (H100 bf16 dense: ~790 measured)")
     p.add_argument("--peak-tbps", type=float, default=None, help="peak memory bandwidth TB/s (H100: ~3.0)")
+    p.add_argument("--procs", type=int, default=0,
+                   help="each side in its own fresh process, K processes per side and batch size")
+    _procs.add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
     _bench.setup(args)
     args.batch = args.batch or ([2, 4] if args.smoke else [16, 64])
@@ -235,25 +332,16 @@ def main(argv=None):
     args.repeats = args.repeats or (2 if args.smoke else 5)
     args.models = args.models or (["tiny"] if args.smoke else ["tiny", "smollm2"])
 
-    import ppl_lm
+    if args.worker:
+        return _procs.write_result(args, WORKERS[args.worker](args))
+    if args.procs:
+        rows = run_procs(args, argv)
+        _bench.emit("sampling", {"args": vars(args), "rows": rows})
+        return
 
     results = []
     for name in args.models:
-        if name == "tiny":
-            lm = ppl_lm.tiny_transformer(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
-                                         max_context=256, scale=0.05, seed=args.seed,
-                                         token_strings=[""] + [f"<{i}>" for i in range(1, 256)])
-            lm.model.to(device=args.device, dtype=_bench.dtype_of(args))
-            prompt_ids = torch.arange(1, 11)
-            label = "tiny"
-        else:
-            lm = _bench.smollm2(args)
-            if args.config_only:
-                prompt_ids = torch.randint(3, 49152, (10,), generator=torch.Generator().manual_seed(1))
-                label = "smollm2-rand"
-            else:
-                prompt_ids = torch.tensor(lm.encode(PROMPT))
-                label = "smollm2"
+        label, lm, prompt_ids = load_model(name, args)
         rows = bench_model(label, lm, prompt_ids, args)
         if args.decode_steps:
             for B in args.batch:
