@@ -204,7 +204,7 @@ def fit_reward(prefs: Preferences, features: Callable[[torch.Tensor], torch.Tens
 def _nuts(model, num_samples, warmup_steps, num_chains, progress) -> tuple[torch.Tensor, dict]:
     from pyro.infer.mcmc import MCMC, NUTS
 
-    from .diagnostics.estimators import import_arviz
+    from .diagnostics.estimators import arviz_scalar, import_arviz
 
     chains = []
     for _ in range(num_chains):  # one after another: no worker processes
@@ -217,9 +217,9 @@ def _nuts(model, num_samples, warmup_steps, num_chains, progress) -> tuple[torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = draws.numpy()
-        diagnostics["ess_bulk"] = [float(az.ess(np.ascontiguousarray(arr[..., j]), method="bulk")) for j in range(arr.shape[-1])]
+        diagnostics["ess_bulk"] = [arviz_scalar(az.ess(np.ascontiguousarray(arr[..., j]), method="bulk")) for j in range(arr.shape[-1])]
         if num_chains >= 2:
-            diagnostics["rhat"] = [float(az.rhat(np.ascontiguousarray(arr[..., j]))) for j in range(arr.shape[-1])]
+            diagnostics["rhat"] = [arviz_scalar(az.rhat(np.ascontiguousarray(arr[..., j]))) for j in range(arr.shape[-1])]
     return draws.reshape(-1, draws.shape[-1]), diagnostics
 
 

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["normalise", "log_mean_exp", "mcmc_mean_se", "kish_ess", "kish_ess_rows", "log_evidence_se", "pareto_khat",
+__all__ = ["arviz_scalar", "normalise", "log_mean_exp", "mcmc_mean_se", "kish_ess", "kish_ess_rows", "log_evidence_se", "pareto_khat",
            "mcmc_diagnostics", "sequence_ess", "genealogy_diagnostics", "KHAT_THRESHOLD", "RHAT_THRESHOLD",
            "MIN_DRAWS_FOR_SE"]
 
@@ -129,8 +129,14 @@ def pareto_khat(log_w: torch.Tensor) -> float:
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, k = import_arviz().psislw(x)
-    k = float(k)
+    k = arviz_scalar(k)
     return k if math.isfinite(k) else float("inf")
+
+
+def arviz_scalar(x) -> float:
+    """One ArviZ statistic as a float. For a bare ``[chains, draws]`` array ArviZ returns a
+    one-element array of shape ``(1,)``, which numpy >= 2.4 no longer converts with ``float()``."""
+    return float(np.asarray(x, dtype=np.float64).item())
 
 
 def mcmc_mean_se(draws: np.ndarray | torch.Tensor) -> float:
@@ -141,7 +147,7 @@ def mcmc_mean_se(draws: np.ndarray | torch.Tensor) -> float:
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        se = float(import_arviz().mcse(a, method="mean"))
+        se = arviz_scalar(import_arviz().mcse(a, method="mean"))
     return se if math.isfinite(se) else float("nan")
 
 
@@ -162,7 +168,7 @@ def mcmc_diagnostics(draws: dict[str, np.ndarray | torch.Tensor]) -> tuple[dict[
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            e, r = float(az.ess(a, method="bulk")), float(az.rhat(a))
+            e, r = arviz_scalar(az.ess(a, method="bulk")), arviz_scalar(az.rhat(a))
         if math.isfinite(e):
             ess[name] = e
         if math.isfinite(r) and a.shape[0] >= 2:
