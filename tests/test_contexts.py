@@ -283,3 +283,30 @@ def test_a_context_whose_particles_all_die_is_named(markov, method, opts):
 
     with pytest.raises(ValueError, match=r"context 3 \(4\)"):
         ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=0, progress=False, **opts)
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+def test_smc_contexts_with_a_guide_or_proposal_behave_like_the_loop(markov):
+    """guide= is used (not dropped) and checked as the single call checks it; proposal="lm" is refused
+    as the single call refuses it, and "prior" is the LM itself."""
+    import types
+
+    model = make_model(markov)
+    for bad in (dict(guide=object()), dict(proposal="lm")):
+        with pytest.raises((TypeError, ValueError)) as single:
+            ppl_lm.infer(model, CONTEXTS[0], method="smc", num_particles=8, progress=False, **bad)
+        with pytest.raises(type(single.value)) as many:
+            ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=8, progress=False, **bad)
+        assert str(many.value) == str(single.value)
+    guide = types.SimpleNamespace(lm=ppl_lm.MarkovLM.random(5, eos_id=0, seed=9))  # another LM, same vocabulary
+    posts = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=5, guide=guide,
+                         progress=False)
+    prior = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=5, progress=False)
+    for i, (c, post) in enumerate(zip(CONTEXTS, posts)):
+        single = ppl_lm.infer(model, c, method="smc", num_particles=32, seed=context_seed(5, i), guide=guide,
+                              progress=False)
+        assert torch.equal(post.samples, single.samples) and post.log_evidence == single.log_evidence
+        assert post.info.proposal == "guide" and not torch.equal(post.samples, prior[i].samples)
+    same = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=5, proposal="prior",
+                        progress=False)
+    assert all(torch.equal(a.samples, b.samples) for a, b in zip(same, prior))
