@@ -659,8 +659,15 @@ def _run_contexts(args, method: str) -> int:
     from . import diagnostics as D
     from .diagnostics.warnings import PplLmWarning
 
+    from .infer import backend_options
+
     if args.context is not None:
         raise CLIError("give the contexts once: --context TEXT (one) or --contexts FILE (many), not both")
+    if "contexts" in backend_options(method):  # the backend's own option: one result, not one per context
+        raise CLIError(f"--contexts FILE runs one result per context, and method {method!r} takes contexts= as its own "
+                       f"option (one result over all the contexts, e.g. one guide amortised over them): call "
+                       f"ppl_lm.infer(model, ..., method={method!r}, contexts=[...]) from Python, or run one "
+                       "--context TEXT at a time")
     args.context_list = read_contexts(args.contexts)
     module, files, model, ctx, options = _prepare(args, [method], strict=True)
     contexts = args.context_list
