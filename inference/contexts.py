@@ -97,8 +97,9 @@ def _sites_of(model, i: int, ctx, args: tuple, kwargs: dict) -> dict:
     naming the context the model refuses."""
     try:
         sites = latent_sites(model, (ctx, *args), kwargs, placeholder=True)
-    except Exception as err:
-        raise type(err)(f"context {i} ({short(ctx)}): the model refused it: {err}") from err
+    except Exception as err:  # a note, not a new exception: its class may need other arguments
+        err.add_note(f"context {i} ({short(ctx)}): the model refused it")
+        raise
     return sites
 
 

@@ -196,9 +196,37 @@ def test_a_context_the_model_refuses_is_named_before_the_lm_runs(markov, monkeyp
             raise ValueError(f"no prompt for {c}")
         return make_model(markov)(c)
 
-    with pytest.raises(ValueError, match=r"context 3 \(4\).*no prompt for 4"):
+    with pytest.raises(ValueError, match="no prompt for 4") as err:
         ppl_lm.infer(picky, contexts=CONTEXTS, method="importance", num_samples=10)
+    assert err.value.__notes__ == ["context 3 (4): the model refused it"]
     assert not calls
+
+
+def test_a_refused_context_keeps_the_models_exception(markov, tmp_path, capsys):
+    """The model's own exception, whatever its constructor takes (JSONDecodeError needs three
+    arguments), with a note naming the context; the CLI prints that note."""
+    import json
+
+    def parses(c):
+        json.loads('{"ok": 1}' if c < 3 else "{bad")
+        return make_model(markov)(c)
+
+    with pytest.raises(json.JSONDecodeError, match="Expecting property name") as err:
+        ppl_lm.infer(parses, contexts=CONTEXTS, method="smc", num_particles=8)
+    assert err.value.__notes__ == ["context 2 (3): the model refused it"] and err.value.pos == 1
+    script = tmp_path / "parses.py"
+    script.write_text("import json, pyro\ncontext = 'a'\n\n\ndef build(lm):\n    def model(prompt):\n"
+                      "        json.loads('{bad' if prompt == 'b' else '1')\n"
+                      "        return pyro.sample('x', lm.sequence(prompt, max_new_tokens=2))\n    return model\n")
+    (tmp_path / "contexts.txt").write_text("a\nb\n")
+    from ppl_lm import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["run", str(script), "--lm", "tiny", "--method", "smc", "--num-particles", "4", "--quiet",
+                  "--contexts", str(tmp_path / "contexts.txt")])
+    assert stop.value.code == 2
+    assert re.search(r"JSONDecodeError: Expecting property name.*\n\s+context 1 \('b'\): the model refused it",
+                     capsys.readouterr().err)
 
 
 # -- the CLI: ppl-lm run MODEL --contexts FILE ---------------------------------------------------
