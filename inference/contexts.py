@@ -157,16 +157,16 @@ def run(model: Callable, contexts, *args, method: str, seed: int = 0, **options)
 
 def one_sequence_lm(sites: list[dict], every_latent: bool = False) -> None:
     """Raise :class:`Unbatchable` unless every context's first latent site (``every_latent``: each of
-    its latent sites) is an ``lm.sequence(...)`` and their first sequence sites share one LM and one
-    ``max_new_tokens``: the condition for rows of several contexts to share a batch."""
+    its latent sites) is an ``lm.sequence(...)`` and their first sequence sites share one name, one LM
+    and one ``max_new_tokens``: the condition for rows of several contexts to share a batch."""
     firsts = []
     for s in sites:
         seq = sequence_sites(s)
         if not seq or next(iter(s)) not in seq or (every_latent and len(seq) != len(s)):
             raise Unbatchable
-        firsts.append(next(iter(seq.values())))
-    lm, T = firsts[0].lm, firsts[0].max_new_tokens
-    if not all(d.lm is lm and d.max_new_tokens == T for d in firsts):
+        firsts.append(next(iter(seq.items())))
+    name, d0 = firsts[0]
+    if not all(k == name and d.lm is d0.lm and d.max_new_tokens == d0.max_new_tokens for k, d in firsts):
         raise Unbatchable
 
 

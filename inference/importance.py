@@ -229,7 +229,7 @@ def run_contexts(model, contexts, args, kwargs, sites, seed, options) -> list[Po
         cseed = _ctx.context_seed(seed, c)
         for i, start in enumerate(range(0, num_samples, size)):
             parts.append(_ctx.Part(c, i, a, min(size, num_samples - start), _random.Stream(shards.part_seed(cseed, i))))
-    bound = chunk_size or min(default_chunk_size(s, 1 << 30) for s in sites)
+    bound = chunk_size or min(chunks)  # each context's chunk counts its observed tokens too
     done: dict[int, list] = {c: [] for c in range(len(contexts))}
     with torch.no_grad(), row_cache():
         for batch in _ctx.pack(parts, bound):

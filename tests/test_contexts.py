@@ -338,3 +338,43 @@ def test_smc_contexts_with_a_guide_or_proposal_behave_like_the_loop(markov):
     same = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=5, proposal="prior",
                         progress=False)
     assert all(torch.equal(a.samples, b.samples) for a, b in zip(same, prior))
+
+
+def test_importance_batches_respect_observed_tokens(markov, monkeypatch):
+    """The batch bound is the contexts' chunk size, which counts observed sequence tokens as well as
+    latent ones (here 4 rows: 5 latent + 17 observed tokens in a 100-token chunk), not 20 rows from
+    the latent site alone."""
+    from ppl_lm.inference import importance
+
+    monkeypatch.setattr(importance, "TOKENS_PER_CHUNK", 100)
+    text = torch.tensor([1, 2, 3] + [0] * 13)
+
+    def model(c):
+        x = pyro.sample("x", markov.sequence([c], max_new_tokens=T))
+        pyro.sample("y", markov.sequence([c], max_new_tokens=16), obs=text)
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+
+    sizes = []
+    extend = markov.extend
+    monkeypatch.setattr(markov, "extend", lambda s, tok: sizes.append(len(tok)) or extend(s, tok))
+    posts = ppl_lm.infer(model, contexts=CONTEXTS, method="importance", num_samples=8, seed=0, progress=False)
+    assert max(sizes) == 4
+    single = ppl_lm.infer(model, CONTEXTS[2], method="importance", num_samples=8, seed=context_seed(0, 2),
+                          progress=False)
+    assert torch.equal(posts[2].samples, single.samples)
+
+
+def test_contexts_whose_sequence_sites_differ_in_name_run_the_loop(markov):
+    """A model naming its site after the context: each context keeps its own site (the plain loop),
+    as the single calls give it."""
+
+    def model(c):
+        x = pyro.sample(f"x{c % 2}", markov.sequence([c], max_new_tokens=T))
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+
+    for method, opts in [("importance", dict(num_samples=40)), ("smc", dict(num_particles=16))]:
+        posts = ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=6, progress=False, **opts)
+        for i, (c, post) in enumerate(zip(CONTEXTS, posts)):
+            single = ppl_lm.infer(model, c, method=method, seed=context_seed(6, i), progress=False, **opts)
+            assert list(post.values) == [f"x{c % 2}"]
+            assert torch.equal(post.samples, single.samples) and post.log_evidence == single.log_evidence
