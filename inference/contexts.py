@@ -134,8 +134,10 @@ def run(model: Callable, contexts, *args, method: str, seed: int = 0, **options)
     """
     contexts = check_contexts(contexts)
     kwargs = dict(options.get("model_kwargs") or {})
-    with torch.no_grad():
-        sites = [_sites_of(model, i, ctx, args, kwargs) for i, ctx in enumerate(contexts)]
+    sites = []
+    for i, ctx in enumerate(contexts):
+        with _random.seeded(context_seed(seed, i)), torch.no_grad():  # the caller's global RNGs untouched
+            sites.append(_sites_of(model, i, ctx, args, kwargs))
     for s in sites:
         check_has_latent(s, method)
     batched = get(method).contexts
@@ -146,7 +148,8 @@ def run(model: Callable, contexts, *args, method: str, seed: int = 0, **options)
     opts = defaults(method)
     opts.update({k: v for k, v in options.items() if k in opts})
     try:
-        posts = batched(model, contexts, args, kwargs, sites, seed, opts)
+        with _random.seeded(seed):  # restores the caller's global RNGs (each part draws from its own stream)
+            posts = batched(model, contexts, args, kwargs, sites, seed, opts)
     except Unbatchable:
         return _loop(model, contexts, args, seed, method, options)
     wall = (time.perf_counter() - t0) / len(posts)

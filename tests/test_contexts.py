@@ -378,3 +378,63 @@ def test_contexts_whose_sequence_sites_differ_in_name_run_the_loop(markov):
             single = ppl_lm.infer(model, c, method=method, seed=context_seed(6, i), progress=False, **opts)
             assert list(post.values) == [f"x{c % 2}"]
             assert torch.equal(post.samples, single.samples) and post.log_evidence == single.log_evidence
+
+
+def _global_rng_states():
+    import random
+
+    import numpy as np
+
+    mt = np.random.get_state()
+    states = [torch.get_rng_state(), np.append(mt[1], mt[2:4]), random.getstate()]
+    return states + ([torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("method,opts", [("importance", dict(num_samples=40)), ("smc", dict(num_particles=16))])
+def test_contexts_leave_global_rngs_alone_and_seed_numpy(markov, method, opts):
+    """A model drawing from numpy and Python's random: two calls with one seed agree (each part seeds
+    them as seeded() does), and the caller's torch, CUDA, numpy and random states are untouched."""
+    import random
+
+    import numpy as np
+
+    def model(c):
+        x = pyro.sample("x", markov.sequence([c], max_new_tokens=T))
+        noise = np.random.normal(size=x.shape[:-1]) + random.random()
+        ppl_lm.reward("r", (x == c).float().sum(-1) + torch.as_tensor(noise, dtype=torch.float32), beta=1.0)
+
+    torch.manual_seed(11), np.random.seed(11), random.seed(11)
+    before = _global_rng_states()
+    a = ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=8, progress=False, **opts)
+    after = _global_rng_states()
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all() and before[2] == after[2]
+    if torch.cuda.is_available():
+        assert all(torch.equal(u, v) for u, v in zip(before[3], after[3]))
+    np.random.seed(12), random.seed(12)  # another caller state: the same result
+    b = ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=8, progress=False, **opts)
+    for p, q in zip(a, b):
+        assert torch.equal(p.samples, q.samples) and p.log_evidence == q.log_evidence
+
+
+def test_stream_resumes_numpy_and_random_and_restores_the_callers():
+    """A Stream's numpy and random draws continue across visits as one seeded() block's would, and
+    outside seeded() leaving it restores the caller's states."""
+    import random
+
+    import numpy as np
+
+    from ppl_lm import seeding
+
+    np.random.seed(5), random.seed(5)
+    before = _global_rng_states()
+    s = seeding.Stream(3)
+    with s:
+        a = [np.random.rand(), random.random()]
+    assert np.random.get_state()[2] == before[1][-2] and random.getstate() == before[2]
+    with s:
+        b = [np.random.rand(), random.random()]
+    after = _global_rng_states()
+    assert (before[1] == after[1]).all() and before[2] == after[2]
+    with seeding.seeded(3):
+        ref = [np.random.rand(), random.random(), np.random.rand(), random.random()]
+    assert a + b == ref
