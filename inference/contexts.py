@@ -47,6 +47,7 @@ declares such an option, so SVI keeps that meaning and returns one Posterior.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -233,10 +234,19 @@ def start_unique(lm, prompt: torch.Tensor, lengths: torch.Tensor | None, B: int)
 
 def stack_prompts(dists: list[SequenceDistribution], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The prompt rows of several sites' batches, stacked: ``(prompt [B, P] right-padded, lengths
-    [B] or None when every row has one length)``."""
+    [B] or None when every row has one length)``. Each site holds one prompt (shared by its rows) or
+    one per row; anything else is a clear error."""
     rows, lens = [], []
     for d, n in zip(dists, counts):
-        p, ln = d.prompt_rows(n)
+        given = math.prod(d.prompt.shape[:-1])
+        if given not in (1, n):
+            raise ValueError(f"a sequence site's prompt holds {given} rows for {n} particles: give one prompt (shared "
+                             f"by every particle) or one per particle ([{n}, P] token ids or {n} texts)")
+        if given == 1 and d.prompt.dim() > 1:  # one row: the shared prompt, up to its length
+            L = d.prompt.shape[-1] if d.prompt_lengths is None else int(d.prompt_lengths.reshape(-1)[0])
+            p, ln = d.prompt.reshape(-1)[:L], None
+        else:
+            p, ln = d.prompt_rows(n)
         p = p.expand(n, -1) if p.dim() == 1 else p
         rows.append(p)
         lens.append(torch.full((n,), p.shape[-1], dtype=torch.long) if ln is None else ln.cpu())

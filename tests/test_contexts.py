@@ -438,3 +438,23 @@ def test_stream_resumes_numpy_and_random_and_restores_the_callers():
     with seeding.seeded(3):
         ref = [np.random.rand(), random.random(), np.random.rand(), random.random()]
     assert a + b == ref
+
+
+def test_stack_prompts_takes_one_prompt_or_one_per_particle(markov):
+    """3 prompt rows for 4 particles is a clear error (it was reshaped into 4 wrong rows); one row
+    [1, P] is the shared prompt, as the single call reads it."""
+    three = markov.sequence(torch.tensor([[1, 2, 3, 4]] * 3), max_new_tokens=T)
+    with pytest.raises(ValueError, match=r"prompt holds 3 rows for 4 particles: give one prompt"):
+        ctxmod.stack_prompts([three], [4])
+    one = markov.sequence(torch.tensor([[1, 2]]), max_new_tokens=T)
+    prompt, lengths = ctxmod.stack_prompts([one, three], [2, 3])
+    assert prompt.tolist() == [[1, 2, 0, 0]] * 2 + [[1, 2, 3, 4]] * 3 and lengths.tolist() == [2, 2, 4, 4, 4]
+
+    def model(c):
+        x = pyro.sample("x", markov.sequence(torch.tensor([[c, c]]), max_new_tokens=T))
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+
+    posts = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="importance", num_samples=16, seed=0, progress=False)
+    single = ppl_lm.infer(model, CONTEXTS[1], method="importance", num_samples=16, seed=context_seed(0, 1),
+                          progress=False)
+    assert torch.equal(posts[1].samples, single.samples)
