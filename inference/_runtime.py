@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -175,7 +177,24 @@ def _trace_until(fn: Callable, args: tuple, kwargs: dict, n: int, stop):
         if original is err:
             raise
         raise original  # the error as the user's (or our) code raised it, its traceback intact
+    except TypeError as err:
+        original = _unrebuilt(err)
+        if original is None:
+            raise
+        original.__suppress_context__ = True  # Pyro's TypeError is no part of the model's error
+        raise original
     return tracer.msngr.trace, None
+
+
+def _unrebuilt(err: TypeError) -> BaseException | None:
+    """The model's ValueError or RuntimeError when Pyro's trace handler failed to re-raise it with its
+    shapes table (``type(e)(message)`` refuses a class whose constructor takes other arguments, e.g.
+    ``json.JSONDecodeError``) and raised this TypeError instead; ``None`` for any other TypeError."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if (isinstance(err.__context__, (ValueError, RuntimeError)) and frames
+            and frames[-1].filename.endswith(os.path.join("poutine", "trace_messenger.py"))):
+        return _without_trace_shapes(err.__context__)
+    return None
 
 
 def _without_trace_shapes(err: BaseException) -> BaseException:

@@ -47,6 +47,7 @@ declares such an option, so SVI keeps that meaning and returns one Posterior.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -97,8 +98,9 @@ def _sites_of(model, i: int, ctx, args: tuple, kwargs: dict) -> dict:
     naming the context the model refuses."""
     try:
         sites = latent_sites(model, (ctx, *args), kwargs, placeholder=True)
-    except Exception as err:
-        raise type(err)(f"context {i} ({short(ctx)}): the model refused it: {err}") from err
+    except Exception as err:  # a note, not a new exception: its class may need other arguments
+        err.add_note(f"context {i} ({short(ctx)}): the model refused it")
+        raise
     return sites
 
 
@@ -133,8 +135,10 @@ def run(model: Callable, contexts, *args, method: str, seed: int = 0, **options)
     """
     contexts = check_contexts(contexts)
     kwargs = dict(options.get("model_kwargs") or {})
-    with torch.no_grad():
-        sites = [_sites_of(model, i, ctx, args, kwargs) for i, ctx in enumerate(contexts)]
+    sites = []
+    for i, ctx in enumerate(contexts):
+        with _random.seeded(context_seed(seed, i)), torch.no_grad():  # the caller's global RNGs untouched
+            sites.append(_sites_of(model, i, ctx, args, kwargs))
     for s in sites:
         check_has_latent(s, method)
     batched = get(method).contexts
@@ -145,7 +149,8 @@ def run(model: Callable, contexts, *args, method: str, seed: int = 0, **options)
     opts = defaults(method)
     opts.update({k: v for k, v in options.items() if k in opts})
     try:
-        posts = batched(model, contexts, args, kwargs, sites, seed, opts)
+        with _random.seeded(seed):  # restores the caller's global RNGs (each part draws from its own stream)
+            posts = batched(model, contexts, args, kwargs, sites, seed, opts)
     except Unbatchable:
         return _loop(model, contexts, args, seed, method, options)
     wall = (time.perf_counter() - t0) / len(posts)
@@ -156,16 +161,16 @@ def run(model: Callable, contexts, *args, method: str, seed: int = 0, **options)
 
 def one_sequence_lm(sites: list[dict], every_latent: bool = False) -> None:
     """Raise :class:`Unbatchable` unless every context's first latent site (``every_latent``: each of
-    its latent sites) is an ``lm.sequence(...)`` and their first sequence sites share one LM and one
-    ``max_new_tokens``: the condition for rows of several contexts to share a batch."""
+    its latent sites) is an ``lm.sequence(...)`` and their first sequence sites share one name, one LM
+    and one ``max_new_tokens``: the condition for rows of several contexts to share a batch."""
     firsts = []
     for s in sites:
         seq = sequence_sites(s)
         if not seq or next(iter(s)) not in seq or (every_latent and len(seq) != len(s)):
             raise Unbatchable
-        firsts.append(next(iter(seq.values())))
-    lm, T = firsts[0].lm, firsts[0].max_new_tokens
-    if not all(d.lm is lm and d.max_new_tokens == T for d in firsts):
+        firsts.append(next(iter(seq.items())))
+    name, d0 = firsts[0]
+    if not all(k == name and d.lm is d0.lm and d.max_new_tokens == d0.max_new_tokens for k, d in firsts):
         raise Unbatchable
 
 
@@ -229,10 +234,19 @@ def start_unique(lm, prompt: torch.Tensor, lengths: torch.Tensor | None, B: int)
 
 def stack_prompts(dists: list[SequenceDistribution], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The prompt rows of several sites' batches, stacked: ``(prompt [B, P] right-padded, lengths
-    [B] or None when every row has one length)``."""
+    [B] or None when every row has one length)``. Each site holds one prompt (shared by its rows) or
+    one per row; anything else is a clear error."""
     rows, lens = [], []
     for d, n in zip(dists, counts):
-        p, ln = d.prompt_rows(n)
+        given = math.prod(d.prompt.shape[:-1])
+        if given not in (1, n):
+            raise ValueError(f"a sequence site's prompt holds {given} rows for {n} particles: give one prompt (shared "
+                             f"by every particle) or one per particle ([{n}, P] token ids or {n} texts)")
+        if given == 1 and d.prompt.dim() > 1:  # one row: the shared prompt, up to its length
+            L = d.prompt.shape[-1] if d.prompt_lengths is None else int(d.prompt_lengths.reshape(-1)[0])
+            p, ln = d.prompt.reshape(-1)[:L], None
+        else:
+            p, ln = d.prompt_rows(n)
         p = p.expand(n, -1) if p.dim() == 1 else p
         rows.append(p)
         lens.append(torch.full((n,), p.shape[-1], dtype=torch.long) if ln is None else ln.cpu())

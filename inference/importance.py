@@ -219,17 +219,18 @@ def run_contexts(model, contexts, args, kwargs, sites, seed, options) -> list[Po
         raise _ctx.Unbatchable
     _ctx.one_sequence_lm(sites)
     num_samples, chunk_size = options["num_samples"], options["chunk_size"]
-    parts, chunks = [], []
+    parts, chunks, bounds = [], [], []
     for c, ctx in enumerate(contexts):
         a = (ctx, *args)
         with _random.seeded(_ctx.context_seed(seed, c)), torch.no_grad(), row_cache():
             obs = observed_sequences(model, a, kwargs)
         size = chunk_size or default_chunk_size({**sites[c], **obs}, num_samples)
         chunks.append(size)
+        bounds.append(default_chunk_size({**sites[c], **obs}, 1 << 30))  # observed tokens count too
         cseed = _ctx.context_seed(seed, c)
         for i, start in enumerate(range(0, num_samples, size)):
             parts.append(_ctx.Part(c, i, a, min(size, num_samples - start), _random.Stream(shards.part_seed(cseed, i))))
-    bound = chunk_size or min(default_chunk_size(s, 1 << 30) for s in sites)
+    bound = chunk_size or min(bounds)
     done: dict[int, list] = {c: [] for c in range(len(contexts))}
     with torch.no_grad(), row_cache():
         for batch in _ctx.pack(parts, bound):

@@ -132,6 +132,9 @@ def describe(*, kind: Kind, info: type, contexts: str | None = None) -> Callable
     body runs."""
     if not isinstance(kind, Kind):
         raise TypeError(f"kind must be a ppl_lm.backends.Kind, got {kind!r}")
+    if contexts is not None and not (isinstance(contexts, str) and contexts.isidentifier()):
+        raise TypeError(f"contexts= names the backend module's function that runs many contexts (a string such "
+                        f"as 'run_contexts'), got {contexts!r}")
 
     def wrap(run: Callable) -> Callable:
         sig = inspect.signature(run)
@@ -164,7 +167,7 @@ def register(name: str, module: str | ModuleType) -> None:
     mod = importlib.import_module(module) if isinstance(module, str) else module
     if not callable(getattr(mod, "run", None)):
         raise TypeError(f"{getattr(mod, '__name__', mod)} has no run(model, *args, seed=..., **options)")
-    _description(mod.run, getattr(mod, "__name__", name))
+    _contexts_run(mod, _description(mod.run, getattr(mod, "__name__", name)), name)
     _registry[name] = module
     get.cache_clear()
 
@@ -216,8 +219,20 @@ def get(name: str) -> Backend:
     entry = _registry[name]
     mod = importlib.import_module(entry) if isinstance(entry, str) else entry
     d = _description(mod.run, mod.__name__)
-    contexts = None if d.contexts is None else getattr(mod, d.contexts)
-    return Backend(name=name, kind=d.kind, info=d.info, run=mod.run, options=d.options, contexts=contexts)
+    return Backend(name=name, kind=d.kind, info=d.info, run=mod.run, options=d.options,
+                   contexts=_contexts_run(mod, d, name))
+
+
+def _contexts_run(mod: ModuleType, d: _Description, name: str) -> Callable | None:
+    """The function ``@describe(contexts=...)`` names in the backend's module, or a clear error."""
+    if d.contexts is None:
+        return None
+    fn = getattr(mod, d.contexts, None)
+    if not callable(fn):
+        raise TypeError(f"backend {name!r}: its run declares @describe(contexts={d.contexts!r}), and {mod.__name__} "
+                        f"has no function {d.contexts!r}; define it there (run_contexts(model, contexts, args, kwargs, "
+                        "sites, seed, options) -> list[Posterior]) or leave contexts= out (a plain loop)")
+    return fn
 
 
 def kind_of(method: str | None) -> Kind:

@@ -69,7 +69,12 @@ class ScriptError(Exception):
         self.path, self.line, self.exc, self.source = path, line, exc, source
         where = os.path.basename(path) + (f":{line}" if line else "")
         msg = str(exc) if not isinstance(exc, SyntaxError) else (exc.msg or str(exc))
-        super().__init__(f"error in {where}: {type(exc).__name__}: {msg}")
+        super().__init__(f"error in {where}: {type(exc).__name__}: {msg}{_notes(exc)}")
+
+
+def _notes(exc: BaseException) -> str:
+    """The notes added to ``exc`` (``add_note``: e.g. which context the model refused), one per line."""
+    return "".join(f"\n    {n}" for n in getattr(exc, "__notes__", ()))
 
 
 # -- loading a model script ---------------------------------------------------------------------
@@ -659,8 +664,15 @@ def _run_contexts(args, method: str) -> int:
     from . import diagnostics as D
     from .diagnostics.warnings import PplLmWarning
 
+    from .infer import backend_options
+
     if args.context is not None:
         raise CLIError("give the contexts once: --context TEXT (one) or --contexts FILE (many), not both")
+    if "contexts" in backend_options(method):  # the backend's own option: one result, not one per context
+        raise CLIError(f"--contexts FILE runs one result per context, and method {method!r} takes contexts= as its own "
+                       f"option (one result over all the contexts, e.g. one guide amortised over them): call "
+                       f"ppl_lm.infer(model, ..., method={method!r}, contexts=[...]) from Python, or run one "
+                       "--context TEXT at a time")
     args.context_list = read_contexts(args.contexts)
     module, files, model, ctx, options = _prepare(args, [method], strict=True)
     contexts = args.context_list
@@ -879,7 +891,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if getattr(args, "traceback", False):
             raise
-        print(f"ppl-lm: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"ppl-lm: error: {type(exc).__name__}: {exc}{_notes(exc)}", file=sys.stderr)
         if not quiet:
             print("(run with --traceback for the full traceback)", file=sys.stderr)
     raise SystemExit(2)

@@ -23,9 +23,14 @@ __all__ = ["CATEGORICAL_BLOCK", "categorical", "masked_categorical", "as_prompt_
 #: in blocks of this many tokens.
 CATEGORICAL_BLOCK = 256
 
+#: A row whose allowed mass is under this fraction of its largest token's is rescaled by its largest
+#: allowed token instead (float32 exp, denormals flushed, would lose part of it).
+_TINY = 1e-20
+
 
 def categorical(logprobs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Exact categorical sampling from log-probabilities (rows summing to 1): CDF inversion.
+    """Exact categorical sampling from log-probabilities (rows summing to 1, or shifted by a
+    constant per row): CDF inversion.
 
     The CDF is accumulated in float64, so each token is drawn with its probability to about
     1e-15; a token of probability 0 is never drawn. One uniform per row (not one exponential
@@ -40,8 +45,9 @@ def masked_categorical(logprobs: torch.Tensor, allowed: torch.Tensor | None,
                        generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A draw from ``logprobs [..., V]`` restricted to the ``allowed`` tokens (a bool mask that
     broadcasts to it; ``None``: every token) and renormalised, and the log of the allowed mass
-    (float64, ``[...]``). A row with no allowed mass gets ``-inf`` and a token drawn uniformly
-    from the whole vocabulary (its particle dies; the draw keeps the random stream aligned).
+    (float64, ``[...]``; rows need not be normalised: log Σ exp over the allowed tokens). A row with
+    no allowed mass gets ``-inf`` and a token drawn uniformly from the whole vocabulary (its
+    particle dies; the draw keeps the random stream aligned).
 
     Inversion of the float64 CDF with one float64 uniform u per row: the token is the first
     whose cumulative mass reaches (1 − u)·total. Over more than ``16 * CATEGORICAL_BLOCK`` tokens
@@ -52,19 +58,34 @@ def masked_categorical(logprobs: torch.Tensor, allowed: torch.Tensor | None,
     hundreds of rows, where each ``[rows, V]`` temporary costs page faults). The two searches
     round differently from one full cumulative sum only within ~1e-16 of a boundary between tokens.
     """
-    p = logprobs.detach().float().exp()
+    lp = logprobs.detach().float()
+    # Shifted by the row's max, added back to the log-mass: an unnormalised row (a twist's logp + log ψ)
+    # neither overflows nor underflows float32. One reduction over every token (no [rows, V] copy);
+    # a row whose allowed tokens hold under TINY of that max is redone below with their own max.
+    m = lp.amax(-1, keepdim=True)
+    m = m.masked_fill_(~torch.isfinite(m), 0.0)
+    p = (lp - m).exp_()
     if allowed is not None:
         allowed = allowed.to(p.device)
         if allowed.dim() > 1 and allowed.stride(0) == 0:  # one row expanded (a static mask): negate it once
             allowed = allowed[:1]
         p = p.masked_fill_(~allowed, 0.0)
     shape, V = p.shape[:-1], p.shape[-1]
-    p = p.reshape(-1, V)
+    p, m = p.reshape(-1, V), m.reshape(-1)
     u = torch.rand((p.shape[0], 1), dtype=torch.float64, device=p.device, generator=generator)
     sums = _block_sums(p) if V > 16 * CATEGORICAL_BLOCK else None
     total = (p.sum(-1, dtype=torch.float64) if sums is None else sums.sum(-1))[:, None]
-    stuck = total[:, 0] <= 0  # no allowed mass (or NaN): uniform over the vocabulary
-    if bool(stuck.any()):
+    low = ~(total[:, 0] > _TINY)  # little, no (or NaN) allowed mass: one host sync, as before
+    stuck = low
+    if bool(low.any()):
+        rows = low.nonzero()[:, 0]
+        sub = lp.reshape(-1, V)[rows]
+        if allowed is not None:
+            sub = sub.masked_fill_(~torch.broadcast_to(allowed, lp.shape).reshape(-1, V)[rows], -math.inf)
+        m[rows] = sub.amax(-1).nan_to_num(0.0, 0.0, 0.0)
+        p[rows] = (sub - m[rows, None]).exp_()
+        total[rows] = p[rows].sum(-1, dtype=torch.float64)[:, None]
+        stuck = ~(total[:, 0] > 0)  # no allowed mass (or NaN): uniform over the vocabulary
         p = torch.where(stuck[:, None], torch.ones_like(p), p)
         sums = None if sums is None else _block_sums(p)
     if sums is None:
@@ -73,7 +94,7 @@ def masked_categorical(logprobs: torch.Tensor, allowed: torch.Tensor | None,
         tok = torch.searchsorted(cdf, target)[:, 0].clamp_max(V - 1)
     else:
         tok = _two_level(p, sums, u)
-    log_mass = torch.where(stuck, -math.inf, total[:, 0].log())
+    log_mass = torch.where(stuck, -math.inf, total[:, 0].log() + m.double())
     return tok.view(shape), log_mass.view(shape)
 
 
@@ -87,7 +108,7 @@ def _block_sums(p: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.add.reduce(p.numpy().reshape(R, n, K), axis=-1, dtype=np.float64))
     if V != n * K:
         p = torch.nn.functional.pad(p, (0, n * K - V))
-    return p.view(R, n, K).sum(-1, dtype=torch.float64)
+    return p.reshape(R, n, K).sum(-1, dtype=torch.float64)
 
 
 def _two_level(p: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -463,3 +463,15 @@ def test_threads_sets_torchs_thread_count_before_the_lm_loads(monkeypatch, capsy
     assert calls == [3, "lm"]
     err = fails(["run", "no_e", "--method", "smc", "--lm", "tiny", "--threads", "0"], capsys)
     assert "argument --threads: expected a positive integer, got 0" in err
+
+
+def test_run_contexts_with_a_backend_that_owns_contexts_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """--contexts FILE gives one result per context; a backend whose own contexts= option means something
+    else (SVI: one guide amortised over them) is refused before the LM loads, and the run exits 2."""
+    monkeypatch.setattr(cli, "load_language_model", lambda *a, **k: pytest.fail("the LM loaded"))
+    path = tmp_path / "contexts.txt"
+    path.write_text("Once upon a time\nThe cat sat\n")
+    err = fails(["run", "no_e", "--lm", "tiny", "--method", "svi", "--num-steps", "2", "--quiet",
+                 "--contexts", str(path)], capsys)
+    assert "method 'svi' takes contexts= as its own option" in err
+    assert "ppl_lm.infer(model, ..., method='svi', contexts=[...]) from Python" in err

@@ -196,9 +196,37 @@ def test_a_context_the_model_refuses_is_named_before_the_lm_runs(markov, monkeyp
             raise ValueError(f"no prompt for {c}")
         return make_model(markov)(c)
 
-    with pytest.raises(ValueError, match=r"context 3 \(4\).*no prompt for 4"):
+    with pytest.raises(ValueError, match="no prompt for 4") as err:
         ppl_lm.infer(picky, contexts=CONTEXTS, method="importance", num_samples=10)
+    assert err.value.__notes__ == ["context 3 (4): the model refused it"]
     assert not calls
+
+
+def test_a_refused_context_keeps_the_models_exception(markov, tmp_path, capsys):
+    """The model's own exception, whatever its constructor takes (JSONDecodeError needs three
+    arguments), with a note naming the context; the CLI prints that note."""
+    import json
+
+    def parses(c):
+        json.loads('{"ok": 1}' if c < 3 else "{bad")
+        return make_model(markov)(c)
+
+    with pytest.raises(json.JSONDecodeError, match="Expecting property name") as err:
+        ppl_lm.infer(parses, contexts=CONTEXTS, method="smc", num_particles=8)
+    assert err.value.__notes__ == ["context 2 (3): the model refused it"] and err.value.pos == 1
+    script = tmp_path / "parses.py"
+    script.write_text("import json, pyro\ncontext = 'a'\n\n\ndef build(lm):\n    def model(prompt):\n"
+                      "        json.loads('{bad' if prompt == 'b' else '1')\n"
+                      "        return pyro.sample('x', lm.sequence(prompt, max_new_tokens=2))\n    return model\n")
+    (tmp_path / "contexts.txt").write_text("a\nb\n")
+    from ppl_lm import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["run", str(script), "--lm", "tiny", "--method", "smc", "--num-particles", "4", "--quiet",
+                  "--contexts", str(tmp_path / "contexts.txt")])
+    assert stop.value.code == 2
+    assert re.search(r"JSONDecodeError: Expecting property name.*\n\s+context 1 \('b'\): the model refused it",
+                     capsys.readouterr().err)
 
 
 # -- the CLI: ppl-lm run MODEL --contexts FILE ---------------------------------------------------
@@ -283,3 +311,150 @@ def test_a_context_whose_particles_all_die_is_named(markov, method, opts):
 
     with pytest.raises(ValueError, match=r"context 3 \(4\)"):
         ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=0, progress=False, **opts)
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+def test_smc_contexts_with_a_guide_or_proposal_behave_like_the_loop(markov):
+    """guide= is used (not dropped) and checked as the single call checks it; proposal="lm" is refused
+    as the single call refuses it, and "prior" is the LM itself."""
+    import types
+
+    model = make_model(markov)
+    for bad in (dict(guide=object()), dict(proposal="lm")):
+        with pytest.raises((TypeError, ValueError)) as single:
+            ppl_lm.infer(model, CONTEXTS[0], method="smc", num_particles=8, progress=False, **bad)
+        with pytest.raises(type(single.value)) as many:
+            ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=8, progress=False, **bad)
+        assert str(many.value) == str(single.value)
+    guide = types.SimpleNamespace(lm=ppl_lm.MarkovLM.random(5, eos_id=0, seed=9))  # another LM, same vocabulary
+    posts = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=5, guide=guide,
+                         progress=False)
+    prior = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=5, progress=False)
+    for i, (c, post) in enumerate(zip(CONTEXTS, posts)):
+        single = ppl_lm.infer(model, c, method="smc", num_particles=32, seed=context_seed(5, i), guide=guide,
+                              progress=False)
+        assert torch.equal(post.samples, single.samples) and post.log_evidence == single.log_evidence
+        assert post.info.proposal == "guide" and not torch.equal(post.samples, prior[i].samples)
+    same = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="smc", num_particles=32, seed=5, proposal="prior",
+                        progress=False)
+    assert all(torch.equal(a.samples, b.samples) for a, b in zip(same, prior))
+
+
+def test_importance_batches_respect_observed_tokens(markov, monkeypatch):
+    """The batch bound is the contexts' chunk size, which counts observed sequence tokens as well as
+    latent ones (here 4 rows: 5 latent + 17 observed tokens in a 100-token chunk), not 20 rows from
+    the latent site alone."""
+    from ppl_lm.inference import importance
+
+    monkeypatch.setattr(importance, "TOKENS_PER_CHUNK", 100)
+    text = torch.tensor([1, 2, 3] + [0] * 13)
+
+    def model(c):
+        x = pyro.sample("x", markov.sequence([c], max_new_tokens=T))
+        pyro.sample("y", markov.sequence([c], max_new_tokens=16), obs=text)
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+
+    sizes = []
+    extend = markov.extend
+    monkeypatch.setattr(markov, "extend", lambda s, tok: sizes.append(len(tok)) or extend(s, tok))
+    posts = ppl_lm.infer(model, contexts=CONTEXTS, method="importance", num_samples=8, seed=0, progress=False)
+    assert max(sizes) == 4
+    single = ppl_lm.infer(model, CONTEXTS[2], method="importance", num_samples=8, seed=context_seed(0, 2),
+                          progress=False)
+    assert torch.equal(posts[2].samples, single.samples)
+
+
+def test_contexts_whose_sequence_sites_differ_in_name_run_the_loop(markov):
+    """A model naming its site after the context: each context keeps its own site (the plain loop),
+    as the single calls give it."""
+
+    def model(c):
+        x = pyro.sample(f"x{c % 2}", markov.sequence([c], max_new_tokens=T))
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+
+    for method, opts in [("importance", dict(num_samples=40)), ("smc", dict(num_particles=16))]:
+        posts = ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=6, progress=False, **opts)
+        for i, (c, post) in enumerate(zip(CONTEXTS, posts)):
+            single = ppl_lm.infer(model, c, method=method, seed=context_seed(6, i), progress=False, **opts)
+            assert list(post.values) == [f"x{c % 2}"]
+            assert torch.equal(post.samples, single.samples) and post.log_evidence == single.log_evidence
+
+
+def _global_rng_states():
+    import random
+
+    import numpy as np
+
+    mt = np.random.get_state()
+    states = [torch.get_rng_state(), np.append(mt[1], mt[2:4]), random.getstate()]
+    return states + ([torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("method,opts", [("importance", dict(num_samples=40)), ("smc", dict(num_particles=16))])
+def test_contexts_leave_global_rngs_alone_and_seed_numpy(markov, method, opts):
+    """A model drawing from numpy and Python's random: two calls with one seed agree (each part seeds
+    them as seeded() does), and the caller's torch, CUDA, numpy and random states are untouched."""
+    import random
+
+    import numpy as np
+
+    def model(c):
+        x = pyro.sample("x", markov.sequence([c], max_new_tokens=T))
+        noise = np.random.normal(size=x.shape[:-1]) + random.random()
+        ppl_lm.reward("r", (x == c).float().sum(-1) + torch.as_tensor(noise, dtype=torch.float32), beta=1.0)
+
+    torch.manual_seed(11), np.random.seed(11), random.seed(11)
+    before = _global_rng_states()
+    a = ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=8, progress=False, **opts)
+    after = _global_rng_states()
+    assert torch.equal(before[0], after[0]) and (before[1] == after[1]).all() and before[2] == after[2]
+    if torch.cuda.is_available():
+        assert all(torch.equal(u, v) for u, v in zip(before[3], after[3]))
+    np.random.seed(12), random.seed(12)  # another caller state: the same result
+    b = ppl_lm.infer(model, contexts=CONTEXTS, method=method, seed=8, progress=False, **opts)
+    for p, q in zip(a, b):
+        assert torch.equal(p.samples, q.samples) and p.log_evidence == q.log_evidence
+
+
+def test_stream_resumes_numpy_and_random_and_restores_the_callers():
+    """A Stream's numpy and random draws continue across visits as one seeded() block's would, and
+    outside seeded() leaving it restores the caller's states."""
+    import random
+
+    import numpy as np
+
+    from ppl_lm import seeding
+
+    np.random.seed(5), random.seed(5)
+    before = _global_rng_states()
+    s = seeding.Stream(3)
+    with s:
+        a = [np.random.rand(), random.random()]
+    assert np.random.get_state()[2] == before[1][-2] and random.getstate() == before[2]
+    with s:
+        b = [np.random.rand(), random.random()]
+    after = _global_rng_states()
+    assert (before[1] == after[1]).all() and before[2] == after[2]
+    with seeding.seeded(3):
+        ref = [np.random.rand(), random.random(), np.random.rand(), random.random()]
+    assert a + b == ref
+
+
+def test_stack_prompts_takes_one_prompt_or_one_per_particle(markov):
+    """3 prompt rows for 4 particles is a clear error (it was reshaped into 4 wrong rows); one row
+    [1, P] is the shared prompt, as the single call reads it."""
+    three = markov.sequence(torch.tensor([[1, 2, 3, 4]] * 3), max_new_tokens=T)
+    with pytest.raises(ValueError, match=r"prompt holds 3 rows for 4 particles: give one prompt"):
+        ctxmod.stack_prompts([three], [4])
+    one = markov.sequence(torch.tensor([[1, 2]]), max_new_tokens=T)
+    prompt, lengths = ctxmod.stack_prompts([one, three], [2, 3])
+    assert prompt.tolist() == [[1, 2, 0, 0]] * 2 + [[1, 2, 3, 4]] * 3 and lengths.tolist() == [2, 2, 4, 4, 4]
+
+    def model(c):
+        x = pyro.sample("x", markov.sequence(torch.tensor([[c, c]]), max_new_tokens=T))
+        ppl_lm.reward("r", (x == c).float().sum(-1), beta=1.0)
+
+    posts = ppl_lm.infer(model, contexts=CONTEXTS[:2], method="importance", num_samples=16, seed=0, progress=False)
+    single = ppl_lm.infer(model, CONTEXTS[1], method="importance", num_samples=16, seed=context_seed(0, 1),
+                          progress=False)
+    assert torch.equal(posts[1].samples, single.samples)

@@ -285,6 +285,43 @@ def test_masked_sampler_rows_without_allowed_mass_die():
     assert tok.shape == (3,) and bool(((tok >= 0) & (tok < 50_000)).all())
 
 
+@pytest.mark.parametrize("vocab", [7, 64])  # one cumulative sum; the two-level search (blocks of 2)
+@pytest.mark.parametrize("shift", [100.0, -200.0])
+def test_masked_sampler_takes_unnormalised_rows(monkeypatch, vocab, shift):
+    """Rows shifted by a constant (a twist's logp + log ψ): the log-mass is log Σ exp exactly (the
+    shift plus the allowed mass), and the draws are those of the normalised row on the same uniforms."""
+    from ppl_lm import tokens
+
+    monkeypatch.setattr(tokens, "CATEGORICAL_BLOCK", 2)
+    logp = torch.log_softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(4)), -1).expand(2000, -1)
+    allowed = torch.arange(vocab) % 3 != 1
+    for mask in (None, allowed):
+        base, base_mass = tokens.masked_categorical(logp, mask, torch.Generator().manual_seed(0))
+        tok, log_mass = tokens.masked_categorical(logp + shift, mask, torch.Generator().manual_seed(0))
+        assert torch.allclose(log_mass, base_mass + shift, atol=1e-4, rtol=0)
+        assert (tok != base).sum() <= 2  # ties only within float32 rounding of the shifted row
+
+
+def test_masked_sampler_draws_a_row_of_tiny_allowed_mass():
+    """Allowed tokens of log-prob about −110 (exp underflows float32) are drawn with their law, and
+    the log-mass is theirs; a NaN row dies instead of drawing silently."""
+    from ppl_lm.tokens import masked_categorical
+
+    n, V = 20_000, 9
+    logp = torch.full((n, V), math.log(1 / 7))
+    logp[:, 3], logp[:, 7] = -110.0, -110.0 - math.log(3.0)  # odds 3 : 1 between the allowed tokens
+    logp[0] = float("nan")
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[[3, 7]] = True
+    tok, log_mass = masked_categorical(logp, allowed, torch.Generator().manual_seed(2))
+    assert log_mass[0] == -math.inf
+    expected = -110.0 + math.log(4 / 3)
+    assert torch.allclose(log_mass[1:], torch.full((n - 1,), expected, dtype=torch.float64), atol=1e-5, rtol=0)
+    counts = torch.bincount(tok[1:], minlength=V).double()
+    assert counts.sum() == counts[3] + counts[7]
+    assert chisquare(counts[[3, 7]].numpy(), [0.75 * (n - 1), 0.25 * (n - 1)]).pvalue > 1e-3
+
+
 def test_shared_prompt_scoring_equals_one_pass_with_gradients():
     """Rows sharing a prompt read it once (KV cache repeated): same log-probs and same
     gradients as one forward pass over prompt + continuation for every row."""

@@ -132,3 +132,31 @@ def test_an_undescribed_backend_is_refused(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="decorate it with @ppl_lm.backends.describe"):
         backends.register("bare", "bare_backend")
     assert "bare" not in METHODS
+
+
+def test_a_misnamed_contexts_function_is_a_clear_error(tmp_path, monkeypatch):
+    """@describe(contexts="...") naming no function of the module: register names the backend and the
+    function; so does get for a module registered before the name broke."""
+    import sys
+
+    from ppl_lm import backends
+
+    src = importlib.import_module("ppl_lm.inference.TEMPLATE").__file__
+    text = open(src).read().replace("\n@describe(", '\n@describe(contexts="run_contextz", ', 1)
+    assert '@describe(contexts="run_contextz", kind=' in text
+    (tmp_path / "misnamed_backend.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(TypeError, match=r"backend 'misnamed'.*contexts='run_contextz'.*misnamed_backend has no "
+                                            r"function 'run_contextz'"):
+            backends.register("misnamed", "misnamed_backend")
+        assert "misnamed" not in METHODS
+        monkeypatch.setitem(backends._registry, "misnamed", "misnamed_backend")  # e.g. a BUILTIN row
+        backends.get.cache_clear()
+        with pytest.raises(TypeError, match=r"backend 'misnamed'.*has no function 'run_contextz'"):
+            ppl_lm.infer(lambda: None, method="misnamed")
+    finally:
+        backends.get.cache_clear()
+        sys.modules.pop("misnamed_backend", None)
+    with pytest.raises(TypeError, match="contexts= names the backend module's function"):
+        backends.describe(kind=backends.Kind.WEIGHTED, info=object, contexts=len)

@@ -179,3 +179,17 @@ def test_regression_objective_has_no_signal_from_dead_particles():
     ctl = ppl_lm.learn_twist(pinned_end, steps=5, num_particles=32, objective="ctl", seed=0)
     assert float(reg.table.abs().max()) < 1e-3  # float32 rounding of log Σ π = 0 only
     assert float(ctl.table.abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("c", [100.0, -200.0])
+def test_a_constant_twist_leaves_log_z_unchanged(c):
+    """log ψ = c everywhere: q = π·e^c is unnormalised far beyond float32's exp range. Without
+    resampling ψ telescopes, so the draws and log Ẑ are those of ψ = 0 (the sampler shifts each row by
+    its max and adds the shift back). With resampling the run completes (ended rows carry no ψ, so
+    their weights differ from live ones by e^c: the same law, other draws)."""
+    tw = twists.TableTwist(T, LM.vocab_size, torch.full((T, LM.vocab_size + 1, LM.vocab_size), c))
+    zero = _smc(pinned_middle, twist=twists.TableTwist(T, LM.vocab_size), num_particles=64, ess_threshold=0.0, seed=3)
+    post = _smc(pinned_middle, twist=tw, num_particles=64, ess_threshold=0.0, seed=3)
+    assert torch.equal(post.samples, zero.samples)
+    assert post.log_evidence == pytest.approx(zero.log_evidence, abs=1e-4)
+    assert math.isfinite(_smc(pinned_middle, twist=tw, num_particles=64, seed=3).log_evidence)

@@ -2,7 +2,7 @@
 stacked into one batch of rows, each context's model, token draws and resampling on its own rows
 and its own seeded stream, each context's Ẑ its own (nothing is pooled across contexts).
 
-Shares batches when the LM is the proposal, there is no twist, every latent site is a sequence,
+Shares batches when the LM is the proposal (no guide=, proposal None or "prior"), there is no twist, every latent site is a sequence,
 and the token masks are the very same objects for every context (built once by the model script);
 otherwise :class:`~ppl_lm.inference.contexts.Unbatchable` sends the call to the plain loop.
 """
@@ -36,7 +36,8 @@ def run_contexts(model, contexts, args, kwargs, sites, seed, opts) -> list[Poste
     of replicates, each under its own seeded stream) stacked into shared batches; each keeps its own Ẑ."""
     from .driver import build_stages
 
-    if opts.get("proposal") not in (None, "lm") or opts.get("twist") is not None:
+    # a guide, another proposal or a twist: the plain loop, which checks them as the single call does
+    if opts.get("guide") is not None or opts.get("proposal") not in (None, "prior") or opts.get("twist") is not None:
         raise _ctx.Unbatchable
     _ctx.one_sequence_lm(sites, every_latent=True)
     N, R, chunk_size = opts["num_particles"], opts["num_replicates"], opts["chunk_size"]
