@@ -122,7 +122,8 @@ def genlm_llm(args, N, spec):
     ``--genlm-module own`` (the default): ``PromptedLLM.from_name(folder, backend="hf")`` on the
     float-weight folder that ``ppl_lm.load_lm`` writes for the embedded GGUF (there is no hub
     here; genlm's ``AsyncTransformer.from_name`` reads it with ``AutoModelForCausalLM.from_pretrained``,
-    its own ``device_map="auto"`` and ``torch_dtype="auto"``: float32, as the folder holds).
+    its own ``device_map="auto"`` and ``torch_dtype="auto"``: float32, as the folder holds; with
+    ``--dtype`` its ``hf_opts`` set the same dtype as ours).
     ``ppl``: genlm's ``AsyncTransformer`` around the module ``ppl_lm.load_lm`` returns (the old
     shared-process set-up; for the diagnosis only).
     """
@@ -139,7 +140,9 @@ def genlm_llm(args, N, spec):
 
         tok = AutoTokenizer.from_pretrained(args.model_dir)
         eos = [tok.decode([spec["eos_id"]]).encode()]
-        llm = PromptedLLM.from_name(args.model_dir, backend="hf", eos_byte_strings=eos, batch_size=N)
+        # --dtype: the same parameter dtype as ours (genlm's own default, torch_dtype="auto", reads float32)
+        hf_opts = {"torch_dtype": getattr(torch, args.dtype)} if args.dtype else None
+        llm = PromptedLLM.from_name(args.model_dir, backend="hf", eos_byte_strings=eos, batch_size=N, hf_opts=hf_opts)
     llm.prompt_ids = list(spec["prompt_ids"])
     return llm
 
