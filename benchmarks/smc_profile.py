@@ -20,7 +20,25 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
-from smc_vs_llamppl import PROMPT, ours_model  # noqa: E402
+from smc_vs_genlm import PROMPTS  # noqa: E402
+
+PROMPT = PROMPTS["no_e"]
+
+
+def no_e_model(lm, T: int):
+    """The no-e task as the peer benchmarks run it: ``T`` new tokens, "e" and "E" masked out."""
+    import pyro
+
+    import ppl_lm
+
+    mask = ppl_lm.rewards.forbid_chars(lm, "eE")
+
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=T))
+        ppl_lm.token_constraint("c", x, mask)
+        return x
+
+    return model
 
 
 def components(stats: pstats.Stats) -> tuple[float, dict[str, float]]:
@@ -58,7 +76,7 @@ def main(argv=None):
     import ppl_lm
 
     lm = _bench.smollm2(args)
-    model = ours_model(lm, ppl_lm.rewards.forbid_chars(lm, "eE"), T)
+    model = no_e_model(lm, T)
     rows = []
     for N in args.particles:
         def run(N=N):
