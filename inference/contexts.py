@@ -242,11 +242,7 @@ def stack_prompts(dists: list[SequenceDistribution], counts: list[int]) -> tuple
         if given not in (1, n):
             raise ValueError(f"a sequence site's prompt holds {given} rows for {n} particles: give one prompt (shared "
                              f"by every particle) or one per particle ([{n}, P] token ids or {n} texts)")
-        if given == 1 and d.prompt.dim() > 1:  # one row: the shared prompt, up to its length
-            L = d.prompt.shape[-1] if d.prompt_lengths is None else int(d.prompt_lengths.reshape(-1)[0])
-            p, ln = d.prompt.reshape(-1)[:L], None
-        else:
-            p, ln = d.prompt_rows(n)
+        p, ln = d.prompt_rows(n)  # one row ([P] or [1, P]) comes back as the shared [P] prompt
         p = p.expand(n, -1) if p.dim() == 1 else p
         rows.append(p)
         lens.append(torch.full((n,), p.shape[-1], dtype=torch.long) if ln is None else ln.cpu())

@@ -163,7 +163,8 @@ class SequenceDistribution(TorchDistribution):
     def prompt_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What ``lm.start(prompt, n, lengths)`` reads for ``n`` flattened rows of the batch.
 
-        ``(prompt, None)`` when every row has one length (``prompt`` ``[P]`` shared or ``[n, P]``),
+        ``(prompt, None)`` when every row has one length (``prompt`` ``[P]`` shared, also for a batch of one
+        prompt such as ``[1, P]``, or ``[n, P]``),
         ``(prompt [n, P] right-padded, lengths [n])`` when the prompts are ragged.
         """
         return self._flat_prompt_for(self.batch_shape, n), self._flat_lengths_for(self.batch_shape, n)
@@ -286,8 +287,10 @@ class SequenceDistribution(TorchDistribution):
         return lp
 
     def _flat_prompt_for(self, shape: torch.Size, n: int) -> torch.Tensor:
-        if self.prompt.dim() == 1:
-            return self.prompt
+        # One prompt row ([P], or a batch of one such as [1, P]) is shared by every row, as
+        # broadcasting reads it: backends ask for n particle rows of a site whose batch shape is (1,).
+        if math.prod(self.prompt.shape[:-1]) == 1:
+            return self.prompt.reshape(-1)
         return self.prompt.expand(*shape, self.prompt.shape[-1]).reshape(n, -1)
 
     def _flat_lengths_for(self, shape: torch.Size, n: int) -> torch.Tensor | None:

@@ -138,3 +138,25 @@ def test_prompt_as_sample_site_conditioned(lm):
     x = tr.nodes["x"]["value"]
     assert x.shape == (6, 3)
     assert torch.allclose(tr.nodes["x"]["fn"].log_prob(x), lm.score(y.tolist(), x), atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("importance", {"num_samples": 16}),
+    ("smc", {"num_particles": 16}),
+    ("mh", {"num_samples": 4, "warmup_steps": 2, "num_chains": 2}),
+    ("exact", {}),
+])
+@pytest.mark.filterwarnings("ignore::ppl_lm.diagnostics.warnings.PplLmWarning")  # few draws, on purpose
+def test_a_batch_of_one_prompt_is_the_shared_prompt(lm, method, options):
+    """A ``[1, P]`` prompt means the ``[P]`` prompt in every backend: the same draws and log Z under
+    one seed (SMC and MH used to fail reading one prompt row as a row per particle)."""
+
+    def model(prompt):
+        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=3))
+        ppl_lm.reward("r", (x == 2).float().sum(-1), beta=0.5)
+
+    flat, batch = (ppl_lm.infer(model, p, method=method, seed=0, progress=False, **options)
+                   for p in (torch.tensor([1, 2]), torch.tensor([[1, 2]])))
+    assert torch.equal(flat.samples, batch.samples)
+    assert torch.equal(flat.log_weights, batch.log_weights)
+    assert flat.log_evidence == batch.log_evidence

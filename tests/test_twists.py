@@ -68,6 +68,14 @@ def test_exact_twist_gives_zero_variance(model, exact):
     assert max(abs(p - z) for p in plain) > 0.05  # without the twist it is a noisy estimate
 
 
+def test_exact_twist_reads_a_batch_of_one_prompt_as_the_shared_prompt():
+    def batch_of_one():  # pinned_end with the prompt [[1]] for [1]
+        x = pyro.sample("x", LM.sequence(torch.tensor([[1]]), max_new_tokens=T))
+        ppl_lm.pin("end", x, {3: 4, 4: 2})
+
+    assert torch.equal(ppl_lm.exact_twist(batch_of_one).table, ppl_lm.exact_twist(pinned_end).table)
+
+
 def test_exact_twist_refuses_a_twist_a_table_cannot_hold():
     with pytest.raises(ValueError, match="not a function of"):
         ppl_lm.exact_twist(soft_pins)

@@ -164,7 +164,7 @@ def _site(model, args, kwargs):
         raise ValueError(f"a twist covers the model's one latent sequence site; this model has {len(seq)} "
                          f"({list(seq)})")
     name, d = next(iter(seq.items()))
-    if d.prompt.dim() > 1:
+    if math.prod(d.prompt.shape[:-1]) != 1:  # one row ([P] or [1, P]) is one shared prompt
         raise ValueError(f"site {name!r} has a batch of prompts; a twist here needs one shared prompt")
     return name, d
 
@@ -187,7 +187,7 @@ def exact_twist(model, *args, model_kwargs: dict | None = None, atol: float = 1e
     M, T = x.shape
     V = d.lm.vocab_size
     with torch.no_grad():
-        log_prior = d.lm.token_logprobs(d.prompt, x).double().cumsum(-1)  # log π(x_{≤t}) [M, T]
+        log_prior = d.lm.token_logprobs(d.prompt_rows(1)[0], x).double().cumsum(-1)  # log π(x_{≤t}) [M, T]
     log_w = post.log_weights.double()
     table = torch.full((T, V + 1, V), -math.inf, dtype=torch.float64)
     ended = torch.zeros(M, dtype=torch.bool)
