@@ -8,7 +8,7 @@
         --num-particles 64 --device cuda --out guide.pt
 
 ``run MODEL`` takes the flags of ``ppl-lm run`` (``--lm``, ``--context``, ``--set``, the backend's
-options...), plus ``--backend`` (``gloo`` or ``nccl``; default ``nccl`` with ``--device cuda``,
+options...) but ``--contexts FILE`` (refused: run it with ``ppl-lm run`` in one process), plus ``--backend`` (``gloo`` or ``nccl``; default ``nccl`` with ``--device cuda``,
 else ``gloo``) and, for SVI, ``--out``. ``--device cuda`` gives each process ``cuda:LOCAL_RANK``.
 Rank 0 prints (and writes ``--report``); without ``torchrun`` it runs in one process.
 
@@ -191,6 +191,16 @@ def main(argv=None) -> int:
         return 2
     if extra.out is not None and args.method != "svi":
         print("error: --out saves an SVI guide; for importance and smc use --report DIR", file=sys.stderr)
+        return 2
+    if args.contexts is not None:  # before the LM loads, as `ppl-lm run --contexts` checks
+        try:
+            cli.check_contexts(args, args.method)  # svi: refused with the single-process CLI's words
+        except cli.CLIError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print("error: --contexts FILE is not shared over processes (every rank would run every context): run "
+              "`ppl-lm run MODEL --contexts FILE` in one process (importance and smc batch the contexts' LM calls), "
+              "or one distributed run per context with --context TEXT", file=sys.stderr)
         return 2
     backend = extra.backend or ("nccl" if (args.device or "").startswith("cuda") else "gloo")
     rank, size = init(backend) if "RANK" in os.environ else world()

@@ -658,12 +658,12 @@ def read_contexts(path: str) -> list:
     return out
 
 
-def _run_contexts(args, method: str) -> int:
-    """``ppl-lm run MODEL --contexts FILE``: one ``infer(..., contexts=[...])`` call, one summary row
-    per context, and (``--report``) one report whose table has a row per context."""
-    from . import diagnostics as D
-    from .diagnostics.warnings import PplLmWarning
+def check_contexts(args, method: str) -> None:
+    """The checks of ``--contexts FILE`` that need no LM (also run by the distributed entry point).
 
+    Raises:
+        CLIError: ``--context`` given too, or ``method`` takes ``contexts=`` as its own option.
+    """
     from .infer import backend_options
 
     if args.context is not None:
@@ -673,6 +673,15 @@ def _run_contexts(args, method: str) -> int:
                        f"option (one result over all the contexts, e.g. one guide amortised over them): call "
                        f"ppl_lm.infer(model, ..., method={method!r}, contexts=[...]) from Python, or run one "
                        "--context TEXT at a time")
+
+
+def _run_contexts(args, method: str) -> int:
+    """``ppl-lm run MODEL --contexts FILE``: one ``infer(..., contexts=[...])`` call, one summary row
+    per context, and (``--report``) one report whose table has a row per context."""
+    from . import diagnostics as D
+    from .diagnostics.warnings import PplLmWarning
+
+    check_contexts(args, method)
     args.context_list = read_contexts(args.contexts)
     module, files, model, ctx, options = _prepare(args, [method], strict=True)
     contexts = args.context_list

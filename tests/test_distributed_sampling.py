@@ -237,3 +237,27 @@ def test_entry_point_errors(capsys):
     assert "--out saves an SVI guide" in capsys.readouterr().err
     assert distributed.main(["sample", "no_e"]) == 2
     assert "the command is `run`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["svi", "importance", "smc"])
+def test_entry_point_refuses_contexts_before_the_lm_loads(method, tmp_path, capsys, monkeypatch):
+    """``--contexts FILE`` is not shared over processes (SVI ignored it; every rank ran every context of
+    importance and smc): refused, before the LM loads, svi with the words of ``ppl-lm run``."""
+    from ppl_lm import cli
+
+    monkeypatch.setattr(cli, "load_language_model", lambda *a, **k: pytest.fail("the LM loaded"))
+    path = tmp_path / "contexts.txt"
+    path.write_text("Once upon a time\nThe cat sat\n")
+    argv = ["run", "no_e", "--method", method, "--lm", "tiny", "--quiet", "--contexts", str(path)]
+    assert distributed.main(argv) == 2
+    err = capsys.readouterr().err
+    if method == "svi":
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert err == "error: " + capsys.readouterr().err.removeprefix("ppl-lm: error: ")
+        assert "method 'svi' takes contexts= as its own option" in err
+    else:
+        assert "--contexts FILE is not shared over processes" in err
+        assert "`ppl-lm run MODEL --contexts FILE` in one process" in err
+    assert distributed.main([*argv, "--context", "Hi"]) == 2
+    assert "give the contexts once" in capsys.readouterr().err
