@@ -40,18 +40,17 @@ def order(sides, rep: int) -> list:
 
 
 def without(argv, *options) -> list[str]:
-    """``argv`` without the given ``--option VALUE`` pairs (the driver sets them per worker)."""
+    """``argv`` without the given options and every value that follows each (``--seed 3``,
+    ``--batch 16 64``, ``--seed=3``): the driver sets them per worker. Benchmarks take no positionals."""
     out, skip = [], False
     for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in options:
-            skip = True
-            continue
-        if any(a.startswith(o + "=") for o in options):
-            continue
-        out.append(a)
+        if a.startswith("--"):
+            name = a.split("=", 1)[0]
+            skip = name in options and "=" not in a
+            if name in options:
+                continue
+        if not skip:
+            out.append(a)
     return out
 
 

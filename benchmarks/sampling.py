@@ -270,23 +270,9 @@ def side_worker(side: str):
 WORKERS = {"plain": side_worker("plain"), "generate": side_worker("generate"), "smc": side_worker("smc")}
 
 
-def _without_lists(argv, *options) -> list[str]:
-    """``argv`` without the given options and every value that follows each (``--batch 16 64``)."""
-    out, skip = [], False
-    for a in argv:
-        if a.startswith("--"):
-            skip = a in options or any(a.startswith(o + "=") for o in options)
-            if skip and "=" in a:
-                skip = False
-                continue
-        if not skip:
-            out.append(a)
-    return out
-
-
 def run_procs(args, argv) -> list[dict]:
     """``--procs K``: every (model, batch, side) in K fresh processes, alternating the sides' order."""
-    argv = _without_lists(argv, "--procs", "--batch", "--models")
+    argv = _procs.without(argv, "--procs", "--batch", "--models")
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     rows = []
     for name in args.models:
