@@ -243,7 +243,7 @@ def _run_svi(args: argparse.Namespace, out: str | None, rank: int) -> None:
     from ppl_lm.inference.svi import distributed as svi_dist
 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING)
-    _, _, model, ctx, options = cli._prepare(args, ["svi"], strict=True)
+    _, _, model, ctx, options = cli.prepare(args, ["svi"], strict=True)
     takes = inspect.signature(svi_dist.train).parameters
     opts = {k: v for k, v in options["svi"].items() if k in takes}
     ignored = sorted(set(options["svi"]) - set(opts))

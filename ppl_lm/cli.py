@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 from .cli_flags import int_at_least, option_flags
 
-__all__ = ["main", "load_script", "build_parser"]
+__all__ = ["main", "load_script", "build_parser", "prepare", "check_contexts"]
 
 log = logging.getLogger("ppl_lm.cli")
 
@@ -426,8 +426,9 @@ def _check_report_dir(path: str | None) -> None:
                            "give a folder you can write to") from None
 
 
-def _prepare(args, methods: Sequence[str], strict: bool, module: ModuleType | None = None):
-    """Check every argument, then load the LM and build the model.
+def prepare(args, methods: Sequence[str], strict: bool, module: ModuleType | None = None):
+    """Check every argument, then load the LM and build the model (``ppl-lm run`` / ``compare`` and the
+    distributed entry point, ``inference/distributed.py``, all start here).
 
     Returns ``(module, files, model, ctx, options)``, ``options`` the backend options per method.
     """
@@ -615,7 +616,7 @@ def cmd_run(args) -> int:
     method = _check_method(args.method)
     if getattr(args, "contexts", None) is not None:
         return _run_contexts(args, method)
-    module, files, model, ctx, options = _prepare(args, [method], strict=True)
+    module, files, model, ctx, options = prepare(args, [method], strict=True)
     opts = options[method]
     log.info("running %s on %s with %s", method, args.model, opts)
     post = _infer(model, ctx, method, args.seed, opts, files)
@@ -683,7 +684,7 @@ def _run_contexts(args, method: str) -> int:
 
     check_contexts(args, method)
     args.context_list = read_contexts(args.contexts)
-    module, files, model, ctx, options = _prepare(args, [method], strict=True)
+    module, files, model, ctx, options = prepare(args, [method], strict=True)
     contexts = args.context_list
     import ppl_lm
 
@@ -726,7 +727,7 @@ def cmd_compare(args) -> int:
         raise CLIError("--methods is empty; give a comma-separated list, e.g. importance,smc,mh,svi")
     for m in methods:
         _check_method(m)
-    module, files, model, ctx, options = _prepare(args, methods, strict=False, module=module)
+    module, files, model, ctx, options = prepare(args, methods, strict=False, module=module)
     posts, exact, failed = {}, None, {}
     for m in methods:
         opts = options[m]
