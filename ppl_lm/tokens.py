@@ -23,8 +23,8 @@ __all__ = ["CATEGORICAL_BLOCK", "categorical", "masked_categorical", "as_prompt_
 #: in blocks of this many tokens.
 CATEGORICAL_BLOCK = 256
 
-#: A row whose allowed mass is under this fraction of its largest token's is rescaled by its largest
-#: allowed token instead (float32 exp, denormals flushed, would lose part of it).
+#: A row whose allowed mass, summed as given, is under this (float32 ``exp`` flushes denormals, so part
+#: of it may be lost) or overflows is redone, shifted by its largest allowed token.
 _TINY = 1e-20
 
 
@@ -59,23 +59,22 @@ def masked_categorical(logprobs: torch.Tensor, allowed: torch.Tensor | None,
     round differently from one full cumulative sum only within ~1e-16 of a boundary between tokens.
     """
     lp = logprobs.detach().float()
-    # Shifted by the row's max, added back to the log-mass: an unnormalised row (a twist's logp + log ψ)
-    # neither overflows nor underflows float32. One reduction over every token (no [rows, V] copy);
-    # a row whose allowed tokens hold under TINY of that max is redone below with their own max.
-    m = lp.amax(-1, keepdim=True)
-    m = m.masked_fill_(~torch.isfinite(m), 0.0)
-    p = (lp - m).exp_()
+    # exp of the rows as given: normalised log-probs cannot overflow, so the per-token path has no
+    # extra reduction. A row that overflows (an unnormalised twist's logp + log ψ) or keeps under
+    # TINY is redone below, shifted by its largest allowed token; the shift is added back to the log-mass.
+    p = lp.exp()
     if allowed is not None:
         allowed = allowed.to(p.device)
         if allowed.dim() > 1 and allowed.stride(0) == 0:  # one row expanded (a static mask): negate it once
             allowed = allowed[:1]
         p = p.masked_fill_(~allowed, 0.0)
     shape, V = p.shape[:-1], p.shape[-1]
-    p, m = p.reshape(-1, V), m.reshape(-1)
+    p = p.reshape(-1, V)
+    m = torch.zeros(p.shape[0], device=p.device)  # the shift of each row (0 unless redone)
     u = torch.rand((p.shape[0], 1), dtype=torch.float64, device=p.device, generator=generator)
     sums = _block_sums(p) if V > 16 * CATEGORICAL_BLOCK else None
     total = (p.sum(-1, dtype=torch.float64) if sums is None else sums.sum(-1))[:, None]
-    low = ~(total[:, 0] > _TINY)  # little, no (or NaN) allowed mass: one host sync, as before
+    low = ~((total[:, 0] > _TINY) & (total[:, 0] < math.inf))  # little, none, NaN or overflow: one host sync
     stuck = low
     if bool(low.any()):
         rows = low.nonzero()[:, 0]
