@@ -7,17 +7,11 @@ the wrong seed silently. Both are checked here, with the order of sides over rep
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from toys import load_benchmark
 
 
 def _procs():
-    spec = importlib.util.spec_from_file_location("_procs", BENCH / "_procs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("_procs")
 
 
 def test_without_drops_every_value_of_each_option():

@@ -10,24 +10,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from toys import load_benchmark
 
 import ppl_lm
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def rarity():
-    spec = importlib.util.spec_from_file_location("rarity", BENCH / "rarity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("rarity")
 
 
 def toy():

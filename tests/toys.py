@@ -6,7 +6,9 @@ sequences), so the exact backend gives the true posterior and log Z.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pyro
 import torch
@@ -220,3 +222,15 @@ def family_optimum(model, args, log_post: torch.Tensor, steps: int = 600) -> tup
         opt.step()
     with torch.no_grad():
         return coverage(log_post, enumerated_log_q(model, args, guide))
+
+
+# -- the benchmark scripts, for tests of what they compute (tests/test_rarity_table.py, test_bench_harness.py) --
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
