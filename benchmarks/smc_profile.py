@@ -20,25 +20,9 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
-from smc_vs_genlm import PROMPTS  # noqa: E402
+from smc_vs_genlm import PROMPTS, our_mask, run_ours  # noqa: E402
 
 PROMPT = PROMPTS["no_e"]
-
-
-def no_e_model(lm, T: int):
-    """The no-e task as the peer benchmarks run it: ``T`` new tokens, "e" and "E" masked out."""
-    import pyro
-
-    import ppl_lm
-
-    mask = ppl_lm.rewards.forbid_chars(lm, "eE")
-
-    def model(prompt):
-        x = pyro.sample("x", lm.sequence(prompt, max_new_tokens=T))
-        ppl_lm.token_constraint("c", x, mask)
-        return x
-
-    return model
 
 
 def components(stats: pstats.Stats) -> tuple[float, dict[str, float]]:
@@ -73,16 +57,14 @@ def main(argv=None):
     args.particles = args.particles or ([4] if args.smoke else [16, 64])
     T = args.tokens or (4 if args.smoke else 24)
 
-    import ppl_lm
-
     lm = _bench.smollm2(args)
-    model = no_e_model(lm, T)
+    mask = our_mask(lm, "no_e")
     rows = []
     for N in args.particles:
         def run(N=N):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return ppl_lm.infer(model, PROMPT, method="smc", num_particles=N, seed=args.seed, progress=False)
+                return run_ours(lm, mask, PROMPT, T, N, args.seed)[1]
 
         run()
         prof = cProfile.Profile(time.process_time)
